@@ -1,0 +1,168 @@
+"""HDF5 covariance store: one dataset per distinct linear input, holding the raw sum XᵀX.
+
+The raw float64 sum and its count are stored (normalised only when read), so partial runs merge exactly.
+A run writes ``<name>.partial`` next to the target, flushes after each layer, and renames when complete;
+``layers_done`` says how far a stopped run got, so it can resume there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from corda_surgery import __version__
+
+FORMAT_VERSION = 1
+
+
+class StoreError(ValueError):
+    """The covariance store is missing, incomplete, corrupt or from another model; names the file."""
+
+
+@dataclass(frozen=True)
+class CovarianceEntry:
+    """One distinct input: the linears that read it and the count its sum is divided by."""
+
+    name: str
+    layer: int
+    linears: tuple[str, ...]
+    count: int
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+class StoreWriter:
+    """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it."""
+
+    def __init__(self, path: str | Path, *, fingerprint: str, calibration: dict, num_layers: int, resume: bool):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.fingerprint = fingerprint
+        self.calibration = calibration
+        self.file: h5py.File | None = None
+        if resume and self.partial.exists():
+            self.file = self._reopen()
+        if self.file is None:
+            self.file = h5py.File(self.partial, "w")
+            attrs = self.file.attrs
+            attrs["format_version"] = FORMAT_VERSION
+            attrs["tool_version"] = __version__
+            attrs["model_fingerprint"] = fingerprint
+            attrs["calibration"] = json.dumps(calibration, sort_keys=True)
+            attrs["num_layers"] = num_layers
+            attrs["layers_done"] = 0
+            attrs["complete"] = False
+            self.file.flush()
+
+    def _reopen(self) -> h5py.File | None:
+        try:
+            handle = h5py.File(self.partial, "a")
+        except OSError:
+            return None  # the crash left an unreadable file: start the run again
+        if handle.attrs.get("model_fingerprint") != self.fingerprint:
+            handle.close()
+            raise StoreError(f"{self.partial}: partial store is from another model; remove it or drop --resume")
+        if json.loads(handle.attrs["calibration"]) != self.calibration:
+            handle.close()
+            raise StoreError(
+                f"{self.partial}: partial store used other calibration settings; remove it or drop --resume"
+            )
+        done = int(handle.attrs["layers_done"])
+        for name in list(handle):  # drop datasets of the layer that was in progress
+            if int(handle[name].attrs["layer"]) >= done:
+                del handle[name]
+        return handle
+
+    @property
+    def layers_done(self) -> int:
+        return int(self.file.attrs["layers_done"])
+
+    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, torch.Tensor]]) -> None:
+        """Write every input of one layer, then mark the layer done and flush."""
+        for entry, covariance_sum in entries:
+            data = self.file.create_dataset(entry.name, data=covariance_sum.numpy())
+            data.attrs["layer"] = entry.layer
+            data.attrs["linears"] = json.dumps(list(entry.linears))
+            data.attrs["count"] = entry.count
+        self.file.attrs["layers_done"] = layer + 1
+        self.file.flush()
+
+    def finish(self) -> Path:
+        """Mark complete and rename into place (atomic on one file system)."""
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.close()
+
+
+class CovarianceStore:
+    """Read access to a complete store: covariances by linear name, normalised on read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            hint = " (an interrupted run left .partial: rerun with --resume)" if partial_path(self.path).exists() else ""
+            raise StoreError(f"{self.path}: covariance store not found{hint}")
+        try:
+            self.file = h5py.File(self.path, "r")
+            attrs = self.file.attrs
+            if not attrs.get("complete", False):
+                raise StoreError(f"{self.path}: covariance store is incomplete")
+            self.fingerprint = str(attrs["model_fingerprint"])
+            self.calibration = json.loads(attrs["calibration"])
+            self.entries: dict[str, CovarianceEntry] = {}
+            for name in self.file:
+                dataset_attrs = self.file[name].attrs
+                entry = CovarianceEntry(
+                    name=name,
+                    layer=int(dataset_attrs["layer"]),
+                    linears=tuple(json.loads(dataset_attrs["linears"])),
+                    count=int(dataset_attrs["count"]),
+                )
+                self.entries[name] = entry
+        except StoreError:
+            raise
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from None
+        self.by_linear = {linear: entry for entry in self.entries.values() for linear in entry.linears}
+
+    def check_model(self, fingerprint: str, model_dir: Path) -> None:
+        if fingerprint != self.fingerprint:
+            raise StoreError(
+                f"{self.path}: covariances were collected on another model than {model_dir} (fingerprint mismatch)"
+            )
+
+    def covariance(self, linear: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The normalised covariance (sum / count) of the input that ``linear`` reads."""
+        entry = self.by_linear.get(linear)
+        if entry is None:
+            raise StoreError(f"{self.path}: no covariance for layer {linear}")
+        try:
+            data = np.asarray(self.file[entry.name][()])
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot read covariance {entry.name} ({exc})") from None
+        if entry.count <= 0:
+            raise StoreError(f"{self.path}: covariance {entry.name} saw no tokens")
+        return (torch.from_numpy(data) / entry.count).to(dtype)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "CovarianceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

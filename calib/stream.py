@@ -1,0 +1,282 @@
+"""Layer-by-layer streaming engine: input covariances of every target linear, one block in memory.
+
+The model is a skeleton on the ``meta`` device. The stem (embeddings, rotary tables) is materialised to
+record, for every calibration batch, the hidden states entering block 0 and the arguments each block
+receives (masks, position embeddings, ...); then each block in turn is loaded from the safetensors
+shards, run over all batches with hooks summing XᵀX over real tokens, written to the store, and freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from calib.architectures import Family, UnsupportedArchitecture, family_for
+from calib.data import CalibrationSpec, TokenBatch, token_batches
+from calib.store import CovarianceEntry, StoreWriter
+from calib.weights import CheckpointError, CheckpointReader
+
+log = logging.getLogger(__name__)
+
+NORMALISATIONS = ("tokens", "peft")
+
+
+class CalibrationError(RuntimeError):
+    """Calibration produced unusable activations (NaN/Inf); names the layer."""
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: everything after the blocks is never run."""
+
+
+class _BlockInputRecorder(nn.Module):
+    """Stands in for a block during capture: records its arguments and passes hidden states through."""
+
+    def __init__(self, index: int, sink: list, last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((self.index, hidden_states, args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+class _Accumulator:
+    """Float64 running sum of per-batch float32 XᵀX over real (unpadded) tokens."""
+
+    def __init__(self, dim: int, normalisation: str):
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64)
+        self.count = 0
+        self.normalisation = normalisation
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        x = x.float()
+        if self.normalisation == "tokens":
+            rows = x[mask]
+            self.sum += (rows.T @ rows).double()
+            self.count += rows.shape[0]
+            return
+        for sample, sample_mask in zip(x, mask):  # PEFT's rule: each sample scaled by |max|, count samples
+            rows = sample[sample_mask]
+            rows = rows / rows.max().abs()
+            self.sum += (rows.T @ rows).double()
+            self.count += 1
+
+
+class StreamingModel:
+    """A meta skeleton of a checkpoint whose blocks are materialised one at a time."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
+        self.reader = CheckpointReader(model_dir)
+        self.config = AutoConfig.from_pretrained(self.reader.model_dir)
+        self.family: Family = family_for(self.config.model_type)
+        self.dtype = dtype
+        with torch.device("meta"):
+            self.model = _build_model(self.config)
+        self.model.eval()
+        self.base = self.model.base_model
+        self.blocks = self.base.get_submodule(self.family.layers)
+        if not isinstance(self.blocks, nn.ModuleList):
+            raise UnsupportedArchitecture(f"{self.config.model_type}: {self.family.layers} is not a block list")
+        names = {id(m): n for n, m in self.model.named_modules()}
+        self.blocks_prefix = names[id(self.blocks)]
+        self.base_prefix = self.model.base_model_prefix if self.base is not self.model else ""
+        for block in self.blocks:
+            for linear in self.family.linears:
+                if not isinstance(block.get_submodule(linear), nn.Module):
+                    raise UnsupportedArchitecture(f"{self.config.model_type}: block has no {linear}")
+        self._rebuild_runtime_buffers()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.blocks_prefix}.{index}"
+
+    def _stem_modules(self) -> list[nn.Module]:
+        """Direct children of the base model other than the block list (embeddings, norms, rotary)."""
+        return [m for m in self.base.children() if m is not self.blocks]
+
+    def _rebuild_runtime_buffers(self) -> None:
+        """Non-persistent buffers (rotary inv_freq, position ids) are not in checkpoints: rebuild on CPU."""
+        for module in self._stem_modules():
+            for sub in module.modules():
+                meta = [k for k, b in sub._buffers.items() if b is not None and b.is_meta]
+                if not meta:
+                    continue
+                fresh = _construct_like(sub, self.config)
+                for key in meta:
+                    sub._buffers[key] = fresh._buffers[key]
+        for name, buffer in self.blocks.named_buffers():
+            if buffer.is_meta:
+                raise UnsupportedArchitecture(f"{self.config.model_type}: block buffer {name} cannot be rebuilt")
+
+    def _load(self, module: nn.Module, prefix: str) -> None:
+        for name, param in list(module.named_parameters()):
+            key = self.reader.resolve(f"{prefix}.{name}" if prefix else name, self.base_prefix)
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            tensor = self.reader.get(key)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{self.reader.model_dir}: {key} has shape {tuple(tensor.shape)} but config.json "
+                    f"implies {tuple(param.shape)}"
+                )
+            owner._parameters[leaf] = nn.Parameter(tensor.to(self.dtype), requires_grad=False)
+
+    def load_stem(self) -> None:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for module in self._stem_modules():
+            self._load(module, names[id(module)])
+
+    def free_stem(self) -> None:
+        for module in self._stem_modules():
+            for sub in module.modules():
+                for key, param in sub._parameters.items():
+                    if param is not None:
+                        sub._parameters[key] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    def load_block(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        self._load(block, self.block_name(index))
+        return block
+
+    def free_block(self, index: int) -> None:
+        self.blocks[index].to("meta")
+
+    @torch.no_grad()
+    def capture_block_inputs(self, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], list[list]]:
+        """Hidden states entering block 0 per batch, and each block's other arguments per batch."""
+        self.load_stem()
+        originals = list(self.blocks)
+        hidden, arguments = [], []
+        try:
+            for batch in batches:
+                sink: list = []
+                for i in range(self.num_blocks):
+                    self.blocks[i] = _BlockInputRecorder(i, sink, last=i == self.num_blocks - 1)
+                try:
+                    self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                except _StopForward:
+                    pass
+                hidden.append(sink[0][1])
+                arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+            self.free_stem()
+        return hidden, arguments
+
+
+def _build_model(config) -> nn.Module:
+    """The checkpoint's own architecture class (config.architectures), else a causal LM."""
+    for architecture in config.architectures or []:
+        cls = getattr(transformers, architecture, None)
+        if cls is not None:
+            return cls(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _construct_like(module: nn.Module, config) -> nn.Module:
+    with torch.device("cpu"):
+        for call in (lambda: type(module)(config=config), lambda: type(module)(config)):
+            try:
+                return call()
+            except TypeError:
+                continue
+    raise UnsupportedArchitecture(f"cannot rebuild the runtime buffers of {type(module).__name__}")
+
+
+@torch.no_grad()
+def stream_covariances(
+    streaming: StreamingModel,
+    batches: list[TokenBatch],
+    writer: StoreWriter,
+    *,
+    normalisation: str = "tokens",
+    progress: bool = True,
+) -> None:
+    """Run every block over every batch and write each block's input covariances to ``writer``."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    hidden, arguments = streaming.capture_block_inputs(batches)
+    masks = [batch.attention_mask.bool() for batch in batches]
+    for index in tqdm(range(streaming.num_blocks), desc="blocks", unit="block", disable=not progress):
+        block = streaming.load_block(index)
+        prefix = streaming.block_name(index)
+        collect = index >= writer.layers_done
+        accumulators: dict[tuple[str, ...], _Accumulator] = {}
+        handles = []
+        current: dict[str, torch.Tensor] = {}
+        if collect:
+            for group in streaming.family.input_groups:
+                leader = block.get_submodule(group[0])
+                in_dim = leader.weight.shape[0] if streaming.family.transposed else leader.weight.shape[1]
+                accumulator = accumulators[group] = _Accumulator(in_dim, normalisation)
+                hook = lambda _m, inputs, acc=accumulator: acc.add(inputs[0], current["mask"])  # noqa: E731
+                handles.append(leader.register_forward_pre_hook(hook))
+        try:
+            batch_bar = tqdm(range(len(batches)), desc=f"block {index}", leave=False, disable=not progress)
+            for b in batch_bar:
+                current["mask"] = masks[b]
+                args, kwargs = arguments[b][index]
+                out = block(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+        finally:
+            for handle in handles:
+                handle.remove()
+            streaming.free_block(index)
+        if collect:
+            entries = []
+            for group, accumulator in accumulators.items():
+                name = f"{prefix}.{group[0]}"
+                if not torch.isfinite(accumulator.sum).all():
+                    raise CalibrationError(f"{name}: input activations contain NaN or Inf")
+                linears = tuple(f"{prefix}.{linear}" for linear in group)
+                entry = CovarianceEntry(name=name, layer=index, linears=linears, count=accumulator.count)
+                entries.append((entry, accumulator.sum))
+            writer.write_layer(index, entries)
+
+
+def calibrate(
+    model_dir: str | Path,
+    spec: CalibrationSpec,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    normalisation: str = "tokens",
+    progress: bool = True,
+) -> Path:
+    """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    streaming = StreamingModel(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(streaming.reader.model_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
+    batches, description = token_batches(spec, tokenizer)
+    description["normalisation"] = normalisation
+    writer = StoreWriter(
+        out,
+        fingerprint=streaming.reader.fingerprint(),
+        calibration=description,
+        num_layers=streaming.num_blocks,
+        resume=resume,
+    )
+    try:
+        stream_covariances(streaming, batches, writer, normalisation=normalisation, progress=progress)
+        return writer.finish()
+    finally:
+        writer.close()

@@ -1,0 +1,144 @@
+"""Context-oriented decomposition of one weight matrix (CorDA, arXiv 2406.05223).
+
+``W·C = U S Vᵀ`` with ``C`` the damped input covariance, rebuilt as ``W = U S (Vᵀ C⁻¹)``. The ``r``
+components that become the trainable adapter are the smallest (KPM) or the largest (IPM); the frozen
+residual ``W − s·B·A`` keeps the layer's output unchanged before training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MODES = ("kpm", "ipm")
+DEFAULT_DAMPING = 0.01
+# Damping doubles at most this often (0.01 → ~1e4·mean(diag C)); a covariance still not positive
+# definite after that is broken (NaN-free but e.g. zero), and we refuse it instead of looping forever.
+MAX_DAMPING_DOUBLINGS = 20
+
+
+class DecompositionError(ValueError):
+    """Bad weight, covariance or rank for one layer; the message names the layer."""
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Result for one linear: LoRA factors in PEFT's layout and the frozen residual weight."""
+
+    lora_A: torch.Tensor  # (r, in), compute dtype
+    lora_B: torch.Tensor  # (out, r), compute dtype
+    residual: torch.Tensor  # same shape, layout and dtype as the input weight
+    spectrum: torch.Tensor  # all singular values of W·C_damped, descending, float64
+    selected: torch.Tensor  # indices into `spectrum` that went into the adapter
+    damping: float  # λ actually used (relative to mean(diag C)); 0 without covariance
+    scaling: float  # LoRA scaling s = alpha / r
+
+    @property
+    def adapter_energy(self) -> float:
+        """Share of Σσ² held by the adapter's components."""
+        energy = self.spectrum.square()
+        return float(energy[self.selected].sum() / energy.sum())
+
+
+def damp_covariance(
+    covariance: torch.Tensor, damping: float, name: str
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return ``(C + λ·mean(diag C)·I, its Cholesky factor, λ)``, raising λ until C is definite."""
+    if not torch.isfinite(covariance).all():
+        raise DecompositionError(f"{name}: covariance contains NaN or Inf")
+    mean_diag = covariance.diagonal().mean()
+    if not mean_diag > 0:
+        raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
+    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
+    lam = damping
+    for _ in range(MAX_DAMPING_DOUBLINGS + 1):
+        damped = covariance + (lam * mean_diag) * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            if lam != damping:
+                log.warning("%s: covariance not positive definite at damping %g; used %g", name, damping, lam)
+            return damped, chol, lam
+        lam *= 2
+    raise DecompositionError(
+        f"{name}: covariance is not positive definite even with damping {lam / 2:g} (started at {damping:g})"
+    )
+
+
+def _check_inputs(weight: torch.Tensor, covariance: torch.Tensor | None, rank: int, mode: str, name: str) -> None:
+    """One place for every shape, mode, rank and finiteness check (raised before any work)."""
+    if mode not in MODES:
+        raise DecompositionError(f"{name}: mode must be one of {MODES}, got {mode!r}")
+    if weight.dim() != 2:
+        raise DecompositionError(f"{name}: weight must be 2-D, got shape {tuple(weight.shape)}")
+    out_dim, in_dim = weight.shape
+    if not 1 <= rank <= min(out_dim, in_dim):
+        raise DecompositionError(
+            f"{name}: rank {rank} is outside 1..{min(out_dim, in_dim)} for a {out_dim}×{in_dim} weight"
+        )
+    if not torch.isfinite(weight).all():
+        raise DecompositionError(f"{name}: weight contains NaN or Inf")
+    if covariance is not None and tuple(covariance.shape) != (in_dim, in_dim):
+        raise DecompositionError(
+            f"{name}: covariance has shape {tuple(covariance.shape)}, expected ({in_dim}, {in_dim}) "
+            f"for a {out_dim}×{in_dim} weight"
+        )
+
+
+def decompose_weight(
+    weight: torch.Tensor,
+    covariance: torch.Tensor | None,
+    *,
+    rank: int,
+    mode: str,
+    alpha: float | None = None,
+    damping: float = DEFAULT_DAMPING,
+    compute_dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
+    name: str = "weight",
+) -> Decomposition:
+    """Split ``weight`` into a frozen residual and LoRA factors initialised from ``covariance``.
+
+    ``covariance`` None gives the plain SVD of W (PiSSA for ``ipm``, MiLoRA for ``kpm``).
+    ``transposed`` marks GPT-2 style ``Conv1D`` weights stored as (in, out).
+    ``alpha`` defaults to ``rank`` (scaling 1); PEFT's ``S ← S/s`` is folded in so that
+    ``residual + s·B·A`` reproduces ``weight``.
+    """
+    w = weight.T if transposed else weight
+    _check_inputs(w, covariance, rank, mode, name)
+    scaling = (alpha if alpha is not None else rank) / rank
+    w = w.to(compute_dtype)
+
+    if covariance is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        lam = 0.0
+    else:
+        damped, chol, lam = damp_covariance(covariance.to(compute_dtype), damping, name)
+        u, s, vh = torch.linalg.svd(w @ damped, full_matrices=False)
+
+    n = s.shape[0]
+    selected = torch.arange(rank) if mode == "ipm" else torch.arange(n - rank, n)
+    u_r, s_r, vh_r = u[:, selected], s[selected], vh[selected]
+    if covariance is not None:
+        # Vᵣᵀ C⁻¹ through the Cholesky factor, on the r kept rows only (no full inverse).
+        vh_r = torch.cholesky_solve(vh_r.T, chol).T
+
+    root = (s_r / scaling).sqrt()
+    lora_a = root[:, None] * vh_r
+    lora_b = u_r * root[None, :]
+    residual = w - scaling * (lora_b @ lora_a)
+    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all() and torch.isfinite(residual).all()):
+        raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
+    residual = (residual.T if transposed else residual).to(weight.dtype).contiguous()
+    return Decomposition(
+        lora_A=lora_a.contiguous(),
+        lora_B=lora_b.contiguous(),
+        residual=residual,
+        spectrum=s.to(torch.float64),
+        selected=selected,
+        damping=lam,
+        scaling=scaling,
+    )

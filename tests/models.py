@@ -1,0 +1,82 @@
+"""Tiny random models and a small trained tokenizer, saved as real checkpoint folders for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from calib.data import BUILTIN_DIR
+
+SAMPLE_TEXTS = [
+    line for name in ("nq_open", "gsm8k") for line in (BUILTIN_DIR / f"{name}.jsonl").read_text().splitlines()[:200]
+]
+
+
+def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in milliseconds on the built-in data."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SAMPLE_TEXTS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _config(kind: str, vocab: int, layers: int, hidden: int):
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ), LlamaForCausalLM
+    if kind == "qwen2":
+        return Qwen2Config(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ), Qwen2ForCausalLM
+    if kind == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ), GPT2LMHeadModel
+    if kind == "bert":
+        return BertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0,
+        ), BertForMaskedLM
+    raise ValueError(kind)
+
+
+def save_tiny_model(
+    path: Path, kind: str = "llama", *, layers: int = 3, hidden: int = 64, seed: int = 0, dtype=torch.float32
+) -> Path:
+    """Save a random-initialised model of the given family and the test tokenizer into ``path``."""
+    tokenizer = make_tokenizer()
+    config, cls = _config(kind, len(tokenizer), layers, hidden)
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb so they matter
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

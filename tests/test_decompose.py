@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from corda_surgery.decompose import DecompositionError, damp_covariance, decompose_weight
+
+
+def _covariance(dim: int, tokens: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=g, dtype=dtype) * torch.logspace(0, 2, dim, dtype=dtype)
+    return x.T @ x / tokens
+
+
+def _ill_conditioned(dim: int, condition: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    eigenvalues = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), dim, dtype=torch.float64)
+    return (q * eigenvalues) @ q.T
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+COVARIANCES = {
+    "random": lambda: _covariance(48, 500),
+    "condition_1e12": lambda: _ill_conditioned(48, 1e12),
+    "rank_deficient": lambda: _covariance(48, 20),  # fewer tokens than dimensions
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COVARIANCES))
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
+def test_reconstruction(kind, mode, compute_dtype):
+    weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
+    d = decompose_weight(
+        weight, COVARIANCES[kind](), rank=8, mode=mode, alpha=16, compute_dtype=compute_dtype, name="w"
+    )
+    assert d.lora_A.shape == (8, 48) and d.lora_B.shape == (40, 8)
+    assert d.residual.dtype == weight.dtype and d.residual.shape == weight.shape
+    rebuilt = d.residual.double() + d.scaling * (d.lora_B.double() @ d.lora_A.double())
+    assert _relative(rebuilt, weight) < 1e-5
+    assert d.scaling == 2.0
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_conv1d_transposed_weight(mode):
+    conv_weight = torch.randn(48, 40)  # GPT-2 Conv1D stores (in, out)
+    d = decompose_weight(conv_weight, _covariance(48, 300), rank=4, mode=mode, transposed=True, name="c_attn")
+    assert d.residual.shape == (48, 40)
+    assert d.lora_A.shape == (4, 48) and d.lora_B.shape == (40, 4)
+    rebuilt = d.residual.T.double() + d.scaling * (d.lora_B.double() @ d.lora_A.double())
+    assert _relative(rebuilt, conv_weight.T) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_mode_picks_smallest_or_largest_components(mode):
+    weight = torch.randn(40, 48, dtype=torch.float64)
+    cov = _covariance(48, 500)
+    rank = 6
+    d = decompose_weight(weight, cov, rank=rank, mode=mode, compute_dtype=torch.float64)
+    damped, _, _ = damp_covariance(cov, 0.01, "w")
+    u, s, vh = torch.linalg.svd(weight @ damped, full_matrices=False)
+    cut = slice(0, rank) if mode == "ipm" else slice(len(s) - rank, len(s))
+    expected = u[:, cut] @ torch.diag(s[cut]) @ vh[cut] @ torch.linalg.inv(damped)
+    assert _relative(d.scaling * d.lora_B @ d.lora_A, expected) < 1e-10
+    assert torch.allclose(d.spectrum, s)
+    kept = s[cut].square().sum() / s.square().sum()
+    assert d.adapter_energy == pytest.approx(float(kept))
+
+
+def test_plain_svd_without_covariance_is_pissa_or_milora():
+    weight = torch.randn(30, 20, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    pissa = decompose_weight(weight, None, rank=3, mode="ipm", compute_dtype=torch.float64)
+    milora = decompose_weight(weight, None, rank=3, mode="kpm", compute_dtype=torch.float64)
+    assert torch.allclose(pissa.lora_B @ pissa.lora_A, u[:, :3] @ torch.diag(s[:3]) @ vh[:3])
+    assert torch.allclose(milora.lora_B @ milora.lora_A, u[:, -3:] @ torch.diag(s[-3:]) @ vh[-3:])
+
+
+def test_damping_grows_when_not_definite(caplog):
+    cov = torch.diag(torch.tensor([1.0, 1.0, -0.5, 1.0], dtype=torch.float64))  # indefinite
+    d = decompose_weight(torch.randn(4, 4), cov, rank=2, mode="ipm", name="layers.0.q_proj")
+    assert d.damping > 0.01
+    assert "layers.0.q_proj" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "weight, cov, rank, message",
+    [
+        (torch.randn(8, 6), torch.eye(6), 7, "rank 7 is outside 1..6"),
+        (torch.randn(8, 6), torch.eye(6), 0, "rank 0 is outside"),
+        (torch.randn(8, 6), torch.eye(5), 2, "covariance has shape (5, 5), expected (6, 6)"),
+        (torch.full((8, 6), float("nan")), torch.eye(6), 2, "weight contains NaN or Inf"),
+        (torch.randn(8, 6), torch.full((6, 6), float("inf")), 2, "covariance contains NaN or Inf"),
+        (torch.randn(8, 6), torch.zeros(6, 6), 2, "covariance is zero"),
+        (torch.randn(8, 6), -torch.eye(6), 2, "covariance is zero or negative"),
+    ],
+)
+def test_bad_input_names_the_layer(weight, cov, rank, message):
+    with pytest.raises(DecompositionError, match="model.layers.3.mlp.up_proj") as error:
+        decompose_weight(weight, cov, rank=rank, mode="kpm", name="model.layers.3.mlp.up_proj")
+    assert message in str(error.value)
+
+
+def test_never_definite_is_an_error_not_a_loop():
+    cov = torch.tensor([[1.0, 1e9], [1e9, 1.0]], dtype=torch.float64)  # mean diag 1, eigenvalue −1e9
+    with pytest.raises(DecompositionError, match="not positive definite even with damping"):
+        decompose_weight(torch.randn(2, 2), cov, rank=1, mode="ipm", name="w")
+
+
+def test_unknown_mode():
+    with pytest.raises(DecompositionError, match="mode must be one of"):
+        decompose_weight(torch.randn(3, 3), torch.eye(3), rank=1, mode="big", name="w")
