@@ -1,0 +1,126 @@
+"""The streaming engine against whole-model forward hooks, and its batching, resume and memory promises."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from calib.architectures import family_for
+from calib.data import CalibrationSpec, token_batches
+from calib.store import CovarianceStore, partial_path
+from calib.stream import StreamingModel, calibrate
+
+SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=48, batch_size=4)
+
+
+def _reference_covariances(model_dir, spec, auto_class=AutoModelForCausalLM):
+    """Forward hooks on the whole model, one pass, padding excluded: the definition to match."""
+    model = auto_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+    family = family_for(model.config.model_type)
+    batches, _ = token_batches(spec, AutoTokenizer.from_pretrained(model_dir))
+    sums, counts, handles, current = {}, {}, [], {}
+    for name, module in model.named_modules():
+        if any(name.endswith("." + group[0]) for group in family.input_groups):
+            def hook(_module, inputs, name=name):
+                rows = inputs[0][current["mask"]].double()
+                sums[name] = sums.get(name, 0) + rows.T @ rows
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for batch in batches:
+            current["mask"] = batch.attention_mask.bool()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    "fixture, auto_class",
+    [("tiny_llama", AutoModelForCausalLM), ("tiny_gpt2", AutoModelForCausalLM),
+     ("tiny_qwen2", AutoModelForCausalLM), ("tiny_bert", AutoModelForMaskedLM)],
+)
+def test_streamed_equals_whole_model_hooks(fixture, auto_class, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    out = calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
+    expected = _reference_covariances(model_dir, SPEC, auto_class)
+    with CovarianceStore(out) as store:
+        assert set(store.entries) == set(expected)
+        for name, reference in expected.items():
+            assert _relative(store.covariance(name), reference) < 1e-5, name
+
+
+def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
+    out = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
+    with CovarianceStore(out) as store:
+        entry = store.by_linear["model.layers.1.self_attn.k_proj"]
+        assert entry.name == "model.layers.1.self_attn.q_proj"
+        assert entry.linears == tuple(f"model.layers.1.self_attn.{p}_proj" for p in "qkv")
+        assert store.by_linear["model.layers.1.mlp.up_proj"].name == "model.layers.1.mlp.gate_proj"
+        assert len(store.entries) == 4 * 3
+        assert store.calibration["tokens"] == entry.count
+
+
+def test_batch_size_does_not_change_covariances(tiny_llama, tmp_path):
+    one = calibrate(tiny_llama, SPEC.__class__(**{**SPEC.__dict__, "batch_size": 1}), tmp_path / "b1.h5",
+                    progress=False)
+    four = calibrate(tiny_llama, SPEC, tmp_path / "b4.h5", progress=False)
+    with CovarianceStore(one) as a, CovarianceStore(four) as b:
+        for name in a.entries:
+            assert a.entries[name].count == b.entries[name].count
+            assert _relative(a.covariance(name), b.covariance(name)) < 1e-5, name
+
+
+def _datasets(path):
+    with h5py.File(path, "r") as f:
+        return {name: (np.asarray(f[name][()]), dict(f[name].attrs)) for name in f}
+
+
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, stop_after):
+    reference = calibrate(tiny_llama, SPEC, tmp_path / "ref.h5", progress=False)
+    out = tmp_path / "cov.h5"
+    original_free = StreamingModel.free_block
+
+    def failing_free(self, index):
+        original_free(self, index)
+        if index == stop_after:
+            raise KeyboardInterrupt("simulated stop")
+
+    monkeypatch.setattr(StreamingModel, "free_block", failing_free)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny_llama, SPEC, out, progress=False)
+    monkeypatch.undo()
+    assert not out.exists() and partial_path(out).exists()
+    with h5py.File(partial_path(out), "r") as f:
+        assert f.attrs["layers_done"] == stop_after  # the block in progress was not marked done
+    calibrate(tiny_llama, SPEC, out, resume=True, progress=False)
+    assert not partial_path(out).exists()
+    got, want = _datasets(out), _datasets(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert np.array_equal(got[name][0], want[name][0]), name
+        assert got[name][1] == want[name][1]
+
+
+def test_only_one_block_is_materialised(tmp_path, monkeypatch):
+    from tests.models import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "deep", "llama", layers=6)
+    seen = []
+    original_load = StreamingModel.load_block
+
+    def counting_load(self, index):
+        block = original_load(self, index)
+        materialised = [i for i, b in enumerate(self.blocks) if any(not p.is_meta for p in b.parameters())]
+        stem = [n for n, p in self.base.named_parameters() if not p.is_meta and ".layers." not in f".{n}"]
+        seen.append((materialised, stem))
+        return block
+
+    monkeypatch.setattr(StreamingModel, "load_block", counting_load)
+    calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
+    assert [m for m, _ in seen] == [[i] for i in range(6)]
+    assert all(stem == [] for _, stem in seen)  # embeddings freed once block 0's inputs are captured
