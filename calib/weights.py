@@ -16,6 +16,11 @@ from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 _FINGERPRINT_SAMPLE = 1 << 20  # bytes hashed at each end of every shard
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class CheckpointError(ValueError):
@@ -108,8 +113,10 @@ class CheckpointReader:
         """Read one stored tensor by its exact key."""
         return self._handle(self.locations[key]).get_tensor(key)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.locations[key]).get_slice(key).get_shape())
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a stored tensor, read from the header only."""
+        view = self._handle(self.locations[key]).get_slice(key)
+        return tuple(view.get_shape()), _DTYPES[view.get_dtype()]
 
     def fingerprint(self) -> str:
         """Cheap identity of config + weights: config bytes, and size and end bytes of every shard."""
