@@ -111,3 +111,139 @@ def calibrate(model_dir, data, samples, seq_len, batch_size, seed, text_field, c
     click.echo(f"covariances written to {path}")
 
 
+
+
+def _decomposition_options(command):
+    options = [
+        click.option("--method", type=click.Choice(["corda", "corda++", "pissa", "milora", "lora"]), default="corda",
+                     show_default=True,
+                     help="corda: context-oriented SVD (needs covariances). pissa / milora: largest / smallest "
+                          "plain-SVD components (no data). lora: PEFT's default random init, for reference."),
+        click.option("--mode", type=click.Choice(["kpm", "ipm"]), default="kpm", show_default=True,
+                     help="kpm: r smallest components train (keep knowledge); ipm: r largest train (learn the task)."),
+        click.option("--rank", default=16, show_default=True, help="LoRA rank r per target linear."),
+        click.option("--alpha", type=float, default=None, help="LoRA alpha; scaling is alpha/r [default: r]."),
+        click.option("--targets", default="all-linear", show_default=True,
+                     help="Comma-separated linear names (e.g. q_proj,v_proj) or all-linear."),
+        click.option("--dtype", "compute_dtype", type=click.Choice(["float32", "float64"]), default="float32",
+                     show_default=True, help="Precision of the decomposition math."),
+        click.option("--damping", default=0.01, show_default=True,
+                     help="Covariance damping λ: C + λ·mean(diag C)·I (raised automatically if needed)."),
+        click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _decompose(model_dir: Path, out: Path, stores: list[Path], overwrite: bool, method, mode, rank, alpha, targets,
+               compute_dtype, damping, max_shard_size) -> Path:
+    import torch
+
+    from corda_surgery.surgery import decompose_checkpoint
+
+    return decompose_checkpoint(
+        model_dir, out, method=method, mode=mode, rank=rank, alpha=alpha, stores=stores, targets=targets,
+        compute_dtype=getattr(torch, compute_dtype), damping=damping, overwrite=overwrite,
+        max_shard_size=max_shard_size,
+    )
+
+
+def _print_next_steps(out: Path) -> None:
+    click.echo(f"residual model: {out}\nadapter:        {out / 'adapter'}\nreport:         {out / 'surgery.json'}")
+    click.echo(
+        "\nTrain it like any PEFT adapter:\n"
+        "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
+        f"  model = AutoModelForCausalLM.from_pretrained('{out}')\n"
+        f"  model = PeftModel.from_pretrained(model, '{out / 'adapter'}', is_trainable=True)\n"
+        "Afterwards: corda-surgery merge (plain weights) or corda-surgery to-lora (a LoRA on the original model)."
+    )
+
+
+@main.command()
+@click.argument("model_dir", required=False)
+@click.option("--covariances", "stores", multiple=True, type=click.Path(path_type=Path),
+              help="HDF5 store(s) from `calibrate` (not needed for pissa/milora/lora).")
+@_decomposition_options
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_fail_cleanly
+def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dtype, damping, max_shard_size, out,
+              overwrite):
+    """Rewrite target weights into a frozen residual model plus a PEFT adapter.
+
+    Reads weights lazily tensor by tensor; writes OUT/ (residual model, sharded safetensors),
+    OUT/adapter/ (PEFT LoRA) and OUT/surgery.json (ranks, damping, energy per layer).
+    """
+    out = _decompose(resolve_model(model_dir), out, list(stores), overwrite, method, mode, rank, alpha, targets,
+                     compute_dtype, damping, max_shard_size)
+    _print_next_steps(out)
+
+
+@main.command()
+@click.argument("model_dir", required=False)
+@_calibration_options
+@_decomposition_options
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_fail_cleanly
+def convert(model_dir, data, samples, seq_len, batch_size, seed, text_field, chat_template, covariance_norm, method,
+            mode, rank, alpha, targets, compute_dtype, damping, max_shard_size, out, resume, overwrite):
+    """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
+
+    The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
+    """
+    from calib.stream import calibrate as run_calibration
+    from export.checkpoint_writer import staged_output
+
+    model = resolve_model(model_dir)
+    out = out.resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    stores: list[Path] = []
+    if method in ("corda", "corda++"):
+        store = out.with_name(f".{out.name}.covariances.h5")
+        run_calibration(model, _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template), store,
+                        resume=resume, overwrite=True, normalisation=covariance_norm)
+        stores.append(store)
+    _decompose(model, out, stores, overwrite, method, mode, rank, alpha, targets, compute_dtype, damping,
+               max_shard_size)
+    for store in stores:
+        store.replace(out / "covariances.h5")
+    _print_next_steps(out)
+
+
+@main.command("to-lora")
+@click.argument("surgery_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("trained_adapter", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--base", required=True, help="The original model folder the surgery started from.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output adapter folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_fail_cleanly
+def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
+    """Turn a trained adapter into a plain rank-2r LoRA on the original model.
+
+    ΔW = s·(B'A' − BA): shareable and stackable like any LoRA, no residual model needed.
+    """
+    from corda_surgery.to_lora import convert_to_lora
+
+    path = convert_to_lora(surgery_dir, trained_adapter, resolve_model(base), out, overwrite=overwrite)
+    click.echo(f"LoRA for {base} written to {path}")
+
+
+@main.command()
+@click.argument("surgery_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="Trained adapter folder [default: SURGERY_DIR/adapter, the untouched one].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged checkpoint folder.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@_fail_cleanly
+def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
+    """Fold W_res + s·B·A into plain weights: a standard transformers checkpoint."""
+    from export.merge import merge_adapter
+
+    path = merge_adapter(surgery_dir, adapter_dir or surgery_dir / "adapter", out, overwrite=overwrite,
+                         max_shard_size=max_shard_size)
+    click.echo(f"merged model written to {path}")

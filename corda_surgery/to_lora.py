@@ -1,0 +1,61 @@
+"""Express a trained CorDA adapter as a plain LoRA on the original model (the PiSSA/CorDA conversion).
+
+Original W = W_res + s·B·A. After training, W' = W_res + s·B'·A' = W + s·(B'A' − BA), a rank-2r update:
+A'' = [A'; A], B'' = [B', −B] with the same scaling (alpha doubled along with r).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from calib.weights import CheckpointReader
+from corda_surgery.surgery import ADAPTER_DIR, REPORT_NAME
+from export.checkpoint_writer import staged_output
+from export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
+
+
+def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
+    """The rank-2r LoRA whose update on the original weights equals the trained adapter's on the residual."""
+    if initial.lora_A.keys() != trained.lora_A.keys():
+        raise AdapterError("the trained adapter adapts other modules than the surgery's initial adapter")
+    lora_a, lora_b, rank_pattern, alpha_pattern = {}, {}, {}, {}
+    for module in initial.lora_A:
+        s_initial, s_trained = initial.scaling(module), trained.scaling(module)
+        rank = trained.lora_A[module].shape[0] + initial.lora_A[module].shape[0]
+        # One scaling s for both halves: fold each half's own scaling relative to s into its B.
+        lora_a[module] = torch.cat([trained.lora_A[module].float(), initial.lora_A[module].float()])
+        initial_b = -(s_initial / s_trained) * initial.lora_B[module].float()
+        lora_b[module] = torch.cat([trained.lora_B[module].float(), initial_b], dim=1)
+        rank_pattern[module] = rank
+        alpha_pattern[module] = s_trained * rank
+    base_rank = 2 * trained.rank
+    base_alpha = trained.alpha / trained.rank * base_rank
+    return LoraAdapter(
+        rank=base_rank,
+        alpha=base_alpha,
+        lora_A=lora_a,
+        lora_B=lora_b,
+        rank_pattern={m: r for m, r in rank_pattern.items() if r != base_rank},
+        alpha_pattern={m: a for m, a in alpha_pattern.items() if not math.isclose(a, base_alpha)},
+        fan_in_fan_out=trained.fan_in_fan_out,
+        task_type=trained.task_type,
+    )
+
+
+def convert_to_lora(
+    surgery_dir: str | Path, trained_adapter: str | Path, base: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write ``out``: a PEFT LoRA adapter for the original model ``base`` equivalent to the trained one."""
+    surgery_dir, base = Path(surgery_dir), Path(base)
+    report = json.loads((surgery_dir / REPORT_NAME).read_text())
+    if CheckpointReader(base).fingerprint() != report["model_fingerprint"]:
+        raise ValueError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
+    lora = to_plain_lora(read_adapter(surgery_dir / ADAPTER_DIR), read_adapter(trained_adapter))
+    lora.base_model_name_or_path = str(base.resolve())
+    with staged_output(out, overwrite=overwrite) as staging:
+        write_adapter(staging, lora)
+    return Path(out).resolve()

@@ -1,0 +1,53 @@
+"""Fold a LoRA adapter into the weights it adapts: W + s·B·A, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from calib.weights import CheckpointError, CheckpointReader
+from export.checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, copy_model_files, staged_output, write_sharded_weights
+from export.peft_adapter import AdapterError, LoraAdapter, read_adapter
+
+
+def merge_adapter(
+    model_dir: str | Path,
+    adapter_dir: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> Path:
+    """Write ``out``: ``model_dir``'s checkpoint with every adapted weight replaced by W + s·B·A."""
+    reader = CheckpointReader(model_dir)
+    adapter: LoraAdapter = read_adapter(adapter_dir)
+    key_of = {}
+    for module in adapter.lora_A:
+        try:  # older checkpoints store keys without the base-model prefix (GPT-2's "transformer.")
+            key_of[reader.resolve(f"{module}.weight", module.split(".")[0])] = module
+        except CheckpointError:
+            raise AdapterError(f"{adapter_dir}: adapts {module}, which {model_dir} does not have") from None
+    bar = tqdm(total=len(reader.locations), desc="merging", unit="tensor", disable=not progress)
+
+    def produce(key: str) -> torch.Tensor:
+        bar.update()
+        weight = reader.get(key)
+        module = key_of.get(key)
+        if module is None:
+            return weight
+        delta = adapter.delta(module)
+        if adapter.fan_in_fan_out:
+            delta = delta.T
+        if delta.shape != weight.shape:
+            raise AdapterError(f"{adapter_dir}: {module} adapter is {tuple(delta.shape)}, weight {tuple(weight.shape)}")
+        return (weight.float() + delta).to(weight.dtype)
+
+    with staged_output(out, overwrite=overwrite) as staging:
+        specs = {key: reader.spec(key) for key in reader.locations}
+        write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
+        bar.close()
+        copy_model_files(reader.model_dir, staging)
+    return Path(out).resolve()

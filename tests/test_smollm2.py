@@ -1,0 +1,79 @@
+"""The real embedded model, SmolLM2-135M-Instruct: calibration and handoff end to end."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from calib.data import CalibrationSpec
+from calib.store import CovarianceStore
+from calib.stream import calibrate
+from corda_surgery.models import embedded_model_dir
+from corda_surgery.surgery import decompose_checkpoint
+
+pytestmark = pytest.mark.slow
+peft = pytest.importorskip("peft", reason="peft is a test extra")
+
+TEXT = [
+    "The capital of France is Paris. The Eiffel Tower was completed in 1889 for the World's Fair.",
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning.",
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "cov.h5"
+    return calibrate(smollm2, CalibrationSpec("nq_open", samples=16, seq_len=128, batch_size=8), out,
+                     progress=False)
+
+
+def test_calibration_writes_a_complete_store(smollm2_store):
+    with CovarianceStore(smollm2_store) as store:
+        assert len(store.entries) == 30 * 4
+        assert len(store.by_linear) == 30 * 7
+        assert store.calibration["samples_used"] == 16
+        covariance = store.covariance("model.layers.29.mlp.down_proj")
+        assert covariance.shape == (1536, 1536) and torch.isfinite(covariance).all()
+
+
+@pytest.fixture(scope="session")
+def reference(smollm2):
+    """Original logits in float32 and float64, and the float32 model's own rounding error (its floor)."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    batch = tokenizer(TEXT, return_tensors="pt", padding=True)
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    with torch.no_grad():
+        logits32 = model(**batch).logits
+        logits64 = model.double()(**batch).logits
+    mask = batch["attention_mask"].bool()
+    floor = float((logits32.double() - logits64)[mask].abs().max())
+    return batch, {torch.float32: logits32, torch.float64: logits64}, floor
+
+
+def handoff_error(out, batch, reference_logits, dtype) -> float:
+    """Max |Δlogit| on real tokens between residual + PEFT adapter and the original, run in ``dtype``."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
+    with torch.no_grad():
+        logits = model.to(dtype).eval()(**batch).logits
+    mask = batch["attention_mask"].bool()
+    return float((logits - reference_logits[dtype])[mask].abs().max())
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
+    """The stored float32 weights carry the surgery: run in float64 the logits agree to 1e-4; run in
+    float32 they agree to within twice the float32 model's own rounding error (~1e-4 for 36-unit logits)."""
+    batch, logits, floor = reference
+    out = decompose_checkpoint(smollm2, tmp_path / mode, mode=mode, rank=16, stores=[smollm2_store], progress=False)
+    error64 = handoff_error(out, batch, logits, torch.float64)
+    error32 = handoff_error(out, batch, logits, torch.float32)
+    print(f"\nSmolLM2-135M {mode} rank 16 handoff max |Δlogit|: float64 run {error64:.2e}, float32 run "
+          f"{error32:.2e} (float32 rounding floor of the original model {floor:.2e})")
+    assert error64 <= 1e-4
+    assert error32 <= max(1e-4, 2 * floor)
