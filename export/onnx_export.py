@@ -1,0 +1,128 @@
+"""Export a merged causal LM to ONNX with torch.onnx's dynamo exporter.
+
+Inputs ``input_ids``, ``attention_mask``, ``position_ids`` (and with ``with_past``
+``past_key_values.{i}.key/value``); outputs ``logits`` (and ``present.{i}.key/value``) — the names of
+optimum's ONNX decoders, so existing onnxruntime generation code works. Batch and sequence axes are
+dynamic; the past may have length 0, so one graph serves prefill and decoding. Weights always go to
+external data (``model.onnx.data``), which keeps models past 2 GB exportable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from export.checkpoint_writer import copy_model_files, staged_output
+
+ONNX_NAME = "model.onnx"
+EXPORT_INFO = "onnx_export.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported (unsupported architecture, exporter failure); names the model."""
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+
+
+class _WithPast(nn.Module):
+    """Flat past/present tensors around transformers' DynamicCache (a cache object is not an ONNX input)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=cache, use_cache=True,
+        )
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *presents)
+
+
+def cache_geometry(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the KV cache."""
+    layers = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return layers, heads, head_dim
+
+
+def io_names(num_layers: int, with_past: bool) -> tuple[list[str], list[str]]:
+    inputs, outputs = ["input_ids", "attention_mask", "position_ids"], ["logits"]
+    if with_past:
+        inputs += [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+        outputs += [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return inputs, outputs
+
+
+def export_onnx(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    with_past: bool = False,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out/model.onnx`` (+ external data), the tokenizer/config files and ``onnx_export.json``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+    layers, heads, head_dim = cache_geometry(model.config)
+    batch, sequence, total = 2, 3, 7  # ≥ 2 everywhere, or the exporter specialises the axis
+    past_length = total - sequence
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, sequence))
+    attention_mask = torch.ones(batch, total if with_past else sequence, dtype=torch.long)
+    offset = past_length if with_past else 0
+    position_ids = torch.arange(offset, offset + sequence).expand(batch, sequence)
+    b, s = Dim("batch"), Dim("sequence")
+    shapes = {"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}}
+    if with_past:
+        past = [torch.randn(batch, heads, past_length, head_dim, dtype=DTYPES[dtype]) for _ in range(2 * layers)]
+        shapes["attention_mask"] = {0: b, 1: Dim("total_sequence")}
+        shapes["past"] = [{0: b, 2: Dim("past_sequence")} for _ in past]
+        module, args = _WithPast(model), (input_ids, attention_mask, position_ids, past)
+    else:
+        shapes["attention_mask"] = {0: b, 1: s}
+        module, args = _LogitsOnly(model), (input_ids, attention_mask, position_ids)
+    input_names, output_names = io_names(layers, with_past)
+    with staged_output(out, overwrite=overwrite) as staging:
+        path = staging / ONNX_NAME
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+                torch.onnx.export(
+                    module, args, str(path), dynamo=True, dynamic_shapes=shapes, input_names=input_names,
+                    output_names=output_names, external_data=True, opset_version=opset,
+                )
+        except Exception as exc:  # the exporter raises many types; all mean "this model did not export"
+            raise ExportError(f"{model_dir}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
+        onnx.checker.check_model(str(path))
+        copy_model_files(Path(model_dir), staging)
+        info = {"dtype": dtype, "with_past": with_past, "num_layers": layers, "num_kv_heads": heads,
+                "head_dim": head_dim, "inputs": input_names, "outputs": output_names, "opset": opset}
+        (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    return Path(out).resolve()
