@@ -257,17 +257,20 @@ def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
 @click.option("--with-past", is_flag=True,
               help="Add past_key_values.* inputs and present.* outputs for KV-cached generation.")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx path; auto: TorchScript for Llama-family models (fast, verified), dynamo otherwise.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def export_onnx(merged_dir, out, dtype, with_past, opset, overwrite):
+def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
     """Export a merged (plain) causal LM to ONNX for onnxruntime.
 
-    Uses torch.onnx's dynamo exporter with dynamic batch and sequence axes; inputs input_ids,
-    attention_mask, position_ids; output logits; weights in external data (model.onnx.data).
+    Dynamic batch and sequence axes; inputs input_ids, attention_mask, position_ids; output
+    logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker.
     """
     from export.onnx_export import export_onnx as run_export
 
-    path = run_export(merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, overwrite=overwrite)
+    path = run_export(merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter,
+                      overwrite=overwrite)
     click.echo(f"ONNX model written to {path}")
 
 

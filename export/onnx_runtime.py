@@ -31,7 +31,7 @@ class OnnxCausalLM:
         if not info_path.is_file():
             raise FileNotFoundError(f"{onnx_dir}: no {EXPORT_INFO} (not an export-onnx output folder)")
         self.info = json.loads(info_path.read_text())
-        ort.set_default_logger_severity(3)  # a CUDA library that fails to load is reported via `provider`
+        ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported via `provider`
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(

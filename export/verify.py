@@ -51,11 +51,15 @@ def _median_ms(run, repeats: int) -> float:
 
 
 def _torch_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
+    """Plain argmax decoding with the KV cache (generate() would stop at or suppress end-of-sequence)."""
+    generated: list[int] = []
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id)
-    return out[0, len(prompt_ids):].tolist()
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        for _ in range(new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            generated.append(token)
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return generated
 
 
 def compare_logits(session: OnnxCausalLM, model, tokenizer, prompts) -> tuple[float, float, float]:

@@ -13,12 +13,17 @@ from export.verify import DEFAULT_PROMPTS, verify_onnx
 PROMPTS = ["Who wrote the novel Pride and Prejudice and when was it published?", "Paris is"]
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("llama", True), ("gpt2", False), ("gpt2", True)],
-                ids=lambda p: f"{p[0]}-{'past' if p[1] else 'nopast'}")
+@pytest.fixture(
+    scope="module",
+    params=[("llama", False, "auto"), ("llama", True, "auto"), ("llama", True, "dynamo"), ("gpt2", False, "auto"),
+            ("gpt2", True, "auto")],
+    ids=lambda p: f"{p[0]}-{'past' if p[1] else 'nopast'}-{p[2]}",
+)
 def exported(request, tmp_path_factory):
-    kind, with_past = request.param
+    kind, with_past, exporter = request.param
     model_dir = request.getfixturevalue(f"tiny_{kind}")
-    return model_dir, export_onnx(model_dir, tmp_path_factory.mktemp("onnx") / "out", with_past=with_past)
+    out = tmp_path_factory.mktemp("onnx") / "out"
+    return model_dir, export_onnx(model_dir, out, with_past=with_past, exporter=exporter)
 
 
 def test_logits_and_greedy_match_pytorch(exported):

@@ -77,3 +77,25 @@ def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
           f"{error32:.2e} (float32 rounding floor of the original model {floor:.2e})")
     assert error64 <= 1e-4
     assert error32 <= max(1e-4, 2 * floor)
+
+
+def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
+    """convert → merge (untouched adapter gives the original weights) → ONNX with KV cache → 20 greedy tokens."""
+    from safetensors.torch import load_file
+
+    from export.merge import merge_adapter
+    from export.onnx_export import export_onnx
+    from export.verify import verify_onnx
+
+    out = decompose_checkpoint(smollm2, tmp_path / "kpm", mode="kpm", rank=16, stores=[smollm2_store], progress=False)
+    merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
+    original, rebuilt = load_file(smollm2 / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert original.keys() == rebuilt.keys()
+    worst = max(float((rebuilt[k] - original[k]).norm() / original[k].norm()) for k in original)
+    assert worst < 1e-5
+    onnx_dir = export_onnx(merged, tmp_path / "onnx", with_past=True)
+    report = verify_onnx(onnx_dir, merged, new_tokens=20, prefill_tokens=32, decode_steps=4, repeats=1)
+    print(f"\nSmolLM2 ONNX ({report.provider}): max |Δlogit| {report.max_abs_error:.2e}, greedy match "
+          f"{report.greedy_match}")
+    assert report.greedy_match
+    assert report.max_rel_error < 1e-4
