@@ -20,6 +20,7 @@ import torch
 from corda_surgery import __version__
 
 FORMAT_VERSION = 1
+ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k of "<input>"
 
 
 class StoreError(ValueError):
@@ -34,6 +35,10 @@ class CovarianceEntry:
     layer: int
     linears: tuple[str, ...]
     count: int
+    round_counts: tuple[int, ...] = ()  # one count per sampling round, when the run had several
+
+    def round_name(self, index: int) -> str:
+        return f"{self.name}{ROUND_SEPARATOR}{index}"
 
 
 def partial_path(path: Path) -> Path:
@@ -77,7 +82,7 @@ class StoreWriter:
                 f"{self.partial}: partial store used other calibration settings; remove it or drop --resume"
             )
         done = int(handle.attrs["layers_done"])
-        for name in list(handle):  # drop datasets of the layer that was in progress
+        for name in list(handle):  # drop datasets (sums and rounds) of the layer that was in progress
             if int(handle[name].attrs["layer"]) >= done:
                 del handle[name]
         return handle
@@ -86,13 +91,18 @@ class StoreWriter:
     def layers_done(self) -> int:
         return int(self.file.attrs["layers_done"])
 
-    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, torch.Tensor]]) -> None:
-        """Write every input of one layer, then mark the layer done and flush."""
-        for entry, covariance_sum in entries:
-            data = self.file.create_dataset(entry.name, data=covariance_sum.numpy())
+    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
+        """Write every input of one layer (its sum, and each round's when there are several), then mark
+        the layer done and flush."""
+        for entry, round_sums in entries:
+            data = self.file.create_dataset(entry.name, data=sum(round_sums).numpy())
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
+            data.attrs["round_counts"] = json.dumps(list(entry.round_counts))
+            for index, round_sum in enumerate(round_sums if entry.round_counts else []):
+                part = self.file.create_dataset(entry.round_name(index), data=round_sum.numpy())
+                part.attrs["layer"] = entry.layer
         self.file.attrs["layers_done"] = layer + 1
         self.file.flush()
 
@@ -125,12 +135,15 @@ class CovarianceStore:
             self.calibration = json.loads(attrs["calibration"])
             self.entries: dict[str, CovarianceEntry] = {}
             for name in self.file:
+                if ROUND_SEPARATOR in name:
+                    continue
                 dataset_attrs = self.file[name].attrs
                 entry = CovarianceEntry(
                     name=name,
                     layer=int(dataset_attrs["layer"]),
                     linears=tuple(json.loads(dataset_attrs["linears"])),
                     count=int(dataset_attrs["count"]),
+                    round_counts=tuple(json.loads(dataset_attrs.get("round_counts", "[]"))),
                 )
                 self.entries[name] = entry
         except StoreError:
@@ -145,18 +158,28 @@ class CovarianceStore:
                 f"{self.path}: covariances were collected on another model than {model_dir} (fingerprint mismatch)"
             )
 
-    def covariance(self, linear: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The normalised covariance (sum / count) of the input that ``linear`` reads."""
+    @property
+    def rounds(self) -> int:
+        """Number of sampling rounds stored separately (1: only the sum)."""
+        return max((len(e.round_counts) for e in self.entries.values()), default=0) or 1
+
+    def covariance(self, linear: str, dtype: torch.dtype = torch.float64, round_index: int | None = None) -> torch.Tensor:
+        """The normalised covariance (sum / count) of the input that ``linear`` reads, or of one round."""
         entry = self.by_linear.get(linear)
         if entry is None:
             raise StoreError(f"{self.path}: no covariance for layer {linear}")
+        name, count = entry.name, entry.count
+        if round_index is not None:
+            if not 0 <= round_index < len(entry.round_counts):
+                raise StoreError(f"{self.path}: {entry.name} has no sampling round {round_index}")
+            name, count = entry.round_name(round_index), entry.round_counts[round_index]
         try:
-            data = np.asarray(self.file[entry.name][()])
-        except OSError as exc:
-            raise StoreError(f"{self.path}: cannot read covariance {entry.name} ({exc})") from None
-        if entry.count <= 0:
-            raise StoreError(f"{self.path}: covariance {entry.name} saw no tokens")
-        return (torch.from_numpy(data) / entry.count).to(dtype)
+            data = np.asarray(self.file[name][()])
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from None
+        if count <= 0:
+            raise StoreError(f"{self.path}: covariance {name} saw no tokens")
+        return (torch.from_numpy(data) / count).to(dtype)
 
     def close(self) -> None:
         self.file.close()

@@ -50,25 +50,25 @@ class _BlockInputRecorder(nn.Module):
 
 
 class _Accumulator:
-    """Float64 running sum of per-batch float32 XᵀX over real (unpadded) tokens."""
+    """Float64 running sums (one per sampling round) of per-batch float32 XᵀX over real tokens."""
 
-    def __init__(self, dim: int, normalisation: str):
-        self.sum = torch.zeros(dim, dim, dtype=torch.float64)
-        self.count = 0
+    def __init__(self, dim: int, normalisation: str, rounds: int):
+        self.sums = [torch.zeros(dim, dim, dtype=torch.float64) for _ in range(rounds)]
+        self.counts = [0] * rounds
         self.normalisation = normalisation
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int) -> None:
         x = x.float()
         if self.normalisation == "tokens":
             rows = x[mask]
-            self.sum += (rows.T @ rows).double()
-            self.count += rows.shape[0]
+            self.sums[round_index] += (rows.T @ rows).double()
+            self.counts[round_index] += rows.shape[0]
             return
         for sample, sample_mask in zip(x, mask):  # PEFT's rule: each sample scaled by |max|, count samples
             rows = sample[sample_mask]
             rows = rows / rows.max().abs()
-            self.sum += (rows.T @ rows).double()
-            self.count += 1
+            self.sums[round_index] += (rows.T @ rows).double()
+            self.counts[round_index] += 1
 
 
 class StreamingModel:
@@ -203,11 +203,14 @@ def stream_covariances(
     writer: StoreWriter,
     *,
     normalisation: str = "tokens",
+    rounds: int = 1,
     progress: bool = True,
 ) -> None:
-    """Run every block over every batch and write each block's input covariances to ``writer``."""
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    """Run every block over every batch and write each block's input covariances to ``writer``.
+
+    With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
+    gets its own covariance besides their sum (candidates for CorDA++'s covariance selection).
+    """
     hidden, arguments = streaming.capture_block_inputs(batches)
     masks = [batch.attention_mask.bool() for batch in batches]
     for index in tqdm(range(streaming.num_blocks), desc="blocks", unit="block", disable=not progress):
@@ -221,13 +224,15 @@ def stream_covariances(
             for group in streaming.family.input_groups:
                 leader = block.get_submodule(group[0])
                 in_dim = leader.weight.shape[0] if streaming.family.transposed else leader.weight.shape[1]
-                accumulator = accumulators[group] = _Accumulator(in_dim, normalisation)
-                hook = lambda _m, inputs, acc=accumulator: acc.add(inputs[0], current["mask"])  # noqa: E731
+                accumulator = accumulators[group] = _Accumulator(in_dim, normalisation, rounds)
+                hook = lambda _m, inputs, acc=accumulator: acc.add(  # noqa: E731
+                    inputs[0], current["mask"], current["round"]
+                )
                 handles.append(leader.register_forward_pre_hook(hook))
         try:
             batch_bar = tqdm(range(len(batches)), desc=f"block {index}", leave=False, disable=not progress)
             for b in batch_bar:
-                current["mask"] = masks[b]
+                current["mask"], current["round"] = masks[b], b * rounds // len(batches)
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
@@ -239,11 +244,12 @@ def stream_covariances(
             entries = []
             for group, accumulator in accumulators.items():
                 name = f"{prefix}.{group[0]}"
-                if not torch.isfinite(accumulator.sum).all():
+                if not all(torch.isfinite(s).all() for s in accumulator.sums):
                     raise CalibrationError(f"{name}: input activations contain NaN or Inf")
                 linears = tuple(f"{prefix}.{linear}" for linear in group)
-                entry = CovarianceEntry(name=name, layer=index, linears=linears, count=accumulator.count)
-                entries.append((entry, accumulator.sum))
+                entry = CovarianceEntry(name=name, layer=index, linears=linears, count=sum(accumulator.counts),
+                                        round_counts=tuple(accumulator.counts) if rounds > 1 else ())
+                entries.append((entry, accumulator.sums))
             writer.write_layer(index, entries)
 
 
@@ -255,6 +261,7 @@ def calibrate(
     resume: bool = False,
     overwrite: bool = False,
     normalisation: str = "tokens",
+    rounds: int = 1,
     progress: bool = True,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``."""
@@ -267,7 +274,12 @@ def calibrate(
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
     batches, description = token_batches(spec, tokenizer)
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"--covariance-norm must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+    if not 1 <= rounds <= len(batches):
+        raise ValueError(f"--rounds must be between 1 and the number of batches ({len(batches)}), got {rounds}")
     description["normalisation"] = normalisation
+    description["rounds"] = rounds
     writer = StoreWriter(
         out,
         fingerprint=streaming.reader.fingerprint(),
@@ -276,7 +288,7 @@ def calibrate(
         resume=resume,
     )
     try:
-        stream_covariances(streaming, batches, writer, normalisation=normalisation, progress=progress)
+        stream_covariances(streaming, batches, writer, normalisation=normalisation, rounds=rounds, progress=progress)
         return writer.finish()
     finally:
         writer.close()

@@ -47,6 +47,8 @@ def _calibration_options(command):
         click.option("--covariance-norm", type=click.Choice(["tokens", "peft"]), default="tokens", show_default=True,
                      help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
                           "|max|, divided by the number of samples), for like-for-like comparisons."),
+        click.option("--rounds", default=1, show_default=True,
+                     help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -95,7 +97,7 @@ def _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template):
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @_fail_cleanly
 def calibrate(model_dir, data, samples, seq_len, batch_size, seed, text_field, chat_template, covariance_norm,
-              out, resume, overwrite):
+              rounds, out, resume, overwrite):
     """Collect every linear layer's input covariance into an HDF5 store.
 
     Streams the model one decoder layer at a time (peak memory ≈ embedding + one layer +
@@ -106,7 +108,7 @@ def calibrate(model_dir, data, samples, seq_len, batch_size, seed, text_field, c
 
     path = run_calibration(
         resolve_model(model_dir), _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template), out,
-        resume=resume, overwrite=overwrite, normalisation=covariance_norm,
+        resume=resume, overwrite=overwrite, normalisation=covariance_norm, rounds=rounds,
     )
     click.echo(f"covariances written to {path}")
 
@@ -130,6 +132,12 @@ def _decomposition_options(command):
         click.option("--damping", default=0.01, show_default=True,
                      help="Covariance damping λ: C + λ·mean(diag C)·I (raised automatically if needed)."),
         click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
+        click.option("--rank-budget", type=float, default=None,
+                     help="corda++: spread ranks across layers for this average rank (Σ(in+out)·r budget)."),
+        click.option("--param-budget", type=int, default=None,
+                     help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget."),
+        click.option("--min-rank", default=1, show_default=True, help="corda++: smallest rank a layer gets."),
+        click.option("--max-rank", type=int, default=None, help="corda++: largest rank a layer gets."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -137,7 +145,7 @@ def _decomposition_options(command):
 
 
 def _decompose(model_dir: Path, out: Path, stores: list[Path], overwrite: bool, method, mode, rank, alpha, targets,
-               compute_dtype, damping, max_shard_size) -> Path:
+               compute_dtype, damping, max_shard_size, rank_budget, param_budget, min_rank, max_rank) -> Path:
     import torch
 
     from corda_surgery.surgery import decompose_checkpoint
@@ -145,7 +153,8 @@ def _decompose(model_dir: Path, out: Path, stores: list[Path], overwrite: bool, 
     return decompose_checkpoint(
         model_dir, out, method=method, mode=mode, rank=rank, alpha=alpha, stores=stores, targets=targets,
         compute_dtype=getattr(torch, compute_dtype), damping=damping, overwrite=overwrite,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, rank_budget=rank_budget, param_budget=param_budget, min_rank=min_rank,
+        max_rank=max_rank,
     )
 
 
@@ -168,15 +177,17 @@ def _print_next_steps(out: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dtype, damping, max_shard_size, out,
-              overwrite):
+def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dtype, damping, max_shard_size,
+              rank_budget, param_budget, min_rank, max_rank, out, overwrite):
     """Rewrite target weights into a frozen residual model plus a PEFT adapter.
 
     Reads weights lazily tensor by tensor; writes OUT/ (residual model, sharded safetensors),
     OUT/adapter/ (PEFT LoRA) and OUT/surgery.json (ranks, damping, energy per layer).
+    With --method corda++ several --covariances (or a store calibrated with --rounds) are
+    candidates: each layer takes the most compact one, and --rank-budget spreads ranks.
     """
     out = _decompose(resolve_model(model_dir), out, list(stores), overwrite, method, mode, rank, alpha, targets,
-                     compute_dtype, damping, max_shard_size)
+                     compute_dtype, damping, max_shard_size, rank_budget, param_budget, min_rank, max_rank)
     _print_next_steps(out)
 
 
@@ -188,8 +199,9 @@ def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dty
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def convert(model_dir, data, samples, seq_len, batch_size, seed, text_field, chat_template, covariance_norm, method,
-            mode, rank, alpha, targets, compute_dtype, damping, max_shard_size, out, resume, overwrite):
+def convert(model_dir, data, samples, seq_len, batch_size, seed, text_field, chat_template, covariance_norm, rounds,
+            method, mode, rank, alpha, targets, compute_dtype, damping, max_shard_size, rank_budget, param_budget,
+            min_rank, max_rank, out, resume, overwrite):
     """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
 
     The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
@@ -205,10 +217,10 @@ def convert(model_dir, data, samples, seq_len, batch_size, seed, text_field, cha
     if method in ("corda", "corda++"):
         store = out.with_name(f".{out.name}.covariances.h5")
         run_calibration(model, _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template), store,
-                        resume=resume, overwrite=True, normalisation=covariance_norm)
+                        resume=resume, overwrite=True, normalisation=covariance_norm, rounds=rounds)
         stores.append(store)
     _decompose(model, out, stores, overwrite, method, mode, rank, alpha, targets, compute_dtype, damping,
-               max_shard_size)
+               max_shard_size, rank_budget, param_budget, min_rank, max_rank)
     for store in stores:
         store.replace(out / "covariances.h5")
     _print_next_steps(out)
@@ -300,3 +312,34 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
                f"PyTorch {report.decode_ms_per_token_torch:.2f} ms")
     if not report.greedy_match:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--model", "model_dir", default=None, help="The model the stores were calibrated on [default: embedded].")
+@click.option("--mode", type=click.Choice(["kpm", "ipm"]), default="kpm", show_default=True)
+@click.option("--rank", default=16, show_default=True, help="Rank at which compactness is measured.")
+@click.option("--rank-budget", type=float, default=None, help="Average-rank budget to allocate (CorDA++).")
+@click.option("--min-rank", default=1, show_default=True)
+@click.option("--max-rank", type=int, default=None)
+@click.option("--targets", default="all-linear", show_default=True)
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
+@_fail_cleanly
+def inspect(stores, model_dir, mode, rank, rank_budget, min_rank, max_rank, targets, plot_dir):
+    """Per layer: compactness, chosen covariance candidate and allocated rank (CorDA++)."""
+    from corda_surgery.inspection import inspect_stores, plot_inspection
+
+    rows, spectra = inspect_stores(resolve_model(model_dir), list(stores), mode=mode, rank=rank,
+                                   rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank, targets=targets)
+    click.echo(f"{'layer':<48} {'rank':>5} {'store':>5} {'round':>5} {'compact.':>9} {'@rank ' + str(rank):>9}")
+    for row in rows:
+        round_label = "-" if row["round"] is None else str(row["round"])
+        click.echo(f"{row['layer']:<48} {row['rank']:>5} {row['store']:>5} {round_label:>5} "
+                   f"{row['compactness']:>9.4f} {row['compactness_at_base_rank']:>9.4f}")
+    mean = sum(r["compactness"] for r in rows) / len(rows)
+    mean_base = sum(r["compactness_at_base_rank"] for r in rows) / len(rows)
+    click.echo(f"mean compactness {mean:.4f} (uniform rank {rank}: {mean_base:.4f})")
+    if plot_dir is not None:
+        for path in plot_inspection(rows, spectra, plot_dir, f"{mode.upper()}"):
+            click.echo(f"plot written to {path}")

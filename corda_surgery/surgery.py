@@ -19,6 +19,7 @@ from calib.store import CovarianceStore
 from calib.stream import StreamingModel
 from calib.weights import CheckpointReader
 from corda_surgery import __version__
+from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
 from corda_surgery.decompose import DEFAULT_DAMPING, decompose_weight
 from export.checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, copy_model_files, staged_output, write_sharded_weights
 from export.peft_adapter import LoraAdapter, write_adapter
@@ -34,10 +35,11 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one target linear gets: its rank and which covariance store feeds it."""
+    """What one target linear gets: its rank and which covariance feeds it."""
 
     rank: int
     store: int | None = 0  # index into the stores; None: no covariance (pissa, milora, lora)
+    round: int | None = None  # a sampling round of that store instead of its sum (CorDA++ candidates)
 
 
 @dataclass
@@ -81,6 +83,57 @@ def _lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) ->
     return lora_a, torch.zeros(weight_out, rank)
 
 
+def _candidates(stores: list[CovarianceStore]) -> list[tuple[int, int | None]]:
+    """CorDA++ candidates: each store's sampling rounds where it has several, else its sum."""
+    return [(i, r) for i, store in enumerate(stores) for r in (range(store.rounds) if store.rounds > 1 else [None])]
+
+
+def corda_plus_plan(
+    streaming: StreamingModel,
+    stores: list[CovarianceStore],
+    weight_keys: dict[str, str],
+    *,
+    mode: str,
+    rank: int,
+    rank_budget: float | None,
+    param_budget: int | None,
+    min_rank: int,
+    max_rank: int | None,
+    damping: float,
+    compute_dtype: torch.dtype,
+    progress: bool,
+) -> tuple[dict[str, LayerPlan], dict[str, dict], dict[str, torch.Tensor]]:
+    """Per layer: the most compact candidate covariance at ``rank``, then ranks from the budget.
+
+    Returns the plan, per-layer records for surgery.json, and the chosen candidates' spectra.
+    """
+    reader, transposed = streaming.reader, streaming.family.transposed
+    candidates = _candidates(stores)
+    chosen, spectra, dims, records = {}, {}, {}, {}
+    for name, key in tqdm(weight_keys.items(), desc="CorDA++ spectra", unit="layer", disable=not progress):
+        weight = reader.get(key)
+        dims[name] = tuple(weight.T.shape if transposed else weight.shape)
+        candidate_spectra = [
+            context_spectrum(weight, stores[i].covariance(name, compute_dtype, r), damping=damping,
+                             transposed=transposed, name=name, compute_dtype=compute_dtype)
+            for i, r in candidates
+        ]
+        best = select_candidate(candidate_spectra, min(rank, min(dims[name])), mode)
+        chosen[name], spectra[name] = candidates[best], candidate_spectra[best]
+        records[name] = {"candidate_compactness": [
+            energy_compactness(s, min(rank, min(dims[name])), mode) for s in candidate_spectra]}
+    if param_budget is None and rank_budget is not None:
+        param_budget = int(round(rank_budget * sum(sum(d) for d in dims.values())))
+    if param_budget is not None:
+        ranks = allocate_ranks(spectra, dims, mode, param_budget=param_budget, min_rank=min_rank, max_rank=max_rank)
+    else:
+        ranks = {name: rank for name in weight_keys}
+    for name in weight_keys:
+        records[name]["compactness"] = energy_compactness(spectra[name], ranks[name], mode)
+    plan = {name: LayerPlan(ranks[name], *chosen[name]) for name in weight_keys}
+    return plan, records, spectra
+
+
 def decompose_checkpoint(
     model_dir: str | Path,
     out: str | Path,
@@ -91,7 +144,10 @@ def decompose_checkpoint(
     alpha: float | None = None,
     stores: list[str | Path] = (),
     targets: str = "all-linear",
-    plan: dict[str, LayerPlan] | None = None,
+    rank_budget: float | None = None,
+    param_budget: int | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
     damping: float = DEFAULT_DAMPING,
     overwrite: bool = False,
@@ -101,8 +157,8 @@ def decompose_checkpoint(
 ) -> Path:
     """Write ``out``: residual model (sharded safetensors + config + tokenizer), ``adapter/`` and surgery.json.
 
-    ``plan`` gives per-layer ranks and covariance choices (CorDA++); without it every target gets
-    ``rank`` and the first store.
+    ``corda++`` picks each layer's most compact candidate covariance (every store, or every sampling
+    round of a store that has several) and, with a rank or parameter budget, per-layer ranks.
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -111,6 +167,10 @@ def decompose_checkpoint(
     uses_covariance = method in ("corda", "corda++")
     if uses_covariance and not stores:
         raise ValueError(f"--method {method} needs a covariance store (--covariances)")
+    if method == "corda" and len(stores) > 1:
+        raise ValueError("several covariance stores are CorDA++'s covariance selection: use --method corda++")
+    if method != "corda++" and (rank_budget or param_budget):
+        raise ValueError("--rank-budget / --param-budget need --method corda++")
     streaming = StreamingModel(model_dir)
     reader = streaming.reader
     fingerprint = reader.fingerprint()
@@ -119,9 +179,16 @@ def decompose_checkpoint(
         for store in opened:
             store.check_model(fingerprint, reader.model_dir)
         linears = target_linears(streaming, targets)
-        if plan is None:
-            plan = {name: LayerPlan(rank, 0 if uses_covariance else None) for name in linears}
         key_of = {reader.resolve(f"{name}.weight", streaming.base_prefix): name for name in linears}
+        if method == "corda++":
+            plan, plus_records, _ = corda_plus_plan(
+                streaming, opened, {n: k for k, n in key_of.items()}, mode=mode, rank=rank, rank_budget=rank_budget,
+                param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, damping=damping,
+                compute_dtype=compute_dtype, progress=progress,
+            )
+        else:
+            plan = {name: LayerPlan(rank, 0 if uses_covariance else None) for name in linears}
+            plus_records = {}
         report = SurgeryReport(
             method=method, mode=mode, rank=rank, alpha=alpha, compute_dtype=str(compute_dtype).removeprefix("torch."),
             damping=damping, model_fingerprint=fingerprint,
@@ -147,14 +214,16 @@ def decompose_checkpoint(
                 lora_a, lora_b = _lora_default_init(out_dim, in_dim, layer.rank, seed + len(adapter.lora_A))
                 residual, record = weight, {"rank": layer.rank}
             else:
-                covariance = opened[layer.store].covariance(name, compute_dtype) if layer.store is not None else None
+                covariance = (
+                    opened[layer.store].covariance(name, compute_dtype, layer.round) if layer.store is not None else None
+                )
                 result = decompose_weight(
                     weight, covariance, rank=layer.rank, mode=mode, alpha=scaling * layer.rank,
                     damping=damping, compute_dtype=compute_dtype, transposed=streaming.family.transposed, name=name,
                 )
                 lora_a, lora_b, residual = result.lora_A, result.lora_B, result.residual
                 record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
-                          "store": layer.store}
+                          "store": layer.store, "round": layer.round, **plus_records.get(name, {})}
             adapter.lora_A[name], adapter.lora_B[name] = lora_a.float(), lora_b.float()
             if layer.rank != rank:
                 adapter.rank_pattern[name] = layer.rank

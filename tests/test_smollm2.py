@@ -99,3 +99,18 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
           f"{report.greedy_match}")
     assert report.greedy_match
     assert report.max_rel_error < 1e-4
+
+
+def test_corda_plus_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path):
+    import json
+
+    batch, logits, floor = reference
+    out = decompose_checkpoint(smollm2, tmp_path / "plus", method="corda++", mode="ipm", rank=16, rank_budget=16,
+                               min_rank=4, max_rank=64, stores=[smollm2_store], progress=False)
+    ranks = [layer["rank"] for layer in json.loads((out / "surgery.json").read_text())["layers"].values()]
+    assert len(set(ranks)) > 1
+    error64 = handoff_error(out, batch, logits, torch.float64)
+    error32 = handoff_error(out, batch, logits, torch.float32)
+    print(f"\nSmolLM2-135M corda++ ipm handoff: float64 {error64:.2e}, float32 {error32:.2e}")
+    assert error64 <= 1e-4
+    assert error32 <= max(1e-4, 2 * floor)

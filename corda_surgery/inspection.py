@@ -1,0 +1,100 @@
+"""`inspect`: per-layer compactness and CorDA++ rank allocation of covariance stores, as a table and plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from calib.store import CovarianceStore
+from calib.stream import StreamingModel
+from corda_surgery.surgery import corda_plus_plan, target_linears
+
+
+def inspect_stores(
+    model_dir: str | Path,
+    stores: list[str | Path],
+    *,
+    mode: str,
+    rank: int,
+    rank_budget: float | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    targets: str = "all-linear",
+    damping: float = 0.01,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra."""
+    streaming = StreamingModel(model_dir)
+    opened = [CovarianceStore(path) for path in stores]
+    try:
+        fingerprint = streaming.reader.fingerprint()
+        for store in opened:
+            store.check_model(fingerprint, streaming.reader.model_dir)
+        linears = target_linears(streaming, targets)
+        keys = {name: streaming.reader.resolve(f"{name}.weight", streaming.base_prefix) for name in linears}
+        plan, records, spectra = corda_plus_plan(
+            streaming, opened, keys, mode=mode, rank=rank, rank_budget=rank_budget, param_budget=None,
+            min_rank=min_rank, max_rank=max_rank, damping=damping, compute_dtype=torch.float32, progress=True,
+        )
+    finally:
+        for store in opened:
+            store.close()
+    rows = []
+    for name in linears:
+        rows.append({
+            "layer": name, "rank": plan[name].rank, "store": plan[name].store, "round": plan[name].round,
+            "compactness": records[name]["compactness"],
+            "compactness_at_base_rank": max(records[name]["candidate_compactness"]),
+        })
+    return rows, spectra
+
+
+def _kind_and_depth(name: str) -> tuple[str, int]:
+    parts = name.split(".")
+    depth = next(int(p) for p in parts if p.isdigit())
+    return parts[-1], depth
+
+
+def plot_inspection(rows: list[dict], spectra: dict[str, torch.Tensor], out_dir: Path, title: str) -> list[Path]:
+    """spectra.png (cumulative σ² share per layer, by linear type) and ranks.png (rank by depth and type)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_kind: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for row in rows:
+        kind, depth = _kind_and_depth(row["layer"])
+        by_kind[kind].append((depth, row))
+
+    fig, axes = plt.subplots(1, len(by_kind), figsize=(3.2 * len(by_kind), 3), sharey=True, squeeze=False)
+    for ax, (kind, items) in zip(axes[0], sorted(by_kind.items())):
+        for depth, row in items:
+            energy = spectra[row["layer"]].square()
+            share = (energy.cumsum(0) / energy.sum()).numpy()
+            ax.plot(share, color=plt.cm.viridis(depth / max(d for d, _ in items) if len(items) > 1 else 0), lw=0.8)
+        ax.set_title(kind, fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("components k")
+    axes[0][0].set_ylabel("E(k): cumulative σ² share of W·C")
+    fig.suptitle(f"{title}: context-oriented spectra (colour = depth)", fontsize=10)
+    fig.tight_layout()
+    spectra_path = out_dir / "spectra.png"
+    fig.savefig(spectra_path, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for kind, items in sorted(by_kind.items()):
+        items = sorted(items, key=lambda item: item[0])
+        ax.plot([d for d, _ in items], [r["rank"] for _, r in items], marker="o", ms=3, label=kind)
+    ax.set_xlabel("layer depth")
+    ax.set_ylabel("allocated rank")
+    ax.set_title(f"{title}: CorDA++ rank allocation", fontsize=10)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    ranks_path = out_dir / "ranks.png"
+    fig.savefig(ranks_path, dpi=120)
+    plt.close(fig)
+    return [spectra_path, ranks_path]
