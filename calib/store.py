@@ -83,7 +83,7 @@ class StoreWriter:
             )
         done = int(handle.attrs["layers_done"])
         for name in list(handle):  # drop datasets (sums and rounds) of the layer that was in progress
-            if int(handle[name].attrs["layer"]) >= done:
+            if int(handle[name].attrs.get("layer", done)) >= done:  # no attribute: killed mid-write
                 del handle[name]
         return handle
 

@@ -8,6 +8,7 @@ shards, run over all batches with hooks summing XᵀX over real tokens, written 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -76,8 +77,12 @@ class StreamingModel:
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
         self.reader = CheckpointReader(model_dir)
-        self.config = AutoConfig.from_pretrained(self.reader.model_dir)
-        self.family: Family = family_for(self.config.model_type)
+        config_path = self.reader.model_dir / "config.json"
+        try:
+            self.family: Family = family_for(json.loads(config_path.read_text())["model_type"])
+            self.config = AutoConfig.from_pretrained(self.reader.model_dir)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from None
         self.dtype = dtype
         with torch.device("meta"):
             self.model = _build_model(self.config)

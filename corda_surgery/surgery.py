@@ -6,6 +6,7 @@ output shards, so peak memory stays near one weight matrix, its covariance and i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -81,6 +82,24 @@ def _lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) ->
     bound = 1 / math.sqrt(weight_in)  # kaiming_uniform_ with a=√5 on fan_in gives ±1/√fan_in
     lora_a = (torch.rand(rank, weight_in, generator=generator) * 2 - 1) * bound
     return lora_a, torch.zeros(weight_out, rank)
+
+
+def _initialise(
+    weight: torch.Tensor, covariance: torch.Tensor | None, name: str, layer: LayerPlan, *, method: str,
+    mode: str | None, scaling: float, damping: float, compute_dtype: torch.dtype, transposed: bool, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """LoRA A, B, the residual weight and the surgery.json record for one target linear."""
+    if method == "lora":
+        out_dim, in_dim = weight.T.shape if transposed else weight.shape
+        lora_a, lora_b = _lora_default_init(out_dim, in_dim, layer.rank, seed)
+        return lora_a, lora_b, weight, {"rank": layer.rank}
+    result = decompose_weight(
+        weight, covariance, rank=layer.rank, mode=mode, alpha=scaling * layer.rank, damping=damping,
+        compute_dtype=compute_dtype, transposed=transposed, name=name,
+    )
+    record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
+              "store": layer.store, "round": layer.round}
+    return result.lora_A, result.lora_B, result.residual, record
 
 
 def _candidates(stores: list[CovarianceStore]) -> list[tuple[int, int | None]]:
@@ -171,11 +190,11 @@ def decompose_checkpoint(
         raise ValueError("several covariance stores are CorDA++'s covariance selection: use --method corda++")
     if method != "corda++" and (rank_budget or param_budget):
         raise ValueError("--rank-budget / --param-budget need --method corda++")
-    streaming = StreamingModel(model_dir)
-    reader = streaming.reader
-    fingerprint = reader.fingerprint()
-    opened = [CovarianceStore(path) for path in stores] if uses_covariance else []
-    try:
+    with staged_output(out, overwrite=overwrite) as staging, contextlib.ExitStack() as closing:
+        streaming = StreamingModel(model_dir)
+        reader = streaming.reader
+        fingerprint = reader.fingerprint()
+        opened = [closing.enter_context(CovarianceStore(path)) for path in stores] if uses_covariance else []
         for store in opened:
             store.check_model(fingerprint, reader.model_dir)
         linears = target_linears(streaming, targets)
@@ -198,8 +217,10 @@ def decompose_checkpoint(
         adapter = LoraAdapter(
             rank=rank, alpha=alpha, lora_A={}, lora_B={}, fan_in_fan_out=streaming.family.transposed,
             task_type="CAUSAL_LM" if streaming.model.can_generate() else None,
+            base_model_name_or_path=str(Path(out).resolve()),
         )
-        bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
+        bar = closing.enter_context(tqdm(total=len(reader.locations), desc="tensors", unit="tensor",
+                                         disable=not progress))
 
         def produce(key: str) -> torch.Tensor:
             bar.update()
@@ -208,38 +229,22 @@ def decompose_checkpoint(
             if name is None:
                 return weight
             layer = plan[name]
-            scaling = alpha / rank
-            if method == "lora":
-                out_dim, in_dim = weight.T.shape if streaming.family.transposed else weight.shape
-                lora_a, lora_b = _lora_default_init(out_dim, in_dim, layer.rank, seed + len(adapter.lora_A))
-                residual, record = weight, {"rank": layer.rank}
-            else:
-                covariance = (
-                    opened[layer.store].covariance(name, compute_dtype, layer.round) if layer.store is not None else None
-                )
-                result = decompose_weight(
-                    weight, covariance, rank=layer.rank, mode=mode, alpha=scaling * layer.rank,
-                    damping=damping, compute_dtype=compute_dtype, transposed=streaming.family.transposed, name=name,
-                )
-                lora_a, lora_b, residual = result.lora_A, result.lora_B, result.residual
-                record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
-                          "store": layer.store, "round": layer.round, **plus_records.get(name, {})}
+            covariance = opened[layer.store].covariance(name, compute_dtype, layer.round) if layer.store is not None \
+                else None
+            lora_a, lora_b, residual, record = _initialise(
+                weight, covariance, name, layer, method=method, mode=mode, scaling=alpha / rank, damping=damping,
+                compute_dtype=compute_dtype, transposed=streaming.family.transposed, seed=seed + len(adapter.lora_A),
+            )
             adapter.lora_A[name], adapter.lora_B[name] = lora_a.float(), lora_b.float()
             if layer.rank != rank:
                 adapter.rank_pattern[name] = layer.rank
-                adapter.alpha_pattern[name] = scaling * layer.rank
-            report.layers[name] = record
+                adapter.alpha_pattern[name] = alpha / rank * layer.rank
+            report.layers[name] = record | plus_records.get(name, {})
             return residual
 
-        with staged_output(out, overwrite=overwrite) as staging:
-            adapter.base_model_name_or_path = str(Path(out).resolve())
-            specs = {key: reader.spec(key) for key in reader.locations}
-            write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
-            bar.close()
-            copy_model_files(reader.model_dir, staging)
-            write_adapter(staging / ADAPTER_DIR, adapter)
-            (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2))
-        return Path(out).resolve()
-    finally:
-        for store in opened:
-            store.close()
+        specs = {key: reader.spec(key) for key in reader.locations}
+        write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
+        copy_model_files(reader.model_dir, staging)
+        write_adapter(staging / ADAPTER_DIR, adapter)
+        (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2))
+    return Path(out).resolve()
