@@ -157,6 +157,7 @@ class StreamingModel:
 
     def free_block(self, index: int) -> None:
         self.blocks[index].to("meta")
+        self.reader.release()
 
     @torch.no_grad()
     def capture_block_inputs(self, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], list[list]]:

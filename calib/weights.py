@@ -113,6 +113,10 @@ class CheckpointReader:
         """Read one stored tensor by its exact key."""
         return self._handle(self.locations[key]).get_tensor(key)
 
+    def release(self) -> None:
+        """Unmap the shards: pages read so far stop counting towards this process's resident memory."""
+        self._handles.clear()
+
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype of a stored tensor, read from the header only."""
         view = self._handle(self.locations[key]).get_slice(key)

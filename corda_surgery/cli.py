@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from corda_surgery import __version__
+from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import resolve_model
 
 # Errors a user can cause and fix: shown as one line unless --debug.
@@ -77,6 +78,7 @@ def main(debug: bool, verbose: bool) -> None:
     'smollm2-135m', the embedded SmolLM2-135M-Instruct.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    release_large_frees_to_os()
 
 
 def _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template):
