@@ -75,7 +75,8 @@ def _record_text(record: dict, text_field: str | None, tokenizer, chat_template:
 
 
 def _jsonl_token_lists(path: Path, spec: CalibrationSpec, tokenizer, chat_template: bool) -> list[list[int]]:
-    texts = []
+    """Texts from the records, tokenised; records with an ``input_ids`` list are used as they are."""
+    texts: list[str | list[int]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -83,12 +84,18 @@ def _jsonl_token_lists(path: Path, spec: CalibrationSpec, tokenizer, chat_templa
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CalibrationDataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
+            texts.append([int(t) for t in record["input_ids"]])
+            continue
         text = _record_text(record, spec.text_field, tokenizer, chat_template) if isinstance(record, dict) else None
         if text and text.strip():
             texts.append(text)
     random.Random(spec.seed).shuffle(texts)
-    ids = [tokenizer(text, add_special_tokens=not chat_template)["input_ids"][: spec.seq_len] for text in texts]
-    return [x for x in ids if x][: spec.samples]
+    ids = [
+        (text if isinstance(text, list) else tokenizer(text, add_special_tokens=not chat_template)["input_ids"])
+        for text in texts[: spec.samples]
+    ]
+    return [x[: spec.seq_len] for x in ids if x]
 
 
 def _txt_token_lists(path: Path, spec: CalibrationSpec, tokenizer) -> list[list[int]]:
