@@ -30,7 +30,9 @@ def context_spectrum(
     """Singular values (descending, float64) of W·C_damped: what CorDA splits, without the vectors."""
     w = (weight.T if transposed else weight).to(compute_dtype)
     damped, _, _ = damp_covariance(covariance.to(compute_dtype), damping, name)
-    return torch.linalg.svdvals(w @ damped).to(torch.float64)
+    product = w @ damped
+    tall = product if product.shape[0] >= product.shape[1] else product.T  # same values, faster LAPACK path
+    return torch.linalg.svdvals(tall).to(torch.float64)
 
 
 def energy_compactness(spectrum: torch.Tensor, rank: int, mode: str) -> float:

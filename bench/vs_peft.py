@@ -1,0 +1,181 @@
+"""Benchmark: PEFT's preprocess_corda against `corda-surgery convert` on the same tokens, mode and rank.
+
+Each side runs in its own process under /usr/bin/time -v (wall, CPU, peak RSS). Both adapters are then
+compared layer by layer (relative error of s·B·A and of the residual weight). Ours runs with
+--covariance-norm peft, PEFT's per-sample rule, so both see the same covariances (all samples have the
+same length, so batching 8 samples changes nothing but speed; PEFT's hook only takes batch size 1).
+
+    python bench/vs_peft.py --quick                         # small random Llama, < 2 minutes
+    python bench/vs_peft.py --hidden 2048 --layers 8        # the 536 M model of the issue
+    python bench/vs_peft.py --hidden 2048 --layers 16 --skip-peft   # depth scaling of our memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from calib.weights import CheckpointReader  # noqa: E402
+from export.peft_adapter import read_adapter  # noqa: E402
+
+
+def build_model(folder: Path, hidden: int, layers: int, intermediate: int, heads: int, vocab: int) -> None:
+    """A random-initialised Llama saved in float32, with a tokenizer (the embedded model's) beside it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from corda_surgery.models import embedded_model_dir
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                         max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(folder)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters in {folder}", flush=True)
+
+
+def timed(command: list[str], log: Path) -> dict:
+    """Run under /usr/bin/time -v; wall and CPU seconds and peak RSS in MB."""
+    with log.open("w") as handle:
+        result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+    text = log.read_text()
+    if result.returncode != 0:
+        raise SystemExit(f"{command[0]} failed, see {log}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text)
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
+    user = float(re.search(r"User time \(seconds\): ([\d.]+)", text)[1])
+    system = float(re.search(r"System time \(seconds\): ([\d.]+)", text)[1])
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1])
+    return {"wall_s": hours * 3600 + minutes * 60 + seconds, "cpu_s": user + system, "peak_rss_mb": rss / 1024}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            out.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return out
+
+
+def compare(peft_dir: Path, ours_dir: Path) -> dict:
+    """Per-layer relative errors of s·B·A and of the residual weight, worst and median."""
+    theirs, ours = read_adapter(peft_dir / "adapter"), read_adapter(ours_dir / "adapter")
+    their_base, our_base = _tensors(peft_dir / "base"), _tensors(ours_dir)
+    delta_errors, residual_errors = [], []
+    for module in ours.lora_A:
+        reference = theirs.delta(module)
+        delta_errors.append(float((ours.delta(module) - reference).norm() / reference.norm()))
+        key = f"{module}.weight"
+        residual_errors.append(float((our_base[key] - their_base[key]).norm() / their_base[key].norm()))
+    return {"layers": len(delta_errors), "delta_worst": max(delta_errors), "delta_median": statistics.median(delta_errors),
+            "residual_worst": max(residual_errors), "residual_median": statistics.median(residual_errors)}
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flop_floor(model_dir: Path, tokens: int) -> dict:
+    """FLOPs of the work itself: block forward (2·params·tokens), shared covariances (2·in²·tokens per
+    distinct input), and per linear W·C (2·out·in²) + thin SVD (≈ 4·m·n² + 22·n³, Golub–Van Loan) +
+    the r-row solve (negligible)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    block_params = 4 * h * h + 3 * h * i
+    forward = 2 * block_params * layers * tokens
+    covariance = 2 * (3 * h * h + i * i) * layers * tokens
+    shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
+    decomposition = layers * sum(2 * o * n * n + 4 * max(o, n) * min(o, n) ** 2 + 22 * min(o, n) ** 3
+                                 for o, n in shapes)
+    return {"forward": forward, "covariance": covariance, "decomposition": decomposition}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help="An existing Llama-family checkpoint instead of a random one.")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--mode", choices=["kpm", "ipm"], default="kpm")
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "bench_vs_peft")
+    parser.add_argument("--skip-peft", action="store_true", help="Only run corda-surgery (depth scaling).")
+    parser.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, 8 × 128 tokens.")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.intermediate, args.heads, args.samples, args.seq_len = 512, 4, 1408, 8, 8, 128
+    tag = f"h{args.hidden}_l{args.layers}"
+    work = args.work / tag
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model_dir or work / "model"
+    if not (model_dir / "config.json").is_file():
+        build_model(model_dir, args.hidden, args.layers, args.intermediate, args.heads, args.vocab)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    token_file = work / "tokens.jsonl"
+    with token_file.open("w") as handle:
+        for _ in range(args.samples):
+            handle.write(json.dumps({"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()}) + "\n")
+
+    results = {}
+    if not args.skip_peft:
+        shutil.rmtree(work / "peft", ignore_errors=True)
+        results["PEFT preprocess_corda"] = timed(
+            [sys.executable, str(REPO / "bench" / "_peft_corda.py"), str(model_dir), str(token_file), str(work / "peft"),
+             args.mode, str(args.rank)], work / "peft.log")
+    results["corda-surgery convert"] = timed(
+        ["corda-surgery", "convert", str(model_dir), "--data", str(token_file), "--samples", str(args.samples),
+         "--seq-len", str(args.seq_len), "--batch-size", "8", "--covariance-norm", "peft", "--mode", args.mode,
+         "--rank", str(args.rank), "--out", str(work / "ours"), "--overwrite"], work / "ours.log")
+
+    size_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+    rate = matmul_gflops()
+    floor = flop_floor(model_dir, args.samples * args.seq_len)
+    floor_s = sum(floor.values()) / (rate * 1e9)
+    print(f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} × {args.seq_len} tokens; {args.mode} rank {args.rank}; "
+          f"fp32 matmul {rate:.0f} GFLOP/s; FLOP floor {floor_s:.1f} s "
+          f"(forward {floor['forward'] / 1e12:.2f}, covariance {floor['covariance'] / 1e12:.2f}, "
+          f"decomposition {floor['decomposition'] / 1e12:.2f} TFLOP)")
+    print("| run | wall s | CPU s | peak RSS MB |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    if not args.skip_peft:
+        parity = compare(work / "peft", work / "ours")
+        peft, ours = results["PEFT preprocess_corda"], results["corda-surgery convert"]
+        print(f"\nspeed-up {peft['wall_s'] / ours['wall_s']:.1f}× wall, memory {peft['peak_rss_mb'] / ours['peak_rss_mb']:.1f}× "
+              f"lower; ours / FLOP floor {ours['wall_s'] / floor_s:.2f}")
+        print(f"parity over {parity['layers']} layers: s·B·A worst {parity['delta_worst']:.2e} median "
+              f"{parity['delta_median']:.2e}; residual worst {parity['residual_worst']:.2e} median "
+              f"{parity['residual_median']:.2e}")
+        results["parity"] = parity
+    results.update({"model": tag, "size_mb": size_mb, "matmul_gflops": rate, "flop_floor_s": floor_s})
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
