@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +35,6 @@ class VerifyReport:
     decode_steps: int
     decode_ms_per_token_onnx: float
     decode_ms_per_token_torch: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _median_ms(run, repeats: int) -> float:
