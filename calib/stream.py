@@ -60,16 +60,12 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int) -> None:
         x = x.float()
-        if self.normalisation == "tokens":
-            rows = x[mask]
-            self.sums[round_index] += (rows.T @ rows).double()
-            self.counts[round_index] += rows.shape[0]
-            return
-        for sample, sample_mask in zip(x, mask):  # PEFT's rule: each sample scaled by |max|, count samples
-            rows = sample[sample_mask]
-            rows = rows / rows.max().abs()
-            self.sums[round_index] += (rows.T @ rows).double()
-            self.counts[round_index] += 1
+        if self.normalisation == "peft":  # PEFT's rule: each sample scaled by |max| over its real tokens
+            sample_max = x.masked_fill(~mask[..., None], float("-inf")).amax(dim=(1, 2)).abs()
+            x = x / sample_max[:, None, None]
+        rows = x[mask]
+        self.sums[round_index] += (rows.T @ rows).double()  # one GEMM per batch in both modes
+        self.counts[round_index] += rows.shape[0] if self.normalisation == "tokens" else x.shape[0]
 
 
 class StreamingModel:

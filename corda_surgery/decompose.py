@@ -53,10 +53,10 @@ def damp_covariance(
     mean_diag = covariance.diagonal().mean()
     if not mean_diag > 0:
         raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
-    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
     lam = damping
     for _ in range(MAX_DAMPING_DOUBLINGS + 1):
-        damped = covariance + (lam * mean_diag) * eye
+        damped = covariance.clone()
+        damped.diagonal().add_(lam * mean_diag)  # no identity matrix: for 5632² that alone is 127 MB
         chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             if lam != damping:

@@ -224,7 +224,8 @@ def decompose_checkpoint(
 
         def produce(key: str) -> torch.Tensor:
             bar.update()
-            weight = reader.get(key)
+            weight = reader.get(key).clone()
+            reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
             name = key_of.get(key)
             if name is None:
                 return weight

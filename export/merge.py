@@ -34,7 +34,8 @@ def merge_adapter(
 
     def produce(key: str) -> torch.Tensor:
         bar.update()
-        weight = reader.get(key)
+        weight = reader.get(key).clone()
+        reader.release()  # unmap: pages read so far would otherwise stay resident
         module = key_of.get(key)
         if module is None:
             return weight

@@ -79,3 +79,25 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
     assert len(errors) >= 0.8 * len(originals)
     assert worst_delta < 1e-4
     assert worst_residual < 1e-4
+
+
+def test_peft_covariance_normalisation_matches_peft_hooks(tiny_llama, tmp_path):
+    """--covariance-norm peft with batches of padded samples equals PEFT's own batch-1 hook."""
+    from transformers import AutoTokenizer
+
+    from calib.data import token_batches
+
+    spec = CalibrationSpec("gsm8k", samples=8, seq_len=40, batch_size=4)
+    ours = calibrate(tiny_llama, spec, tmp_path / "ours.h5", normalisation="peft", progress=False)
+    samples = [row[mask.bool()] for batch in token_batches(spec, AutoTokenizer.from_pretrained(tiny_llama))[0]
+               for row, mask in zip(batch.input_ids, batch.attention_mask)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    covariance_file = tmp_path / "peft_cov.pt"
+    config = LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="corda",
+                        corda_config=CordaConfig(covariance_file=str(covariance_file), corda_method="kpm"))
+    with torch.no_grad():
+        preprocess_corda(model, config, run_model=lambda: [model(input_ids=ids[None]) for ids in samples])
+    theirs = torch.load(covariance_file, weights_only=True)  # PEFT's own output, written by this test
+    with CovarianceStore(ours) as store:
+        for name, reference in theirs.items():
+            assert _relative(store.covariance(name), reference) < 1e-5, name
