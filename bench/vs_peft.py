@@ -28,7 +28,6 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from calib.weights import CheckpointReader  # noqa: E402
 from export.peft_adapter import read_adapter  # noqa: E402
 
 

@@ -54,21 +54,32 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise CheckpointError(f"{self.model_dir}: no config.json (not a transformers checkpoint folder)")
-        self.shards = self._shard_files()
+        weight_map = self._weight_map()
+        self.shards = self._shard_files(weight_map)
         self.locations: dict[str, Path] = {}
         for shard in self.shards:
             for name in _check_safetensors_file(shard):
                 self.locations[name] = shard
-        self._index_check()
+        for name, shard in (weight_map or {}).items():
+            if self.locations.get(name) != self.model_dir / shard:
+                raise CheckpointError(
+                    f"{self.model_dir / INDEX_NAME}: tensor {name} is listed in {shard} but not stored there"
+                )
         self._handles: dict[Path, object] = {}
 
-    def _shard_files(self) -> list[Path]:
+    def _weight_map(self) -> dict[str, str] | None:
+        """The index's tensor → shard map, or None for an unsharded checkpoint."""
         index = self.model_dir / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        if not index.is_file():
+            return None
+        try:
+            return json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+
+    def _shard_files(self, weight_map: dict[str, str] | None) -> list[Path]:
+        if weight_map is not None:
+            index = self.model_dir / INDEX_NAME
             shards = sorted({self.model_dir / name for name in weight_map.values()})
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
@@ -84,15 +95,6 @@ class CheckpointReader:
                 "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
         raise CheckpointError(f"{self.model_dir}: no *.safetensors weights found")
-
-    def _index_check(self) -> None:
-        index = self.model_dir / INDEX_NAME
-        if not index.is_file():
-            return
-        weight_map = json.loads(index.read_text())["weight_map"]
-        for name, shard in weight_map.items():
-            if self.locations.get(name) != self.model_dir / shard:
-                raise CheckpointError(f"{index}: tensor {name} is listed in {shard} but not stored there")
 
     def resolve(self, name: str, base_prefix: str = "") -> str:
         """The stored key for a module-path tensor name (older checkpoints drop the base-model prefix)."""

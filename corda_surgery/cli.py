@@ -209,7 +209,6 @@ def convert(model_dir, data, samples, seq_len, batch_size, seed, text_field, cha
     The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
     """
     from calib.stream import calibrate as run_calibration
-    from export.checkpoint_writer import staged_output
 
     model = resolve_model(model_dir)
     out = out.resolve()

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from calib.store import CovarianceStore
 from calib.stream import StreamingModel
-from calib.weights import CheckpointReader
 from corda_surgery import __version__
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
 from corda_surgery.decompose import DEFAULT_DAMPING, decompose_weight

@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from calib.data import CalibrationSpec
 from calib.stream import calibrate
 from corda_surgery.cli import main
 from tests.models import save_tiny_model
+from tests.test_stream import _datasets
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=40, batch_size=4)
 REPO = Path(__file__).resolve().parents[1]
@@ -28,11 +28,6 @@ def _run_killed(patch: str, body: str) -> subprocess.CompletedProcess:
     """Run ``body`` in a fresh interpreter after ``patch``, which SIGKILLs the process at some point."""
     script = "import os, signal\ndef die(): os.kill(os.getpid(), signal.SIGKILL)\n" + patch + "\n" + body
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def _datasets(path):
-    with h5py.File(path, "r") as f:
-        return {name: (np.asarray(f[name][()]), dict(f[name].attrs)) for name in f}
 
 
 KILL_POINTS = {
