@@ -51,21 +51,42 @@ class _BlockInputRecorder(nn.Module):
 
 
 class _Accumulator:
-    """Float64 running sums (one per sampling round) of per-batch float32 XᵀX over real tokens."""
+    """Float64 running sums (one per sampling round) of per-batch float32 XᵀX over real tokens.
+
+    XᵀX is symmetric, so only the blocks on and above the diagonal of a ``k × k`` block grid are
+    multiplied (10 of 16 for k = 4: 37.5% fewer FLOPs than one full GEMM); ``totals`` mirrors them.
+    """
+
+    MIN_BLOCK = 512  # narrower blocks make GEMMs less efficient than the FLOPs they save
 
     def __init__(self, dim: int, normalisation: str, rounds: int):
         self.sums = [torch.zeros(dim, dim, dtype=torch.float64) for _ in range(rounds)]
         self.counts = [0] * rounds
         self.normalisation = normalisation
+        blocks = max(1, min(4, dim // self.MIN_BLOCK))
+        edges = [dim * i // blocks for i in range(blocks + 1)]
+        self.blocks = [slice(a, b) for a, b in zip(edges, edges[1:])]
 
     def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int) -> None:
         x = x.float()
+        dense = bool(mask.all())  # no padding: use the activations in place instead of gathering rows
         if self.normalisation == "peft":  # PEFT's rule: each sample scaled by |max| over its real tokens
-            sample_max = x.masked_fill(~mask[..., None], float("-inf")).amax(dim=(1, 2)).abs()
-            x = x / sample_max[:, None, None]
-        rows = x[mask]
-        self.sums[round_index] += (rows.T @ rows).double()  # one GEMM per batch in both modes
+            real = x if dense else x.masked_fill(~mask[..., None], float("-inf"))
+            x = x / real.amax(dim=(1, 2)).abs()[:, None, None]
+        rows = x.reshape(-1, x.shape[-1]) if dense else x[mask]
+        total = self.sums[round_index]
+        for i, row_block in enumerate(self.blocks):
+            for column_block in self.blocks[i:]:
+                total[row_block, column_block] += rows[:, row_block].T @ rows[:, column_block]
         self.counts[round_index] += rows.shape[0] if self.normalisation == "tokens" else x.shape[0]
+
+    def totals(self) -> list[torch.Tensor]:
+        """The sums with their lower block triangle filled in from the upper one."""
+        for total in self.sums:
+            for i, row_block in enumerate(self.blocks):
+                for column_block in self.blocks[i + 1:]:
+                    total[column_block, row_block] = total[row_block, column_block].T
+        return self.sums
 
 
 class StreamingModel:
@@ -246,12 +267,13 @@ def stream_covariances(
             entries = []
             for group, accumulator in accumulators.items():
                 name = f"{prefix}.{group[0]}"
-                if not all(torch.isfinite(s).all() for s in accumulator.sums):
+                sums = accumulator.totals()
+                if not all(torch.isfinite(s).all() for s in sums):
                     raise CalibrationError(f"{name}: input activations contain NaN or Inf")
                 linears = tuple(f"{prefix}.{linear}" for linear in group)
                 entry = CovarianceEntry(name=name, layer=index, linears=linears, count=sum(accumulator.counts),
                                         round_counts=tuple(accumulator.counts) if rounds > 1 else ())
-                entries.append((entry, accumulator.sums))
+                entries.append((entry, sums))
             writer.write_layer(index, entries)
 
 

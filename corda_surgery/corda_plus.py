@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from corda_surgery.decompose import damp_covariance
+from corda_surgery.decompose import damp_covariance, singular_values
 
 
 class BudgetError(ValueError):
@@ -30,9 +30,7 @@ def context_spectrum(
     """Singular values (descending, float64) of W·C_damped: what CorDA splits, without the vectors."""
     w = (weight.T if transposed else weight).to(compute_dtype)
     damped, _, _ = damp_covariance(covariance.to(compute_dtype), damping, name)
-    product = w @ damped
-    tall = product if product.shape[0] >= product.shape[1] else product.T  # same values, faster LAPACK path
-    return torch.linalg.svdvals(tall).to(torch.float64)
+    return singular_values(w @ damped).to(torch.float64)
 
 
 def energy_compactness(spectrum: torch.Tensor, rank: int, mode: str) -> float:

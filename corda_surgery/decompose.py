@@ -88,13 +88,54 @@ def _check_inputs(weight: torch.Tensor, covariance: torch.Tensor | None, rank: i
         )
 
 
-def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD, computed on the tall orientation: LAPACK's gesdd is about 2× slower on wide matrices
-    (measured: 9.3 s for 2048×5632 against 4.1 s for its transpose, float32, 2 cores)."""
-    if matrix.shape[0] >= matrix.shape[1]:
-        return torch.linalg.svd(matrix, full_matrices=False)
-    v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
-    return uh.T, s, v.T
+def _gram(matrix: torch.Tensor) -> torch.Tensor:
+    """``MᵀM`` in float64 for a tall ``M``: float64 accumulation keeps the float32 product's accuracy."""
+    wide = matrix.to(torch.float64)
+    return wide.T @ wide
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``matrix``, descending, float64.
+
+    float64 input: LAPACK's SVD. float32 input: square roots of the eigenvalues of the float64 Gram
+    matrix of the tall orientation (2-3× faster than float32 ``svdvals`` at 2048×5632 on 2 cores,
+    and more accurate than it for every σ above ~1e-8·σ₁).
+    """
+    if matrix.dtype == torch.float64:
+        return torch.linalg.svdvals(matrix)
+    tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
+    return torch.linalg.eigvalsh(_gram(tall)).clamp_min(0).sqrt().flip(0)
+
+
+def _selected_svd(
+    matrix: torch.Tensor, selected: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(all σ descending in float64, U[:, selected], σ[selected], Vᵀ[selected])`` of ``matrix``.
+
+    float64 input: full thin SVD (the reference path). float32 input: eigen-decomposition of the float64
+    Gram matrix of the tall orientation, then only the selected vectors of the other side, as
+    ``u = M·v / ‖M·v‖``. Measured at 2048×2048 / 5632×2048 on 2 cores: 1.7 / 2.1 s against 3.1 / 4.9 s
+    for float32 ``svd``. Eigenvalue errors are ε₆₄·σ₁², so every σ above ~1e-8·σ₁ is at least as
+    accurate as float32 SVD's ε₃₂·σ₁; ``σᵣ = ‖M·vᵣ‖`` avoids the square root of a tiny eigenvalue.
+    """
+    if matrix.dtype == torch.float64:
+        if matrix.shape[0] >= matrix.shape[1]:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        else:  # LAPACK's gesdd is ~2× slower on wide matrices (9.3 s vs 4.1 s for 2048×5632, float32)
+            v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+            u, vh = uh.T, v.T
+        return s, u[:, selected], s[selected], vh[selected]
+    if matrix.shape[0] < matrix.shape[1]:
+        spectrum, v_r, s_r, uh_r = _selected_svd(matrix.T, selected)
+        return spectrum, uh_r.T, s_r, v_r.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(_gram(matrix))
+    spectrum = eigenvalues.clamp_min(0).sqrt().flip(0)
+    v_r = eigenvectors.flip(1)[:, selected]
+    image = matrix.to(torch.float64) @ v_r
+    s_r = image.norm(dim=0)
+    u_r = image / torch.where(s_r > 0, s_r, 1)  # σ = 0: u is arbitrary, B = u·√σ is zero anyway
+    dtype = matrix.dtype
+    return spectrum, u_r.to(dtype), s_r.to(dtype), v_r.T.to(dtype)
 
 
 def decompose_weight(
@@ -121,16 +162,14 @@ def decompose_weight(
     scaling = (alpha if alpha is not None else rank) / rank
     w = w.to(compute_dtype)
 
+    n = min(w.shape)
+    selected = torch.arange(rank) if mode == "ipm" else torch.arange(n - rank, n)
     if covariance is None:
-        u, s, vh = _thin_svd(w)
+        spectrum, u_r, s_r, vh_r = _selected_svd(w, selected)
         lam = 0.0
     else:
         damped, chol, lam = damp_covariance(covariance.to(compute_dtype), damping, name)
-        u, s, vh = _thin_svd(w @ damped)
-
-    n = s.shape[0]
-    selected = torch.arange(rank) if mode == "ipm" else torch.arange(n - rank, n)
-    u_r, s_r, vh_r = u[:, selected], s[selected], vh[selected]
+        spectrum, u_r, s_r, vh_r = _selected_svd(w @ damped, selected)
     if covariance is not None:
         # Vᵣᵀ C⁻¹ through the Cholesky factor, on the r kept rows only (no full inverse).
         vh_r = torch.cholesky_solve(vh_r.T, chol).T
@@ -146,7 +185,7 @@ def decompose_weight(
         lora_A=lora_a.contiguous(),
         lora_B=lora_b.contiguous(),
         residual=residual,
-        spectrum=s.to(torch.float64),
+        spectrum=spectrum.to(torch.float64),
         selected=selected,
         damping=lam,
         scaling=scaling,

@@ -60,16 +60,17 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
         theirs_delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
         ours_delta = ours.scaling * ours.lora_B @ ours.lora_A
         relative_gap, gap_over_sigma1 = _cut_gaps(ours.spectrum, mode)
+        exact = decompose_weight(
+            weight, covariances[name], rank=RANK, mode=mode, alpha=ALPHA, compute_dtype=torch.float64
+        )
+        exact_delta = exact.scaling * exact.lora_B @ exact.lora_A
+        ours_off, theirs_off = _relative(ours_delta, exact_delta), _relative(theirs_delta, exact_delta)
+        # Both are float32 answers: ours must be no further from the float64 one than PEFT's is.
+        assert ours_off <= 2 * theirs_off + 1e-6, name
         if relative_gap < MIN_RELATIVE_GAP or gap_over_sigma1 < MIN_GAP_OVER_SIGMA1:
-            # Ill-posed in float32: then we must be no further from the float64 answer than PEFT is.
-            exact = decompose_weight(
-                weight, covariances[name], rank=RANK, mode=mode, alpha=ALPHA, compute_dtype=torch.float64
-            )
-            exact_delta = exact.scaling * exact.lora_B @ exact.lora_A
-            ours_off, theirs_off = _relative(ours_delta, exact_delta), _relative(theirs_delta, exact_delta)
+            # Ill-posed in float32: the two float32 answers may differ by far more than either's error.
             excluded[name] = f"gap {relative_gap:.1e} rel., {gap_over_sigma1:.1e}·σ₁; vs float64: " \
                              f"ours {ours_off:.1e}, PEFT {theirs_off:.1e}"
-            assert ours_off <= 2 * theirs_off + 1e-6
             continue
         errors[name] = (_relative(ours_delta, theirs_delta), _relative(ours.residual, layer.base_layer.weight))
     worst_delta = max(e[0] for e in errors.values())
@@ -77,7 +78,7 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
     print(f"\n{mode}: {len(errors)}/{len(originals)} layers compared; worst relative error s·B·A "
           f"{worst_delta:.2e}, residual {worst_residual:.2e}; excluded: {excluded}")
     assert len(errors) >= 0.8 * len(originals)
-    assert worst_delta < 1e-4
+    assert worst_delta < 1e-3  # the bound; PEFT's own float32 error reaches 1.2e-4 on o_proj here
     assert worst_residual < 1e-4
 
 
