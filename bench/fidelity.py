@@ -207,6 +207,8 @@ def main() -> None:
     parser.add_argument("--train-items", type=int, default=512)
     parser.add_argument("--eval-items", type=int, default=100)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
+    parser.add_argument("--covariance-norm", choices=["peft", "tokens"], default="peft",
+                        help="peft: the CorDA authors' scaling (sets the A/B balance the optimiser sees)")
     parser.add_argument("--quick", action="store_true", help="3 steps, 8 eval items, 32 calibration samples.")
     settings = parser.parse_args()
     if settings.quick:
@@ -220,10 +222,11 @@ def main() -> None:
     names = settings.methods.split(",")
     stores = {}
     for data in {METHODS[n][2] for n in names} - {None}:
-        path = out / f"{data}_{settings.calib_samples}.h5"
+        path = out / f"{data}_{settings.calib_samples}_{settings.covariance_norm}.h5"
         if not path.exists():
             calibrate(base, CalibrationSpec(data, samples=settings.calib_samples, seq_len=settings.seq_len,
-                                            batch_size=8), path, progress=False)
+                                            batch_size=8), path, normalisation=settings.covariance_norm,
+                      progress=False)
         stores[data] = path
     pairs = qa_pairs(settings)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,6 +8,7 @@ same length, so batching 8 samples changes nothing but speed; PEFT's hook only t
     python bench/vs_peft.py --quick                         # small random Llama, < 2 minutes
     python bench/vs_peft.py --hidden 2048 --layers 8        # the 536 M model of the issue
     python bench/vs_peft.py --hidden 2048 --layers 16 --skip-peft   # depth scaling of our memory
+    python bench/vs_peft.py --hidden 2048 --layers 8 --reuse-peft   # after a change: PEFT's earlier run
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ def timed(command: list[str], log: Path) -> dict:
     with log.open("w") as handle:
         result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT,
                                 cwd=REPO)
-    text = log.read_text()
     if result.returncode != 0:
         raise SystemExit(f"{command[0]} failed, see {log}")
+    return timed_from_log(log)
+
+
+def timed_from_log(log: Path) -> dict:
+    text = log.read_text()
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text)
     hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
     user = float(re.search(r"User time \(seconds\): ([\d.]+)", text)[1])
@@ -86,8 +91,8 @@ def compare(peft_dir: Path, ours_dir: Path) -> dict:
             "residual_worst": max(residual_errors), "residual_median": statistics.median(residual_errors)}
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -95,19 +100,27 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def flop_floor(model_dir: Path, tokens: int) -> dict:
-    """FLOPs of the work itself: block forward (2·params·tokens), shared covariances (2·in²·tokens per
-    distinct input), and per linear W·C (2·out·in²) + thin SVD (≈ 4·m·n² + 22·n³, Golub–Van Loan) +
-    the r-row solve (negligible)."""
+def flop_floor(model_dir: Path, tokens: int, float64_cost: float) -> dict:
+    """FLOPs of the work itself, in float32-equivalents: block forward (2·params·tokens), one symmetric
+    XᵀX per distinct input (in²·tokens), and per linear W·C (2·out·in²), the float64 Gram matrix of its
+    tall side (2·m·n²) and its symmetric eigen-decomposition with vectors (≥ 10/3·n³: tridiagonal
+    reduction and back-transformation); ``float64_cost`` = float32 / float64 matmul rate."""
     config = json.loads((model_dir / "config.json").read_text())
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     block_params = 4 * h * h + 3 * h * i
     forward = 2 * block_params * layers * tokens
-    covariance = 2 * (3 * h * h + i * i) * layers * tokens
+    covariance = (3 * h * h + i * i) * layers * tokens
     shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
-    decomposition = layers * sum(2 * o * n * n + 4 * max(o, n) * min(o, n) ** 2 + 22 * min(o, n) ** 3
-                                 for o, n in shapes)
+    decomposition = layers * sum(
+        2 * o * n * n + float64_cost * (2 * max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3) for o, n in shapes)
     return {"forward": forward, "covariance": covariance, "decomposition": decomposition}
+
+
+def earlier_peft_run(work: Path) -> dict:
+    """Timing of the PEFT run kept in WORK (its log) — for --reuse-peft."""
+    if not (work / "peft" / "adapter").is_dir() or not (work / "peft.log").is_file():
+        raise SystemExit(f"--reuse-peft: no earlier PEFT run in {work}")
+    return timed_from_log(work / "peft.log")
 
 
 def main() -> None:
@@ -124,6 +137,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=["kpm", "ipm"], default="kpm")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "bench_vs_peft")
     parser.add_argument("--skip-peft", action="store_true", help="Only run corda-surgery (depth scaling).")
+    parser.add_argument("--reuse-peft", action="store_true",
+                        help="Compare with the PEFT run already in the work folder (same model and tokens) "
+                             "instead of running it again; its log gives the timing.")
     parser.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, 8 × 128 tokens.")
     args = parser.parse_args()
     if args.quick:
@@ -142,7 +158,9 @@ def main() -> None:
             handle.write(json.dumps({"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()}) + "\n")
 
     results = {}
-    if not args.skip_peft:
+    if args.reuse_peft:
+        results["PEFT preprocess_corda"] = earlier_peft_run(work)
+    elif not args.skip_peft:
         shutil.rmtree(work / "peft", ignore_errors=True)
         results["PEFT preprocess_corda"] = timed(
             [sys.executable, str(REPO / "bench" / "_peft_corda.py"), str(model_dir), str(token_file), str(work / "peft"),
@@ -153,17 +171,17 @@ def main() -> None:
          "--rank", str(args.rank), "--out", str(work / "ours"), "--overwrite"], work / "ours.log")
 
     size_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
-    rate = matmul_gflops()
-    floor = flop_floor(model_dir, args.samples * args.seq_len)
+    rate, rate64 = matmul_gflops(), matmul_gflops(torch.float64)
+    floor = flop_floor(model_dir, args.samples * args.seq_len, rate / rate64)
     floor_s = sum(floor.values()) / (rate * 1e9)
     print(f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} × {args.seq_len} tokens; {args.mode} rank {args.rank}; "
-          f"fp32 matmul {rate:.0f} GFLOP/s; FLOP floor {floor_s:.1f} s "
+          f"matmul {rate:.0f} GFLOP/s fp32, {rate64:.0f} fp64; FLOP floor {floor_s:.1f} s "
           f"(forward {floor['forward'] / 1e12:.2f}, covariance {floor['covariance'] / 1e12:.2f}, "
           f"decomposition {floor['decomposition'] / 1e12:.2f} TFLOP)")
     print("| run | wall s | CPU s | peak RSS MB |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    if not args.skip_peft:
+    if "PEFT preprocess_corda" in results:
         parity = compare(work / "peft", work / "ours")
         peft, ours = results["PEFT preprocess_corda"], results["corda-surgery convert"]
         print(f"\nspeed-up {peft['wall_s'] / ours['wall_s']:.1f}× wall, memory {peft['peak_rss_mb'] / ours['peak_rss_mb']:.1f}× "
@@ -172,7 +190,8 @@ def main() -> None:
               f"{parity['delta_median']:.2e}; residual worst {parity['residual_worst']:.2e} median "
               f"{parity['residual_median']:.2e}")
         results["parity"] = parity
-    results.update({"model": tag, "size_mb": size_mb, "matmul_gflops": rate, "flop_floor_s": floor_s})
+    results.update({"model": tag, "size_mb": size_mb, "matmul_gflops": rate, "matmul_gflops_fp64": rate64,
+                    "flop_floor_s": floor_s, "flop_floor_tflop": {k: v / 1e12 for k, v in floor.items()}})
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 
