@@ -81,14 +81,45 @@ def compare(peft_dir: Path, ours_dir: Path) -> dict:
     """Per-layer relative errors of s·B·A and of the residual weight, worst and median."""
     theirs, ours = read_adapter(peft_dir / "adapter"), read_adapter(ours_dir / "adapter")
     their_base, our_base = _tensors(peft_dir / "base"), _tensors(ours_dir)
-    delta_errors, residual_errors = [], []
+    delta_errors, residual_errors = {}, []
     for module in ours.lora_A:
         reference = theirs.delta(module)
-        delta_errors.append(float((ours.delta(module) - reference).norm() / reference.norm()))
+        delta_errors[module] = float((ours.delta(module) - reference).norm() / reference.norm())
         key = f"{module}.weight"
         residual_errors.append(float((our_base[key] - their_base[key]).norm() / their_base[key].norm()))
-    return {"layers": len(delta_errors), "delta_worst": max(delta_errors), "delta_median": statistics.median(delta_errors),
-            "residual_worst": max(residual_errors), "residual_median": statistics.median(residual_errors)}
+    return {"layers": len(delta_errors), "delta_worst": max(delta_errors.values()),
+            "delta_median": statistics.median(delta_errors.values()),
+            "residual_worst": max(residual_errors), "residual_median": statistics.median(residual_errors),
+            "per_layer_delta": delta_errors}
+
+
+def float64_arbiter(model_dir: Path, peft_dir: Path, ours_dir: Path, modules: list[str], mode: str) -> dict:
+    """For layers where the two float32 answers disagree: each one's distance to the float64 decomposition
+    (same covariance, from our store) and the relative gap between the singular values at the cut."""
+    from calib.store import CovarianceStore
+    from corda_surgery.decompose import decompose_weight
+
+    theirs, ours = read_adapter(peft_dir / "adapter"), read_adapter(ours_dir / "adapter")
+    keys = {f"{m}.weight" for m in modules}
+    weights = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            weights.update({k: handle.get_tensor(k) for k in handle.keys() if k in keys})
+    verdicts = {}
+    with CovarianceStore(ours_dir / "covariances.h5") as store:
+        for module in modules:
+            rank = ours.lora_A[module].shape[0]
+            exact = decompose_weight(weights[f"{module}.weight"], store.covariance(module), rank=rank, mode=mode,
+                                     alpha=rank * ours.scaling(module), compute_dtype=torch.float64, name=module)
+            reference = exact.scaling * exact.lora_B @ exact.lora_A
+            spectrum, cut = exact.spectrum, (rank - 1 if mode == "ipm" else len(exact.spectrum) - rank)
+            neighbour = cut + 1 if mode == "ipm" else cut - 1
+            verdicts[module] = {
+                "ours_vs_float64": float((ours.delta(module).double() - reference).norm() / reference.norm()),
+                "peft_vs_float64": float((theirs.delta(module).double() - reference).norm() / reference.norm()),
+                "cut_relative_gap": float(abs(spectrum[cut] - spectrum[neighbour]) / spectrum[cut]),
+            }
+    return verdicts
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
@@ -189,6 +220,14 @@ def main() -> None:
         print(f"parity over {parity['layers']} layers: s·B·A worst {parity['delta_worst']:.2e} median "
               f"{parity['delta_median']:.2e}; residual worst {parity['residual_worst']:.2e} median "
               f"{parity['residual_median']:.2e}")
+        disagreeing = [m for m, e in parity["per_layer_delta"].items() if e > 1e-3]
+        if disagreeing:
+            verdicts = float64_arbiter(model_dir, work / "peft", work / "ours", disagreeing, args.mode)
+            print(f"{len(disagreeing)} layers differ by more than 1e-3; distance of each to the float64 answer:")
+            for module, v in verdicts.items():
+                print(f"  {module}: ours {v['ours_vs_float64']:.1e}, PEFT {v['peft_vs_float64']:.1e} "
+                      f"(gap at the cut {v['cut_relative_gap']:.1e} relative)")
+            parity["float64_arbiter"] = verdicts
         results["parity"] = parity
     results.update({"model": tag, "size_mb": size_mb, "matmul_gflops": rate, "matmul_gflops_fp64": rate64,
                     "flop_floor_s": floor_s, "flop_floor_tflop": {k: v / 1e12 for k, v in floor.items()}})

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from corda_surgery.decompose import damp_covariance, singular_values
+from corda_surgery.decompose import context_product, singular_values
 
 
 class BudgetError(ValueError):
@@ -28,9 +28,8 @@ def context_spectrum(
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Singular values (descending, float64) of W·C_damped: what CorDA splits, without the vectors."""
-    w = (weight.T if transposed else weight).to(compute_dtype)
-    damped, _, _ = damp_covariance(covariance.to(compute_dtype), damping, name)
-    return singular_values(w @ damped).to(torch.float64)
+    product, _, _ = context_product(weight.T if transposed else weight, covariance, damping, name)
+    return singular_values(product, exact=compute_dtype == torch.float64)
 
 
 def energy_compactness(spectrum: torch.Tensor, rank: int, mode: str) -> float:

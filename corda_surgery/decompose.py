@@ -88,54 +88,61 @@ def _check_inputs(weight: torch.Tensor, covariance: torch.Tensor | None, rank: i
         )
 
 
-def _gram(matrix: torch.Tensor) -> torch.Tensor:
-    """``MᵀM`` in float64 for a tall ``M``: float64 accumulation keeps the float32 product's accuracy."""
-    wide = matrix.to(torch.float64)
-    return wide.T @ wide
+def context_product(
+    weight: torch.Tensor, covariance: torch.Tensor | None, damping: float, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(W·C_damped in float64, the Cholesky factor of C_damped, λ)``; without a covariance ``(W, None, 0)``.
 
-
-def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """All singular values of ``matrix``, descending, float64.
-
-    float64 input: LAPACK's SVD. float32 input: square roots of the eigenvalues of the float64 Gram
-    matrix of the tall orientation (2-3× faster than float32 ``svdvals`` at 2048×5632 on 2 cores,
-    and more accurate than it for every σ above ~1e-8·σ₁).
+    Always float64: the covariance is stored in float64 and a float32 product would limit every small
+    singular value to ε₃₂·σ₁ accuracy (the KPM cut lives among them).
     """
-    if matrix.dtype == torch.float64:
+    w = weight.to(torch.float64)
+    if covariance is None:
+        return w, None, 0.0
+    damped, chol, lam = damp_covariance(covariance.to(torch.float64), damping, name)
+    return w @ damped, chol, lam
+
+
+def _gram(tall: torch.Tensor) -> torch.Tensor:
+    return tall.T @ tall
+
+
+def singular_values(matrix: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
+    """All singular values of a float64 ``matrix``, descending.
+
+    ``exact``: LAPACK's SVD. Otherwise square roots of the eigenvalues of the Gram matrix of the tall
+    orientation: 2-3× faster, with errors ε₆₄·σ₁²/σ — below float32 SVD's ε₃₂·σ₁ for every σ > 1e-8·σ₁.
+    """
+    if exact:
         return torch.linalg.svdvals(matrix)
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
     return torch.linalg.eigvalsh(_gram(tall)).clamp_min(0).sqrt().flip(0)
 
 
 def _selected_svd(
-    matrix: torch.Tensor, selected: torch.Tensor
+    matrix: torch.Tensor, selected: torch.Tensor, *, exact: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(all σ descending in float64, U[:, selected], σ[selected], Vᵀ[selected])`` of ``matrix``.
+    """``(all σ descending, U[:, selected], σ[selected], Vᵀ[selected])`` of a float64 ``matrix``.
 
-    float64 input: full thin SVD (the reference path). float32 input: eigen-decomposition of the float64
-    Gram matrix of the tall orientation, then only the selected vectors of the other side, as
-    ``u = M·v / ‖M·v‖``. Measured at 2048×2048 / 5632×2048 on 2 cores: 1.7 / 2.1 s against 3.1 / 4.9 s
-    for float32 ``svd``. Eigenvalue errors are ε₆₄·σ₁², so every σ above ~1e-8·σ₁ is at least as
-    accurate as float32 SVD's ε₃₂·σ₁; ``σᵣ = ‖M·vᵣ‖`` avoids the square root of a tiny eigenvalue.
+    ``exact``: the full thin SVD (the reference path). Otherwise the eigen-decomposition of the Gram
+    matrix of the tall orientation, then only the selected vectors of the other side, as
+    ``u = M·v / ‖M·v‖`` (``σᵣ = ‖M·vᵣ‖`` avoids the square root of a tiny eigenvalue). Measured at
+    2048×2048 / 5632×2048 on 2 cores: 1.7 / 2.1 s against 3.1 / 4.9 s for a float32 SVD, and closer to
+    the float64 SVD than a float32 SVD is (``tests/test_peft_parity.py``, ``bench/vs_peft.py``).
     """
-    if matrix.dtype == torch.float64:
-        if matrix.shape[0] >= matrix.shape[1]:
-            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        else:  # LAPACK's gesdd is ~2× slower on wide matrices (9.3 s vs 4.1 s for 2048×5632, float32)
-            v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
-            u, vh = uh.T, v.T
-        return s, u[:, selected], s[selected], vh[selected]
-    if matrix.shape[0] < matrix.shape[1]:
-        spectrum, v_r, s_r, uh_r = _selected_svd(matrix.T, selected)
+    if matrix.shape[0] < matrix.shape[1]:  # LAPACK's gesdd is also ~2× slower on wide matrices
+        spectrum, v_r, s_r, uh_r = _selected_svd(matrix.T, selected, exact=exact)
         return spectrum, uh_r.T, s_r, v_r.T
+    if exact:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return s, u[:, selected], s[selected], vh[selected]
     eigenvalues, eigenvectors = torch.linalg.eigh(_gram(matrix))
     spectrum = eigenvalues.clamp_min(0).sqrt().flip(0)
     v_r = eigenvectors.flip(1)[:, selected]
-    image = matrix.to(torch.float64) @ v_r
+    image = matrix @ v_r
     s_r = image.norm(dim=0)
     u_r = image / torch.where(s_r > 0, s_r, 1)  # σ = 0: u is arbitrary, B = u·√σ is zero anyway
-    dtype = matrix.dtype
-    return spectrum, u_r.to(dtype), s_r.to(dtype), v_r.T.to(dtype)
+    return spectrum, u_r, s_r, v_r.T
 
 
 def decompose_weight(
@@ -155,29 +162,25 @@ def decompose_weight(
     ``covariance`` None gives the plain SVD of W (PiSSA for ``ipm``, MiLoRA for ``kpm``).
     ``transposed`` marks GPT-2 style ``Conv1D`` weights stored as (in, out).
     ``alpha`` defaults to ``rank`` (scaling 1); PEFT's ``S ← S/s`` is folded in so that
-    ``residual + s·B·A`` reproduces ``weight``.
+    ``residual + s·B·A`` reproduces ``weight``. The math runs in float64 either way; ``compute_dtype``
+    float32 takes the fast Gram eigen-decomposition and returns float32 factors, float64 the full SVD.
     """
     w = weight.T if transposed else weight
     _check_inputs(w, covariance, rank, mode, name)
     scaling = (alpha if alpha is not None else rank) / rank
-    w = w.to(compute_dtype)
-
     n = min(w.shape)
     selected = torch.arange(rank) if mode == "ipm" else torch.arange(n - rank, n)
-    if covariance is None:
-        spectrum, u_r, s_r, vh_r = _selected_svd(w, selected)
-        lam = 0.0
-    else:
-        damped, chol, lam = damp_covariance(covariance.to(compute_dtype), damping, name)
-        spectrum, u_r, s_r, vh_r = _selected_svd(w @ damped, selected)
-    if covariance is not None:
+    product, chol, lam = context_product(w, covariance, damping, name)
+    spectrum, u_r, s_r, vh_r = _selected_svd(product, selected, exact=compute_dtype == torch.float64)
+    if chol is not None:
         # Vᵣᵀ C⁻¹ through the Cholesky factor, on the r kept rows only (no full inverse).
         vh_r = torch.cholesky_solve(vh_r.T, chol).T
 
     root = (s_r / scaling).sqrt()
-    lora_a = root[:, None] * vh_r
-    lora_b = u_r * root[None, :]
-    residual = w - scaling * (lora_b @ lora_a)
+    lora_a = (root[:, None] * vh_r).to(compute_dtype)
+    lora_b = (u_r * root[None, :]).to(compute_dtype)
+    # from the factors as stored, so that residual + s·B·A rebuilds W up to the weight's own rounding
+    residual = w.to(torch.float64) - scaling * (lora_b.double() @ lora_a.double())
     if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all() and torch.isfinite(residual).all()):
         raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
     residual = (residual.T if transposed else residual).to(weight.dtype).contiguous()

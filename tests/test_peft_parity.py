@@ -16,9 +16,9 @@ from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
 
 RANK, ALPHA = 8, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# The split at the cut is ill-defined in float32 when the two singular values there are closer than 1e-3
-# relative, or when their gap is below 1e-4·σ₁ (then float32 rounding, ε·σ₁/gap, exceeds 1e-3 for any
-# implementation). Such layers are excluded from the 1e-4 parity check and reported.
+# PEFT's float32 SVD cannot place the cut reliably when the two singular values there are closer than 1e-3
+# relative, or when their gap is below 1e-4·σ₁ (float32 rounding, ε·σ₁/gap, then exceeds 1e-3). Such
+# layers are excluded from the ours-vs-PEFT check and reported; ours is checked against float64 on all.
 MIN_RELATIVE_GAP, MIN_GAP_OVER_SIGMA1 = 1e-3, 1e-4
 
 
@@ -65,10 +65,10 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
         )
         exact_delta = exact.scaling * exact.lora_B @ exact.lora_A
         ours_off, theirs_off = _relative(ours_delta, exact_delta), _relative(theirs_delta, exact_delta)
-        # Both are float32 answers: ours must be no further from the float64 one than PEFT's is.
-        assert ours_off <= 2 * theirs_off + 1e-6, name
+        # Our float32 mode does its math in float64 (Gram eigen-decomposition): it must be within 1e-5
+        # of the full float64 SVD's answer on every layer, even where PEFT's float32 SVD is not.
+        assert ours_off < 1e-5, (name, ours_off, theirs_off)
         if relative_gap < MIN_RELATIVE_GAP or gap_over_sigma1 < MIN_GAP_OVER_SIGMA1:
-            # Ill-posed in float32: the two float32 answers may differ by far more than either's error.
             excluded[name] = f"gap {relative_gap:.1e} rel., {gap_over_sigma1:.1e}·σ₁; vs float64: " \
                              f"ours {ours_off:.1e}, PEFT {theirs_off:.1e}"
             continue
