@@ -5,8 +5,9 @@ adapter on GSM8K train items with transformers.Trainer, and measure before and a
 - task loss: mean answer-token loss on held-out GSM8K test items;
 - knowledge: mean log-likelihood of the gold answer given the question on held-out TriviaQA test and
   NQ-open dev items (calibration draws from other splits: TriviaQA dev, EfficientQA dev);
-- WikiText-2 test perplexity.
-Writes OUT/fidelity.csv (method first), OUT/loss_curves.png and OUT/knowledge_vs_task.png.
+- WikiText-2 test perplexity;
+- how far training moved the weights: ‖s·(BA − B₀A₀)‖ / ‖W‖ over all adapted linears.
+Writes OUT/fidelity.csv (method first), OUT/loss_curves.csv and .png, OUT/knowledge_vs_task.png.
 
     python bench/fidelity.py --quick            # a few steps per method, to check the harness (< 10 min)
     python bench/fidelity.py                    # the documented study (see README for its settings)
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ DATA = REPO.parent / "shared" / "data"
 
 from calib.data import CalibrationSpec  # noqa: E402
 from calib.stream import calibrate  # noqa: E402
-from corda_surgery.memory import release_large_frees_to_os  # noqa: E402
+from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages  # noqa: E402
 from corda_surgery.models import embedded_model_dir  # noqa: E402
 from corda_surgery.surgery import decompose_checkpoint  # noqa: E402
 
@@ -139,6 +141,26 @@ def train(model, tokenizer, pairs, settings, out: Path) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+def adapter_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scaling) of every LoRA module, copied."""
+    return {name: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
+                   m.scaling["default"])
+            for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+
+def relative_update(model, initial: dict) -> float:
+    """‖s·(BA − B₀A₀)‖_F / ‖W‖_F summed over adapted linears, W the model before training."""
+    change, weight = 0.0, 0.0
+    now = adapter_factors(model)
+    modules = dict(model.named_modules())
+    for name, (a0, b0, scaling) in initial.items():
+        a, b, _ = now[name]
+        start = b0.double() @ a0.double() * scaling
+        change += float(torch.linalg.matrix_norm(b.double() @ a.double() * scaling - start)) ** 2
+        weight += float(torch.linalg.matrix_norm(modules[name].base_layer.weight.double() + start)) ** 2
+    return math.sqrt(change / weight)
+
+
 def run_method(name: str, settings, base: Path, stores: dict[str, Path], pairs, out: Path) -> tuple[dict, list[float]]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,11 +176,15 @@ def run_method(name: str, settings, base: Path, stores: dict[str, Path], pairs, 
     torch.manual_seed(0)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted), converted / "adapter",
                                       is_trainable=True)
+    initial = adapter_factors(model)
     start = time.time()
     losses = train(model, tokenizer, pairs, settings, out / "runs" / name)
     elapsed = time.time() - start
     after = evaluate(model, tokenizer, pairs, settings)
-    after["train_seconds"] = elapsed
+    third = max(1, len(losses) // 3)
+    after.update(train_seconds=elapsed, relative_weight_update=relative_update(model, initial),
+                 train_loss_mean_first_third=sum(losses[:third]) / third,
+                 train_loss_mean_last_third=sum(losses[-third:]) / third)
     return after, losses
 
 
@@ -214,6 +240,7 @@ def main() -> None:
     if settings.quick:
         settings.steps, settings.eval_items, settings.calib_samples, settings.ppl_tokens = 3, 8, 32, 1024
         settings.train_items, settings.seq_len = 32, 128
+    restart_with_huge_pages()
     release_large_frees_to_os()
     torch.set_num_threads(2)
     out = settings.out
@@ -243,8 +270,13 @@ def main() -> None:
         for name, after in results.items():
             for key, value in after.items():
                 writer.writerow([name, key, before.get(key, ""), f"{value:.6g}"])
-            writer.writerow([name, "final_train_loss_mean_last5", "", f"{sum(curves[name][-5:]) / len(curves[name][-5:]):.6g}"])
-    (out / "settings.json").write_text(json.dumps(vars(settings), default=str, indent=2))
+    with (out / "loss_curves.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "step", "train_loss"])
+        for name, losses in curves.items():
+            writer.writerows([name, step, f"{loss:.6g}"] for step, loss in enumerate(losses, start=1))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (out / "settings.json").write_text(json.dumps({**vars(settings), "commit": commit}, default=str, indent=2))
     plot(results, before, curves, out)
     print(f"before: {before}")
     for name, after in results.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from corda_surgery import __version__
-from corda_surgery.memory import release_large_frees_to_os
+from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
 from corda_surgery.models import resolve_model
 
 # Errors a user can cause and fix: shown as one line unless --debug.
@@ -350,3 +350,9 @@ def inspect(stores, model_dir, mode, rank, rank_budget, min_rank, max_rank, targ
     if plot_dir is not None:
         for path in plot_inspection(rows, spectra, plot_dir, f"{mode.upper()}"):
             click.echo(f"plot written to {path}")
+
+
+def run() -> None:
+    """Console entry point: restart with huge-page malloc where available (see memory.py), then the CLI."""
+    restart_with_huge_pages()
+    main()

@@ -1,10 +1,17 @@
 """The command line end to end on a tiny model: help, calibrate → decompose → inspect, one-line errors."""
 
 import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from corda_surgery.cli import main
+from corda_surgery.memory import huge_pages_environment
 
 
 def run(*args):
@@ -42,3 +49,31 @@ def test_errors_are_one_line_with_nonzero_exit(tiny_llama, tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().startswith("error:") and "missing.h5" in result.output
     assert "Traceback" not in result.output
+
+
+def test_huge_pages_environment_decision():
+    glibc = ("glibc", "2.36")
+    assert huge_pages_environment({}, glibc, "always [madvise] never")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    kept = huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, glibc, "[always] madvise never")
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, "[always]") is None
+    assert huge_pages_environment({}, glibc, "always madvise [never]") is None
+    assert huge_pages_environment({}, ("glibc", "2.31"), "[always]") is None
+    assert huge_pages_environment({}, ("", ""), "[always]") is None
+
+
+def _thp_mode() -> str:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.read_text() if path.is_file() else "[never]"
+
+
+@pytest.mark.skipif(huge_pages_environment({}, platform.libc_ver(), _thp_mode()) is None,
+                    reason="needs glibc >= 2.35 and transparent huge pages enabled in the kernel")
+def test_console_entry_restarts_itself_with_huge_page_malloc(tmp_path):
+    script = ("import os, sys\nfrom corda_surgery.cli import run\n"
+              "print(os.environ.get('GLIBC_TUNABLES'))\nsys.argv = ['corda-surgery', '--version']\nrun()")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stderr
+    assert lines[:2] == ["None", "glibc.malloc.hugetlb=1"] and lines[2].startswith("corda-surgery, version")
