@@ -48,6 +48,11 @@ def huge_pages_environment(environ: dict[str, str], libc: tuple[str, str], thp_m
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, _HUGE_PAGES_TUNABLE]))}
 
 
+def transparent_huge_page_mode() -> str:
+    """The kernel's THP setting, e.g. ``always [madvise] never``; ``[never]`` where it cannot be read."""
+    return _THP_MODE.read_text() if _THP_MODE.is_file() else "[never]"
+
+
 def restart_with_huge_pages() -> None:
     """Re-execute this process with large allocations backed by 2 MiB pages, where glibc and the kernel allow.
 
@@ -57,8 +62,7 @@ def restart_with_huge_pages() -> None:
     wall, same peak memory. glibc reads tunables only at start-up, hence the re-exec; it happens before
     any work, so nothing is lost.
     """
-    thp_mode = _THP_MODE.read_text() if _THP_MODE.is_file() else "[never]"
-    environment = huge_pages_environment(dict(os.environ), platform.libc_ver(), thp_mode)
+    environment = huge_pages_environment(dict(os.environ), platform.libc_ver(), transparent_huge_page_mode())
     if environment is not None:
         sys.stdout.flush()
         sys.stderr.flush()

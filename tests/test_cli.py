@@ -5,13 +5,12 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from corda_surgery.cli import main
-from corda_surgery.memory import huge_pages_environment
+from corda_surgery.memory import huge_pages_environment, transparent_huge_page_mode
 
 
 def run(*args):
@@ -62,14 +61,9 @@ def test_huge_pages_environment_decision():
     assert huge_pages_environment({}, ("", ""), "[always]") is None
 
 
-def _thp_mode() -> str:
-    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return path.read_text() if path.is_file() else "[never]"
-
-
-@pytest.mark.skipif(huge_pages_environment({}, platform.libc_ver(), _thp_mode()) is None,
+@pytest.mark.skipif(huge_pages_environment({}, platform.libc_ver(), transparent_huge_page_mode()) is None,
                     reason="needs glibc >= 2.35 and transparent huge pages enabled in the kernel")
-def test_console_entry_restarts_itself_with_huge_page_malloc(tmp_path):
+def test_console_entry_restarts_itself_with_huge_page_malloc():
     script = ("import os, sys\nfrom corda_surgery.cli import run\n"
               "print(os.environ.get('GLIBC_TUNABLES'))\nsys.argv = ['corda-surgery', '--version']\nrun()")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
