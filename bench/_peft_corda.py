@@ -6,6 +6,7 @@ Saves OUT_DIR/adapter (PEFT adapter) and OUT_DIR/base (the residual weights, fro
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -18,9 +19,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def main(model_dir: str, tokens: str, out: str, mode: str, rank: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    samples = [json.loads(line)["input_ids"] for line in open(tokens)]
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="corda",
-                        corda_config=CordaConfig(corda_method=mode))
+    samples = [json.loads(line)["input_ids"] for line in Path(tokens).read_text().splitlines()]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=TARGETS,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=mode),
+    )
 
     @torch.no_grad()
     def run_model():

@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -26,15 +27,36 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data"
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.stream import calibrate
+from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
+from corda_surgery.models import embedded_model_dir
+from corda_surgery.surgery import decompose_checkpoint
 
-from calib.data import CalibrationSpec  # noqa: E402
-from calib.stream import calibrate  # noqa: E402
-from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages  # noqa: E402
-from corda_surgery.models import embedded_model_dir  # noqa: E402
-from corda_surgery.surgery import decompose_checkpoint  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+DATA_ENV = "CORDA_SURGERY_EVAL_DATA"
+# Evaluation files the study reads, relative to the data folder, and where each comes from.
+EVAL_FILES = {
+    "gsm8k/train.jsonl": "GSM8K train, openai/grade-school-math: grade_school_math/data/train.jsonl (MIT)",
+    "gsm8k/test.jsonl": "GSM8K test, openai/grade-school-math: grade_school_math/data/test.jsonl (MIT)",
+    "triviaqa/triviaqa-open.test.jsonl": "open-domain TriviaQA test (DPR split), castorini/anserini-tools: "
+    "topics/topics.dpr.trivia.test.txt as JSON Lines {question, answer: [aliases]} (Apache-2.0)",
+    "nq_open/NQ-open.dev.jsonl": "NQ-open dev, google-research-datasets/natural-questions: nq_open/NQ-open.dev.jsonl "
+    "(CC BY-SA 3.0)",
+    "wikitext2_raw/wiki.test.raw": "WikiText-2 raw test split, wiki.test.raw (CC BY-SA 3.0)",
+}
+
+
+def evaluation_data(option: Path | None) -> Path:
+    """--data-dir, else $CORDA_SURGERY_EVAL_DATA, else shared/data beside the repository; checked before any work."""
+    env = os.environ.get(DATA_ENV)
+    folder = option or (Path(env) if env else REPO.parent / "shared" / "data")
+    missing = [name for name in EVAL_FILES if not (folder / name).is_file()]
+    if missing:
+        sources = "\n".join(f"  {name}: {EVAL_FILES[name]}" for name in missing)
+        sys.exit(f"evaluation data missing in {folder} (give --data-dir or ${DATA_ENV}); needed:\n{sources}")
+    return folder
+
 
 # method name → (surgery method, mode, calibration set or None)
 METHODS = {
@@ -61,12 +83,20 @@ def _jsonl(path: Path, limit: int, skip: int = 0) -> list[dict]:
 def qa_pairs(settings) -> dict[str, list[tuple[str, str]]]:
     """Held-out evaluation and training pairs (question, answer)."""
     n = settings.eval_items
-    gsm_train = _jsonl(DATA / "gsm8k" / "train.jsonl", settings.train_items, skip=1024)  # calibration uses 0..511
+    gsm_train = _jsonl(
+        settings.data_dir / "gsm8k" / "train.jsonl", settings.train_items, skip=1024
+    )  # calibration uses 0..511
     return {
         "train": [(r["question"], r["answer"]) for r in gsm_train],
-        "gsm8k_test": [(r["question"], r["answer"]) for r in _jsonl(DATA / "gsm8k" / "test.jsonl", n)],
-        "triviaqa_test": [(r["question"], r["answer"][0]) for r in _jsonl(DATA / "triviaqa" / "triviaqa-open.test.jsonl", n)],
-        "nq_open_dev": [(r["question"] + "?", r["answer"][0]) for r in _jsonl(DATA / "nq_open" / "NQ-open.dev.jsonl", n)],
+        "gsm8k_test": [(r["question"], r["answer"]) for r in _jsonl(settings.data_dir / "gsm8k" / "test.jsonl", n)],
+        "triviaqa_test": [
+            (r["question"], r["answer"][0])
+            for r in _jsonl(settings.data_dir / "triviaqa" / "triviaqa-open.test.jsonl", n)
+        ],
+        "nq_open_dev": [
+            (r["question"] + "?", r["answer"][0])
+            for r in _jsonl(settings.data_dir / "nq_open" / "NQ-open.dev.jsonl", n)
+        ],
     }
 
 
@@ -92,12 +122,12 @@ def answer_loss(model, tokenizer, pairs, max_len: int) -> float:
 
 
 @torch.no_grad()
-def wikitext_perplexity(model, tokenizer, tokens: int, window: int) -> float:
-    text = (DATA / "wikitext2_raw" / "wiki.test.raw").read_text()
+def wikitext_perplexity(model, tokenizer, path: Path, tokens: int, window: int) -> float:
+    text = path.read_text()
     ids = tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens]
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start:start + window]])
+        chunk = torch.tensor([ids[start : start + window]])
         if chunk.shape[1] < 2:
             break
         out = model(input_ids=chunk, labels=chunk)
@@ -111,7 +141,13 @@ def evaluate(model, tokenizer, pairs, settings) -> dict[str, float]:
         "gsm8k_answer_loss": answer_loss(model, tokenizer, pairs["gsm8k_test"], settings.seq_len),
         "triviaqa_answer_loglik": -answer_loss(model, tokenizer, pairs["triviaqa_test"], settings.seq_len),
         "nq_open_answer_loglik": -answer_loss(model, tokenizer, pairs["nq_open_dev"], settings.seq_len),
-        "wikitext2_ppl": wikitext_perplexity(model, tokenizer, settings.ppl_tokens, settings.seq_len),
+        "wikitext2_ppl": wikitext_perplexity(
+            model,
+            tokenizer,
+            settings.data_dir / "wikitext2_raw" / "wiki.test.raw",
+            settings.ppl_tokens,
+            settings.seq_len,
+        ),
     }
 
 
@@ -132,9 +168,19 @@ def train(model, tokenizer, pairs, settings, out: Path) -> list[float]:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.lr, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        output_dir=str(out / "trainer"),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     trainer.train()
@@ -143,9 +189,15 @@ def train(model, tokenizer, pairs, settings, out: Path) -> list[float]:
 
 def adapter_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scaling) of every LoRA module, copied."""
-    return {name: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
-                   m.scaling["default"])
-            for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    return {
+        name: (
+            m.lora_A["default"].weight.detach().clone(),
+            m.lora_B["default"].weight.detach().clone(),
+            m.scaling["default"],
+        )
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
 
 
 def relative_update(model, initial: dict) -> float:
@@ -168,23 +220,38 @@ def run_method(name: str, settings, base: Path, stores: dict[str, Path], pairs, 
     method, mode, calibration = METHODS[name]
     converted = out / "models" / name
     if not (converted / "surgery.json").is_file():
-        extra = {"rank_budget": settings.rank, "min_rank": 2, "max_rank": 4 * settings.rank} if method == "corda++" else {}
-        decompose_checkpoint(base, converted, method=method, mode=mode or "ipm", rank=settings.rank,
-                             alpha=settings.rank, stores=[stores[calibration]] if calibration else [],
-                             overwrite=True, progress=False, **extra)
+        extra = (
+            {"rank_budget": settings.rank, "min_rank": 2, "max_rank": 4 * settings.rank} if method == "corda++" else {}
+        )
+        decompose_checkpoint(
+            base,
+            converted,
+            method=method,
+            mode=mode or "ipm",
+            rank=settings.rank,
+            alpha=settings.rank,
+            stores=[stores[calibration]] if calibration else [],
+            overwrite=True,
+            progress=False,
+            **extra,
+        )
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(0)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted), converted / "adapter",
-                                      is_trainable=True)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(converted), converted / "adapter", is_trainable=True
+    )
     initial = adapter_factors(model)
     start = time.time()
     losses = train(model, tokenizer, pairs, settings, out / "runs" / name)
     elapsed = time.time() - start
     after = evaluate(model, tokenizer, pairs, settings)
     third = max(1, len(losses) // 3)
-    after.update(train_seconds=elapsed, relative_weight_update=relative_update(model, initial),
-                 train_loss_mean_first_third=sum(losses[:third]) / third,
-                 train_loss_mean_last_third=sum(losses[-third:]) / third)
+    after.update(
+        train_seconds=elapsed,
+        relative_weight_update=relative_update(model, initial),
+        train_loss_mean_first_third=sum(losses[:third]) / third,
+        train_loss_mean_last_third=sum(losses[-third:]) / third,
+    )
     return after, losses
 
 
@@ -206,8 +273,16 @@ def plot(results: dict, before: dict, curves: dict, out: Path) -> None:
 
     names = list(results)
     task_gain = [before["gsm8k_answer_loss"] - results[n]["gsm8k_answer_loss"] for n in names]
-    drop = [(before["triviaqa_answer_loglik"] - results[n]["triviaqa_answer_loglik"]
-             + before["nq_open_answer_loglik"] - results[n]["nq_open_answer_loglik"]) / 2 for n in names]
+    drop = [
+        (
+            before["triviaqa_answer_loglik"]
+            - results[n]["triviaqa_answer_loglik"]
+            + before["nq_open_answer_loglik"]
+            - results[n]["nq_open_answer_loglik"]
+        )
+        / 2
+        for n in names
+    ]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], task_gain, 0.4, label="task gain (GSM8K loss ↓)")
@@ -233,10 +308,19 @@ def main() -> None:
     parser.add_argument("--train-items", type=int, default=512)
     parser.add_argument("--eval-items", type=int, default=100)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
-    parser.add_argument("--covariance-norm", choices=["peft", "tokens"], default="peft",
-                        help="peft: the CorDA authors' scaling (sets the A/B balance the optimiser sees)")
+    parser.add_argument(
+        "--covariance-norm",
+        choices=["peft", "tokens"],
+        default="peft",
+        help="peft: the CorDA authors' scaling (sets the A/B balance the optimiser sees)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 steps, 8 eval items, 32 calibration samples.")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help=f"folder with the evaluation sets [default: ${DATA_ENV}, else shared/data beside the repository]",
+    )  # fmt: skip
     settings = parser.parse_args()
+    settings.data_dir = evaluation_data(settings.data_dir)
     if settings.quick:
         settings.steps, settings.eval_items, settings.calib_samples, settings.ppl_tokens = 3, 8, 32, 1024
         settings.train_items, settings.seq_len = 32, 128
@@ -251,9 +335,13 @@ def main() -> None:
     for data in {METHODS[n][2] for n in names} - {None}:
         path = out / f"{data}_{settings.calib_samples}_{settings.covariance_norm}.h5"
         if not path.exists():
-            calibrate(base, CalibrationSpec(data, samples=settings.calib_samples, seq_len=settings.seq_len,
-                                            batch_size=8), path, normalisation=settings.covariance_norm,
-                      progress=False)
+            calibrate(
+                base,
+                CalibrationSpec(data, samples=settings.calib_samples, seq_len=settings.seq_len, batch_size=8),
+                path,
+                normalisation=settings.covariance_norm,
+                progress=False,
+            )
         stores[data] = path
     pairs = qa_pairs(settings)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -275,7 +363,9 @@ def main() -> None:
         writer.writerow(["method", "step", "train_loss"])
         for name, losses in curves.items():
             writer.writerows([name, step, f"{loss:.6g}"] for step, loss in enumerate(losses, start=1))
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     (out / "settings.json").write_text(json.dumps({**vars(settings), "commit": commit}, default=str, indent=2))
     plot(results, before, curves, out)
     print(f"before: {before}")

@@ -29,7 +29,7 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export.peft_adapter import read_adapter  # noqa: E402
+from corda_surgery.export.peft_adapter import read_adapter  # noqa: E402
 
 
 def build_model(folder: Path, hidden: int, layers: int, intermediate: int, heads: int, vocab: int) -> None:
@@ -38,9 +38,15 @@ def build_model(folder: Path, hidden: int, layers: int, intermediate: int, heads
 
     from corda_surgery.models import embedded_model_dir
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                         max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).eval()
@@ -52,8 +58,7 @@ def build_model(folder: Path, hidden: int, layers: int, intermediate: int, heads
 def timed(command: list[str], log: Path) -> dict:
     """Run under /usr/bin/time -v; wall and CPU seconds and peak RSS in MB."""
     with log.open("w") as handle:
-        result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT,
-                                cwd=REPO)
+        result = subprocess.run(["/usr/bin/time", "-v", *command], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"{command[0]} failed, see {log}")
     return timed_from_log(log)
@@ -87,16 +92,20 @@ def compare(peft_dir: Path, ours_dir: Path) -> dict:
         delta_errors[module] = float((ours.delta(module) - reference).norm() / reference.norm())
         key = f"{module}.weight"
         residual_errors.append(float((our_base[key] - their_base[key]).norm() / their_base[key].norm()))
-    return {"layers": len(delta_errors), "delta_worst": max(delta_errors.values()),
-            "delta_median": statistics.median(delta_errors.values()),
-            "residual_worst": max(residual_errors), "residual_median": statistics.median(residual_errors),
-            "per_layer_delta": delta_errors}
+    return {
+        "layers": len(delta_errors),
+        "delta_worst": max(delta_errors.values()),
+        "delta_median": statistics.median(delta_errors.values()),
+        "residual_worst": max(residual_errors),
+        "residual_median": statistics.median(residual_errors),
+        "per_layer_delta": delta_errors,
+    }
 
 
 def float64_arbiter(model_dir: Path, peft_dir: Path, ours_dir: Path, modules: list[str], mode: str) -> dict:
     """For layers where the two float32 answers disagree: each one's distance to the float64 decomposition
     (same covariance, from our store) and the relative gap between the singular values at the cut."""
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
     from corda_surgery.decompose import decompose_weight
 
     theirs, ours = read_adapter(peft_dir / "adapter"), read_adapter(ours_dir / "adapter")
@@ -109,8 +118,16 @@ def float64_arbiter(model_dir: Path, peft_dir: Path, ours_dir: Path, modules: li
     with CovarianceStore(ours_dir / "covariances.h5") as store:
         for module in modules:
             rank = ours.lora_A[module].shape[0]
-            exact = decompose_weight(weights[f"{module}.weight"], store.covariance(module), rank=rank, mode=mode,
-                                     alpha=rank * ours.scaling(module), compute_dtype=torch.float64, name=module)
+            exact = decompose_weight(
+                weights[f"{module}.weight"],
+                store.covariance(module),
+                rank=rank,
+                mode=mode,
+                alpha=rank * ours.scaling(module),
+                solver="svd",
+                factor_dtype=torch.float64,
+                name=module,
+            )
             reference = exact.scaling * exact.lora_B @ exact.lora_A
             spectrum, cut = exact.spectrum, (rank - 1 if mode == "ipm" else len(exact.spectrum) - rank)
             neighbour = cut + 1 if mode == "ipm" else cut - 1
@@ -143,7 +160,8 @@ def flop_floor(model_dir: Path, tokens: int, float64_cost: float) -> dict:
     covariance = (3 * h * h + i * i) * layers * tokens
     shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
     decomposition = layers * sum(
-        2 * o * n * n + float64_cost * (2 * max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3) for o, n in shapes)
+        2 * o * n * n + float64_cost * (2 * max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3) for o, n in shapes
+    )
     return {"forward": forward, "covariance": covariance, "decomposition": decomposition}
 
 
@@ -168,9 +186,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=["kpm", "ipm"], default="kpm")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "bench_vs_peft")
     parser.add_argument("--skip-peft", action="store_true", help="Only run corda-surgery (depth scaling).")
-    parser.add_argument("--reuse-peft", action="store_true",
-                        help="Compare with the PEFT run already in the work folder (same model and tokens) "
-                             "instead of running it again; its log gives the timing.")
+    parser.add_argument(
+        "--reuse-peft",
+        action="store_true",
+        help="Compare with the PEFT run already in the work folder (same model and tokens) "
+        "instead of running it again; its log gives the timing.",
+    )
     parser.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, 8 × 128 tokens.")
     args = parser.parse_args()
     if args.quick:
@@ -186,7 +207,9 @@ def main() -> None:
     token_file = work / "tokens.jsonl"
     with token_file.open("w") as handle:
         for _ in range(args.samples):
-            handle.write(json.dumps({"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()}) + "\n")
+            handle.write(
+                json.dumps({"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()}) + "\n"
+            )
 
     results = {}
     if args.reuse_peft:
@@ -194,43 +217,91 @@ def main() -> None:
     elif not args.skip_peft:
         shutil.rmtree(work / "peft", ignore_errors=True)
         results["PEFT preprocess_corda"] = timed(
-            [sys.executable, str(REPO / "bench" / "_peft_corda.py"), str(model_dir), str(token_file), str(work / "peft"),
-             args.mode, str(args.rank)], work / "peft.log")
+            [
+                sys.executable,
+                str(REPO / "bench" / "_peft_corda.py"),
+                str(model_dir),
+                str(token_file),
+                str(work / "peft"),
+                args.mode,
+                str(args.rank),
+            ],
+            work / "peft.log",
+        )
     results["corda-surgery convert"] = timed(
-        ["corda-surgery", "convert", str(model_dir), "--data", str(token_file), "--samples", str(args.samples),
-         "--seq-len", str(args.seq_len), "--batch-size", "8", "--covariance-norm", "peft", "--mode", args.mode,
-         "--rank", str(args.rank), "--out", str(work / "ours"), "--overwrite"], work / "ours.log")
+        [
+            "corda-surgery",
+            "convert",
+            str(model_dir),
+            "--data",
+            str(token_file),
+            "--samples",
+            str(args.samples),
+            "--seq-len",
+            str(args.seq_len),
+            "--batch-size",
+            "8",
+            "--covariance-norm",
+            "peft",
+            "--mode",
+            args.mode,
+            "--rank",
+            str(args.rank),
+            "--out",
+            str(work / "ours"),
+            "--overwrite",
+        ],
+        work / "ours.log",
+    )
 
     size_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
     rate, rate64 = matmul_gflops(), matmul_gflops(torch.float64)
     floor = flop_floor(model_dir, args.samples * args.seq_len, rate / rate64)
     floor_s = sum(floor.values()) / (rate * 1e9)
-    print(f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} × {args.seq_len} tokens; {args.mode} rank {args.rank}; "
-          f"matmul {rate:.0f} GFLOP/s fp32, {rate64:.0f} fp64; FLOP floor {floor_s:.1f} s "
-          f"(forward {floor['forward'] / 1e12:.2f}, covariance {floor['covariance'] / 1e12:.2f}, "
-          f"decomposition {floor['decomposition'] / 1e12:.2f} TFLOP)")
+    print(
+        f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} × {args.seq_len} tokens; "
+        f"{args.mode} rank {args.rank}; "
+        f"matmul {rate:.0f} GFLOP/s fp32, {rate64:.0f} fp64; FLOP floor {floor_s:.1f} s "
+        f"(forward {floor['forward'] / 1e12:.2f}, covariance {floor['covariance'] / 1e12:.2f}, "
+        f"decomposition {floor['decomposition'] / 1e12:.2f} TFLOP)"
+    )
     print("| run | wall s | CPU s | peak RSS MB |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     if "PEFT preprocess_corda" in results:
         parity = compare(work / "peft", work / "ours")
         peft, ours = results["PEFT preprocess_corda"], results["corda-surgery convert"]
-        print(f"\nspeed-up {peft['wall_s'] / ours['wall_s']:.1f}× wall, memory {peft['peak_rss_mb'] / ours['peak_rss_mb']:.1f}× "
-              f"lower; ours / FLOP floor {ours['wall_s'] / floor_s:.2f}")
-        print(f"parity over {parity['layers']} layers: s·B·A worst {parity['delta_worst']:.2e} median "
-              f"{parity['delta_median']:.2e}; residual worst {parity['residual_worst']:.2e} median "
-              f"{parity['residual_median']:.2e}")
+        print(
+            f"\nspeed-up {peft['wall_s'] / ours['wall_s']:.1f}× wall, "
+            f"memory {peft['peak_rss_mb'] / ours['peak_rss_mb']:.1f}× "
+            f"lower; ours / FLOP floor {ours['wall_s'] / floor_s:.2f}"
+        )
+        print(
+            f"parity over {parity['layers']} layers: s·B·A worst {parity['delta_worst']:.2e} median "
+            f"{parity['delta_median']:.2e}; residual worst {parity['residual_worst']:.2e} median "
+            f"{parity['residual_median']:.2e}"
+        )
         disagreeing = [m for m, e in parity["per_layer_delta"].items() if e > 1e-3]
         if disagreeing:
             verdicts = float64_arbiter(model_dir, work / "peft", work / "ours", disagreeing, args.mode)
             print(f"{len(disagreeing)} layers differ by more than 1e-3; distance of each to the float64 answer:")
             for module, v in verdicts.items():
-                print(f"  {module}: ours {v['ours_vs_float64']:.1e}, PEFT {v['peft_vs_float64']:.1e} "
-                      f"(gap at the cut {v['cut_relative_gap']:.1e} relative)")
+                print(
+                    f"  {module}: ours {v['ours_vs_float64']:.1e}, PEFT {v['peft_vs_float64']:.1e} "
+                    f"(gap at the cut {v['cut_relative_gap']:.1e} relative)"
+                )
             parity["float64_arbiter"] = verdicts
         results["parity"] = parity
-    results.update({"model": tag, "size_mb": size_mb, "matmul_gflops": rate, "matmul_gflops_fp64": rate64,
-                    "flop_floor_s": floor_s, "flop_floor_tflop": {k: v / 1e12 for k, v in floor.items()}})
+    results.update(
+        {
+            "model": tag,
+            "size_mb": size_mb,
+            "matmul_gflops": rate,
+            "matmul_gflops_fp64": rate64,
+            "flop_floor_s": floor_s,
+            "flop_floor_tflop": {k: v / 1e12 for k, v in floor.items()},
+        }
+    )
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

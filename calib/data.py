@@ -134,9 +134,7 @@ def token_batches(spec: CalibrationSpec, tokenizer) -> tuple[list[TokenBatch], d
         field = f" in field {spec.text_field!r}" if spec.text_field else ""
         raise CalibrationDataError(f"{path}: no usable text{field}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = [
-        _pad(token_lists[i : i + spec.batch_size], pad_id) for i in range(0, len(token_lists), spec.batch_size)
-    ]
+    batches = [_pad(token_lists[i : i + spec.batch_size], pad_id) for i in range(0, len(token_lists), spec.batch_size)]
     description = asdict(spec) | {
         "chat_template": chat_template,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import h5py
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 
 from corda_surgery import __version__
 
-FORMAT_VERSION = 1
+# 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
+FORMAT_VERSION = 2
 ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k of "<input>"
 
 
@@ -41,6 +43,23 @@ class CovarianceEntry:
         return f"{self.name}{ROUND_SEPARATOR}{index}"
 
 
+def check_format(path: Path, attrs) -> None:
+    """Refuse a store this version cannot read correctly, saying which side to upgrade."""
+    version = attrs.get("format_version")
+    if version is None:
+        raise StoreError(f"{path}: not a corda-surgery covariance store (no format_version attribute)")
+    if int(version) > FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format {int(version)} was written by a newer corda-surgery "
+            f"({attrs.get('tool_version', '?')}); this version {__version__} reads format {FORMAT_VERSION}: upgrade"
+        )
+    if int(version) < FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format {int(version)} (corda-surgery {attrs.get('tool_version', '?')}) identifies the "
+            f"model by a weaker fingerprint than format {FORMAT_VERSION}; calibrate again"
+        )
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -53,11 +72,9 @@ class StoreWriter:
         self.partial = partial_path(self.path)
         self.fingerprint = fingerprint
         self.calibration = calibration
-        self.file: h5py.File | None = None
-        if resume and self.partial.exists():
-            self.file = self._reopen()
-        if self.file is None:
-            self.file = h5py.File(self.partial, "w")
+        reopened = self._reopen() if resume and self.partial.exists() else None
+        self.file: h5py.File = reopened if reopened is not None else h5py.File(self.partial, "w")
+        if reopened is None:
             attrs = self.file.attrs
             attrs["format_version"] = FORMAT_VERSION
             attrs["tool_version"] = __version__
@@ -73,6 +90,11 @@ class StoreWriter:
             handle = h5py.File(self.partial, "a")
         except OSError:
             return None  # the crash left an unreadable file: start the run again
+        try:
+            check_format(self.partial, handle.attrs)
+        except StoreError:
+            handle.close()
+            raise
         if handle.attrs.get("model_fingerprint") != self.fingerprint:
             handle.close()
             raise StoreError(f"{self.partial}: partial store is from another model; remove it or drop --resume")
@@ -95,7 +117,7 @@ class StoreWriter:
         """Write every input of one layer (its sum, and each round's when there are several), then mark
         the layer done and flush."""
         for entry, round_sums in entries:
-            data = self.file.create_dataset(entry.name, data=sum(round_sums).numpy())
+            data = self.file.create_dataset(entry.name, data=cast(torch.Tensor, sum(round_sums)).numpy())
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
@@ -114,7 +136,7 @@ class StoreWriter:
         return self.path
 
     def close(self) -> None:
-        if self.file is not None and self.file.id.valid:
+        if self.file.id.valid:
             self.file.close()
 
 
@@ -124,11 +146,17 @@ class CovarianceStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            hint = " (an interrupted run left .partial: rerun with --resume)" if partial_path(self.path).exists() else ""
+            hint = (
+                " (an interrupted run left .partial: rerun with --resume)" if partial_path(self.path).exists() else ""
+            )
             raise StoreError(f"{self.path}: covariance store not found{hint}")
         try:
             self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from None
+        try:
             attrs = self.file.attrs
+            check_format(self.path, attrs)
             if not attrs.get("complete", False):
                 raise StoreError(f"{self.path}: covariance store is incomplete")
             self.fingerprint = str(attrs["model_fingerprint"])
@@ -146,9 +174,10 @@ class CovarianceStore:
                     round_counts=tuple(json.loads(dataset_attrs.get("round_counts", "[]"))),
                 )
                 self.entries[name] = entry
-        except StoreError:
-            raise
-        except (OSError, KeyError, ValueError) as exc:
+        except (StoreError, OSError, KeyError, ValueError) as exc:
+            self.file.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from None
         self.by_linear = {linear: entry for entry in self.entries.values() for linear in entry.linears}
 
@@ -163,7 +192,9 @@ class CovarianceStore:
         """Number of sampling rounds stored separately (1: only the sum)."""
         return max((len(e.round_counts) for e in self.entries.values()), default=0) or 1
 
-    def covariance(self, linear: str, dtype: torch.dtype = torch.float64, round_index: int | None = None) -> torch.Tensor:
+    def covariance(
+        self, linear: str, dtype: torch.dtype = torch.float64, round_index: int | None = None
+    ) -> torch.Tensor:
         """The normalised covariance (sum / count) of the input that ``linear`` reads, or of one round."""
         entry = self.by_linear.get(linear)
         if entry is None:
@@ -184,7 +215,7 @@ class CovarianceStore:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self) -> "CovarianceStore":
+    def __enter__(self) -> CovarianceStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,20 +8,24 @@ shards, run over all batches with hooks summing XᵀX over real tokens, written 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from calib.architectures import Family, UnsupportedArchitecture, family_for
-from calib.data import CalibrationSpec, TokenBatch, token_batches
-from calib.store import CovarianceEntry, StoreWriter
-from calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.calib.architectures import Family, UnsupportedArchitecture, family_for
+from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
+from corda_surgery.calib.store import CovarianceEntry, StoreWriter
+from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.outputs import claimed, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class _Accumulator:
         self.normalisation = normalisation
         blocks = max(1, min(4, dim // self.MIN_BLOCK))
         edges = [dim * i // blocks for i in range(blocks + 1)]
-        self.blocks = [slice(a, b) for a, b in zip(edges, edges[1:])]
+        self.blocks = [slice(a, b) for a, b in itertools.pairwise(edges)]
 
     def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int) -> None:
         x = x.float()
@@ -84,7 +88,7 @@ class _Accumulator:
         """The sums with their lower block triangle filled in from the upper one."""
         for total in self.sums:
             for i, row_block in enumerate(self.blocks):
-                for column_block in self.blocks[i + 1:]:
+                for column_block in self.blocks[i + 1 :]:
                     total[column_block, row_block] = total[row_block, column_block].T
         return self.sums
 
@@ -102,15 +106,16 @@ class StreamingModel:
             raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from None
         self.dtype = dtype
         with torch.device("meta"):
-            self.model = _build_model(self.config)
+            self.model: PreTrainedModel = _build_model(self.config)
         self.model.eval()
-        self.base = self.model.base_model
-        self.blocks = self.base.get_submodule(self.family.layers)
-        if not isinstance(self.blocks, nn.ModuleList):
+        self.base: nn.Module = self.model.base_model
+        blocks = self.base.get_submodule(self.family.layers)
+        if not isinstance(blocks, nn.ModuleList):
             raise UnsupportedArchitecture(f"{self.config.model_type}: {self.family.layers} is not a block list")
+        self.blocks: nn.ModuleList = blocks
         names = {id(m): n for n, m in self.model.named_modules()}
         self.blocks_prefix = names[id(self.blocks)]
-        self.base_prefix = self.model.base_model_prefix if self.base is not self.model else ""
+        self.base_prefix: str = self.model.base_model_prefix if self.base is not self.model else ""
         for block in self.blocks:
             for linear in self.family.linears:
                 if not isinstance(block.get_submodule(linear), nn.Module):
@@ -187,10 +192,8 @@ class StreamingModel:
                 sink: list = []
                 for i in range(self.num_blocks):
                     self.blocks[i] = _BlockInputRecorder(i, sink, last=i == self.num_blocks - 1)
-                try:
+                with contextlib.suppress(_StopForward):
                     self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                except _StopForward:
-                    pass
                 hidden.append(sink[0][1])
                 arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
         finally:
@@ -200,7 +203,7 @@ class StreamingModel:
         return hidden, arguments
 
 
-def _build_model(config) -> nn.Module:
+def _build_model(config) -> PreTrainedModel:
     """The checkpoint's own architecture class (config.architectures), else a causal LM."""
     for architecture in config.architectures or []:
         cls = getattr(transformers, architecture, None)
@@ -246,10 +249,11 @@ def stream_covariances(
         if collect:
             for group in streaming.family.input_groups:
                 leader = block.get_submodule(group[0])
-                in_dim = leader.weight.shape[0] if streaming.family.transposed else leader.weight.shape[1]
+                weight_shape = cast(torch.Tensor, leader.weight).shape
+                in_dim = weight_shape[0] if streaming.family.transposed else weight_shape[1]
                 accumulator = accumulators[group] = _Accumulator(in_dim, normalisation, rounds)
-                hook = lambda _m, inputs, acc=accumulator: acc.add(  # noqa: E731
-                    inputs[0], current["mask"], current["round"]
+                hook = lambda _m, inputs, acc=accumulator, now=current: acc.add(  # noqa: E731
+                    inputs[0], now["mask"], now["round"]
                 )
                 handles.append(leader.register_forward_pre_hook(hook))
         try:
@@ -271,8 +275,13 @@ def stream_covariances(
                 if not all(torch.isfinite(s).all() for s in sums):
                     raise CalibrationError(f"{name}: input activations contain NaN or Inf")
                 linears = tuple(f"{prefix}.{linear}" for linear in group)
-                entry = CovarianceEntry(name=name, layer=index, linears=linears, count=sum(accumulator.counts),
-                                        round_counts=tuple(accumulator.counts) if rounds > 1 else ())
+                entry = CovarianceEntry(
+                    name=name,
+                    layer=index,
+                    linears=linears,
+                    count=sum(accumulator.counts),
+                    round_counts=tuple(accumulator.counts) if rounds > 1 else (),
+                )
                 entries.append((entry, sums))
             writer.write_layer(index, entries)
 
@@ -289,30 +298,31 @@ def calibrate(
     progress: bool = True,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
-    streaming = StreamingModel(model_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(streaming.reader.model_dir)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
-    batches, description = token_batches(spec, tokenizer)
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"--covariance-norm must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
-    if not 1 <= rounds <= len(batches):
-        raise ValueError(f"--rounds must be between 1 and the number of batches ({len(batches)}), got {rounds}")
-    description["normalisation"] = normalisation
-    description["rounds"] = rounds
-    writer = StoreWriter(
-        out,
-        fingerprint=streaming.reader.fingerprint(),
-        calibration=description,
-        num_layers=streaming.num_blocks,
-        resume=resume,
-    )
-    try:
-        stream_covariances(streaming, batches, writer, normalisation=normalisation, rounds=rounds, progress=progress)
-        return writer.finish()
-    finally:
-        writer.close()
+    with claimed(out) as out:
+        refuse_existing(out, overwrite)
+        streaming = StreamingModel(model_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(streaming.reader.model_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
+        batches, description = token_batches(spec, tokenizer)
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"--covariance-norm must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+        if not 1 <= rounds <= len(batches):
+            raise ValueError(f"--rounds must be between 1 and the number of batches ({len(batches)}), got {rounds}")
+        description["normalisation"] = normalisation
+        description["rounds"] = rounds
+        writer = StoreWriter(
+            out,
+            fingerprint=streaming.reader.fingerprint(),
+            calibration=description,
+            num_layers=streaming.num_blocks,
+            resume=resume,
+        )
+        try:
+            stream_covariances(
+                streaming, batches, writer, normalisation=normalisation, rounds=rounds, progress=progress
+            )
+            return writer.finish()
+        finally:
+            writer.close()

@@ -35,21 +35,40 @@ def _fail_cleanly(command):
 
 def _calibration_options(command):
     options = [
-        click.option("--data", default="nq_open", show_default=True,
-                     help="Built-in set (nq_open, triviaqa, gsm8k, code_alpaca, alpaca) or a .jsonl/.txt file."),
+        click.option(
+            "--data",
+            default="nq_open",
+            show_default=True,
+            help="Built-in set (nq_open, triviaqa, gsm8k, code_alpaca, alpaca) or a .jsonl/.txt file.",
+        ),
         click.option("--samples", default=128, show_default=True, help="Number of calibration samples."),
         click.option("--seq-len", default=512, show_default=True, help="Maximum tokens per sample."),
         click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch."),
         click.option("--seed", default=0, show_default=True, help="Seed for sampling the calibration set."),
-        click.option("--text-field", default=None,
-                     help="Field of .jsonl records to use as text (default: prompt/response pairs, then 'text')."),
-        click.option("--chat-template/--no-chat-template", default=None,
-                     help="Format prompt/response pairs with the tokenizer's chat template [default: if it has one]."),
-        click.option("--covariance-norm", type=click.Choice(["tokens", "peft"]), default="tokens", show_default=True,
-                     help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
-                          "|max|, divided by the number of samples), for like-for-like comparisons."),
-        click.option("--rounds", default=1, show_default=True,
-                     help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
+        click.option(
+            "--text-field",
+            default=None,
+            help="Field of .jsonl records to use as text (default: prompt/response pairs, then 'text').",
+        ),
+        click.option(
+            "--chat-template/--no-chat-template",
+            default=None,
+            help="Format prompt/response pairs with the tokenizer's chat template [default: if it has one].",
+        ),
+        click.option(
+            "--covariance-norm",
+            type=click.Choice(["tokens", "peft"]),
+            default="tokens",
+            show_default=True,
+            help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
+            "|max|, divided by the number of samples), for like-for-like comparisons.",
+        ),
+        click.option(
+            "--rounds",
+            default=1,
+            show_default=True,
+            help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -82,64 +101,135 @@ def main(debug: bool, verbose: bool) -> None:
 
 
 def _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template):
-    from calib.data import CalibrationSpec
+    from corda_surgery.calib.data import CalibrationSpec
 
     return CalibrationSpec(
-        source=data, samples=samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-        text_field=text_field, chat_template=chat_template,
+        source=data,
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        text_field=text_field,
+        chat_template=chat_template,
     )
 
 
 @main.command()
 @click.argument("model_dir", required=False)
 @_calibration_options
-@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("covariances.h5"), show_default=True,
-              help="HDF5 covariance store to write.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("covariances.h5"),
+    show_default=True,
+    help="HDF5 covariance store to write.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @_fail_cleanly
-def calibrate(model_dir, data, samples, seq_len, batch_size, seed, text_field, chat_template, covariance_norm,
-              rounds, out, resume, overwrite):
+def calibrate(
+    model_dir,
+    data,
+    samples,
+    seq_len,
+    batch_size,
+    seed,
+    text_field,
+    chat_template,
+    covariance_norm,
+    rounds,
+    out,
+    resume,
+    overwrite,
+):
     """Collect every linear layer's input covariance into an HDF5 store.
 
     Streams the model one decoder layer at a time (peak memory ≈ embedding + one layer +
     calibration activations). Linears that read the same input (q/k/v, gate/up) share one
     covariance. An interrupted run resumes with --resume.
     """
-    from calib.stream import calibrate as run_calibration
+    from corda_surgery.calib.stream import calibrate as run_calibration
 
     path = run_calibration(
-        resolve_model(model_dir), _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template), out,
-        resume=resume, overwrite=overwrite, normalisation=covariance_norm, rounds=rounds,
+        resolve_model(model_dir),
+        _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template),
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        normalisation=covariance_norm,
+        rounds=rounds,
     )
     click.echo(f"covariances written to {path}")
 
 
-
-
 def _decomposition_options(command):
     options = [
-        click.option("--method", type=click.Choice(["corda", "corda++", "pissa", "milora", "lora"]), default="corda",
-                     show_default=True,
-                     help="corda: context-oriented SVD (needs covariances). pissa / milora: largest / smallest "
-                          "plain-SVD components (no data). lora: PEFT's default random init, for reference."),
-        click.option("--mode", type=click.Choice(["kpm", "ipm"]), default="kpm", show_default=True,
-                     help="kpm: r smallest components train (keep knowledge); ipm: r largest train (learn the task)."),
+        click.option(
+            "--method",
+            type=click.Choice(["corda", "corda++", "pissa", "milora", "lora"]),
+            default="corda",
+            show_default=True,
+            help="corda: context-oriented SVD (needs covariances). pissa / milora: largest / smallest "
+            "plain-SVD components (no data). lora: PEFT's default random init, for reference.",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(["kpm", "ipm"]),
+            default="kpm",
+            show_default=True,
+            help="kpm: r smallest components train (keep knowledge); ipm: r largest train (learn the task).",
+        ),
         click.option("--rank", default=16, show_default=True, help="LoRA rank r per target linear."),
         click.option("--alpha", type=float, default=None, help="LoRA alpha; scaling is alpha/r [default: r]."),
-        click.option("--targets", default="all-linear", show_default=True,
-                     help="Comma-separated linear names (e.g. q_proj,v_proj) or all-linear."),
-        click.option("--dtype", "compute_dtype", type=click.Choice(["float32", "float64"]), default="float32",
-                     show_default=True,
-                     help="Adapter factor precision. float32: float64 products and eigen-decomposition of the Gram "
-                          "matrix (fast); float64: the full float64 SVD (reference, ~2x slower)."),
-        click.option("--damping", default=0.01, show_default=True,
-                     help="Covariance damping λ: C + λ·mean(diag C)·I (raised automatically if needed)."),
+        click.option(
+            "--targets",
+            default="all-linear",
+            show_default=True,
+            help="Comma-separated linear names (e.g. q_proj,v_proj) or all-linear.",
+        ),
+        click.option(
+            "--solver",
+            type=click.Choice(["gram", "svd"]),
+            default="gram",
+            show_default=True,
+            help="How the singular pairs of the float64 product W·C are found. gram: eigen-decomposition "
+            "of its Gram matrix (fast, within 1e-5 of svd); svd: LAPACK's full float64 SVD "
+            "(reference, ~2x slower).",
+        ),
+        click.option(
+            "--dtype",
+            "factor_dtype",
+            type=click.Choice(["float32", "float64"]),
+            default="float32",
+            show_default=True,
+            help="dtype of the stored adapter factors (the math is float64 either way).",
+        ),
+        click.option(
+            "--base-name",
+            default=None,
+            help="What the adapter names as its base model: where the residual will live (a path or a hub "
+            "repo id) [default: the output folder]. corda-surgery's own commands do not need it.",
+        ),
+        click.option(
+            "--damping",
+            default=0.01,
+            show_default=True,
+            help="Covariance damping λ: C + λ·mean(diag C)·I (raised automatically if needed).",
+        ),
         click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
-        click.option("--rank-budget", type=float, default=None,
-                     help="corda++: spread ranks across layers for this average rank (Σ(in+out)·r budget)."),
-        click.option("--param-budget", type=int, default=None,
-                     help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget."),
+        click.option(
+            "--rank-budget",
+            type=float,
+            default=None,
+            help="corda++: spread ranks across layers for this average rank (Σ(in+out)·r budget).",
+        ),
+        click.option(
+            "--param-budget",
+            type=int,
+            default=None,
+            help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget.",
+        ),
         click.option("--min-rank", default=1, show_default=True, help="corda++: smallest rank a layer gets."),
         click.option("--max-rank", type=int, default=None, help="corda++: largest rank a layer gets."),
     ]
@@ -148,41 +238,101 @@ def _decomposition_options(command):
     return command
 
 
-def _decompose(model_dir: Path, out: Path, stores: list[Path], overwrite: bool, method, mode, rank, alpha, targets,
-               compute_dtype, damping, max_shard_size, rank_budget, param_budget, min_rank, max_rank) -> Path:
+def _decompose(
+    model_dir: Path,
+    out: Path,
+    stores: list[Path],
+    overwrite: bool,
+    method,
+    mode,
+    rank,
+    alpha,
+    targets,
+    solver,
+    factor_dtype,
+    base_name,
+    damping,
+    max_shard_size,
+    rank_budget,
+    param_budget,
+    min_rank,
+    max_rank,
+    bundle_store=False,
+) -> Path:
     import torch
 
     from corda_surgery.surgery import decompose_checkpoint
 
     return decompose_checkpoint(
-        model_dir, out, method=method, mode=mode, rank=rank, alpha=alpha, stores=stores, targets=targets,
-        compute_dtype=getattr(torch, compute_dtype), damping=damping, overwrite=overwrite,
-        max_shard_size=max_shard_size, rank_budget=rank_budget, param_budget=param_budget, min_rank=min_rank,
+        model_dir,
+        out,
+        method=method,
+        mode=mode,
+        rank=rank,
+        alpha=alpha,
+        stores=stores,
+        targets=targets,
+        solver=solver,
+        factor_dtype=getattr(torch, factor_dtype),
+        base_name=base_name,
+        bundle_store=bundle_store,
+        damping=damping,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        rank_budget=rank_budget,
+        param_budget=param_budget,
+        min_rank=min_rank,
         max_rank=max_rank,
     )
 
 
-def _print_next_steps(out: Path) -> None:
+def _print_next_steps(out: Path, base_name: str | None) -> None:
     click.echo(f"residual model: {out}\nadapter:        {out / 'adapter'}\nreport:         {out / 'surgery.json'}")
     click.echo(
         "\nTrain it like any PEFT adapter:\n"
         "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
         f"  model = AutoModelForCausalLM.from_pretrained('{out}')\n"
         f"  model = PeftModel.from_pretrained(model, '{out / 'adapter'}', is_trainable=True)\n"
-        "Afterwards: corda-surgery merge (plain weights) or corda-surgery to-lora (a LoRA on the original model)."
+        f"The adapter names its base model as '{base_name or out}' (adapter_config.json, base_model_name_or_path),\n"
+        "which AutoPeftModelForCausalLM follows: if the residual will live elsewhere (moved, copied, uploaded),\n"
+        "rerun with --base-name or edit that field. corda-surgery's own commands take the residual next to the\n"
+        "adapter instead. Afterwards: corda-surgery merge (plain weights) or to-lora (a LoRA on the original)."
     )
 
 
 @main.command()
 @click.argument("model_dir", required=False)
-@click.option("--covariances", "stores", multiple=True, type=click.Path(path_type=Path),
-              help="HDF5 store(s) from `calibrate` (not needed for pissa/milora/lora).")
+@click.option(
+    "--covariances",
+    "stores",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="HDF5 store(s) from `calibrate` (not needed for pissa/milora/lora).",
+)
 @_decomposition_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dtype, damping, max_shard_size,
-              rank_budget, param_budget, min_rank, max_rank, out, overwrite):
+def decompose(
+    model_dir,
+    stores,
+    method,
+    mode,
+    rank,
+    alpha,
+    targets,
+    solver,
+    factor_dtype,
+    base_name,
+    damping,
+    max_shard_size,
+    rank_budget,
+    param_budget,
+    min_rank,
+    max_rank,
+    out,
+    overwrite,
+):
     """Rewrite target weights into a frozen residual model plus a PEFT adapter.
 
     Reads weights lazily tensor by tensor; writes OUT/ (residual model, sharded safetensors),
@@ -190,9 +340,27 @@ def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dty
     With --method corda++ several --covariances (or a store calibrated with --rounds) are
     candidates: each layer takes the most compact one, and --rank-budget spreads ranks.
     """
-    out = _decompose(resolve_model(model_dir), out, list(stores), overwrite, method, mode, rank, alpha, targets,
-                     compute_dtype, damping, max_shard_size, rank_budget, param_budget, min_rank, max_rank)
-    _print_next_steps(out)
+    out = _decompose(
+        resolve_model(model_dir),
+        out,
+        list(stores),
+        overwrite,
+        method,
+        mode,
+        rank,
+        alpha,
+        targets,
+        solver,
+        factor_dtype,
+        base_name,
+        damping,
+        max_shard_size,
+        rank_budget,
+        param_budget,
+        min_rank,
+        max_rank,
+    )
+    _print_next_steps(out, base_name)
 
 
 @main.command()
@@ -203,30 +371,82 @@ def decompose(model_dir, stores, method, mode, rank, alpha, targets, compute_dty
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def convert(model_dir, data, samples, seq_len, batch_size, seed, text_field, chat_template, covariance_norm, rounds,
-            method, mode, rank, alpha, targets, compute_dtype, damping, max_shard_size, rank_budget, param_budget,
-            min_rank, max_rank, out, resume, overwrite):
+def convert(
+    model_dir,
+    data,
+    samples,
+    seq_len,
+    batch_size,
+    seed,
+    text_field,
+    chat_template,
+    covariance_norm,
+    rounds,
+    method,
+    mode,
+    rank,
+    alpha,
+    targets,
+    solver,
+    factor_dtype,
+    base_name,
+    damping,
+    max_shard_size,
+    rank_budget,
+    param_budget,
+    min_rank,
+    max_rank,
+    out,
+    resume,
+    overwrite,
+):
     """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
 
     The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
     """
-    from calib.stream import calibrate as run_calibration
+    from corda_surgery.calib.stream import calibrate as run_calibration
 
     model = resolve_model(model_dir)
     out = out.resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
     stores: list[Path] = []
-    if method in ("corda", "corda++"):
+    if method in ("corda", "corda++"):  # calibrated beside OUT (resumable there), moved inside OUT at the end
         store = out.with_name(f".{out.name}.covariances.h5")
-        run_calibration(model, _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template), store,
-                        resume=resume, overwrite=True, normalisation=covariance_norm, rounds=rounds)
+        run_calibration(
+            model,
+            _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template),
+            store,
+            resume=resume,
+            overwrite=True,
+            normalisation=covariance_norm,
+            rounds=rounds,
+        )
         stores.append(store)
-    _decompose(model, out, stores, overwrite, method, mode, rank, alpha, targets, compute_dtype, damping,
-               max_shard_size, rank_budget, param_budget, min_rank, max_rank)
+    _decompose(
+        model,
+        out,
+        stores,
+        overwrite,
+        method,
+        mode,
+        rank,
+        alpha,
+        targets,
+        solver,
+        factor_dtype,
+        base_name,
+        damping,
+        max_shard_size,
+        rank_budget,
+        param_budget,
+        min_rank,
+        max_rank,
+        bundle_store=bool(stores),
+    )
     for store in stores:
-        store.replace(out / "covariances.h5")
-    _print_next_steps(out)
+        store.unlink()  # OUT/covariances.h5 is now its only name
+    _print_next_steps(out, base_name)
 
 
 @main.command("to-lora")
@@ -249,31 +469,48 @@ def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
 
 @main.command()
 @click.argument("surgery_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              default=None, help="Trained adapter folder [default: SURGERY_DIR/adapter, the untouched one].")
+@click.option(
+    "--adapter",
+    "adapter_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Trained adapter folder [default: SURGERY_DIR/adapter, the untouched one].",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged checkpoint folder.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
 def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
     """Fold W_res + s·B·A into plain weights: a standard transformers checkpoint."""
-    from export.merge import merge_adapter
+    from corda_surgery.export.merge import merge_adapter
 
-    path = merge_adapter(surgery_dir, adapter_dir or surgery_dir / "adapter", out, overwrite=overwrite,
-                         max_shard_size=max_shard_size)
+    path = merge_adapter(
+        surgery_dir, adapter_dir or surgery_dir / "adapter", out, overwrite=overwrite, max_shard_size=max_shard_size
+    )
     click.echo(f"merged model written to {path}")
 
 
 @main.command("export-onnx")
 @click.argument("merged_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder for model.onnx.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 halves weights and compute (for GPUs; logits differ from fp32 by up to ~1e-2).")
-@click.option("--with-past", is_flag=True,
-              help="Add past_key_values.* inputs and present.* outputs for KV-cached generation.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16 halves weights and compute (for GPUs; logits differ from fp32 by up to ~1e-2).",
+)
+@click.option(
+    "--with-past", is_flag=True, help="Add past_key_values.* inputs and present.* outputs for KV-cached generation."
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
-              help="torch.onnx path; auto: TorchScript for Llama-family models (fast, verified), dynamo otherwise.")
+@click.option(
+    "--exporter",
+    type=click.Choice(["auto", "dynamo", "torchscript"]),
+    default="auto",
+    show_default=True,
+    help="torch.onnx path; auto: TorchScript for Llama-family models (fast, verified), dynamo otherwise.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
 def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
@@ -282,17 +519,22 @@ def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
     Dynamic batch and sequence axes; inputs input_ids, attention_mask, position_ids; output
     logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker.
     """
-    from export.onnx_export import export_onnx as run_export
+    from corda_surgery.export.onnx_export import export_onnx as run_export
 
-    path = run_export(merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter,
-                      overwrite=overwrite)
+    path = run_export(
+        merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter, overwrite=overwrite
+    )
     click.echo(f"ONNX model written to {path}")
 
 
 @main.command("verify-onnx")
 @click.argument("onnx_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--reference", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
-              help="The merged checkpoint the ONNX model was exported from.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="The merged checkpoint the ONNX model was exported from.",
+)
 @click.option("--new-tokens", default=20, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per latency figure (median).")
 @_fail_cleanly
@@ -302,17 +544,23 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
     Runs on CUDAExecutionProvider when it loads, else on the CPU; prints the provider used.
     Exits with status 1 if the greedy tokens differ.
     """
-    from export.verify import verify_onnx as run_verify
+    from corda_surgery.export.verify import verify_onnx as run_verify
 
     report = run_verify(onnx_dir, reference, new_tokens=new_tokens, repeats=repeats)
     click.echo(f"provider:            {report.provider}")
-    click.echo(f"logits:              max |Δ| {report.max_abs_error:.2e}, relative {report.max_rel_error:.2e}, "
-               f"argmax agreement {report.argmax_agreement:.2%}")
+    click.echo(
+        f"logits:              max |Δ| {report.max_abs_error:.2e}, relative {report.max_rel_error:.2e}, "
+        f"argmax agreement {report.argmax_agreement:.2%}"
+    )
     click.echo(f"greedy {report.greedy_tokens} tokens:    {'identical' if report.greedy_match else 'DIFFERENT'}")
-    click.echo(f"prefill {report.prefill_tokens} tokens:  onnxruntime {report.prefill_ms_onnx:.1f} ms, "
-               f"PyTorch {report.prefill_ms_torch:.1f} ms")
-    click.echo(f"decode (per token):  onnxruntime {report.decode_ms_per_token_onnx:.2f} ms, "
-               f"PyTorch {report.decode_ms_per_token_torch:.2f} ms")
+    click.echo(
+        f"prefill {report.prefill_tokens} tokens:  onnxruntime {report.prefill_ms_onnx:.1f} ms, "
+        f"PyTorch {report.prefill_ms_torch:.1f} ms"
+    )
+    click.echo(
+        f"decode (per token):  onnxruntime {report.decode_ms_per_token_onnx:.2f} ms, "
+        f"PyTorch {report.decode_ms_per_token_torch:.2f} ms"
+    )
     if not report.greedy_match:
         sys.exit(1)
 
@@ -326,27 +574,46 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
 @click.option("--min-rank", default=1, show_default=True)
 @click.option("--max-rank", type=int, default=None)
 @click.option("--targets", default="all-linear", show_default=True)
-@click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Write spectra.png and ranks.png into this folder (needs matplotlib).")
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Write spectra.png and ranks.png into this folder (needs matplotlib).",
+)
 @_fail_cleanly
 def inspect(stores, model_dir, mode, rank, rank_budget, min_rank, max_rank, targets, plot_dir):
     """Per layer: compactness, chosen covariance candidate and allocated rank (CorDA++)."""
     from corda_surgery.inspection import inspect_stores, plot_inspection
 
-    rows, spectra = inspect_stores(resolve_model(model_dir), list(stores), mode=mode, rank=rank,
-                                   rank_budget=rank_budget, min_rank=min_rank, max_rank=max_rank, targets=targets)
+    rows, spectra = inspect_stores(
+        resolve_model(model_dir),
+        list(stores),
+        mode=mode,
+        rank=rank,
+        rank_budget=rank_budget,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        targets=targets,
+    )
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
-    click.echo(f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
-               f"{'uniform r=' + str(rank):>12}")
+    click.echo(
+        f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
+        f"{'uniform r=' + str(rank):>12}"
+    )
     for row in rows:
         round_label = "-" if row["round"] is None else str(row["round"])
-        click.echo(f"{row['layer']:<44} {row['rank']:>4} {row['store']:>5} {round_label:>5} "
-                   f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} "
-                   f"{row['compactness_at_base_rank']:>12.6f}")
+        click.echo(
+            f"{row['layer']:<44} {row['rank']:>4} {row['store']:>5} {round_label:>5} "
+            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} "
+            f"{row['compactness_at_base_rank']:>12.6f}"
+        )
     mean = sum(r["compactness"] for r in rows) / len(rows)
     mean_base = sum(r["compactness_at_base_rank"] for r in rows) / len(rows)
-    click.echo(f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
-               f"(1 − c = {1 - mean_base:.3e})")
+    click.echo(
+        f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
+        f"(1 − c = {1 - mean_base:.3e})"
+    )
     if plot_dir is not None:
         for path in plot_inspection(rows, spectra, plot_dir, f"{mode.upper()}"):
             click.echo(f"plot written to {path}")

@@ -24,12 +24,17 @@ class BudgetError(ValueError):
 
 
 def context_spectrum(
-    weight: torch.Tensor, covariance: torch.Tensor, *, damping: float, transposed: bool = False, name: str = "weight",
-    compute_dtype: torch.dtype = torch.float32,
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    *,
+    damping: float,
+    transposed: bool = False,
+    name: str = "weight",
+    solver: str = "gram",
 ) -> torch.Tensor:
     """Singular values (descending, float64) of W·C_damped: what CorDA splits, without the vectors."""
     product, _, _ = context_product(weight.T if transposed else weight, covariance, damping, name)
-    return singular_values(product, exact=compute_dtype == torch.float64)
+    return singular_values(product, solver=solver)
 
 
 def energy_compactness(spectrum: torch.Tensor, rank: int, mode: str) -> float:
@@ -38,7 +43,7 @@ def energy_compactness(spectrum: torch.Tensor, rank: int, mode: str) -> float:
     share = energy / energy.sum()
     if mode == "ipm":
         return float(share[:rank].sum())
-    return float(1 - share[share.numel() - rank:].sum())
+    return float(1 - share[share.numel() - rank :].sum())
 
 
 Metric = Callable[[torch.Tensor, int, str], float]

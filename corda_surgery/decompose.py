@@ -15,6 +15,10 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("kpm", "ipm")
+# How the singular pairs of the float64 product W·C are found (the factors' dtype is a separate choice):
+# "gram": eigen-decomposition of the Gram matrix of the tall orientation (fast, within 1e-5 of "svd");
+# "svd": LAPACK's full float64 SVD (the reference).
+SOLVERS = ("gram", "svd")
 DEFAULT_DAMPING = 0.01
 # Damping doubles at most this often (0.01 → ~1e4·mean(diag C)); a covariance still not positive
 # definite after that is broken (NaN-free but e.g. zero), and we refuse it instead of looping forever.
@@ -29,8 +33,8 @@ class DecompositionError(ValueError):
 class Decomposition:
     """Result for one linear: LoRA factors in PEFT's layout and the frozen residual weight."""
 
-    lora_A: torch.Tensor  # (r, in), compute dtype
-    lora_B: torch.Tensor  # (out, r), compute dtype
+    lora_A: torch.Tensor  # (r, in), factor dtype
+    lora_B: torch.Tensor  # (out, r), factor dtype
     residual: torch.Tensor  # same shape, layout and dtype as the input weight
     spectrum: torch.Tensor  # all singular values of W·C_damped, descending, float64
     selected: torch.Tensor  # indices into `spectrum` that went into the adapter
@@ -44,9 +48,7 @@ class Decomposition:
         return float(energy[self.selected].sum() / energy.sum())
 
 
-def damp_covariance(
-    covariance: torch.Tensor, damping: float, name: str
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+def damp_covariance(covariance: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Return ``(C + λ·mean(diag C)·I, its Cholesky factor, λ)``, raising λ until C is definite."""
     if not torch.isfinite(covariance).all():
         raise DecompositionError(f"{name}: covariance contains NaN or Inf")
@@ -68,10 +70,14 @@ def damp_covariance(
     )
 
 
-def _check_inputs(weight: torch.Tensor, covariance: torch.Tensor | None, rank: int, mode: str, name: str) -> None:
+def _check_inputs(
+    weight: torch.Tensor, covariance: torch.Tensor | None, rank: int, mode: str, solver: str, name: str
+) -> None:
     """One place for every shape, mode, rank and finiteness check (raised before any work)."""
     if mode not in MODES:
         raise DecompositionError(f"{name}: mode must be one of {MODES}, got {mode!r}")
+    if solver not in SOLVERS:
+        raise DecompositionError(f"{name}: solver must be one of {SOLVERS}, got {solver!r}")
     if weight.dim() != 2:
         raise DecompositionError(f"{name}: weight must be 2-D, got shape {tuple(weight.shape)}")
     out_dim, in_dim = weight.shape
@@ -107,33 +113,33 @@ def _gram(tall: torch.Tensor) -> torch.Tensor:
     return tall.T @ tall
 
 
-def singular_values(matrix: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
+def singular_values(matrix: torch.Tensor, *, solver: str = "gram") -> torch.Tensor:
     """All singular values of a float64 ``matrix``, descending.
 
-    ``exact``: LAPACK's SVD. Otherwise square roots of the eigenvalues of the Gram matrix of the tall
+    ``svd``: LAPACK's SVD. Otherwise square roots of the eigenvalues of the Gram matrix of the tall
     orientation: 2-3× faster, with errors ε₆₄·σ₁²/σ — below float32 SVD's ε₃₂·σ₁ for every σ > 1e-8·σ₁.
     """
-    if exact:
+    if solver == "svd":
         return torch.linalg.svdvals(matrix)
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
     return torch.linalg.eigvalsh(_gram(tall)).clamp_min(0).sqrt().flip(0)
 
 
 def _selected_svd(
-    matrix: torch.Tensor, selected: torch.Tensor, *, exact: bool
+    matrix: torch.Tensor, selected: torch.Tensor, *, solver: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(all σ descending, U[:, selected], σ[selected], Vᵀ[selected])`` of a float64 ``matrix``.
 
-    ``exact``: the full thin SVD (the reference path). Otherwise the eigen-decomposition of the Gram
+    ``svd``: the full thin SVD (the reference path). Otherwise the eigen-decomposition of the Gram
     matrix of the tall orientation, then only the selected vectors of the other side, as
     ``u = M·v / ‖M·v‖`` (``σᵣ = ‖M·vᵣ‖`` avoids the square root of a tiny eigenvalue). Measured at
     2048×2048 / 5632×2048 on 2 cores: 1.7 / 2.1 s against 3.1 / 4.9 s for a float32 SVD, and closer to
     the float64 SVD than a float32 SVD is (``tests/test_peft_parity.py``, ``bench/vs_peft.py``).
     """
     if matrix.shape[0] < matrix.shape[1]:  # LAPACK's gesdd is also ~2× slower on wide matrices
-        spectrum, v_r, s_r, uh_r = _selected_svd(matrix.T, selected, exact=exact)
+        spectrum, v_r, s_r, uh_r = _selected_svd(matrix.T, selected, solver=solver)
         return spectrum, uh_r.T, s_r, v_r.T
-    if exact:
+    if solver == "svd":
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return s, u[:, selected], s[selected], vh[selected]
     eigenvalues, eigenvectors = torch.linalg.eigh(_gram(matrix))
@@ -153,7 +159,8 @@ def decompose_weight(
     mode: str,
     alpha: float | None = None,
     damping: float = DEFAULT_DAMPING,
-    compute_dtype: torch.dtype = torch.float32,
+    solver: str = "gram",
+    factor_dtype: torch.dtype = torch.float32,
     transposed: bool = False,
     name: str = "weight",
 ) -> Decomposition:
@@ -162,23 +169,23 @@ def decompose_weight(
     ``covariance`` None gives the plain SVD of W (PiSSA for ``ipm``, MiLoRA for ``kpm``).
     ``transposed`` marks GPT-2 style ``Conv1D`` weights stored as (in, out).
     ``alpha`` defaults to ``rank`` (scaling 1); PEFT's ``S ← S/s`` is folded in so that
-    ``residual + s·B·A`` reproduces ``weight``. The math runs in float64 either way; ``compute_dtype``
-    float32 takes the fast Gram eigen-decomposition and returns float32 factors, float64 the full SVD.
+    ``residual + s·B·A`` reproduces ``weight``. The math runs in float64 whatever ``solver`` (see
+    SOLVERS) finds the singular pairs; ``factor_dtype`` is the dtype the factors are returned in.
     """
     w = weight.T if transposed else weight
-    _check_inputs(w, covariance, rank, mode, name)
+    _check_inputs(w, covariance, rank, mode, solver, name)
     scaling = (alpha if alpha is not None else rank) / rank
     n = min(w.shape)
     selected = torch.arange(rank) if mode == "ipm" else torch.arange(n - rank, n)
     product, chol, lam = context_product(w, covariance, damping, name)
-    spectrum, u_r, s_r, vh_r = _selected_svd(product, selected, exact=compute_dtype == torch.float64)
+    spectrum, u_r, s_r, vh_r = _selected_svd(product, selected, solver=solver)
     if chol is not None:
         # Vᵣᵀ C⁻¹ through the Cholesky factor, on the r kept rows only (no full inverse).
         vh_r = torch.cholesky_solve(vh_r.T, chol).T
 
     root = (s_r / scaling).sqrt()
-    lora_a = (root[:, None] * vh_r).to(compute_dtype)
-    lora_b = (u_r * root[None, :]).to(compute_dtype)
+    lora_a = (root[:, None] * vh_r).to(factor_dtype)
+    lora_b = (u_r * root[None, :]).to(factor_dtype)
     # from the factors as stored, so that residual + s·B·A rebuilds W up to the weight's own rounding
     residual = w.to(torch.float64) - scaling * (lora_b.double() @ lora_a.double())
     if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all() and torch.isfinite(residual).all()):

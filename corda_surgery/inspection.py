@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from calib.store import CovarianceStore
-from calib.stream import StreamingModel
+from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.stream import StreamingModel
 from corda_surgery.surgery import corda_plus_plan, target_linears
 
 
@@ -34,19 +34,34 @@ def inspect_stores(
         linears = target_linears(streaming, targets)
         keys = {name: streaming.reader.resolve(f"{name}.weight", streaming.base_prefix) for name in linears}
         plan, records, spectra = corda_plus_plan(
-            streaming, opened, keys, mode=mode, rank=rank, rank_budget=rank_budget, param_budget=None,
-            min_rank=min_rank, max_rank=max_rank, damping=damping, compute_dtype=torch.float32, progress=True,
+            streaming,
+            opened,
+            keys,
+            mode=mode,
+            rank=rank,
+            rank_budget=rank_budget,
+            param_budget=None,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            damping=damping,
+            solver="gram",
+            progress=True,
         )
     finally:
         for store in opened:
             store.close()
     rows = []
     for name in linears:
-        rows.append({
-            "layer": name, "rank": plan[name].rank, "store": plan[name].store, "round": plan[name].round,
-            "compactness": records[name]["compactness"],
-            "compactness_at_base_rank": max(records[name]["candidate_compactness"]),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "rank": plan[name].rank,
+                "store": plan[name].store,
+                "round": plan[name].round,
+                "compactness": records[name]["compactness"],
+                "compactness_at_base_rank": max(records[name]["candidate_compactness"]),
+            }
+        )
     return rows, spectra
 
 

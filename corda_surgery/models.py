@@ -37,12 +37,12 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     folder = _gguf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    model.hf_quantizer = None  # the dequantised weights are plain float32; saving refuses a quantizer
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None  # type: ignore[assignment]  # the dequantised weights are plain float32; saving refuses a quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from calib.weights import CheckpointReader
+from corda_surgery.calib.weights import CheckpointReader
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
+from corda_surgery.outputs import staged_folder
 from corda_surgery.surgery import ADAPTER_DIR, REPORT_NAME
-from export.checkpoint_writer import staged_output
-from export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
 
 
 def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
@@ -56,6 +56,6 @@ def convert_to_lora(
         raise ValueError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
     lora = to_plain_lora(read_adapter(surgery_dir / ADAPTER_DIR), read_adapter(trained_adapter))
     lora.base_model_name_or_path = str(base.resolve())
-    with staged_output(out, overwrite=overwrite) as staging:
+    with staged_folder(out, overwrite=overwrite) as staging:
         write_adapter(staging, lora)
     return Path(out).resolve()

@@ -7,66 +7,46 @@ which keeps peak memory near one tensor instead of one shard. The index is writt
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from corda_surgery.outputs import OutputError
+
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 # Non-weight files of a checkpoint folder that travel with the weights.
 MODEL_FILE_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "chat_template.*", "*.model", "preprocessor_config.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*.model",
+    "preprocessor_config.json",
 )
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
-
-
-class OutputError(OSError):
-    """The output cannot be written (exists, read-only, disk full); names the path."""
-
-
-@contextlib.contextmanager
-def staged_output(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``out`` only if the block completes.
-
-    A failure or kill leaves ``out`` as it was (absent or the previous complete output) and never a
-    half-written folder under the final name.
-    """
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise OutputError(f"{out}: cannot move the finished output into place ({exc.strerror or exc})") from None
 
 
 def copy_model_files(source: Path, target: Path) -> None:
@@ -77,8 +57,9 @@ def copy_model_files(source: Path, target: Path) -> None:
                 shutil.copy2(path, target / path.name)
 
 
-def _write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                       produce: Callable[[str], torch.Tensor]) -> None:
+def _write_safetensors(
+    path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], produce: Callable[[str], torch.Tensor]
+) -> None:
     """Write one safetensors file whose tensors are produced one at a time, in ``specs`` order."""
     header, offset = {}, 0
     for name, (shape, dtype) in specs.items():

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calib.weights import CheckpointError, CheckpointReader
-from export.checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, copy_model_files, staged_output, write_sharded_weights
-from export.peft_adapter import AdapterError, LoraAdapter, read_adapter
+from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.export.checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, copy_model_files, write_sharded_weights
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter
+from corda_surgery.outputs import staged_folder
 
 
 def merge_adapter(
@@ -46,7 +47,7 @@ def merge_adapter(
             raise AdapterError(f"{adapter_dir}: {module} adapter is {tuple(delta.shape)}, weight {tuple(weight.shape)}")
         return (weight.float() + delta).to(weight.dtype)
 
-    with staged_output(out, overwrite=overwrite) as staging:
+    with staged_folder(out, overwrite=overwrite) as staging:
         specs = {key: reader.spec(key) for key in reader.locations}
         write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
         bar.close()

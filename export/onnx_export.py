@@ -18,14 +18,16 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
 from torch.export import Dim
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from export.checkpoint_writer import copy_model_files, staged_output
+from corda_surgery.export.checkpoint_writer import copy_model_files
+from corda_surgery.outputs import staged_folder
 
 ONNX_NAME = "model.onnx"
 EXPORT_INFO = "onnx_export.json"
@@ -40,7 +42,7 @@ class ExportError(RuntimeError):
 
 
 class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -53,7 +55,7 @@ class _LogitsOnly(nn.Module):
 class _WithPast(nn.Module):
     """Flat past/present tensors around transformers' DynamicCache (a cache object is not an ONNX input)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -62,8 +64,11 @@ class _WithPast(nn.Module):
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
         )
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
@@ -87,7 +92,7 @@ def io_names(num_layers: int, with_past: bool) -> tuple[list[str], list[str]]:
 
 def _dynamic_shapes(layers: int, with_past: bool) -> dict:
     b, s = Dim("batch"), Dim("sequence")
-    shapes = {"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}}
+    shapes: dict[str, Any] = {"input_ids": {0: b, 1: s}, "position_ids": {0: b, 1: s}}
     if with_past:
         shapes["attention_mask"] = {0: b, 1: Dim("total_sequence")}
         shapes["past"] = [{0: b, 2: Dim("past_sequence")} for _ in range(2 * layers)]
@@ -96,17 +101,41 @@ def _dynamic_shapes(layers: int, with_past: bool) -> dict:
     return shapes
 
 
+def graph_opset(path: Path) -> int:
+    """The default-domain opset the written graph declares (what the exporter really used)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
 def _export_torchscript(module, args, path: Path, input_names, output_names, opset: int) -> None:
     """TorchScript tracing; weights moved to external data afterwards, as the dynamo path does."""
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+    }
     axes.update({name: {0: "batch", 2: "past_sequence"} for name in input_names[3:]})
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in output_names[1:]})
-    torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names, output_names=output_names,
-                      dynamic_axes=axes, opset_version=opset)
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        dynamo=False,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=axes,
+        opset_version=opset,
+    )
     model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def export_onnx(
@@ -134,13 +163,15 @@ def export_onnx(
     attention_mask = torch.ones(batch, total if with_past else sequence, dtype=torch.long)
     offset = past_length if with_past else 0
     position_ids = torch.arange(offset, offset + sequence).expand(batch, sequence)
+    module: nn.Module
+    args: tuple
     if with_past:
         past = [torch.randn(batch, heads, past_length, head_dim, dtype=DTYPES[dtype]) for _ in range(2 * layers)]
         module, args = _WithPast(model), (input_ids, attention_mask, position_ids, past)
     else:
         module, args = _LogitsOnly(model), (input_ids, attention_mask, position_ids)
     input_names, output_names = io_names(layers, with_past)
-    with staged_output(out, overwrite=overwrite) as staging:
+    with staged_folder(out, overwrite=overwrite) as staging:
         path = staging / ONNX_NAME
         try:
             with warnings.catch_warnings():
@@ -148,8 +179,14 @@ def export_onnx(
                 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
                 if exporter == "dynamo":
                     torch.onnx.export(
-                        module, args, str(path), dynamo=True, dynamic_shapes=_dynamic_shapes(layers, with_past),
-                        input_names=input_names, output_names=output_names, external_data=True,
+                        module,
+                        args,
+                        str(path),
+                        dynamo=True,
+                        dynamic_shapes=_dynamic_shapes(layers, with_past),
+                        input_names=input_names,
+                        output_names=output_names,
+                        external_data=True,
                         opset_version=opset,
                     )
                 else:
@@ -158,8 +195,16 @@ def export_onnx(
             raise ExportError(f"{model_dir}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
         onnx.checker.check_model(str(path))
         copy_model_files(Path(model_dir), staging)
-        info = {"dtype": dtype, "with_past": with_past, "num_layers": layers, "num_kv_heads": heads,
-                "head_dim": head_dim, "inputs": input_names, "outputs": output_names, "opset": opset,
-                "exporter": exporter}
+        info = {
+            "dtype": dtype,
+            "with_past": with_past,
+            "num_layers": layers,
+            "num_kv_heads": heads,
+            "head_dim": head_dim,
+            "inputs": input_names,
+            "outputs": output_names,
+            "opset": graph_opset(path),
+            "exporter": exporter,
+        }
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return Path(out).resolve()

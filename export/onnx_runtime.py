@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.onnx_export import EXPORT_INFO, ONNX_NAME
+from corda_surgery.export.onnx_export import EXPORT_INFO, ONNX_NAME
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -51,9 +51,12 @@ class OnnxCausalLM:
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None = None):
         """(logits, presents) for one step; position ids follow the attention mask (left or right padding)."""
         positions = np.cumsum(attention_mask, axis=1) - 1
-        positions = np.maximum(positions, 0)[:, -input_ids.shape[1]:].astype(np.int64)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                 "position_ids": positions}
+        positions = np.maximum(positions, 0)[:, -input_ids.shape[1] :].astype(np.int64)
+        feeds = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": positions,
+        }
         if self.with_past:
             past = past if past is not None else self.empty_past(input_ids.shape[0])
             feeds.update(zip(self.info["inputs"][3:], past))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export.onnx_runtime import OnnxCausalLM
+from corda_surgery.export.onnx_runtime import OnnxCausalLM
 
 DEFAULT_PROMPTS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -115,8 +115,16 @@ def verify_onnx(
     decode_ms_torch = (_median_ms(decode_torch, repeats) - prefill_ms_torch) / decode_steps
     decode_ms_onnx = (_median_ms(decode_onnx, repeats) - prefill_ms_onnx) / decode_steps
     return VerifyReport(
-        provider=session.provider, max_abs_error=max_abs, max_rel_error=max_rel, argmax_agreement=agreement,
-        greedy_match=bool(greedy_match), greedy_tokens=new_tokens, prefill_tokens=prefill_tokens,
-        prefill_ms_onnx=prefill_ms_onnx, prefill_ms_torch=prefill_ms_torch, decode_steps=decode_steps,
-        decode_ms_per_token_onnx=decode_ms_onnx, decode_ms_per_token_torch=decode_ms_torch,
+        provider=session.provider,
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        argmax_agreement=agreement,
+        greedy_match=bool(greedy_match),
+        greedy_tokens=new_tokens,
+        prefill_tokens=prefill_tokens,
+        prefill_ms_onnx=prefill_ms_onnx,
+        prefill_ms_torch=prefill_ms_torch,
+        decode_steps=decode_steps,
+        decode_ms_per_token_onnx=decode_ms_onnx,
+        decode_ms_per_token_torch=decode_ms_torch,
     )

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from calib.data import BUILTIN_DIR
+from corda_surgery.calib.data import BUILTIN_DIR
 
 SAMPLE_TEXTS = [
     line for name in ("nq_open", "gsm8k") for line in (BUILTIN_DIR / f"{name}.jsonl").read_text().splitlines()[:200]
@@ -42,25 +42,51 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 def _config(kind: str, vocab: int, layers: int, hidden: int):
     if kind == "llama":
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ), LlamaForCausalLM
     if kind == "qwen2":
         return Qwen2Config(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ), Qwen2ForCausalLM
     if kind == "gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ), GPT2LMHeadModel
     if kind == "bert":
         return BertConfig(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-            intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=256,
+            pad_token_id=0,
         ), BertForMaskedLM
     raise ValueError(kind)
 
@@ -74,7 +100,7 @@ def save_tiny_model(
     torch.manual_seed(seed)
     model = cls(config).to(dtype).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb so they matter
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.dim() == 1:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)

@@ -27,17 +27,56 @@ def test_help_and_version():
 
 def test_pipeline_and_inspect_plots(tiny_llama, tmp_path):
     store = tmp_path / "cov.h5"
-    result = run("calibrate", tiny_llama, "--data", "gsm8k", "--samples", 8, "--seq-len", 32, "--batch-size", 4,
-                 "--rounds", 2,
-                 "--out", store)
+    result = run(
+        "calibrate",
+        tiny_llama,
+        "--data",
+        "gsm8k",
+        "--samples",
+        8,
+        "--seq-len",
+        32,
+        "--batch-size",
+        4,
+        "--rounds",
+        2,
+        "--out",
+        store,
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    result = run("decompose", tiny_llama, "--covariances", store, "--method", "corda++", "--mode", "ipm",
-                 "--rank", 4, "--rank-budget", 4, "--out", out)
+    result = run(
+        "decompose",
+        tiny_llama,
+        "--covariances",
+        store,
+        "--method",
+        "corda++",
+        "--mode",
+        "ipm",
+        "--rank",
+        4,
+        "--rank-budget",
+        4,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "surgery.json").read_text())["method"] == "corda++"
-    result = run("inspect", store, "--model", tiny_llama, "--mode", "ipm", "--rank", 4, "--rank-budget", 4,
-                 "--plot", tmp_path / "plots")
+    result = run(
+        "inspect",
+        store,
+        "--model",
+        tiny_llama,
+        "--mode",
+        "ipm",
+        "--rank",
+        4,
+        "--rank-budget",
+        4,
+        "--plot",
+        tmp_path / "plots",
+    )
     assert result.exit_code == 0, result.output
     assert "mean compactness" in result.output
     assert (tmp_path / "plots" / "ranks.png").stat().st_size > 1000
@@ -61,11 +100,15 @@ def test_huge_pages_environment_decision():
     assert huge_pages_environment({}, ("", ""), "[always]") is None
 
 
-@pytest.mark.skipif(huge_pages_environment({}, platform.libc_ver(), transparent_huge_page_mode()) is None,
-                    reason="needs glibc >= 2.35 and transparent huge pages enabled in the kernel")
+@pytest.mark.skipif(
+    huge_pages_environment({}, platform.libc_ver(), transparent_huge_page_mode()) is None,
+    reason="needs glibc >= 2.35 and transparent huge pages enabled in the kernel",
+)
 def test_console_entry_restarts_itself_with_huge_page_malloc():
-    script = ("import os, sys\nfrom corda_surgery.cli import run\n"
-              "print(os.environ.get('GLIBC_TUNABLES'))\nsys.argv = ['corda-surgery', '--version']\nrun()")
+    script = (
+        "import os, sys\nfrom corda_surgery.cli import run\n"
+        "print(os.environ.get('GLIBC_TUNABLES'))\nsys.argv = ['corda-surgery', '--version']\nrun()"
+    )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     lines = result.stdout.splitlines()

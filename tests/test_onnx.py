@@ -1,22 +1,30 @@
 """Merge and ONNX export: parity with PyTorch on tiny models, padding, and the CUDA/fp16 path on a GPU."""
 
+import json
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export.onnx_export import export_onnx
-from export.onnx_runtime import OnnxCausalLM
-from export.verify import DEFAULT_PROMPTS, verify_onnx
+from corda_surgery.export.onnx_export import export_onnx
+from corda_surgery.export.onnx_runtime import OnnxCausalLM
+from corda_surgery.export.verify import DEFAULT_PROMPTS, verify_onnx
 
 PROMPTS = ["Who wrote the novel Pride and Prejudice and when was it published?", "Paris is"]
 
 
 @pytest.fixture(
     scope="module",
-    params=[("llama", False, "auto"), ("llama", True, "auto"), ("llama", True, "dynamo"), ("gpt2", False, "auto"),
-            ("gpt2", True, "auto")],
+    params=[
+        ("llama", False, "auto"),
+        ("llama", True, "auto"),
+        ("llama", True, "dynamo"),
+        ("gpt2", False, "auto"),
+        ("gpt2", True, "auto"),
+    ],
     ids=lambda p: f"{p[0]}-{'past' if p[1] else 'nopast'}-{p[2]}",
 )
 def exported(request, tmp_path_factory):
@@ -32,6 +40,14 @@ def test_logits_and_greedy_match_pytorch(exported):
     assert report.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert report.max_abs_error < 1e-4
     assert report.greedy_match
+
+
+def test_export_info_records_the_opset_in_the_graph(exported):
+    _, onnx_dir = exported
+    info = json.loads((onnx_dir / "onnx_export.json").read_text())
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    declared = {entry.domain: entry.version for entry in graph.opset_import}
+    assert isinstance(info["opset"], int) and info["opset"] == declared.get("", declared.get("ai.onnx"))
 
 
 def test_padded_batch_equals_each_prompt_alone(exported):
@@ -59,14 +75,16 @@ def test_kv_cache_steps_equal_full_forward(exported):
     logits, past = session(ids[:, :5], np.ones((1, 5)))
     steps = [logits[0, -1]]
     for t in range(5, ids.shape[1]):
-        logits, past = session(ids[:, t:t + 1], np.ones((1, t + 1)), past)
+        logits, past = session(ids[:, t : t + 1], np.ones((1, t + 1)), past)
         steps.append(logits[0, -1])
     assert np.abs(np.stack(steps) - full[0, 4:]).max() < 1e-4
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU with onnxruntime's CUDA provider")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
+    reason="needs a CUDA GPU with onnxruntime's CUDA provider",
+)
 def test_cuda_fp16_export(tiny_llama, tmp_path):
     onnx_dir = export_onnx(tiny_llama, tmp_path / "fp16", dtype="fp16", with_past=True)
     session = OnnxCausalLM(onnx_dir)

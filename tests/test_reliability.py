@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from calib.data import CalibrationSpec
-from calib.stream import calibrate
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.stream import calibrate
 from corda_surgery.cli import main
+from tests.helpers import cli_error, datasets
 from tests.models import save_tiny_model
-from tests.test_stream import _datasets
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=40, batch_size=4)
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def _run_killed(patch: str, body: str) -> subprocess.CompletedProcess:
 
 KILL_POINTS = {
     "before block 2 is collected": textwrap.dedent("""
-        from calib.stream import StreamingModel
+        from corda_surgery.calib.stream import StreamingModel
         load = StreamingModel.load_block
         def patched(self, index):
             if index == 2: die()
@@ -40,7 +40,7 @@ KILL_POINTS = {
         StreamingModel.load_block = patched
     """),
     "while block 1 is being written": textwrap.dedent("""
-        from calib.store import StoreWriter
+        from corda_surgery.calib.store import StoreWriter
         write = StoreWriter.write_layer
         def patched(self, layer, entries):
             entries = list(entries)
@@ -52,7 +52,7 @@ KILL_POINTS = {
         StoreWriter.write_layer = patched
     """),
     "just before the final rename": textwrap.dedent("""
-        from calib.store import StoreWriter
+        from corda_surgery.calib.store import StoreWriter
         StoreWriter.finish = lambda self: die()
     """),
 }
@@ -62,23 +62,44 @@ KILL_POINTS = {
 def test_sigkill_during_calibrate_then_resume(tiny_llama, tmp_path, point):
     reference = calibrate(tiny_llama, SPEC, tmp_path / "reference.h5", rounds=2, progress=False)
     out = tmp_path / "cov.h5"
-    body = (f"from calib.stream import calibrate\nfrom calib.data import CalibrationSpec\n"
-            f"calibrate({str(tiny_llama)!r}, CalibrationSpec(**{SPEC.__dict__!r}), {str(out)!r}, rounds=2, "
-            f"progress=False)")
+    body = (
+        f"from corda_surgery.calib.stream import calibrate\nfrom corda_surgery.calib.data import CalibrationSpec\n"
+        f"calibrate({str(tiny_llama)!r}, CalibrationSpec(**{SPEC.__dict__!r}), {str(out)!r}, rounds=2, "
+        f"progress=False)"
+    )
     killed = _run_killed(KILL_POINTS[point], body)
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()  # never a store under the final name that is not complete
-    result = CliRunner().invoke(main, ["calibrate", str(tiny_llama), "--data", "gsm8k", "--samples", "12",
-                                       "--seq-len", "40", "--batch-size", "4", "--rounds", "2", "--out", str(out),
-                                       "--resume"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(tiny_llama),
+            "--data",
+            "gsm8k",
+            "--samples",
+            "12",
+            "--seq-len",
+            "40",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--resume",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    got, want = _datasets(out), _datasets(reference)
+    got, want = datasets(out), datasets(reference)
     assert got.keys() == want.keys()
     for name in want:
         assert np.array_equal(got[name][0], want[name][0]), name
 
 
-def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path):
+def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path, caplog):
+    from corda_surgery.surgery import decompose_checkpoint
+
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     out = tmp_path / "out"
     patch = textwrap.dedent("""
@@ -90,24 +111,20 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
             return decompose(*args, **kwargs)
         surgery.decompose_weight = patched
     """)
-    body = (f"from corda_surgery.surgery import decompose_checkpoint\n"
-            f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, stores=[{str(store)!r}], progress=False)")
+    body = (
+        f"from corda_surgery.surgery import decompose_checkpoint\n"
+        f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, stores=[{str(store)!r}], progress=False)"
+    )
     killed = _run_killed(patch, body)
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
-    assert leftovers  # the staging folder is there for inspection, under a name no loader will pick up
-
-
-def _cli(*args):
-    """Run the CLI expecting failure: exactly one error line on stderr (besides progress bars), no traceback."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code != 0, result.output
-    lines = [line.rsplit("\r", 1)[-1].split("\x1b[A")[-1] for line in result.stderr.strip().splitlines()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.output and not result.stdout.strip()
-    return errors[0]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert leftovers  # the killed run's staging folder, under a name no loader will pick up
+    with caplog.at_level("WARNING"):  # the next run on the same output clears it, and says so
+        decompose_checkpoint(tiny_llama, out, stores=[store], progress=False)
+    assert not any(p.exists() for p in leftovers)
+    assert f"removed {leftovers[0]}" in caplog.text and "left by an interrupted run" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cov.h5", "out"]
 
 
 @pytest.fixture()
@@ -119,13 +136,13 @@ def model_copy(tiny_llama, tmp_path):
 
 def test_missing_weights(model_copy):
     (model_copy / "model.safetensors").unlink()
-    assert "no *.safetensors" in _cli("calibrate", model_copy, "--out", model_copy / "c.h5")
+    assert "no *.safetensors" in cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
 
 
 def test_truncated_safetensors(model_copy):
     path = model_copy / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    message = _cli("calibrate", model_copy, "--out", model_copy / "c.h5")
+    message = cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
     assert "truncated" in message and "model.safetensors" in message
 
 
@@ -137,7 +154,7 @@ def test_shard_missing_from_index(tmp_path):
     shards = sorted(model.glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[1].unlink()
-    message = _cli("calibrate", model, "--out", tmp_path / "c.h5")
+    message = cli_error("calibrate", model, "--out", tmp_path / "c.h5")
     assert "missing" in message and shards[1].name in message
 
 
@@ -145,7 +162,7 @@ def test_config_that_does_not_match_weights(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config["intermediate_size"] *= 2
     (model_copy / "config.json").write_text(json.dumps(config))
-    message = _cli("calibrate", model_copy, "--out", model_copy / "c.h5")
+    message = cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
     assert "implies" in message and "mlp" in message
 
 
@@ -153,13 +170,13 @@ def test_unsupported_architecture(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config["model_type"], config["architectures"] = "falcon", ["FalconForCausalLM"]
     (model_copy / "config.json").write_text(json.dumps(config))
-    assert "not supported" in _cli("calibrate", model_copy, "--out", model_copy / "c.h5")
+    assert "not supported" in cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
 
 
 def test_store_from_another_model(tiny_llama, tmp_path):
     other = save_tiny_model(tmp_path / "other", "llama", seed=7)
     store = calibrate(other, SPEC, tmp_path / "other.h5", progress=False)
-    assert "another model" in _cli("decompose", tiny_llama, "--covariances", store, "--out", tmp_path / "o")
+    assert "another model" in cli_error("decompose", tiny_llama, "--covariances", store, "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -167,28 +184,28 @@ def test_corrupt_and_truncated_hdf5(tiny_llama, tmp_path):
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(store.read_bytes()[: store.stat().st_size // 2])
-    assert "truncated.h5" in _cli("decompose", tiny_llama, "--covariances", truncated, "--out", tmp_path / "o")
+    assert "truncated.h5" in cli_error("decompose", tiny_llama, "--covariances", truncated, "--out", tmp_path / "o")
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an hdf5 file" * 100)
-    assert "garbage.h5" in _cli("decompose", tiny_llama, "--covariances", garbage, "--out", tmp_path / "o")
+    assert "garbage.h5" in cli_error("decompose", tiny_llama, "--covariances", garbage, "--out", tmp_path / "o")
 
 
 def test_calibration_data_empty_or_unusable(tiny_llama, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert "no usable text" in _cli("calibrate", tiny_llama, "--data", empty, "--out", tmp_path / "c.h5")
+    assert "no usable text" in cli_error("calibrate", tiny_llama, "--data", empty, "--out", tmp_path / "c.h5")
     unusable = tmp_path / "numbers.jsonl"
     unusable.write_text('{"value": 1}\n{"value": 2}\n')
-    assert "no usable text" in _cli("calibrate", tiny_llama, "--data", unusable, "--out", tmp_path / "c.h5")
+    assert "no usable text" in cli_error("calibrate", tiny_llama, "--data", unusable, "--out", tmp_path / "c.h5")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{oops\n')
-    assert "broken.jsonl:2" in _cli("calibrate", tiny_llama, "--data", broken, "--out", tmp_path / "c.h5")
+    assert "broken.jsonl:2" in cli_error("calibrate", tiny_llama, "--data", broken, "--out", tmp_path / "c.h5")
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.partial").exists()
 
 
 def test_rank_too_large(tiny_llama, tmp_path):
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
-    message = _cli("decompose", tiny_llama, "--covariances", store, "--rank", 100, "--out", tmp_path / "o")
+    message = cli_error("decompose", tiny_llama, "--covariances", store, "--rank", 100, "--out", tmp_path / "o")
     assert "rank 100 is outside" in message and "model.layers.0" in message
     assert not (tmp_path / "o").exists()
 
@@ -198,30 +215,35 @@ def test_nan_in_weights_and_in_activations(model_copy, tmp_path):
     tensors = load_file(model_copy / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, model_copy / "model.safetensors", metadata={"format": "pt"})
-    message = _cli("calibrate", model_copy, "--out", tmp_path / "nan.h5")
+    message = cli_error("calibrate", model_copy, "--out", tmp_path / "nan.h5")
     assert "model.layers.1.mlp.down_proj" in message and "NaN" in message  # first input that sees it
     (tmp_path / "nan.h5.partial").unlink()
     # decompose with the clean store: the store no longer matches, so check the weight path in the library
     from corda_surgery.decompose import DecompositionError, decompose_weight
 
-    with pytest.raises(DecompositionError, match="model.layers.1.mlp.up_proj: weight contains NaN"):
-        decompose_weight(tensors["model.layers.1.mlp.up_proj.weight"], torch.eye(64), rank=2, mode="kpm",
-                         name="model.layers.1.mlp.up_proj")
+    with pytest.raises(DecompositionError, match=r"model\.layers\.1\.mlp\.up_proj: weight contains NaN"):
+        decompose_weight(
+            tensors["model.layers.1.mlp.up_proj.weight"],
+            torch.eye(64),
+            rank=2,
+            mode="kpm",
+            name="model.layers.1.mlp.up_proj",
+        )
     assert store.exists()
 
 
 def test_output_on_unwritable_location_and_full_disk(tiny_llama, tmp_path, monkeypatch):
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
-    message = _cli("decompose", tiny_llama, "--covariances", store, "--out", "/proc/corda-surgery-out")
+    message = cli_error("decompose", tiny_llama, "--covariances", store, "--out", "/proc/corda-surgery-out")
     assert "/proc/corda-surgery-out" in message
 
-    import export.checkpoint_writer as writer
+    import corda_surgery.export.checkpoint_writer as writer
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer, "_stream_tensors", disk_full)
-    message = _cli("decompose", tiny_llama, "--covariances", store, "--out", tmp_path / "full")
+    message = cli_error("decompose", tiny_llama, "--covariances", store, "--out", tmp_path / "full")
     assert "No space left on device" in message and "model.safetensors" in message
     assert not (tmp_path / "full").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
@@ -231,9 +253,9 @@ def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
-    assert "--overwrite" in _cli("decompose", tiny_llama, "--covariances", store, "--out", tmp_path / "o")
+    assert "--overwrite" in cli_error("decompose", tiny_llama, "--covariances", store, "--out", tmp_path / "o")
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
-    assert "--overwrite" in _cli("calibrate", tiny_llama, "--out", store)
+    assert "--overwrite" in cli_error("calibrate", tiny_llama, "--out", store)
 
 
 def test_input_checkpoint_is_never_modified(tiny_llama, tmp_path):
@@ -248,7 +270,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     model = save_tiny_model(tmp_path / "bin", "llama")
     (model / "model.safetensors").unlink()
     (model / "pytorch_model.bin").write_bytes(b"pickle payload that must never be unpickled")
-    message = _cli("calibrate", model, "--out", tmp_path / "c.h5")
+    message = cli_error("calibrate", model, "--out", tmp_path / "c.h5")
     assert "pickle" in message and "never loaded" in message
 
 

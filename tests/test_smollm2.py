@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore
-from calib.stream import calibrate
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.stream import calibrate
 from corda_surgery.models import embedded_model_dir
 from corda_surgery.surgery import decompose_checkpoint
 
@@ -27,8 +27,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_store(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "cov.h5"
-    return calibrate(smollm2, CalibrationSpec("nq_open", samples=16, seq_len=128, batch_size=8), out,
-                     progress=False)
+    return calibrate(smollm2, CalibrationSpec("nq_open", samples=16, seq_len=128, batch_size=8), out, progress=False)
 
 
 def test_calibration_writes_a_complete_store(smollm2_store):
@@ -73,8 +72,10 @@ def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
     out = decompose_checkpoint(smollm2, tmp_path / mode, mode=mode, rank=16, stores=[smollm2_store], progress=False)
     error64 = handoff_error(out, batch, logits, torch.float64)
     error32 = handoff_error(out, batch, logits, torch.float32)
-    print(f"\nSmolLM2-135M {mode} rank 16 handoff max |Δlogit|: float64 run {error64:.2e}, float32 run "
-          f"{error32:.2e} (float32 rounding floor of the original model {floor:.2e})")
+    print(
+        f"\nSmolLM2-135M {mode} rank 16 handoff max |Δlogit|: float64 run {error64:.2e}, float32 run "
+        f"{error32:.2e} (float32 rounding floor of the original model {floor:.2e})"
+    )
     assert error64 <= 1e-4
     assert error32 <= max(1e-4, 2 * floor)
 
@@ -83,9 +84,9 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     """convert → merge (untouched adapter gives the original weights) → ONNX with KV cache → 20 greedy tokens."""
     from safetensors.torch import load_file
 
-    from export.merge import merge_adapter
-    from export.onnx_export import export_onnx
-    from export.verify import verify_onnx
+    from corda_surgery.export.merge import merge_adapter
+    from corda_surgery.export.onnx_export import export_onnx
+    from corda_surgery.export.verify import verify_onnx
 
     out = decompose_checkpoint(smollm2, tmp_path / "kpm", mode="kpm", rank=16, stores=[smollm2_store], progress=False)
     merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
@@ -95,8 +96,10 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     assert worst < 1e-5
     onnx_dir = export_onnx(merged, tmp_path / "onnx", with_past=True)
     report = verify_onnx(onnx_dir, merged, new_tokens=20, prefill_tokens=32, decode_steps=4, repeats=1)
-    print(f"\nSmolLM2 ONNX ({report.provider}): max |Δlogit| {report.max_abs_error:.2e}, greedy match "
-          f"{report.greedy_match}")
+    print(
+        f"\nSmolLM2 ONNX ({report.provider}): max |Δlogit| {report.max_abs_error:.2e}, greedy match "
+        f"{report.greedy_match}"
+    )
     assert report.greedy_match
     assert report.max_rel_error < 1e-4
 
@@ -105,8 +108,18 @@ def test_corda_plus_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_pa
     import json
 
     batch, logits, floor = reference
-    out = decompose_checkpoint(smollm2, tmp_path / "plus", method="corda++", mode="ipm", rank=16, rank_budget=16,
-                               min_rank=4, max_rank=64, stores=[smollm2_store], progress=False)
+    out = decompose_checkpoint(
+        smollm2,
+        tmp_path / "plus",
+        method="corda++",
+        mode="ipm",
+        rank=16,
+        rank_budget=16,
+        min_rank=4,
+        max_rank=64,
+        stores=[smollm2_store],
+        progress=False,
+    )
     ranks = [layer["rank"] for layer in json.loads((out / "surgery.json").read_text())["layers"].values()]
     assert len(set(ranks)) > 1
     error64 = handoff_error(out, batch, logits, torch.float64)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from calib.architectures import family_for
-from calib.data import CalibrationSpec, token_batches
-from calib.store import CovarianceStore, partial_path
-from calib.stream import StreamingModel, calibrate
+from corda_surgery.calib.architectures import family_for
+from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.store import CovarianceStore, partial_path
+from corda_surgery.calib.stream import StreamingModel, calibrate
+from tests.helpers import datasets, relative
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=48, batch_size=4)
 
@@ -22,10 +23,12 @@ def _reference_covariances(model_dir, spec, auto_class=AutoModelForCausalLM):
     sums, counts, handles, current = {}, {}, [], {}
     for name, module in model.named_modules():
         if any(name.endswith("." + group[0]) for group in family.input_groups):
+
             def hook(_module, inputs, name=name):
                 rows = inputs[0][current["mask"]].double()
                 sums[name] = sums.get(name, 0) + rows.T @ rows
                 counts[name] = counts.get(name, 0) + rows.shape[0]
+
             handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         for batch in batches:
@@ -34,14 +37,14 @@ def _reference_covariances(model_dir, spec, auto_class=AutoModelForCausalLM):
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def _relative(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize(
     "fixture, auto_class",
-    [("tiny_llama", AutoModelForCausalLM), ("tiny_gpt2", AutoModelForCausalLM),
-     ("tiny_qwen2", AutoModelForCausalLM), ("tiny_bert", AutoModelForMaskedLM)],
+    [
+        ("tiny_llama", AutoModelForCausalLM),
+        ("tiny_gpt2", AutoModelForCausalLM),
+        ("tiny_qwen2", AutoModelForCausalLM),
+        ("tiny_bert", AutoModelForMaskedLM),
+    ],
 )
 def test_streamed_equals_whole_model_hooks(fixture, auto_class, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
@@ -50,7 +53,7 @@ def test_streamed_equals_whole_model_hooks(fixture, auto_class, request, tmp_pat
     with CovarianceStore(out) as store:
         assert set(store.entries) == set(expected)
         for name, reference in expected.items():
-            assert _relative(store.covariance(name), reference) < 1e-5, name
+            assert relative(store.covariance(name), reference) < 1e-5, name
 
 
 def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
@@ -65,18 +68,14 @@ def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
 
 
 def test_batch_size_does_not_change_covariances(tiny_llama, tmp_path):
-    one = calibrate(tiny_llama, SPEC.__class__(**{**SPEC.__dict__, "batch_size": 1}), tmp_path / "b1.h5",
-                    progress=False)
+    one = calibrate(
+        tiny_llama, SPEC.__class__(**{**SPEC.__dict__, "batch_size": 1}), tmp_path / "b1.h5", progress=False
+    )
     four = calibrate(tiny_llama, SPEC, tmp_path / "b4.h5", progress=False)
     with CovarianceStore(one) as a, CovarianceStore(four) as b:
         for name in a.entries:
             assert a.entries[name].count == b.entries[name].count
-            assert _relative(a.covariance(name), b.covariance(name)) < 1e-5, name
-
-
-def _datasets(path):
-    with h5py.File(path, "r") as f:
-        return {name: (np.asarray(f[name][()]), dict(f[name].attrs)) for name in f}
+            assert relative(a.covariance(name), b.covariance(name)) < 1e-5, name
 
 
 @pytest.mark.parametrize("stop_after", [0, 2])
@@ -99,7 +98,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path
         assert f.attrs["layers_done"] == stop_after  # the block in progress was not marked done
     calibrate(tiny_llama, SPEC, out, resume=True, progress=False)
     assert not partial_path(out).exists()
-    got, want = _datasets(out), _datasets(reference)
+    got, want = datasets(out), datasets(reference)
     assert got.keys() == want.keys()
     for name in want:
         assert np.array_equal(got[name][0], want[name][0]), name

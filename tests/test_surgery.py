@@ -4,36 +4,18 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
-from calib.stream import calibrate
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.stream import calibrate
 from corda_surgery.surgery import TargetError, decompose_checkpoint
 from corda_surgery.to_lora import convert_to_lora
+from tests.helpers import PROMPTS, logits, tensors
 
 peft = pytest.importorskip("peft", reason="peft is a test extra")
 from peft import PeftModel  # noqa: E402
 
-PROMPTS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "who wrote the declaration of independence?",
-]
 SPEC = CalibrationSpec("nq_open", samples=16, seq_len=64, batch_size=4)
-
-
-def _logits(model, tokenizer):
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits.masked_fill(~batch["attention_mask"].bool()[..., None], 0)
-
-
-def _tensors(folder):
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as handle:
-            out.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +29,17 @@ def stores(tiny_llama, tiny_gpt2, tiny_qwen2, tmp_path_factory):
 
 def _handoff_error(model_dir, out):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    reference = _logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
+    reference = logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
     residual = AutoModelForCausalLM.from_pretrained(out)
     model = PeftModel.from_pretrained(residual, out / "adapter", is_trainable=True).eval()
-    return float((_logits(model, tokenizer) - reference).abs().max())
+    return float((logits(model, tokenizer) - reference).abs().max())
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{kind}")
-    out = decompose_checkpoint(model_dir, tmp_path / "out", mode=mode, rank=8, stores=[stores[kind]],
-                               progress=False)
+    out = decompose_checkpoint(model_dir, tmp_path / "out", mode=mode, rank=8, stores=[stores[kind]], progress=False)
     assert _handoff_error(model_dir, out) <= 1e-4
     report = json.loads((out / "surgery.json").read_text())
     assert report["mode"] == mode
@@ -66,10 +47,17 @@ def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_pat
 
 
 def test_only_targets_change_and_ties_stay(tiny_qwen2, stores, tmp_path):
-    out = decompose_checkpoint(tiny_qwen2, tmp_path / "out", rank=4, stores=[stores["qwen2"]],
-                               targets="q_proj,down_proj", max_shard_size=40_000, progress=False)
+    out = decompose_checkpoint(
+        tiny_qwen2,
+        tmp_path / "out",
+        rank=4,
+        stores=[stores["qwen2"]],
+        targets="q_proj,down_proj",
+        max_shard_size=40_000,
+        progress=False,
+    )
     assert (out / "model.safetensors.index.json").is_file()  # small shards: really sharded
-    before, after = _tensors(tiny_qwen2), _tensors(out)
+    before, after = tensors(tiny_qwen2), tensors(out)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"model.layers.{i}.{m}.weight" for i in range(3) for m in ("self_attn.q_proj", "mlp.down_proj")}
@@ -88,20 +76,31 @@ def test_unknown_target_pattern(tiny_llama, stores, tmp_path):
 def test_training_changes_only_the_adapter_and_loss_falls(tiny_llama, stores, tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    out = decompose_checkpoint(tiny_llama, tmp_path / "out", mode="ipm", rank=8, stores=[stores["llama"]],
-                               progress=False)
+    out = decompose_checkpoint(
+        tiny_llama, tmp_path / "out", mode="ipm", rank=8, stores=[stores["llama"]], progress=False
+    )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokenizer = AutoTokenizer.from_pretrained(out)
     rows = [tokenizer(text)["input_ids"][:32] for text in PROMPTS * 8]
     dataset = [{"input_ids": ids, "labels": ids} for ids in rows]
     args = TrainingArguments(
-        output_dir=str(tmp_path / "train"), max_steps=12, per_device_train_batch_size=2, learning_rate=5e-3,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "train"),
+        max_steps=12,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     collate = lambda rows: {  # noqa: E731 - equal-length pairs from the same prompts
-        k: torch.nn.utils.rnn.pad_sequence([torch.tensor(r[k]) for r in rows], batch_first=True,
-                                           padding_value=-100 if k == "labels" else 0) for k in rows[0]
+        k: torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(r[k]) for r in rows], batch_first=True, padding_value=-100 if k == "labels" else 0
+        )
+        for k in rows[0]
     }
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     trainer.train()
@@ -117,9 +116,9 @@ def test_training_changes_only_the_adapter_and_loss_falls(tiny_llama, stores, tm
 
     # to-lora: the original model + the rank-2r LoRA equals residual + trained adapter.
     lora = convert_to_lora(out, trained, tiny_llama, tmp_path / "lora")
-    expected = _logits(model.eval(), tokenizer)
+    expected = logits(model.eval(), tokenizer)
     on_original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), lora).eval()
-    assert float((_logits(on_original, tokenizer) - expected).abs().max()) <= 1e-4
+    assert float((logits(on_original, tokenizer) - expected).abs().max()) <= 1e-4
     assert json.loads((lora / "adapter_config.json").read_text())["r"] == 16
 
 

@@ -1,0 +1,70 @@
+"""Helpers shared by the test modules: comparisons, reading outputs back, and running the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from click.testing import CliRunner, Result
+from safetensors import safe_open
+
+from corda_surgery.cli import main
+
+PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "who wrote the declaration of independence?",
+]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def datasets(path: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every dataset of an HDF5 file with its attributes."""
+    with h5py.File(path, "r") as f:
+        return {name: (np.asarray(f[name][()]), dict(f[name].attrs)) for name in f}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in ``folder``."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            out.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return out
+
+
+def logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
+    """Logits of a right-padded batch, zero on padding."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits.masked_fill(~batch["attention_mask"].bool()[..., None], 0)
+
+
+def tree_hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every file below ``roots`` (a file root counts as itself): inputs must come out unchanged."""
+    hashes = {}
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            hashes[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+def run_cli(*args) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def cli_error(*args) -> str:
+    """Run the CLI expecting failure: exactly one error line on stderr (besides progress bars), no traceback."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code != 0, result.output
+    lines = [line.rsplit("\r", 1)[-1].split("\x1b[A")[-1] for line in result.stderr.strip().splitlines()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output and not result.stdout.strip()
+    return errors[0]
