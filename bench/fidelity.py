@@ -31,6 +31,7 @@ from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.stream import calibrate
 from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
 from corda_surgery.models import embedded_model_dir
+from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,14 +227,10 @@ def run_method(name: str, settings, base: Path, stores: dict[str, Path], pairs, 
         decompose_checkpoint(
             base,
             converted,
-            method=method,
-            mode=mode or "ipm",
-            rank=settings.rank,
-            alpha=settings.rank,
+            SurgeryOptions(method=method, mode=mode, rank=settings.rank, alpha=settings.rank, **extra),
             stores=[stores[calibration]] if calibration else [],
             overwrite=True,
             progress=False,
-            **extra,
         )
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(0)
@@ -337,9 +334,14 @@ def main() -> None:
         if not path.exists():
             calibrate(
                 base,
-                CalibrationSpec(data, samples=settings.calib_samples, seq_len=settings.seq_len, batch_size=8),
+                CalibrationSpec(
+                    data,
+                    samples=settings.calib_samples,
+                    seq_len=settings.seq_len,
+                    batch_size=8,
+                    normalisation=settings.covariance_norm,
+                ),
                 path,
-                normalisation=settings.covariance_norm,
                 progress=False,
             )
         stores[data] = path

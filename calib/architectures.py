@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from corda_surgery.errors import CordaSurgeryError
 
-class UnsupportedArchitecture(ValueError):
+
+class UnsupportedArchitecture(CordaSurgeryError):
     """The checkpoint's model_type has no row in FAMILIES, or its layout differs from the row."""
 
 
@@ -63,8 +65,8 @@ def family_for(model_type: str) -> Family:
     """The family row for a config's ``model_type``, or a clear error listing what is supported."""
     try:
         return FAMILIES[model_type]
-    except KeyError:
+    except KeyError as exc:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}. "
             "A new family needs a row in calib/architectures.py (block list path and linears grouped by input)."
-        ) from None
+        ) from exc

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.options import OptionsError
+
+log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # Field pairs recognised in .jsonl records, in order of preference.
 _PAIR_FIELDS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"))
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(CordaSurgeryError):
     """The calibration source is missing, empty, or has no usable text; names the file."""
 
 
@@ -23,9 +29,15 @@ def builtin_sets() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
 
 
+# Records are cut to this many characters per token of --seq-len before tokenising, so a huge record costs
+# no more than a normal one (a token is rarely over 16 characters; whitespace runs in code can reach 64).
+MAX_CHARS_PER_TOKEN = 64
+NORMALISATIONS = ("tokens", "peft")
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """What to calibrate on; everything that changes the covariances is in here."""
+    """What to calibrate on; everything that changes the covariances is in here, validated on creation."""
 
     source: str  # a built-in set name or a .jsonl / .txt path
     samples: int = 128
@@ -34,6 +46,20 @@ class CalibrationSpec:
     seed: int = 0
     text_field: str | None = None
     chat_template: bool | None = None  # None: use the tokenizer's template when it has one
+    normalisation: str = "tokens"  # "tokens": XᵀX / real tokens; "peft": PEFT's per-sample max scaling
+    rounds: int = 1  # disjoint sampling rounds stored separately too (CorDA++ candidates)
+
+    def __post_init__(self) -> None:
+        for option in ("samples", "seq_len", "batch_size", "rounds"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionsError(f"--{option.replace('_', '-')} {value!r}: must be a whole number ≥ 1")
+        if self.normalisation not in NORMALISATIONS:
+            raise OptionsError(f"--covariance-norm {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
+
+    def input_files(self) -> list[Path]:
+        """The data file this spec reads, if it is not a built-in set."""
+        return [] if self.source in builtin_sets() else [Path(self.source)]
 
 
 @dataclass(frozen=True)
@@ -46,13 +72,23 @@ def _source_path(source: str) -> Path:
     if source in builtin_sets():
         return BUILTIN_DIR / f"{source}.jsonl"
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise CalibrationDataError(
             f"{source}: not a file and not a built-in set (built-in: {', '.join(builtin_sets())})"
         )
+    if not path.is_file():
+        raise CalibrationDataError(f"{path}: not a regular file")
     if path.suffix not in (".jsonl", ".txt"):
         raise CalibrationDataError(f"{path}: calibration files must be .jsonl or .txt")
     return path
+
+
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + raw[: exc.start].count(b"\n")
+        raise CalibrationDataError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x})") from exc
 
 
 def _record_text(record: dict, text_field: str | None, tokenizer, chat_template: bool) -> str | None:
@@ -74,37 +110,62 @@ def _record_text(record: dict, text_field: str | None, tokenizer, chat_template:
     return value if isinstance(value, str) else None
 
 
-def _jsonl_token_lists(path: Path, spec: CalibrationSpec, tokenizer, chat_template: bool) -> list[list[int]]:
-    """Texts from the records, tokenised; records with an ``input_ids`` list are used as they are."""
-    texts: list[str | list[int]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationDataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
-            texts.append([int(t) for t in record["input_ids"]])
-            continue
-        text = _record_text(record, spec.text_field, tokenizer, chat_template) if isinstance(record, dict) else None
-        if text and text.strip():
-            texts.append(text)
+def _token_ids(value, path: Path, number: int, vocab_size: int) -> list[int]:
+    """A record's pre-tokenised ``input_ids``, checked against the model's vocabulary."""
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise CalibrationDataError(f"{path}:{number}: input_ids must be a list of whole numbers")
+    outside = [t for t in value if not 0 <= t < vocab_size]
+    if outside:
+        raise CalibrationDataError(
+            f"{path}:{number}: token id {outside[0]} is outside the model's vocabulary (0..{vocab_size - 1})"
+        )
+    return value
+
+
+def _jsonl_token_lists(
+    path: Path, spec: CalibrationSpec, tokenizer, chat_template: bool, vocab_size: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token lists from the records (``input_ids`` records as they are), and the numbers of skipped lines."""
+    texts: list[tuple[int, str | list[int]]] = []
+    skipped: list[int] = []
+    limit = spec.seq_len * MAX_CHARS_PER_TOKEN
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = _decode(raw, path, number)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise CalibrationDataError(
+                    f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}"
+                )
+            if isinstance(record.get("input_ids"), list):
+                texts.append((number, _token_ids(record["input_ids"][: spec.seq_len], path, number, vocab_size)))
+                continue
+            text = _record_text(record, spec.text_field, tokenizer, chat_template)
+            if text and text.strip():
+                texts.append((number, text[:limit]))
+            else:
+                skipped.append(number)
     random.Random(spec.seed).shuffle(texts)
-    ids = [
-        (text if isinstance(text, list) else tokenizer(text, add_special_tokens=not chat_template)["input_ids"])
-        for text in texts[: spec.samples]
-    ]
-    return [x[: spec.seq_len] for x in ids if x]
+    token_lists = []
+    for number, item in texts[: spec.samples]:
+        ids = item if isinstance(item, list) else tokenizer(item, add_special_tokens=not chat_template)["input_ids"]
+        if ids:
+            token_lists.append(_token_ids(ids[: spec.seq_len], path, number, vocab_size))
+    return token_lists, skipped
 
 
-def _txt_token_lists(path: Path, spec: CalibrationSpec, tokenizer) -> list[list[int]]:
+def _txt_token_lists(path: Path, spec: CalibrationSpec, tokenizer, vocab_size: int) -> list[list[int]]:
     """Plain text is tokenised whole and cut into seq_len-token chunks, of which `samples` are drawn."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(_decode(path.read_bytes(), path), add_special_tokens=False)["input_ids"]
     chunks = [ids[i : i + spec.seq_len] for i in range(0, len(ids), spec.seq_len)]
     chunks = [c for c in chunks if c]
     random.Random(spec.seed).shuffle(chunks)
-    return chunks[: spec.samples]
+    return [_token_ids(c, path, 1, vocab_size) for c in chunks[: spec.samples]]
 
 
 def _pad(token_lists: list[list[int]], pad_id: int) -> TokenBatch:
@@ -117,28 +178,41 @@ def _pad(token_lists: list[list[int]], pad_id: int) -> TokenBatch:
     return TokenBatch(ids, mask)
 
 
-def token_batches(spec: CalibrationSpec, tokenizer) -> tuple[list[TokenBatch], dict]:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_batches(spec: CalibrationSpec, tokenizer, vocab_size: int) -> tuple[list[TokenBatch], dict]:
     """Tokenised, right-padded batches plus a description of the calibration set for the store."""
-    for option in ("samples", "seq_len", "batch_size"):
-        if getattr(spec, option) < 1:
-            raise CalibrationDataError(f"--{option.replace('_', '-')} must be at least 1")
     path = _source_path(spec.source)
     chat_template = spec.chat_template
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
+    skipped: list[int] = []
     if path.suffix == ".txt":
-        token_lists = _txt_token_lists(path, spec, tokenizer)
+        token_lists = _txt_token_lists(path, spec, tokenizer, vocab_size)
     else:
-        token_lists = _jsonl_token_lists(path, spec, tokenizer, chat_template)
+        token_lists, skipped = _jsonl_token_lists(path, spec, tokenizer, chat_template, vocab_size)
+    if skipped:
+        lines = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d record(s) without usable text (line %s)", path, len(skipped), lines)
     if not token_lists:
         field = f" in field {spec.text_field!r}" if spec.text_field else ""
         raise CalibrationDataError(f"{path}: no usable text{field}")
+    batch_count = math.ceil(len(token_lists) / spec.batch_size)
+    if spec.rounds > batch_count:
+        raise OptionsError(f"--rounds {spec.rounds}: more than the {batch_count} batches the calibration set gives")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [_pad(token_lists[i : i + spec.batch_size], pad_id) for i in range(0, len(token_lists), spec.batch_size)]
     description = asdict(spec) | {
         "chat_template": chat_template,
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "sha256": _sha256(path),
         "samples_used": len(token_lists),
+        "records_skipped": len(skipped),
         "tokens": sum(len(x) for x in token_lists),
     }
     return batches, description

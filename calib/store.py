@@ -19,13 +19,17 @@ import numpy as np
 import torch
 
 from corda_surgery import __version__
+from corda_surgery.errors import CordaSurgeryError
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
 FORMAT_VERSION = 2
-ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k of "<input>"
+ROUND_SEPARATOR = "@round"
+# |C − Cᵀ| allowed, relative to max |C|: the writer stores exactly symmetric sums; a store made elsewhere
+# may carry rounding of this order, anything larger is not a covariance.
+SYMMETRY_TOLERANCE = 1e-6  # dataset "<input>@round<k>" holds sampling round k of "<input>"
 
 
-class StoreError(ValueError):
+class StoreError(CordaSurgeryError):
     """The covariance store is missing, incomplete, corrupt or from another model; names the file."""
 
 
@@ -145,6 +149,8 @@ class CovarianceStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise StoreError(f"{self.path}: not a regular file")
         if not self.path.is_file():
             hint = (
                 " (an interrupted run left .partial: rerun with --resume)" if partial_path(self.path).exists() else ""
@@ -153,7 +159,7 @@ class CovarianceStore:
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from None
+            raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from exc
         try:
             attrs = self.file.attrs
             check_format(self.path, attrs)
@@ -173,12 +179,20 @@ class CovarianceStore:
                     count=int(dataset_attrs["count"]),
                     round_counts=tuple(json.loads(dataset_attrs.get("round_counts", "[]"))),
                 )
+                shape = self.file[name].shape
+                if len(shape) != 2 or shape[0] != shape[1]:
+                    raise StoreError(f"{self.path}: covariance {name} has shape {shape}, not square")
+                if entry.count < 0 or (entry.round_counts and sum(entry.round_counts) != entry.count):
+                    raise StoreError(
+                        f"{self.path}: counts of {name} do not add up (total {entry.count}, rounds "
+                        f"{list(entry.round_counts)})"
+                    )
                 self.entries[name] = entry
-        except (StoreError, OSError, KeyError, ValueError) as exc:
+        except (StoreError, OSError, KeyError, ValueError, TypeError) as exc:
             self.file.close()
             if isinstance(exc, StoreError):
                 raise
-            raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from None
+            raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from exc
         self.by_linear = {linear: entry for entry in self.entries.values() for linear in entry.linears}
 
     def check_model(self, fingerprint: str, model_dir: Path) -> None:
@@ -192,25 +206,40 @@ class CovarianceStore:
         """Number of sampling rounds stored separately (1: only the sum)."""
         return max((len(e.round_counts) for e in self.entries.values()), default=0) or 1
 
-    def covariance(
-        self, linear: str, dtype: torch.dtype = torch.float64, round_index: int | None = None
-    ) -> torch.Tensor:
-        """The normalised covariance (sum / count) of the input that ``linear`` reads, or of one round."""
+    def dimension(self, linear: str) -> int:
+        """Width of the input ``linear`` reads, from the dataset's shape (no data read)."""
+        return int(self.file[self._entry(linear).name].shape[0])
+
+    def _entry(self, linear: str) -> CovarianceEntry:
         entry = self.by_linear.get(linear)
         if entry is None:
             raise StoreError(f"{self.path}: no covariance for layer {linear}")
+        return entry
+
+    def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor:
+        """The normalised float64 covariance (sum / count) of the input ``linear`` reads, or of one round;
+        refused unless finite, symmetric (within SYMMETRY_TOLERANCE of its largest entry) and non-negative
+        on the diagonal."""
+        entry = self._entry(linear)
         name, count = entry.name, entry.count
         if round_index is not None:
             if not 0 <= round_index < len(entry.round_counts):
                 raise StoreError(f"{self.path}: {entry.name} has no sampling round {round_index}")
             name, count = entry.round_name(round_index), entry.round_counts[round_index]
         try:
-            data = np.asarray(self.file[name][()])
-        except (OSError, KeyError) as exc:
-            raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from None
+            data = torch.from_numpy(np.asarray(self.file[name][()], dtype=np.float64))
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from exc
         if count <= 0:
             raise StoreError(f"{self.path}: covariance {name} saw no tokens")
-        return (torch.from_numpy(data) / count).to(dtype)
+        if not torch.isfinite(data).all():
+            raise StoreError(f"{self.path}: covariance {name} contains NaN or Inf")
+        scale = float(data.abs().max())
+        if float((data - data.T).abs().max()) > SYMMETRY_TOLERANCE * scale:
+            raise StoreError(f"{self.path}: covariance {name} is not symmetric (tolerance {SYMMETRY_TOLERANCE:g})")
+        if bool((data.diagonal() < 0).any()):
+            raise StoreError(f"{self.path}: covariance {name} has negative entries on its diagonal")
+        return data / count
 
     def close(self) -> None:
         self.file.close()

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import cast
 
@@ -25,14 +26,13 @@ from corda_surgery.calib.architectures import Family, UnsupportedArchitecture, f
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
 from corda_surgery.calib.store import CovarianceEntry, StoreWriter
 from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.outputs import claimed, refuse_existing
 
 log = logging.getLogger(__name__)
 
-NORMALISATIONS = ("tokens", "peft")
 
-
-class CalibrationError(RuntimeError):
+class CalibrationError(CordaSurgeryError):
     """Calibration produced unusable activations (NaN/Inf); names the layer."""
 
 
@@ -102,8 +102,8 @@ class StreamingModel:
         try:
             self.family: Family = family_for(json.loads(config_path.read_text())["model_type"])
             self.config = AutoConfig.from_pretrained(self.reader.model_dir)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
         self.dtype = dtype
         with torch.device("meta"):
             self.model: PreTrainedModel = _build_model(self.config)
@@ -116,11 +116,48 @@ class StreamingModel:
         names = {id(m): n for n, m in self.model.named_modules()}
         self.blocks_prefix = names[id(self.blocks)]
         self.base_prefix: str = self.model.base_model_prefix if self.base is not self.model else ""
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             for linear in self.family.linears:
-                if not isinstance(block.get_submodule(linear), nn.Module):
-                    raise UnsupportedArchitecture(f"{self.config.model_type}: block has no {linear}")
+                try:
+                    block.get_submodule(linear)
+                except AttributeError as exc:
+                    raise UnsupportedArchitecture(
+                        f"{self.config.model_type}: block {self.block_name(index)} has no {linear}"
+                    ) from exc
+        self._account_for_tensors()
         self._rebuild_runtime_buffers()
+
+    def _account_for_tensors(self) -> None:
+        """Every stored tensor is one the config implies, with that shape, and every implied one is stored
+        (tied weights once): a config that does not match the weights is refused before any work."""
+        aliases: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            aliases.setdefault(id(tensor), []).append((name, tensor))
+        explained: set[str] = set()
+        for names in aliases.values():
+            stored = [(key, tensor) for name, tensor in names if (key := self.reader.find(name, self.base_prefix))]
+            if not stored:
+                raise CheckpointError(
+                    f"{self.reader.model_dir}: tensor {names[0][0]} is missing from the checkpoint "
+                    "(config.json implies it)"
+                )
+            for key, tensor in stored:
+                shape = self.reader.spec(key)[0]
+                if shape != tuple(tensor.shape):
+                    raise CheckpointError(
+                        f"{self.reader.model_dir}: {key} has shape {shape} but config.json implies "
+                        f"{tuple(tensor.shape)}"
+                    )
+                explained.add(key)
+        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        unexplained = sorted(
+            k for k in self.reader.layout if k not in explained and not any(p.search(k) for p in ignored)
+        )
+        if unexplained:
+            raise CheckpointError(
+                f"{self.reader.model_dir}: tensor {unexplained[0]} is not explained by config.json "
+                f"({len(unexplained)} such tensor(s): does the config match the weights?)"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -293,25 +330,18 @@ def calibrate(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    normalisation: str = "tokens",
-    rounds: int = 1,
     progress: bool = True,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``."""
-    with claimed(out) as out:
+    with claimed(out, [Path(model_dir), *spec.input_files()]) as out:
         refuse_existing(out, overwrite)
         streaming = StreamingModel(model_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(streaming.reader.model_dir)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
-        batches, description = token_batches(spec, tokenizer)
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"--covariance-norm must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
-        if not 1 <= rounds <= len(batches):
-            raise ValueError(f"--rounds must be between 1 and the number of batches ({len(batches)}), got {rounds}")
-        description["normalisation"] = normalisation
-        description["rounds"] = rounds
+            raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
+        vocab_size = getattr(streaming.config, "vocab_size", None) or len(tokenizer)
+        batches, description = token_batches(spec, tokenizer, vocab_size)
         writer = StoreWriter(
             out,
             fingerprint=streaming.reader.fingerprint(),
@@ -321,7 +351,7 @@ def calibrate(
         )
         try:
             stream_covariances(
-                streaming, batches, writer, normalisation=normalisation, rounds=rounds, progress=progress
+                streaming, batches, writer, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
             )
             return writer.finish()
         finally:

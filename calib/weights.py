@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
+from corda_surgery.errors import CordaSurgeryError
+
 INDEX_NAME = "model.safetensors.index.json"
 # Fingerprint sampling: tensors up to WINDOWS × WINDOW bytes are hashed whole, larger ones at WINDOWS
 # evenly spaced windows (first and last included). A 70B checkpoint (~720 tensors) costs ~12k reads of 4 KiB.
@@ -40,7 +42,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CordaSurgeryError):
     """The checkpoint folder is missing, incomplete or not readable; the message names the file."""
 
 
@@ -62,7 +64,7 @@ def _header_entry(path: Path, name: str, entry, data_start: int) -> TensorLocati
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: tensor {name} has a malformed header entry ({exc!r})") from None
+        raise CheckpointError(f"{path}: tensor {name} has a malformed header entry ({exc!r})") from exc
     if any(d < 0 for d in shape) or not 0 <= begin <= end:
         raise CheckpointError(f"{path}: tensor {name} has a negative shape or offsets in its header")
     if end - begin != math.prod(shape) * dtype.itemsize:
@@ -85,7 +87,7 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
                 raise CheckpointError(f"{path}: truncated safetensors file (header runs past the end)")
             header = json.loads(handle.read(header_len))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + header_len
@@ -119,6 +121,11 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise CheckpointError(f"{self.model_dir}: not a folder")
+        for entry in self.model_dir.iterdir():  # a FIFO or device would make a reader wait forever
+            if not entry.is_dir() and not entry.is_file():
+                raise CheckpointError(f"{entry}: not a regular file (a FIFO, device or broken link)")
         if not (self.model_dir / "config.json").is_file():
             raise CheckpointError(f"{self.model_dir}: no config.json (not a transformers checkpoint folder)")
         weight_map = self._weight_map()
@@ -142,7 +149,7 @@ class CheckpointReader:
         try:
             return json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
 
     def _shard_files(self, weight_map: dict[str, str] | None) -> list[Path]:
         if weight_map is not None:
@@ -163,15 +170,19 @@ class CheckpointReader:
             )
         raise CheckpointError(f"{self.model_dir}: no *.safetensors weights found")
 
-    def resolve(self, name: str, base_prefix: str = "") -> str:
+    def find(self, name: str, base_prefix: str = "") -> str | None:
         """The stored key for a module-path tensor name (older checkpoints drop the base-model prefix)."""
         if name in self.locations:
             return name
-        if base_prefix and name.startswith(base_prefix + "."):
-            short = name[len(base_prefix) + 1 :]
-            if short in self.locations:
-                return short
-        raise CheckpointError(f"{self.model_dir}: tensor {name} not found in the checkpoint")
+        short = name.removeprefix(base_prefix + ".") if base_prefix else name
+        return short if short in self.locations else None
+
+    def resolve(self, name: str, base_prefix: str = "") -> str:
+        """``find``, or an error naming the tensor."""
+        key = self.find(name, base_prefix)
+        if key is None:
+            raise CheckpointError(f"{self.model_dir}: tensor {name} not found in the checkpoint")
+        return key
 
     def _handle(self, shard: Path):
         if shard not in self._handles:
@@ -202,7 +213,7 @@ class CheckpointReader:
         try:
             config = json.loads(config_path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: not a readable JSON config ({exc})") from None
+            raise CheckpointError(f"{config_path}: not a readable JSON config ({exc})") from exc
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: not a JSON object")
         config.pop("transformers_version", None)

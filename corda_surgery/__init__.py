@@ -1,3 +1,3 @@
 """corda-surgery: data-driven (CorDA / CorDA++) LoRA initialisation as offline checkpoint surgery."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

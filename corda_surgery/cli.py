@@ -1,84 +1,138 @@
-"""The ``corda-surgery`` command line: a thin layer over the library API."""
+"""The ``corda-surgery`` command line: a thin layer over the library API.
+
+Options are gathered into one validated object per concern (``CalibrationSpec``, ``SurgeryOptions``) at the
+edge: click's destinations carry those objects' field names, so each command builds them in one line and
+every value is checked before any work starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from corda_surgery import __version__
+from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
 from corda_surgery.models import resolve_model
+from corda_surgery.options import DEFAULT_DAMPING, DEFAULT_MAX_SHARD_SIZE, Method, SurgeryOptions
+from corda_surgery.outputs import check_disjoint
 
-# Errors a user can cause and fix: shown as one line unless --debug.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError, RuntimeError)
+BUG_EXIT = 2
 
 
 def _fail_cleanly(command):
-    """Turn known errors into a one-line message and exit code 1; --debug shows the traceback."""
+    """The product's own errors and file-system errors: one line, exit 1 (``--debug``: the traceback with its
+    causes). Anything else is a bug: its traceback, a line asking for a report, exit 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug")
         try:
             return command(*args, **kwargs)
-        except _USER_ERRORS as exc:
-            if click.get_current_context().find_root().params.get("debug"):
+        except (CordaSurgeryError, OSError) as exc:
+            if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {' '.join(str(exc).split())}", err=True)
             sys.exit(1)
+        except Exception:
+            traceback.print_exc()
+            click.echo(
+                f"error: this is a bug in corda-surgery {__version__}; please report it with the traceback above",
+                err=True,
+            )
+            sys.exit(BUG_EXIT)
 
     return wrapper
 
 
-def _calibration_options(command):
-    options = [
-        click.option(
-            "--data",
-            default="nq_open",
-            show_default=True,
-            help="Built-in set (nq_open, triviaqa, gsm8k, code_alpaca, alpaca) or a .jsonl/.txt file.",
-        ),
-        click.option("--samples", default=128, show_default=True, help="Number of calibration samples."),
-        click.option("--seq-len", default=512, show_default=True, help="Maximum tokens per sample."),
-        click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch."),
-        click.option("--seed", default=0, show_default=True, help="Seed for sampling the calibration set."),
-        click.option(
-            "--text-field",
-            default=None,
-            help="Field of .jsonl records to use as text (default: prompt/response pairs, then 'text').",
-        ),
-        click.option(
-            "--chat-template/--no-chat-template",
-            default=None,
-            help="Format prompt/response pairs with the tokenizer's chat template [default: if it has one].",
-        ),
-        click.option(
-            "--covariance-norm",
-            type=click.Choice(["tokens", "peft"]),
-            default="tokens",
-            show_default=True,
-            help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
-            "|max|, divided by the number of samples), for like-for-like comparisons.",
-        ),
-        click.option(
-            "--rounds",
-            default=1,
-            show_default=True,
-            help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates).",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _options(*options):
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+_calibration_options = _options(
+    click.option("--data", "source", default="nq_open", show_default=True,
+                 help="Built-in set (nq_open, triviaqa, gsm8k, code_alpaca, alpaca) or a .jsonl/.txt file."),
+    click.option("--samples", default=128, show_default=True, help="Number of calibration samples."),
+    click.option("--seq-len", default=512, show_default=True, help="Maximum tokens per sample."),
+    click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch."),
+    click.option("--seed", default=0, show_default=True, help="Seed for sampling the calibration set."),
+    click.option("--text-field", default=None,
+                 help="Field of .jsonl records to use as text (default: prompt/response pairs, then 'text')."),
+    click.option("--chat-template/--no-chat-template", default=None,
+                 help="Format prompt/response pairs with the tokenizer's chat template [default: if it has one]."),
+    click.option("--covariance-norm", "normalisation", type=click.Choice(["tokens", "peft"]), default="tokens",
+                 show_default=True,
+                 help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
+                      "|max|, divided by the number of samples), for like-for-like comparisons."),
+    click.option("--rounds", default=1, show_default=True,
+                 help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
+)  # fmt: skip
+
+_damping_option = click.option(
+    "--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
+    help="Covariance damping λ ≥ 0: C + λ·mean(diag C)·I. Raised (with a warning) up to 1024× where C is not "
+         "positive definite; a covariance that needs more is refused as unusable.",
+)  # fmt: skip
+
+_decomposition_options = _options(
+    click.option("--method", type=click.Choice([m.value for m in Method]), default="corda", show_default=True,
+                 help="corda: context-oriented SVD (needs covariances). corda++: per-layer covariance choice and "
+                      "ranks. pissa / milora: largest / smallest plain-SVD components (no data). lora: PEFT's "
+                      "default random init, for reference."),
+    click.option("--mode", type=click.Choice(["kpm", "ipm"]), default=None,
+                 help="kpm: the r smallest components train (keep knowledge); ipm: the r largest train (learn the "
+                      "task) [default: kpm; pissa and milora imply theirs, lora has none]."),
+    click.option("--rank", default=16, show_default=True, help="LoRA rank r per target linear."),
+    click.option("--alpha", type=float, default=None, help="LoRA alpha; scaling is alpha/r [default: r]."),
+    click.option("--targets", default="all-linear", show_default=True,
+                 help="Comma-separated linear names (e.g. q_proj,v_proj) or all-linear."),
+    click.option("--solver", type=click.Choice(["gram", "svd"]), default="gram", show_default=True,
+                 help="How the singular pairs of the float64 product W·C are found. gram: eigen-decomposition of "
+                      "its Gram matrix (fast, within 1e-5 of svd); svd: LAPACK's full float64 SVD (reference, ~2x "
+                      "slower)."),
+    click.option("--dtype", "factor_dtype", type=click.Choice(["float32", "float64"]), default="float32",
+                 show_default=True, help="dtype of the stored adapter factors (the math is float64 either way)."),
+    click.option("--base-name", default=None,
+                 help="What the adapter names as its base model: where the residual will live (a path or a hub "
+                      "repo id) [default: the output folder]. corda-surgery's own commands do not need it."),
+    _damping_option,
+    click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
+                 help="Largest output shard (e.g. 500MB, 2GB, 4GiB)."),
+    click.option("--rank-budget", type=float, default=None,
+                 help="corda++: spread ranks across layers for this average rank (Σ(in+out)·r budget)."),
+    click.option("--param-budget", type=int, default=None,
+                 help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget."),
+    click.option("--min-rank", default=1, show_default=True, help="corda++: smallest rank a layer gets."),
+    click.option("--max-rank", type=int, default=None, help="corda++: largest rank a layer gets."),
+)  # fmt: skip
+
+
+def _split(kwargs: dict, kind: type) -> dict:
+    """Remove and return the entries of ``kwargs`` that are fields of the dataclass ``kind``."""
+    return {f.name: kwargs.pop(f.name) for f in dataclasses.fields(kind) if f.name in kwargs}
+
+
+def _spec(kwargs: dict):
+    from corda_surgery.calib.data import CalibrationSpec
+
+    return CalibrationSpec(**_split(kwargs, CalibrationSpec))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="corda-surgery")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details (damping changes, files written).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks (with their causes) on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details (damping changes, exporter warnings).")
 def main(debug: bool, verbose: bool) -> None:
     """Offline model surgery for data-driven LoRA initialisation (CorDA / CorDA++).
 
@@ -94,55 +148,22 @@ def main(debug: bool, verbose: bool) -> None:
 
     The residual model plus the untouched adapter gives the original model's outputs.
     MODEL_DIR arguments take a transformers checkpoint folder (safetensors) or
-    'smollm2-135m', the embedded SmolLM2-135M-Instruct.
+    'smollm2-135m', the embedded SmolLM2-135M-Instruct. Inputs are only read: an output that
+    is, contains or lies inside an input is refused.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     release_large_frees_to_os()
 
 
-def _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template):
-    from corda_surgery.calib.data import CalibrationSpec
-
-    return CalibrationSpec(
-        source=data,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        seed=seed,
-        text_field=text_field,
-        chat_template=chat_template,
-    )
-
-
 @main.command()
 @click.argument("model_dir", required=False)
 @_calibration_options
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(path_type=Path),
-    default=Path("covariances.h5"),
-    show_default=True,
-    help="HDF5 covariance store to write.",
-)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("covariances.h5"), show_default=True,
+              help="HDF5 covariance store to write.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @_fail_cleanly
-def calibrate(
-    model_dir,
-    data,
-    samples,
-    seq_len,
-    batch_size,
-    seed,
-    text_field,
-    chat_template,
-    covariance_norm,
-    rounds,
-    out,
-    resume,
-    overwrite,
-):
+def calibrate(model_dir, out, resume, overwrite, **calibration):
     """Collect every linear layer's input covariance into an HDF5 store.
 
     Streams the model one decoder layer at a time (peak memory ≈ embedding + one layer +
@@ -151,139 +172,9 @@ def calibrate(
     """
     from corda_surgery.calib.stream import calibrate as run_calibration
 
-    path = run_calibration(
-        resolve_model(model_dir),
-        _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template),
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        normalisation=covariance_norm,
-        rounds=rounds,
-    )
+    spec = _spec(calibration)
+    path = run_calibration(resolve_model(model_dir), spec, out, resume=resume, overwrite=overwrite)
     click.echo(f"covariances written to {path}")
-
-
-def _decomposition_options(command):
-    options = [
-        click.option(
-            "--method",
-            type=click.Choice(["corda", "corda++", "pissa", "milora", "lora"]),
-            default="corda",
-            show_default=True,
-            help="corda: context-oriented SVD (needs covariances). pissa / milora: largest / smallest "
-            "plain-SVD components (no data). lora: PEFT's default random init, for reference.",
-        ),
-        click.option(
-            "--mode",
-            type=click.Choice(["kpm", "ipm"]),
-            default="kpm",
-            show_default=True,
-            help="kpm: r smallest components train (keep knowledge); ipm: r largest train (learn the task).",
-        ),
-        click.option("--rank", default=16, show_default=True, help="LoRA rank r per target linear."),
-        click.option("--alpha", type=float, default=None, help="LoRA alpha; scaling is alpha/r [default: r]."),
-        click.option(
-            "--targets",
-            default="all-linear",
-            show_default=True,
-            help="Comma-separated linear names (e.g. q_proj,v_proj) or all-linear.",
-        ),
-        click.option(
-            "--solver",
-            type=click.Choice(["gram", "svd"]),
-            default="gram",
-            show_default=True,
-            help="How the singular pairs of the float64 product W·C are found. gram: eigen-decomposition "
-            "of its Gram matrix (fast, within 1e-5 of svd); svd: LAPACK's full float64 SVD "
-            "(reference, ~2x slower).",
-        ),
-        click.option(
-            "--dtype",
-            "factor_dtype",
-            type=click.Choice(["float32", "float64"]),
-            default="float32",
-            show_default=True,
-            help="dtype of the stored adapter factors (the math is float64 either way).",
-        ),
-        click.option(
-            "--base-name",
-            default=None,
-            help="What the adapter names as its base model: where the residual will live (a path or a hub "
-            "repo id) [default: the output folder]. corda-surgery's own commands do not need it.",
-        ),
-        click.option(
-            "--damping",
-            default=0.01,
-            show_default=True,
-            help="Covariance damping λ: C + λ·mean(diag C)·I (raised automatically if needed).",
-        ),
-        click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard."),
-        click.option(
-            "--rank-budget",
-            type=float,
-            default=None,
-            help="corda++: spread ranks across layers for this average rank (Σ(in+out)·r budget).",
-        ),
-        click.option(
-            "--param-budget",
-            type=int,
-            default=None,
-            help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget.",
-        ),
-        click.option("--min-rank", default=1, show_default=True, help="corda++: smallest rank a layer gets."),
-        click.option("--max-rank", type=int, default=None, help="corda++: largest rank a layer gets."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _decompose(
-    model_dir: Path,
-    out: Path,
-    stores: list[Path],
-    overwrite: bool,
-    method,
-    mode,
-    rank,
-    alpha,
-    targets,
-    solver,
-    factor_dtype,
-    base_name,
-    damping,
-    max_shard_size,
-    rank_budget,
-    param_budget,
-    min_rank,
-    max_rank,
-    bundle_store=False,
-) -> Path:
-    import torch
-
-    from corda_surgery.surgery import decompose_checkpoint
-
-    return decompose_checkpoint(
-        model_dir,
-        out,
-        method=method,
-        mode=mode,
-        rank=rank,
-        alpha=alpha,
-        stores=stores,
-        targets=targets,
-        solver=solver,
-        factor_dtype=getattr(torch, factor_dtype),
-        base_name=base_name,
-        bundle_store=bundle_store,
-        damping=damping,
-        overwrite=overwrite,
-        max_shard_size=max_shard_size,
-        rank_budget=rank_budget,
-        param_budget=param_budget,
-        min_rank=min_rank,
-        max_rank=max_rank,
-    )
 
 
 def _print_next_steps(out: Path, base_name: str | None) -> None:
@@ -302,37 +193,13 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
 
 @main.command()
 @click.argument("model_dir", required=False)
-@click.option(
-    "--covariances",
-    "stores",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="HDF5 store(s) from `calibrate` (not needed for pissa/milora/lora).",
-)
+@click.option("--covariances", "stores", multiple=True, type=click.Path(path_type=Path),
+              help="HDF5 store(s) from `calibrate` (not for pissa/milora/lora).")  # fmt: skip
 @_decomposition_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def decompose(
-    model_dir,
-    stores,
-    method,
-    mode,
-    rank,
-    alpha,
-    targets,
-    solver,
-    factor_dtype,
-    base_name,
-    damping,
-    max_shard_size,
-    rank_budget,
-    param_budget,
-    min_rank,
-    max_rank,
-    out,
-    overwrite,
-):
+def decompose(model_dir, stores, out, overwrite, **surgery):
     """Rewrite target weights into a frozen residual model plus a PEFT adapter.
 
     Reads weights lazily tensor by tensor; writes OUT/ (residual model, sharded safetensors),
@@ -340,27 +207,11 @@ def decompose(
     With --method corda++ several --covariances (or a store calibrated with --rounds) are
     candidates: each layer takes the most compact one, and --rank-budget spreads ranks.
     """
-    out = _decompose(
-        resolve_model(model_dir),
-        out,
-        list(stores),
-        overwrite,
-        method,
-        mode,
-        rank,
-        alpha,
-        targets,
-        solver,
-        factor_dtype,
-        base_name,
-        damping,
-        max_shard_size,
-        rank_budget,
-        param_budget,
-        min_rank,
-        max_rank,
-    )
-    _print_next_steps(out, base_name)
+    from corda_surgery.surgery import decompose_checkpoint
+
+    options = SurgeryOptions(**surgery)
+    out = decompose_checkpoint(resolve_model(model_dir), out, options, stores=list(stores), overwrite=overwrite)
+    _print_next_steps(out, options.base_name)
 
 
 @main.command()
@@ -371,82 +222,19 @@ def decompose(
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def convert(
-    model_dir,
-    data,
-    samples,
-    seq_len,
-    batch_size,
-    seed,
-    text_field,
-    chat_template,
-    covariance_norm,
-    rounds,
-    method,
-    mode,
-    rank,
-    alpha,
-    targets,
-    solver,
-    factor_dtype,
-    base_name,
-    damping,
-    max_shard_size,
-    rank_budget,
-    param_budget,
-    min_rank,
-    max_rank,
-    out,
-    resume,
-    overwrite,
-):
+def convert(model_dir, out, resume, overwrite, **settings):
     """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
 
+    Everything the config and the options decide (ranks against the weights' shapes, targets,
+    the checkpoint's tensors, an existing output) is checked before calibration starts.
     The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
     """
-    from corda_surgery.calib.stream import calibrate as run_calibration
+    from corda_surgery.surgery import convert_checkpoint
 
-    model = resolve_model(model_dir)
-    out = out.resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
-    stores: list[Path] = []
-    if method in ("corda", "corda++"):  # calibrated beside OUT (resumable there), moved inside OUT at the end
-        store = out.with_name(f".{out.name}.covariances.h5")
-        run_calibration(
-            model,
-            _spec(data, samples, seq_len, batch_size, seed, text_field, chat_template),
-            store,
-            resume=resume,
-            overwrite=True,
-            normalisation=covariance_norm,
-            rounds=rounds,
-        )
-        stores.append(store)
-    _decompose(
-        model,
-        out,
-        stores,
-        overwrite,
-        method,
-        mode,
-        rank,
-        alpha,
-        targets,
-        solver,
-        factor_dtype,
-        base_name,
-        damping,
-        max_shard_size,
-        rank_budget,
-        param_budget,
-        min_rank,
-        max_rank,
-        bundle_store=bool(stores),
-    )
-    for store in stores:
-        store.unlink()  # OUT/covariances.h5 is now its only name
-    _print_next_steps(out, base_name)
+    spec = _spec(settings)
+    options = SurgeryOptions(**settings)
+    out = convert_checkpoint(resolve_model(model_dir), out, spec, options, overwrite=overwrite, resume=resume)
+    _print_next_steps(out, options.base_name)
 
 
 @main.command("to-lora")
@@ -460,6 +248,8 @@ def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
     """Turn a trained adapter into a plain rank-2r LoRA on the original model.
 
     ΔW = s·(B'A' − BA): shareable and stackable like any LoRA, no residual model needed.
+    The adapter must belong to SURGERY_DIR (modules, ranks, the base it names) and BASE must be
+    the model the surgery started from.
     """
     from corda_surgery.to_lora import convert_to_lora
 
@@ -469,55 +259,48 @@ def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
 
 @main.command()
 @click.argument("surgery_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option(
-    "--adapter",
-    "adapter_dir",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    default=None,
-    help="Trained adapter folder [default: SURGERY_DIR/adapter, the untouched one].",
-)
+@click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Trained adapter folder [default: SURGERY_DIR/adapter, the untouched one].")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged checkpoint folder.")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
 def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
-    """Fold W_res + s·B·A into plain weights: a standard transformers checkpoint."""
-    from corda_surgery.export.merge import merge_adapter
+    """Fold W_res + s·B·A into plain weights: a standard transformers checkpoint.
 
-    path = merge_adapter(
-        surgery_dir, adapter_dir or surgery_dir / "adapter", out, overwrite=overwrite, max_shard_size=max_shard_size
-    )
+    The adapter is checked against SURGERY_DIR first (modules, ranks against its config and the
+    surgery, the base it names, finite values, the residual unchanged since the surgery).
+    """
+    from corda_surgery.export.merge import merge_adapter
+    from corda_surgery.handoff import checked_adapter
+    from corda_surgery.options import parse_size
+
+    adapter_dir = adapter_dir or surgery_dir / "adapter"
+    shard_size = parse_size(max_shard_size, "--max-shard-size")
+    checked_adapter(surgery_dir, adapter_dir)
+    path = merge_adapter(surgery_dir, adapter_dir, out, overwrite=overwrite, max_shard_size=shard_size)
     click.echo(f"merged model written to {path}")
 
 
 @main.command("export-onnx")
 @click.argument("merged_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder for model.onnx.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="fp16 halves weights and compute (for GPUs; logits differ from fp32 by up to ~1e-2).",
-)
-@click.option(
-    "--with-past", is_flag=True, help="Add past_key_values.* inputs and present.* outputs for KV-cached generation."
-)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 halves weights and compute (for GPUs; logits differ from fp32 by up to ~1e-2).")  # fmt: skip
+@click.option("--with-past", is_flag=True,
+              help="Add past_key_values.* inputs and present.* outputs for KV-cached generation.")  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
-@click.option(
-    "--exporter",
-    type=click.Choice(["auto", "dynamo", "torchscript"]),
-    default="auto",
-    show_default=True,
-    help="torch.onnx path; auto: TorchScript for Llama-family models (fast, verified), dynamo otherwise.",
-)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx path; auto: TorchScript for Llama-family models (fast; checked at shapes other "
+                   "than the traced ones), dynamo otherwise.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
 def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
     """Export a merged (plain) causal LM to ONNX for onnxruntime.
 
     Dynamic batch and sequence axes; inputs input_ids, attention_mask, position_ids; output
-    logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker.
+    logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker;
+    the exporter's warnings are recorded in onnx_export.json (and logged with -v).
     """
     from corda_surgery.export.onnx_export import export_onnx as run_export
 
@@ -529,12 +312,8 @@ def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
 
 @main.command("verify-onnx")
 @click.argument("onnx_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option(
-    "--reference",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    required=True,
-    help="The merged checkpoint the ONNX model was exported from.",
-)
+@click.option("--reference", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="The merged checkpoint the ONNX model was exported from.")  # fmt: skip
 @click.option("--new-tokens", default=20, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per latency figure (median).")
 @_fail_cleanly
@@ -574,48 +353,35 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
 @click.option("--min-rank", default=1, show_default=True)
 @click.option("--max-rank", type=int, default=None)
 @click.option("--targets", default="all-linear", show_default=True)
-@click.option(
-    "--plot",
-    "plot_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Write spectra.png and ranks.png into this folder (needs matplotlib).",
-)
+@_damping_option
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write spectra.png and ranks.png into this folder (needs matplotlib).")  # fmt: skip
 @_fail_cleanly
-def inspect(stores, model_dir, mode, rank, rank_budget, min_rank, max_rank, targets, plot_dir):
+def inspect(stores, model_dir, plot_dir, **surgery):
     """Per layer: compactness, chosen covariance candidate and allocated rank (CorDA++)."""
     from corda_surgery.inspection import inspect_stores, plot_inspection
 
-    rows, spectra = inspect_stores(
-        resolve_model(model_dir),
-        list(stores),
-        mode=mode,
-        rank=rank,
-        rank_budget=rank_budget,
-        min_rank=min_rank,
-        max_rank=max_rank,
-        targets=targets,
-    )
+    options = SurgeryOptions(method=Method.CORDA_PLUS, **surgery)
+    model = resolve_model(model_dir)
+    if plot_dir is not None:
+        check_disjoint(plot_dir, [*map(Path, stores), model])
+    rows, spectra = inspect_stores(model, list(stores), options)
+    rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
-    click.echo(
-        f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
-        f"{'uniform r=' + str(rank):>12}"
-    )
+    click.echo(f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
+               f"{'uniform r=' + str(rank):>12}")  # fmt: skip
     for row in rows:
         round_label = "-" if row["round"] is None else str(row["round"])
         click.echo(
             f"{row['layer']:<44} {row['rank']:>4} {row['store']:>5} {round_label:>5} "
-            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} "
-            f"{row['compactness_at_base_rank']:>12.6f}"
+            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} {row['compactness_at_base_rank']:>12.6f}"
         )
     mean = sum(r["compactness"] for r in rows) / len(rows)
     mean_base = sum(r["compactness_at_base_rank"] for r in rows) / len(rows)
-    click.echo(
-        f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
-        f"(1 − c = {1 - mean_base:.3e})"
-    )
+    click.echo(f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
+               f"(1 − c = {1 - mean_base:.3e})")  # fmt: skip
     if plot_dir is not None:
-        for path in plot_inspection(rows, spectra, plot_dir, f"{mode.upper()}"):
+        for path in plot_inspection(rows, spectra, plot_dir, options.mode.value.upper() if options.mode else ""):
             click.echo(f"plot written to {path}")
 
 

@@ -17,9 +17,10 @@ from collections.abc import Callable
 import torch
 
 from corda_surgery.decompose import context_product, singular_values
+from corda_surgery.errors import CordaSurgeryError
 
 
-class BudgetError(ValueError):
+class BudgetError(CordaSurgeryError):
     """The rank budget cannot be met (below the minimum ranks) or is inconsistent."""
 
 

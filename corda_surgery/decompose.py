@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.options import DEFAULT_DAMPING
+
 log = logging.getLogger(__name__)
 
 MODES = ("kpm", "ipm")
@@ -19,13 +22,13 @@ MODES = ("kpm", "ipm")
 # "gram": eigen-decomposition of the Gram matrix of the tall orientation (fast, within 1e-5 of "svd");
 # "svd": LAPACK's full float64 SVD (the reference).
 SOLVERS = ("gram", "svd")
-DEFAULT_DAMPING = 0.01
-# Damping doubles at most this often (0.01 → ~1e4·mean(diag C)); a covariance still not positive
-# definite after that is broken (NaN-free but e.g. zero), and we refuse it instead of looping forever.
-MAX_DAMPING_DOUBLINGS = 20
+# A covariance that is not positive definite at the requested damping gets it doubled, up to this factor
+# (from ZERO_DAMPING_START when 0 was requested); one that needs more is unusable, not a warning.
+MAX_DAMPING_RAISE = 1024
+ZERO_DAMPING_START = 1e-8
 
 
-class DecompositionError(ValueError):
+class DecompositionError(CordaSurgeryError):
     """Bad weight, covariance or rank for one layer; the message names the layer."""
 
 
@@ -49,14 +52,15 @@ class Decomposition:
 
 
 def damp_covariance(covariance: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return ``(C + λ·mean(diag C)·I, its Cholesky factor, λ)``, raising λ until C is definite."""
+    """Return ``(C + λ·mean(diag C)·I, its Cholesky factor, λ)``, doubling λ (with a warning) until C is
+    definite, at most to MAX_DAMPING_RAISE times the request."""
     if not torch.isfinite(covariance).all():
         raise DecompositionError(f"{name}: covariance contains NaN or Inf")
     mean_diag = covariance.diagonal().mean()
     if not mean_diag > 0:
         raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
-    lam = damping
-    for _ in range(MAX_DAMPING_DOUBLINGS + 1):
+    lam, ceiling = damping, (damping or ZERO_DAMPING_START) * MAX_DAMPING_RAISE
+    while lam <= ceiling:
         damped = covariance.clone()
         damped.diagonal().add_(lam * mean_diag)  # no identity matrix: for 5632² that alone is 127 MB
         chol, info = torch.linalg.cholesky_ex(damped)
@@ -64,9 +68,10 @@ def damp_covariance(covariance: torch.Tensor, damping: float, name: str) -> tupl
             if lam != damping:
                 log.warning("%s: covariance not positive definite at damping %g; used %g", name, damping, lam)
             return damped, chol, lam
-        lam *= 2
+        lam = lam * 2 if lam else ZERO_DAMPING_START
     raise DecompositionError(
-        f"{name}: covariance is not positive definite even with damping {lam / 2:g} (started at {damping:g})"
+        f"{name}: covariance is unusable: not positive definite even with damping {ceiling:g} "
+        f"({MAX_DAMPING_RAISE}× the requested {damping:g}); calibrate with more tokens or raise --damping"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,59 +10,29 @@ import torch
 
 from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.calib.stream import StreamingModel
-from corda_surgery.surgery import corda_plus_plan, target_linears
+from corda_surgery.options import SurgeryOptions
+from corda_surgery.surgery import check_stores, corda_plus_plan, plan_targets
 
 
 def inspect_stores(
-    model_dir: str | Path,
-    stores: list[str | Path],
-    *,
-    mode: str,
-    rank: int,
-    rank_budget: float | None = None,
-    min_rank: int = 1,
-    max_rank: int | None = None,
-    targets: str = "all-linear",
-    damping: float = 0.01,
+    model_dir: str | Path, stores: list[str | Path], options: SurgeryOptions
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra."""
+    """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra.
+
+    ``options`` is a corda++ surgery's: its mode, base rank, damping, targets and budgets.
+    """
     streaming = StreamingModel(model_dir)
-    opened = [CovarianceStore(path) for path in stores]
-    try:
-        fingerprint = streaming.reader.fingerprint()
-        for store in opened:
-            store.check_model(fingerprint, streaming.reader.model_dir)
-        linears = target_linears(streaming, targets)
-        keys = {name: streaming.reader.resolve(f"{name}.weight", streaming.base_prefix) for name in linears}
-        plan, records, spectra = corda_plus_plan(
-            streaming,
-            opened,
-            keys,
-            mode=mode,
-            rank=rank,
-            rank_budget=rank_budget,
-            param_budget=None,
-            min_rank=min_rank,
-            max_rank=max_rank,
-            damping=damping,
-            solver="gram",
-            progress=True,
-        )
-    finally:
-        for store in opened:
-            store.close()
-    rows = []
-    for name in linears:
-        rows.append(
-            {
-                "layer": name,
-                "rank": plan[name].rank,
-                "store": plan[name].store,
-                "round": plan[name].round,
-                "compactness": records[name]["compactness"],
-                "compactness_at_base_rank": max(records[name]["candidate_compactness"]),
-            }
-        )
+    targets = plan_targets(streaming, options)
+    with contextlib.ExitStack() as closing:
+        opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
+        check_stores(opened, targets, streaming.reader.fingerprint(), streaming.reader.model_dir)
+        plan, records, spectra = corda_plus_plan(streaming, opened, targets, options, progress=True)
+    rows = [
+        {"layer": t.name, "rank": plan[t.name].rank, "store": plan[t.name].store, "round": plan[t.name].round,
+         "compactness": records[t.name]["compactness"],
+         "compactness_at_base_rank": max(records[t.name]["candidate_compactness"])}
+        for t in targets
+    ]  # fmt: skip
     return rows, spectra
 
 

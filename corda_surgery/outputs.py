@@ -15,8 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from corda_surgery.errors import CordaSurgeryError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ STAGING_MARK = ".partial-"  # .<name>.partial-XXXX: a folder being built
 RETIRED_MARK = ".old-"  # .<name>.old-XXXX: the previous output, moved aside during --overwrite
 
 
-class OutputError(OSError):
+class OutputError(CordaSurgeryError):
     """The output cannot be written (exists, busy, read-only, disk full); names the path."""
 
 
@@ -41,7 +43,7 @@ def _create_parents(folder: Path) -> list[Path]:
             continue
         except OSError as exc:
             _remove_if_empty(missing)
-            raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc})") from None
+            raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc})") from exc
     return missing
 
 
@@ -65,6 +67,23 @@ def _remove_stale(out: Path) -> None:
                 log.warning("removed %s (%.1f MB) left by an interrupted run", stale, size / 1e6)
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_disjoint(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is, contains or lies inside an input (links resolved), --overwrite or not.
+
+    ``out``'s staging folder, lock and hidden store are its siblings: they are inside an input only if
+    ``out`` is, so they need no check of their own.
+    """
+    target = out.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if _within(target, source) or _within(source, target):
+            raise OutputError(f"{out}: output overlaps the input {given}; write it somewhere else")
+
+
 def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
@@ -77,14 +96,14 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
         try:
             handle = path.open("a+")
         except OSError as exc:
-            raise OutputError(f"{out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+            raise OutputError(f"{out}: cannot write in {out.parent} ({exc.strerror or exc})") from exc
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as exc:
             handle.close()
             raise OutputError(
                 f"{out}: another corda-surgery run is writing this output (lock {path}); wait for it to finish"
-            ) from None
+            ) from exc
         try:  # the holder before us may have unlinked the file between our open and our lock: retry then
             current = path.stat().st_ino
         except FileNotFoundError:
@@ -104,9 +123,11 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def claimed(out: str | Path) -> Iterator[Path]:
-    """Hold ``out`` for this run (parents, lock, stale leftovers removed); yields its resolved path."""
+def claimed(out: str | Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """Hold ``out`` for this run (disjoint from ``inputs``, parents made, lock held, stale leftovers removed);
+    yields its resolved path."""
     out = Path(out).resolve()
+    check_disjoint(out, inputs)
     created = _create_parents(out.parent)
     try:
         with _exclusive_lock(out):
@@ -142,22 +163,22 @@ def _publish(staging: Path, out: Path) -> None:
         else:
             os.replace(staging, out)
     except OSError as exc:
-        raise OutputError(f"{out}: cannot move the finished output into place ({exc.strerror or exc})") from None
+        raise OutputError(f"{out}: cannot move the finished output into place ({exc.strerror or exc})") from exc
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(out: str | Path, *, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``out``; it becomes ``out`` only if the block completes.
 
     A failure or kill leaves ``out`` as it was (absent, or the previous complete output), never a
     half-written folder under the final name; a killed run's staging folder is removed by the next run.
     """
-    with claimed(out) as out:
+    with claimed(out, inputs) as out:
         refuse_existing(out, overwrite)
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
         except OSError as exc:
-            raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+            raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from exc
         try:
             yield staging
             _publish(staging, out)

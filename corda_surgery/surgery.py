@@ -1,7 +1,9 @@
 """Checkpoint surgery: every target weight → frozen residual + initialised LoRA factors, streamed to disk.
 
 Weights are read one tensor at a time from the input shards and written one tensor at a time into the
-output shards, so peak memory stays near one weight matrix, its covariance and its factors.
+output shards, so peak memory stays near one weight matrix, its covariance and its factors. Everything
+that the config, the options and the stores decide is checked first (``plan_targets``, ``check_stores``),
+so a mistake costs seconds, not a calibration.
 """
 
 from __future__ import annotations
@@ -13,29 +15,42 @@ import os
 import platform
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from corda_surgery import __version__
-from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import StreamingModel
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore, StoreError
+from corda_surgery.calib.stream import StreamingModel, calibrate
+from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
-from corda_surgery.decompose import DEFAULT_DAMPING, decompose_weight
-from corda_surgery.export.checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, copy_model_files, write_sharded_weights
+from corda_surgery.decompose import decompose_weight
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import LoraAdapter, write_adapter
-from corda_surgery.outputs import staged_folder
+from corda_surgery.options import ALL_LINEAR, Method, OptionsError, SurgeryOptions
+from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
 
-METHODS = ("corda", "corda++", "pissa", "milora", "lora")
 ADAPTER_DIR = "adapter"
 REPORT_NAME = "surgery.json"
 STORE_NAME = "covariances.h5"  # where `convert` keeps its store, inside the output
 
 
-class TargetError(ValueError):
+class TargetError(CordaSurgeryError):
     """A --targets pattern that matches no linear of the model."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One linear to adapt: its module path, stored weight key and (out, in) shape."""
+
+    name: str
+    key: str
+    out_dim: int
+    in_dim: int
 
 
 @dataclass(frozen=True)
@@ -47,38 +62,58 @@ class LayerPlan:
     round: int | None = None  # a sampling round of that store instead of its sum (CorDA++ candidates)
 
 
-@dataclass
-class SurgeryReport:
-    """What was done, written as surgery.json next to the residual model."""
-
-    method: str
-    mode: str | None
-    rank: int
-    alpha: float
-    solver: str
-    factor_dtype: str
-    damping: float
-    model_fingerprint: str
-    covariance_stores: list[dict]
-    layers: dict[str, dict] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
+def _chosen_linears(family_linears: tuple[str, ...], targets: tuple[str, ...]) -> tuple[str, ...]:
+    if not targets:
+        return family_linears
+    unmatched = [p for p in targets if not any(n == p or n.endswith("." + p) for n in family_linears)]
+    if unmatched:
+        raise TargetError(
+            f"--targets {', '.join(unmatched)} matches no linear of this model "
+            f"(available: {', '.join(family_linears)}, or {ALL_LINEAR})"
+        )
+    return tuple(n for n in family_linears if any(n == p or n.endswith("." + p) for p in targets))
 
 
-def target_linears(streaming: StreamingModel, targets: str) -> list[str]:
-    """Module paths of the linears selected by ``targets`` ('all-linear' or comma-separated name suffixes)."""
-    family_linears = streaming.family.linears
-    if targets == "all-linear":
-        chosen = family_linears
-    else:
-        patterns = [p.strip() for p in targets.split(",") if p.strip()]
-        chosen = tuple(name for name in family_linears if any(name == p or name.endswith("." + p) for p in patterns))
-        unmatched = [p for p in patterns if not any(n == p or n.endswith("." + p) for n in family_linears)]
-        if unmatched or not chosen:
-            raise TargetError(
-                f"--targets {', '.join(unmatched) or targets} matches no linear of this model "
-                f"(available: {', '.join(family_linears)}, or all-linear)"
-            )
-    return [f"{streaming.block_name(i)}.{name}" for i in range(streaming.num_blocks) for name in chosen]
+def plan_targets(streaming: StreamingModel, options: SurgeryOptions) -> list[Target]:
+    """Every target linear with its key and shape, after checking the ranks and budgets against the shapes."""
+    transposed = streaming.family.transposed
+    targets = []
+    for index in range(streaming.num_blocks):
+        for linear in _chosen_linears(streaming.family.linears, options.targets):
+            name = f"{streaming.block_name(index)}.{linear}"
+            key = streaming.reader.resolve(f"{name}.weight", streaming.base_prefix)
+            shape = streaming.reader.spec(key)[0]
+            out_dim, in_dim = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+            targets.append(Target(name, key, out_dim, in_dim))
+    narrowest = min(targets, key=lambda t: min(t.out_dim, t.in_dim))
+    limit = min(narrowest.out_dim, narrowest.in_dim)
+    allowed = f"{narrowest.name} is {narrowest.out_dim}×{narrowest.in_dim}, so ranks go up to {limit}"
+    if options.method is Method.CORDA_PLUS:
+        if options.min_rank > limit:
+            raise OptionsError(f"--min-rank {options.min_rank} is too large: {allowed}")
+        if options.param_budget is not None:
+            floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets)
+            if options.param_budget < floor:
+                raise OptionsError(
+                    f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
+                    f"for {len(targets)} layers ({floor})"
+                )
+    elif options.rank > limit:
+        raise OptionsError(f"--rank {options.rank} is too large: {allowed}")
+    return targets
+
+
+def check_stores(stores: Sequence[CovarianceStore], targets: list[Target], fingerprint: str, model_dir: Path) -> None:
+    """Each store was calibrated on this model and holds a covariance of the right size for every target."""
+    for store in stores:
+        store.check_model(fingerprint, model_dir)
+        for target in targets:
+            size = store.dimension(target.name)
+            if size != target.in_dim:
+                raise StoreError(
+                    f"{store.path}: covariance for {target.name} is {size}×{size}, but the layer reads "
+                    f"{target.in_dim} inputs"
+                )
 
 
 def _lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,41 +129,23 @@ def _initialise(
     covariance: torch.Tensor | None,
     name: str,
     layer: LayerPlan,
+    options: SurgeryOptions,
     *,
-    method: str,
-    mode: str | None,
-    scaling: float,
-    damping: float,
-    solver: str,
-    factor_dtype: torch.dtype,
     transposed: bool,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """LoRA A, B, the residual weight and the surgery.json record for one target linear."""
-    if method == "lora":
+    dtype = options.torch_factor_dtype
+    if options.mode is None:  # lora: PEFT's random init, the weight unchanged
         out_dim, in_dim = weight.T.shape if transposed else weight.shape
         lora_a, lora_b = _lora_default_init(out_dim, in_dim, layer.rank, seed)
-        return lora_a.to(factor_dtype), lora_b.to(factor_dtype), weight, {"rank": layer.rank}
-    assert mode is not None, "every method but lora has a mode"
+        return lora_a.to(dtype), lora_b.to(dtype), weight, {"rank": layer.rank}
     result = decompose_weight(
-        weight,
-        covariance,
-        rank=layer.rank,
-        mode=mode,
-        alpha=scaling * layer.rank,
-        damping=damping,
-        solver=solver,
-        factor_dtype=factor_dtype,
-        transposed=transposed,
-        name=name,
-    )
-    record = {
-        "rank": layer.rank,
-        "damping": result.damping,
-        "adapter_energy": result.adapter_energy,
-        "store": layer.store,
-        "round": layer.round,
-    }
+        weight, covariance, rank=layer.rank, mode=options.mode.value, alpha=options.scaling * layer.rank,
+        damping=options.damping, solver=options.solver.value, factor_dtype=dtype, transposed=transposed, name=name,
+    )  # fmt: skip
+    record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
+              "store": layer.store, "round": layer.round}  # fmt: skip
     return result.lora_A, result.lora_B, result.residual, record
 
 
@@ -140,212 +157,208 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _candidates(stores: list[CovarianceStore]) -> list[tuple[int, int | None]]:
+def _candidates(stores: Sequence[CovarianceStore]) -> list[tuple[int, int | None]]:
     """CorDA++ candidates: each store's sampling rounds where it has several, else its sum."""
     return [(i, r) for i, store in enumerate(stores) for r in (range(store.rounds) if store.rounds > 1 else [None])]
 
 
 def corda_plus_plan(
     streaming: StreamingModel,
-    stores: list[CovarianceStore],
-    weight_keys: dict[str, str],
+    stores: Sequence[CovarianceStore],
+    targets: list[Target],
+    options: SurgeryOptions,
     *,
-    mode: str,
-    rank: int,
-    rank_budget: float | None,
-    param_budget: int | None,
-    min_rank: int,
-    max_rank: int | None,
-    damping: float,
-    solver: str,
     progress: bool,
 ) -> tuple[dict[str, LayerPlan], dict[str, dict], dict[str, torch.Tensor]]:
-    """Per layer: the most compact candidate covariance at ``rank``, then ranks from the budget.
+    """Per layer: the most compact candidate covariance at the base rank, then ranks from the budget.
 
     Returns the plan, per-layer records for surgery.json, and the chosen candidates' spectra.
     """
-    reader, transposed = streaming.reader, streaming.family.transposed
+    assert options.mode is not None  # corda++ always has one
+    mode = options.mode.value
     candidates = _candidates(stores)
     chosen: dict[str, tuple[int, int | None]] = {}
     spectra: dict[str, torch.Tensor] = {}
-    dims: dict[str, tuple[int, int]] = {}
+    dims = {t.name: (t.out_dim, t.in_dim) for t in targets}
     records: dict[str, dict] = {}
-    for name, key in tqdm(weight_keys.items(), desc="CorDA++ spectra", unit="layer", disable=not progress):
-        weight = reader.get(key)
-        out_dim, in_dim = weight.T.shape if transposed else weight.shape
-        dims[name] = (out_dim, in_dim)
+    for target in tqdm(targets, desc="CorDA++ spectra", unit="layer", disable=not progress):
+        weight, name = streaming.reader.get(target.key), target.name
         candidate_spectra = [
-            context_spectrum(
-                weight,
-                stores[i].covariance(name, round_index=r),
-                damping=damping,
-                transposed=transposed,
-                name=name,
-                solver=solver,
-            )
+            context_spectrum(weight, stores[i].covariance(name, round_index=r), damping=options.damping,
+                             transposed=streaming.family.transposed, name=name, solver=options.solver.value)
             for i, r in candidates
-        ]
-        best = select_candidate(candidate_spectra, min(rank, min(dims[name])), mode)
+        ]  # fmt: skip
+        base_rank = min(options.rank, target.out_dim, target.in_dim)
+        best = select_candidate(candidate_spectra, base_rank, mode)
         chosen[name], spectra[name] = candidates[best], candidate_spectra[best]
-        records[name] = {
-            "candidate_compactness": [
-                energy_compactness(s, min(rank, min(dims[name])), mode) for s in candidate_spectra
-            ]
-        }
-    if param_budget is None and rank_budget is not None:
-        param_budget = round(rank_budget * sum(sum(d) for d in dims.values()))
+        records[name] = {"candidate_compactness": [energy_compactness(s, base_rank, mode) for s in candidate_spectra]}
+    param_budget = options.param_budget
+    if param_budget is None and options.rank_budget is not None:
+        param_budget = round(options.rank_budget * sum(sum(d) for d in dims.values()))
     if param_budget is not None:
-        ranks = allocate_ranks(spectra, dims, mode, param_budget=param_budget, min_rank=min_rank, max_rank=max_rank)
+        ranks = allocate_ranks(spectra, dims, mode, param_budget=param_budget, min_rank=options.min_rank,
+                               max_rank=options.max_rank)  # fmt: skip
     else:
-        ranks = {name: rank for name in weight_keys}
-    for name in weight_keys:
+        ranks = {t.name: options.rank for t in targets}
+    for name in dims:
         records[name]["compactness"] = energy_compactness(spectra[name], ranks[name], mode)
-    plan = {name: LayerPlan(ranks[name], *chosen[name]) for name in weight_keys}
+    plan = {name: LayerPlan(ranks[name], *chosen[name]) for name in dims}
     return plan, records, spectra
 
 
 def decompose_checkpoint(
     model_dir: str | Path,
     out: str | Path,
+    options: SurgeryOptions,
     *,
-    method: str = "corda",
-    mode: str | None = "kpm",
-    rank: int = 16,
-    alpha: float | None = None,
     stores: Sequence[str | Path] = (),
-    targets: str = "all-linear",
-    rank_budget: float | None = None,
-    param_budget: int | None = None,
-    min_rank: int = 1,
-    max_rank: int | None = None,
-    solver: str = "gram",
-    factor_dtype: torch.dtype = torch.float32,
-    damping: float = DEFAULT_DAMPING,
     overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    base_name: str | None = None,
     bundle_store: bool = False,
     progress: bool = True,
-    seed: int = 0,
 ) -> Path:
     """Write ``out``: residual model (sharded safetensors + config + tokenizer), ``adapter/`` and surgery.json.
 
     ``corda++`` picks each layer's most compact candidate covariance (every store, or every sampling
     round of a store that has several) and, with a rank or parameter budget, per-layer ranks.
-    ``base_name`` is what the adapter names as its base model (where the residual will live: a path or a
-    hub repo id; default ``out``). ``bundle_store`` places the one store in ``out/covariances.h5``.
+    The adapter names ``options.base_name`` (default ``out``) as its base model; ``bundle_store`` places
+    the one store in ``out/covariances.h5``.
     """
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    mode = {"pissa": "ipm", "milora": "kpm", "lora": None}.get(method, mode)
-    alpha = float(alpha if alpha is not None else rank)
-    uses_covariance = method in ("corda", "corda++")
-    if uses_covariance and not stores:
-        raise ValueError(f"--method {method} needs a covariance store (--covariances)")
-    if method == "corda" and len(stores) > 1:
-        raise ValueError("several covariance stores are CorDA++'s covariance selection: use --method corda++")
-    if method != "corda++" and (rank_budget or param_budget):
-        raise ValueError("--rank-budget / --param-budget need --method corda++")
+    method = options.method
+    if method.uses_covariance and not stores:
+        raise OptionsError(f"--method {method.value} needs a covariance store (--covariances)")
+    if not method.uses_covariance and stores:
+        raise OptionsError(f"--method {method.value} uses no covariances: drop --covariances")
+    if method is Method.CORDA and len(stores) > 1:
+        raise OptionsError("several covariance stores are CorDA++'s covariance selection: use --method corda++")
     if bundle_store and len(stores) != 1:
-        raise ValueError("bundle_store needs exactly one covariance store")
-    with staged_folder(out, overwrite=overwrite) as staging, contextlib.ExitStack() as closing:
-        out = Path(out).resolve()
-        streaming = StreamingModel(model_dir)
-        reader = streaming.reader
-        fingerprint = reader.fingerprint()
-        opened = [closing.enter_context(CovarianceStore(path)) for path in stores] if uses_covariance else []
-        for store in opened:
-            store.check_model(fingerprint, reader.model_dir)
-        linears = target_linears(streaming, targets)
-        key_of = {reader.resolve(f"{name}.weight", streaming.base_prefix): name for name in linears}
-        if method == "corda++":
-            assert mode is not None, "corda++ always has a mode"
-            plan, plus_records, _ = corda_plus_plan(
-                streaming,
-                opened,
-                {n: k for k, n in key_of.items()},
-                mode=mode,
-                rank=rank,
-                rank_budget=rank_budget,
-                param_budget=param_budget,
-                min_rank=min_rank,
-                max_rank=max_rank,
-                damping=damping,
-                solver=solver,
-                progress=progress,
-            )
-        else:
-            plan = {name: LayerPlan(rank, 0 if uses_covariance else None) for name in linears}
-            plus_records = {}
-        report = SurgeryReport(
-            method=method,
-            mode=mode,
-            rank=rank,
-            alpha=alpha,
-            solver=solver,
-            factor_dtype=str(factor_dtype).removeprefix("torch."),
-            damping=damping,
-            model_fingerprint=fingerprint,
-            covariance_stores=[
-                {
-                    "path": str(out / STORE_NAME if bundle_store else s.path),
-                    "model_fingerprint": s.fingerprint,
-                    "calibration": s.calibration,
-                }
-                for s in opened
-            ],
-            versions={"corda_surgery": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        )
-        adapter = LoraAdapter(
-            rank=rank,
-            alpha=alpha,
-            lora_A={},
-            lora_B={},
-            fan_in_fan_out=streaming.family.transposed,
-            task_type="CAUSAL_LM" if streaming.model.can_generate() else None,
-            base_model_name_or_path=base_name or str(out),
-        )
-        bar = closing.enter_context(
-            tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
-        )
+        raise OptionsError("bundle_store needs exactly one covariance store")
+    model_dir = Path(model_dir)
+    check_disjoint(Path(out), [model_dir, *map(Path, stores)])
+    streaming = StreamingModel(model_dir)
+    reader = streaming.reader
+    targets = plan_targets(streaming, options)
+    fingerprint = reader.fingerprint()
+    with contextlib.ExitStack() as closing:
+        opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
+        check_stores(opened, targets, fingerprint, reader.model_dir)
+        with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
+            out = Path(out).resolve()
+            _write_surgery(streaming, targets, opened, options, staging, out, fingerprint, bundle_store, progress)
+    return out
 
-        def produce(key: str) -> torch.Tensor:
-            bar.update()
-            weight = reader.get(key).clone()
-            reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
-            name = key_of.get(key)
-            if name is None:
-                return weight
-            layer = plan[name]
-            covariance = (
-                opened[layer.store].covariance(name, round_index=layer.round) if layer.store is not None else None
-            )
-            lora_a, lora_b, residual, record = _initialise(
-                weight,
-                covariance,
-                name,
-                layer,
-                method=method,
-                mode=mode,
-                scaling=alpha / rank,
-                damping=damping,
-                solver=solver,
-                factor_dtype=factor_dtype,
-                transposed=streaming.family.transposed,
-                seed=seed + len(adapter.lora_A),
-            )
-            adapter.lora_A[name], adapter.lora_B[name] = lora_a, lora_b
-            if layer.rank != rank:
-                adapter.rank_pattern[name] = layer.rank
-                adapter.alpha_pattern[name] = alpha / rank * layer.rank
-            report.layers[name] = record | plus_records.get(name, {})
-            return residual
 
+def _write_surgery(
+    streaming: StreamingModel,
+    targets: list[Target],
+    stores: list[CovarianceStore],
+    options: SurgeryOptions,
+    staging: Path,
+    out: Path,
+    fingerprint: str,
+    bundle_store: bool,
+    progress: bool,
+) -> None:
+    reader = streaming.reader
+    if options.method is Method.CORDA_PLUS:
+        plan, plus_records, _ = corda_plus_plan(streaming, stores, targets, options, progress=progress)
+    else:
+        store_index = 0 if stores else None
+        plan = {t.name: LayerPlan(options.rank, store_index) for t in targets}
+        plus_records = {}
+    name_of = {t.key: t.name for t in targets}
+    base_name = options.base_name or str(out)
+    adapter = LoraAdapter(
+        rank=options.rank, alpha=options.alpha or options.rank, lora_A={}, lora_B={},
+        fan_in_fan_out=streaming.family.transposed,
+        task_type="CAUSAL_LM" if streaming.model.can_generate() else None, base_model_name_or_path=base_name,
+    )  # fmt: skip
+    layers: dict[str, dict] = {}
+    bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
+
+    def produce(key: str) -> torch.Tensor:
+        bar.update()
+        weight = reader.get(key).clone()
+        reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
+        name = name_of.get(key)
+        if name is None:
+            return weight
+        layer = plan[name]
+        covariance = None if layer.store is None else stores[layer.store].covariance(name, round_index=layer.round)
+        lora_a, lora_b, residual, record = _initialise(
+            weight, covariance, name, layer, options, transposed=streaming.family.transposed,
+            seed=options.seed + len(adapter.lora_A),
+        )  # fmt: skip
+        adapter.lora_A[name], adapter.lora_B[name] = lora_a, lora_b
+        if layer.rank != options.rank:
+            adapter.rank_pattern[name] = layer.rank
+            adapter.alpha_pattern[name] = options.scaling * layer.rank
+        layers[name] = record | plus_records.get(name, {})
+        return residual
+
+    with bar:
         specs = {key: reader.spec(key) for key in reader.locations}
-        write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
-        copy_model_files(reader.model_dir, staging)
-        write_adapter(staging / ADAPTER_DIR, adapter)
-        (staging / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2))
-        if bundle_store:
-            _link_or_copy(opened[0].path, staging / STORE_NAME)
+        write_sharded_weights(staging, specs, produce, max_shard_size=options.max_shard_size)
+    copy_model_files(reader.model_dir, staging)
+    residual_fingerprint = CheckpointReader(staging).fingerprint()
+    adapter.provenance = {
+        "model_fingerprint": fingerprint, "residual_fingerprint": residual_fingerprint, "base_name": base_name,
+        "ranks": {name: layer["rank"] for name, layer in layers.items()}, "corda_surgery": __version__,
+    }  # fmt: skip
+    write_adapter(staging / ADAPTER_DIR, adapter)
+    report = {
+        **options.record(),
+        "base_name": base_name,
+        "model_fingerprint": fingerprint,
+        "residual_fingerprint": residual_fingerprint,
+        "covariance_stores": [_store_record(s, out / STORE_NAME if bundle_store else s.path) for s in stores],
+        "layers": layers,
+        "versions": {"corda_surgery": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    if bundle_store:
+        _link_or_copy(stores[0].path, staging / STORE_NAME)
+
+
+def _store_record(store: CovarianceStore, path: Path) -> dict:
+    return {"path": str(path), "model_fingerprint": store.fingerprint, "calibration": store.calibration}
+
+
+def read_report(surgery_dir: Path) -> dict:
+    """surgery.json of a surgery output, or a one-line error naming the folder."""
+    path = surgery_dir / REPORT_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CordaSurgeryError(
+            f"{path}: not a readable surgery report ({exc}); is {surgery_dir} a surgery output?"
+        ) from exc
+
+
+def convert_checkpoint(
+    model_dir: str | Path,
+    out: str | Path,
+    spec: CalibrationSpec,
+    options: SurgeryOptions,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Calibrate and decompose in one go, keeping the store as ``out/covariances.h5``.
+
+    Everything the config and the options decide is checked before calibration starts; the store is
+    calibrated beside ``out`` (resumable there with ``resume``) and moved inside when the surgery is done.
+    """
+    out, model_dir = Path(out).resolve(), Path(model_dir)
+    check_disjoint(out, [model_dir, *spec.input_files()])
+    refuse_existing(out, overwrite)
+    plan_targets(StreamingModel(model_dir), options)
+    stores: list[Path] = []
+    if options.method.uses_covariance:
+        store = out.with_name(f".{out.name}.covariances.h5")
+        stores.append(calibrate(model_dir, spec, store, resume=resume, overwrite=True, progress=progress))
+    decompose_checkpoint(model_dir, out, options, stores=stores, overwrite=overwrite, bundle_store=bool(stores),
+                         progress=progress)  # fmt: skip
+    for store in stores:
+        store.unlink()  # out/covariances.h5 is now its only name
     return out

@@ -6,16 +6,17 @@ A'' = [A'; A], B'' = [B', −B] with the same scaling (alpha doubled along with 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from corda_surgery.calib.weights import CheckpointReader
-from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
-from corda_surgery.outputs import staged_folder
-from corda_surgery.surgery import ADAPTER_DIR, REPORT_NAME
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, write_adapter
+from corda_surgery.handoff import checked_adapter
+from corda_surgery.outputs import check_disjoint, staged_folder
+from corda_surgery.surgery import ADAPTER_DIR
 
 
 def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
@@ -50,12 +51,14 @@ def convert_to_lora(
     surgery_dir: str | Path, trained_adapter: str | Path, base: str | Path, out: str | Path, *, overwrite: bool = False
 ) -> Path:
     """Write ``out``: a PEFT LoRA adapter for the original model ``base`` equivalent to the trained one."""
-    surgery_dir, base = Path(surgery_dir), Path(base)
-    report = json.loads((surgery_dir / REPORT_NAME).read_text())
+    surgery_dir, trained_adapter, base = Path(surgery_dir), Path(trained_adapter), Path(base)
+    check_disjoint(Path(out), [surgery_dir, trained_adapter, base])
+    trained, report = checked_adapter(surgery_dir, trained_adapter)
+    initial, _ = checked_adapter(surgery_dir, surgery_dir / ADAPTER_DIR)
     if CheckpointReader(base).fingerprint() != report["model_fingerprint"]:
-        raise ValueError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
-    lora = to_plain_lora(read_adapter(surgery_dir / ADAPTER_DIR), read_adapter(trained_adapter))
+        raise CordaSurgeryError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
+    lora = to_plain_lora(initial, trained)
     lora.base_model_name_or_path = str(base.resolve())
-    with staged_folder(out, overwrite=overwrite) as staging:
+    with staged_folder(out, overwrite=overwrite, inputs=[surgery_dir, trained_adapter, base]) as staging:
         write_adapter(staging, lora)
     return Path(out).resolve()

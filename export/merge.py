@@ -8,9 +8,10 @@ import torch
 from tqdm.auto import tqdm
 
 from corda_surgery.calib.weights import CheckpointError, CheckpointReader
-from corda_surgery.export.checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, copy_model_files, write_sharded_weights
+from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter
-from corda_surgery.outputs import staged_folder
+from corda_surgery.options import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.outputs import check_disjoint, staged_folder
 
 
 def merge_adapter(
@@ -23,14 +24,24 @@ def merge_adapter(
     progress: bool = True,
 ) -> Path:
     """Write ``out``: ``model_dir``'s checkpoint with every adapted weight replaced by W + s·B·A."""
+    model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
+    check_disjoint(Path(out), [model_dir, adapter_dir])
     reader = CheckpointReader(model_dir)
     adapter: LoraAdapter = read_adapter(adapter_dir)
     key_of = {}
     for module in adapter.lora_A:
         try:  # older checkpoints store keys without the base-model prefix (GPT-2's "transformer.")
-            key_of[reader.resolve(f"{module}.weight", module.split(".")[0])] = module
-        except CheckpointError:
-            raise AdapterError(f"{adapter_dir}: adapts {module}, which {model_dir} does not have") from None
+            key = reader.resolve(f"{module}.weight", module.split(".")[0])
+        except CheckpointError as exc:
+            raise AdapterError(f"{adapter_dir}: adapts {module}, which {model_dir} does not have") from exc
+        out_dim, in_dim = adapter.lora_B[module].shape[0], adapter.lora_A[module].shape[1]
+        expected = (in_dim, out_dim) if adapter.fan_in_fan_out else (out_dim, in_dim)
+        if reader.spec(key)[0] != expected:
+            raise AdapterError(
+                f"{adapter_dir}: {module} adapts a {expected[0]}×{expected[1]} weight, but {model_dir} stores "
+                f"{key} as {'×'.join(map(str, reader.spec(key)[0]))}"
+            )
+        key_of[key] = module
     bar = tqdm(total=len(reader.locations), desc="merging", unit="tensor", disable=not progress)
 
     def produce(key: str) -> torch.Tensor:
@@ -41,13 +52,9 @@ def merge_adapter(
         if module is None:
             return weight
         delta = adapter.delta(module)
-        if adapter.fan_in_fan_out:
-            delta = delta.T
-        if delta.shape != weight.shape:
-            raise AdapterError(f"{adapter_dir}: {module} adapter is {tuple(delta.shape)}, weight {tuple(weight.shape)}")
-        return (weight.float() + delta).to(weight.dtype)
+        return (weight.float() + (delta.T if adapter.fan_in_fan_out else delta)).to(weight.dtype)
 
-    with staged_folder(out, overwrite=overwrite) as staging:
+    with staged_folder(out, overwrite=overwrite, inputs=[model_dir, adapter_dir]) as staging:
         specs = {key: reader.spec(key) for key in reader.locations}
         write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
         bar.close()

@@ -17,18 +17,25 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 from torch.export import Dim
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from corda_surgery.calib.weights import CheckpointReader
+from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files
-from corda_surgery.outputs import staged_folder
+from corda_surgery.options import OptionsError
+from corda_surgery.outputs import check_disjoint, staged_folder
 
+log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 EXPORT_INFO = "onnx_export.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -37,7 +44,7 @@ TORCHSCRIPT_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 TORCHSCRIPT_OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(CordaSurgeryError):
     """The model cannot be exported (unsupported architecture, exporter failure); names the model."""
 
 
@@ -150,61 +157,86 @@ def export_onnx(
 ) -> Path:
     """Write ``out/model.onnx`` (+ external data), the tokenizer/config files and ``onnx_export.json``."""
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise OptionsError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
     if exporter not in EXPORTERS:
-        raise ValueError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+        raise OptionsError(f"--exporter {exporter!r}: must be one of {', '.join(EXPORTERS)}")
+    model_dir = Path(model_dir)
+    check_disjoint(Path(out), [model_dir])
+    CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
     if exporter == "auto":
         exporter = "torchscript" if model.config.model_type in TORCHSCRIPT_FAMILIES else "dynamo"
     layers, heads, head_dim = cache_geometry(model.config)
-    batch, sequence, total = 2, 3, 7  # ≥ 2 everywhere, or the exporter specialises the axis
-    past_length = total - sequence
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, sequence))
-    attention_mask = torch.ones(batch, total if with_past else sequence, dtype=torch.long)
-    offset = past_length if with_past else 0
-    position_ids = torch.arange(offset, offset + sequence).expand(batch, sequence)
-    module: nn.Module
-    args: tuple
-    if with_past:
-        past = [torch.randn(batch, heads, past_length, head_dim, dtype=DTYPES[dtype]) for _ in range(2 * layers)]
-        module, args = _WithPast(model), (input_ids, attention_mask, position_ids, past)
-    else:
-        module, args = _LogitsOnly(model), (input_ids, attention_mask, position_ids)
-    input_names, output_names = io_names(layers, with_past)
-    with staged_folder(out, overwrite=overwrite) as staging:
+    module: nn.Module = _WithPast(model) if with_past else _LogitsOnly(model)
+    args = _example_inputs(model, batch=2, sequence=3, past_length=4 if with_past else None)  # ≥ 2 everywhere,
+    input_names, output_names = io_names(layers, with_past)  # or the exporter specialises that axis
+    with staged_folder(out, overwrite=overwrite, inputs=[model_dir]) as staging:
         path = staging / ONNX_NAME
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 if exporter == "dynamo":
                     torch.onnx.export(
-                        module,
-                        args,
-                        str(path),
-                        dynamo=True,
-                        dynamic_shapes=_dynamic_shapes(layers, with_past),
-                        input_names=input_names,
-                        output_names=output_names,
-                        external_data=True,
-                        opset_version=opset,
-                    )
+                        module, args, str(path), dynamo=True, dynamic_shapes=_dynamic_shapes(layers, with_past),
+                        input_names=input_names, output_names=output_names, external_data=True, opset_version=opset,
+                    )  # fmt: skip
                 else:
                     _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
         except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
             raise ExportError(f"{model_dir}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
+        exporter_warnings = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)
+        for message, count in exporter_warnings.items():
+            log.info("exporter warning (%d×) %s", count, message)
         onnx.checker.check_model(str(path))
-        copy_model_files(Path(model_dir), staging)
+        if exporter == "torchscript":
+            _check_other_shapes(path, module, model, with_past, input_names, model_dir)
+        copy_model_files(model_dir, staging)
         info = {
-            "dtype": dtype,
-            "with_past": with_past,
-            "num_layers": layers,
-            "num_kv_heads": heads,
-            "head_dim": head_dim,
-            "inputs": input_names,
-            "outputs": output_names,
-            "opset": graph_opset(path),
-            "exporter": exporter,
-        }
+            "dtype": dtype, "with_past": with_past, "num_layers": layers, "num_kv_heads": heads, "head_dim": head_dim,
+            "inputs": input_names, "outputs": output_names, "opset": graph_opset(path), "exporter": exporter,
+            "exporter_warnings": dict(exporter_warnings),
+        }  # fmt: skip
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return Path(out).resolve()
+
+
+def _example_inputs(model: PreTrainedModel, *, batch: int, sequence: int, past_length: int | None) -> tuple:
+    """(input_ids, attention_mask, position_ids[, past]) for ``batch`` rows of ``sequence`` new tokens."""
+    generator = torch.Generator().manual_seed(batch * 100 + sequence)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, sequence), generator=generator)
+    offset = past_length or 0
+    attention_mask = torch.ones(batch, offset + sequence, dtype=torch.long)
+    position_ids = torch.arange(offset, offset + sequence).expand(batch, sequence)
+    if past_length is None:
+        return input_ids, attention_mask, position_ids
+    layers, heads, head_dim = cache_geometry(model.config)
+    past = [
+        torch.randn(batch, heads, past_length, head_dim, generator=generator).to(model.dtype) for _ in range(2 * layers)
+    ]
+    return input_ids, attention_mask, position_ids, past
+
+
+def _check_other_shapes(
+    path: Path, module: nn.Module, model: PreTrainedModel, with_past: bool, input_names: list[str], model_dir: Path
+) -> None:
+    """A trace records one shape's control flow: run the graph at other batch, sequence and past lengths.
+
+    Tracer warnings cannot tell a broken trace from a good one (Llama's correct trace warns as GPT-2's
+    broken one does), so the graph is compared with PyTorch where the trace would go wrong.
+    """
+    args = _example_inputs(model, batch=3, sequence=5, past_length=2 if with_past else None)
+    with torch.no_grad():
+        expected = module(*args)
+    expected = (expected[0] if with_past else expected).float().numpy()
+    flat = [*args[:3], *(args[3] if with_past else [])]
+    feeds = {name: tensor.numpy() for name, tensor in zip(input_names, flat)}
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(path), providers=providers)
+    logits = session.run(["logits"], feeds)[0].astype(np.float32)
+    error = float(np.abs(logits - expected).max()) if logits.shape == expected.shape else float("inf")
+    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
+    if not error <= tolerance:
+        raise ExportError(
+            f"{model_dir}: the TorchScript trace gives wrong logits at shapes other than the traced ones (max |Δ| "
+            f"{error:.2g} at batch 3, sequence 5): it baked shapes into the graph; use --exporter dynamo"
+        )

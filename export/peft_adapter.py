@@ -11,16 +11,23 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from corda_surgery.errors import CordaSurgeryError
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What the adapter was made for (fingerprints of the residual and of the original model, rank per module).
+# PEFT ignores extra files, and does not copy this one when it saves a trained adapter: a surgery's own
+# surgery.json keeps the same record.
+PROVENANCE_NAME = "corda_surgery.json"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
-class AdapterError(ValueError):
+class AdapterError(CordaSurgeryError):
     """The adapter folder is missing, not a LoRA adapter, or does not fit the model; names the file."""
 
 
@@ -37,10 +44,14 @@ class LoraAdapter:
     fan_in_fan_out: bool = False
     task_type: str | None = "CAUSAL_LM"
     base_model_name_or_path: str | None = None
+    provenance: dict | None = None
+
+    def rank_of(self, module: str) -> int:
+        return _pattern_value(self.rank_pattern, module, self.rank)
 
     def scaling(self, module: str) -> float:
         """alpha / r of one module, honouring rank_pattern / alpha_pattern as PEFT does."""
-        rank = _pattern_value(self.rank_pattern, module, self.rank)
+        rank = self.rank_of(module)
         alpha = _pattern_value(self.alpha_pattern, module, self.alpha)
         return alpha / rank
 
@@ -81,6 +92,22 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
         tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.lora_A[module].contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.lora_B[module].contiguous()
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if adapter.provenance is not None:
+        (folder / PROVENANCE_NAME).write_text(json.dumps(adapter.provenance, indent=2))
+
+
+def _check_factors(adapter: LoraAdapter, weights_path: Path) -> None:
+    """Every module's A is (r, in) and B (out, r) with the rank its config gives, and both are finite."""
+    for module, lora_a in adapter.lora_A.items():
+        lora_b, rank = adapter.lora_B[module], adapter.rank_of(module)
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != rank or lora_b.shape[1] != rank:
+            raise AdapterError(
+                f"{weights_path}: {module} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, "
+                f"but its config gives rank {rank}"
+            )
+        for factor, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{weights_path}: {module}.{factor} contains NaN or Inf")
 
 
 def read_adapter(folder: str | Path) -> LoraAdapter:
@@ -90,8 +117,10 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
         raise AdapterError(f"{folder}: not a PEFT adapter folder ({CONFIG_NAME} and {WEIGHTS_NAME} needed)")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: not a JSON object")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_rslora") or config.get("use_dora"):
@@ -104,18 +133,28 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
                 if match is None:
                     raise AdapterError(f"{weights_path}: unexpected tensor {key} (only LoRA A/B weights are supported)")
                 factors[match["factor"]][match["module"]] = handle.get_tensor(key)
-    except (OSError, RuntimeError) as exc:
-        raise AdapterError(f"{weights_path}: unreadable ({exc})") from None
-    if factors["A"].keys() != factors["B"].keys():
-        raise AdapterError(f"{weights_path}: lora_A and lora_B cover different modules")
-    return LoraAdapter(
-        rank=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
-        lora_A=factors["A"],
-        lora_B=factors["B"],
-        rank_pattern=config.get("rank_pattern") or {},
-        alpha_pattern=config.get("alpha_pattern") or {},
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        task_type=config.get("task_type"),
-        base_model_name_or_path=config.get("base_model_name_or_path"),
-    )
+    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
+        raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
+    unpaired = sorted(factors["A"].keys() ^ factors["B"].keys())
+    if unpaired:
+        raise AdapterError(f"{weights_path}: {unpaired[0]} has only one of lora_A and lora_B")
+    provenance_path = folder / PROVENANCE_NAME
+    try:
+        adapter = LoraAdapter(
+            rank=int(config["r"]),
+            alpha=float(config.get("lora_alpha") or config["r"]),
+            lora_A=factors["A"],
+            lora_B=factors["B"],
+            rank_pattern=config.get("rank_pattern") or {},
+            alpha_pattern=config.get("alpha_pattern") or {},
+            fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+            task_type=config.get("task_type"),
+            base_model_name_or_path=config.get("base_model_name_or_path"),
+            provenance=json.loads(provenance_path.read_text()) if provenance_path.is_file() else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterError(f"{folder}: malformed adapter configuration ({exc!r})") from exc
+    if adapter.rank < 1 or not all(isinstance(r, int) and r >= 1 for r in adapter.rank_pattern.values()):
+        raise AdapterError(f"{config_path}: ranks must be whole numbers ≥ 1")
+    _check_factors(adapter, weights_path)
+    return adapter

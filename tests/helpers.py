@@ -47,7 +47,7 @@ def logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
 
 
 def tree_hashes(*roots: Path) -> dict[str, str]:
-    """sha256 of every file below ``roots`` (a file root counts as itself): inputs must come out unchanged."""
+    """sha256 of every regular file below ``roots`` (a file root counts as itself; FIFOs are never read)."""
     hashes = {}
     for root in roots:
         for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):

@@ -13,9 +13,15 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
 )
 
 from corda_surgery.calib.data import BUILTIN_DIR
@@ -67,6 +73,21 @@ def _config(kind: str, vocab: int, layers: int, hidden: int):
             bos_token_id=1,
             eos_token_id=2,
         ), Qwen2ForCausalLM
+    if kind in ("mistral", "qwen3"):
+        config_class, model_class = {
+            "mistral": (MistralConfig, MistralForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        }[kind]
+        return config_class(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ), model_class  # fmt: skip
+    if kind == "roberta":
+        return RobertaConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0,
+        ), RobertaForMaskedLM  # fmt: skip
     if kind == "gpt2":
         return GPT2Config(
             vocab_size=vocab,

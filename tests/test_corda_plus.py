@@ -15,6 +15,7 @@ from corda_surgery.corda_plus import (
     energy_compactness,
     select_candidate,
 )
+from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 
 
@@ -90,9 +91,8 @@ def test_budget_below_minimum_is_an_error():
 def test_rounds_are_stored_and_sum_to_the_total(tiny_llama, tmp_path):
     out = calibrate(
         tiny_llama,
-        CalibrationSpec("gsm8k", samples=16, seq_len=48, batch_size=4),
+        CalibrationSpec("gsm8k", samples=16, seq_len=48, batch_size=4, rounds=2),
         tmp_path / "r.h5",
-        rounds=2,
         progress=False,
     )
     with CovarianceStore(out) as store:
@@ -112,9 +112,8 @@ def test_corda_plus_handoff_with_per_layer_ranks(tiny_llama, tmp_path, mode):
 
     qa = calibrate(
         tiny_llama,
-        CalibrationSpec("nq_open", samples=16, seq_len=48, batch_size=4),
+        CalibrationSpec("nq_open", samples=16, seq_len=48, batch_size=4, rounds=2),
         tmp_path / "qa.h5",
-        rounds=2,
         progress=False,
     )
     math = calibrate(
@@ -123,12 +122,7 @@ def test_corda_plus_handoff_with_per_layer_ranks(tiny_llama, tmp_path, mode):
     out = decompose_checkpoint(
         tiny_llama,
         tmp_path / "out",
-        method="corda++",
-        mode=mode,
-        rank=8,
-        rank_budget=8,
-        min_rank=2,
-        max_rank=24,
+        SurgeryOptions(method="corda++", mode=mode, rank=8, rank_budget=8, min_rank=2, max_rank=24),
         stores=[qa, math],
         progress=False,
     )

@@ -28,7 +28,7 @@ def covariances(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("parity") / "cov.h5"
     calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=32, seq_len=64, batch_size=4), out, progress=False)
     with CovarianceStore(out) as store:
-        return {linear: store.covariance(linear, torch.float32) for linear in store.by_linear}
+        return {linear: store.covariance(linear).float() for linear in store.by_linear}
 
 
 def _cut_gaps(spectrum: torch.Tensor, mode: str) -> tuple[float, float]:
@@ -92,11 +92,11 @@ def test_peft_covariance_normalisation_matches_peft_hooks(tiny_llama, tmp_path):
 
     from corda_surgery.calib.data import token_batches
 
-    spec = CalibrationSpec("gsm8k", samples=8, seq_len=40, batch_size=4)
-    ours = calibrate(tiny_llama, spec, tmp_path / "ours.h5", normalisation="peft", progress=False)
+    spec = CalibrationSpec("gsm8k", samples=8, seq_len=40, batch_size=4, normalisation="peft")
+    ours = calibrate(tiny_llama, spec, tmp_path / "ours.h5", progress=False)
     samples = [
         row[mask.bool()]
-        for batch in token_batches(spec, AutoTokenizer.from_pretrained(tiny_llama))[0]
+        for batch in token_batches(spec, AutoTokenizer.from_pretrained(tiny_llama), vocab_size=10**6)[0]
         for row, mask in zip(batch.input_ids, batch.attention_mask)
     ]
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

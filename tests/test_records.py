@@ -16,6 +16,7 @@ from corda_surgery.calib.store import FORMAT_VERSION, CovarianceStore, StoreErro
 from corda_surgery.calib.stream import calibrate
 from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.decompose import decompose_weight
+from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 from tests.helpers import cli_error, relative, run_cli, tensors
 
@@ -59,10 +60,8 @@ def test_factor_dtype_and_base_name_reach_the_adapter(tiny_llama, tmp_path):
     out = decompose_checkpoint(
         tiny_llama,
         tmp_path / "out",
+        SurgeryOptions(rank=4, factor_dtype="float64", base_name="me/residual"),
         stores=[store],
-        rank=4,
-        factor_dtype=torch.float64,
-        base_name="me/residual",
         progress=False,
     )
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -74,7 +73,7 @@ def test_factor_dtype_and_base_name_reach_the_adapter(tiny_llama, tmp_path):
 def test_decomposition_reads_the_covariance_in_float64(tiny_llama, tmp_path):
     """The product W·C is float64 only if C is: the stored float64 sum must reach it unrounded."""
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
-    out = decompose_checkpoint(tiny_llama, tmp_path / "out", stores=[store], rank=4, progress=False)
+    out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions(rank=4), stores=[store], progress=False)
     factors, weights = tensors(out / "adapter"), tensors(tiny_llama)
     name = "model.layers.1.self_attn.o_proj"
     with CovarianceStore(store) as opened:

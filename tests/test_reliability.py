@@ -1,5 +1,6 @@
 """Crash safety, bad input and untrusted files: nothing lost, nothing half-written, every error one clear line."""
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -17,10 +18,13 @@ from safetensors.torch import load_file, save_file
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.stream import calibrate
 from corda_surgery.cli import main
+from corda_surgery.options import SurgeryOptions
+from corda_surgery.surgery import decompose_checkpoint
 from tests.helpers import cli_error, datasets
 from tests.models import save_tiny_model
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=40, batch_size=4)
+ROUNDS_SPEC = dataclasses.replace(SPEC, rounds=2)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,11 +64,11 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_sigkill_during_calibrate_then_resume(tiny_llama, tmp_path, point):
-    reference = calibrate(tiny_llama, SPEC, tmp_path / "reference.h5", rounds=2, progress=False)
+    reference = calibrate(tiny_llama, ROUNDS_SPEC, tmp_path / "reference.h5", progress=False)
     out = tmp_path / "cov.h5"
     body = (
         f"from corda_surgery.calib.stream import calibrate\nfrom corda_surgery.calib.data import CalibrationSpec\n"
-        f"calibrate({str(tiny_llama)!r}, CalibrationSpec(**{SPEC.__dict__!r}), {str(out)!r}, rounds=2, "
+        f"calibrate({str(tiny_llama)!r}, CalibrationSpec(**{ROUNDS_SPEC.__dict__!r}), {str(out)!r}, "
         f"progress=False)"
     )
     killed = _run_killed(KILL_POINTS[point], body)
@@ -98,8 +102,6 @@ def test_sigkill_during_calibrate_then_resume(tiny_llama, tmp_path, point):
 
 
 def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path, caplog):
-    from corda_surgery.surgery import decompose_checkpoint
-
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     out = tmp_path / "out"
     patch = textwrap.dedent("""
@@ -113,7 +115,9 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
     """)
     body = (
         f"from corda_surgery.surgery import decompose_checkpoint\n"
-        f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, stores=[{str(store)!r}], progress=False)"
+        f"from corda_surgery.options import SurgeryOptions\n"
+        f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, SurgeryOptions(), stores=[{str(store)!r}], "
+        f"progress=False)"
     )
     killed = _run_killed(patch, body)
     assert killed.returncode == -9, killed.stderr
@@ -121,7 +125,7 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert leftovers  # the killed run's staging folder, under a name no loader will pick up
     with caplog.at_level("WARNING"):  # the next run on the same output clears it, and says so
-        decompose_checkpoint(tiny_llama, out, stores=[store], progress=False)
+        decompose_checkpoint(tiny_llama, out, SurgeryOptions(), stores=[store], progress=False)
     assert not any(p.exists() for p in leftovers)
     assert f"removed {leftovers[0]}" in caplog.text and "left by an interrupted run" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cov.h5", "out"]
@@ -136,13 +140,13 @@ def model_copy(tiny_llama, tmp_path):
 
 def test_missing_weights(model_copy):
     (model_copy / "model.safetensors").unlink()
-    assert "no *.safetensors" in cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
+    assert "no *.safetensors" in cli_error("calibrate", model_copy, "--out", model_copy.parent / "c.h5")
 
 
 def test_truncated_safetensors(model_copy):
     path = model_copy / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    message = cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
+    message = cli_error("calibrate", model_copy, "--out", model_copy.parent / "c.h5")
     assert "truncated" in message and "model.safetensors" in message
 
 
@@ -162,7 +166,7 @@ def test_config_that_does_not_match_weights(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config["intermediate_size"] *= 2
     (model_copy / "config.json").write_text(json.dumps(config))
-    message = cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
+    message = cli_error("calibrate", model_copy, "--out", model_copy.parent / "c.h5")
     assert "implies" in message and "mlp" in message
 
 
@@ -170,7 +174,7 @@ def test_unsupported_architecture(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config["model_type"], config["architectures"] = "falcon", ["FalconForCausalLM"]
     (model_copy / "config.json").write_text(json.dumps(config))
-    assert "not supported" in cli_error("calibrate", model_copy, "--out", model_copy / "c.h5")
+    assert "not supported" in cli_error("calibrate", model_copy, "--out", model_copy.parent / "c.h5")
 
 
 def test_store_from_another_model(tiny_llama, tmp_path):
@@ -206,7 +210,7 @@ def test_calibration_data_empty_or_unusable(tiny_llama, tmp_path):
 def test_rank_too_large(tiny_llama, tmp_path):
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     message = cli_error("decompose", tiny_llama, "--covariances", store, "--rank", 100, "--out", tmp_path / "o")
-    assert "rank 100 is outside" in message and "model.layers.0" in message
+    assert "--rank 100 is too large" in message and "model.layers.0" in message
     assert not (tmp_path / "o").exists()
 
 

@@ -8,6 +8,7 @@ from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.calib.stream import calibrate
 from corda_surgery.models import embedded_model_dir
+from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -69,7 +70,9 @@ def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
     """The stored float32 weights carry the surgery: run in float64 the logits agree to 1e-4; run in
     float32 they agree to within twice the float32 model's own rounding error (~1e-4 for 36-unit logits)."""
     batch, logits, floor = reference
-    out = decompose_checkpoint(smollm2, tmp_path / mode, mode=mode, rank=16, stores=[smollm2_store], progress=False)
+    out = decompose_checkpoint(
+        smollm2, tmp_path / mode, SurgeryOptions(mode=mode, rank=16), stores=[smollm2_store], progress=False
+    )
     error64 = handoff_error(out, batch, logits, torch.float64)
     error32 = handoff_error(out, batch, logits, torch.float32)
     print(
@@ -88,7 +91,9 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     from corda_surgery.export.onnx_export import export_onnx
     from corda_surgery.export.verify import verify_onnx
 
-    out = decompose_checkpoint(smollm2, tmp_path / "kpm", mode="kpm", rank=16, stores=[smollm2_store], progress=False)
+    out = decompose_checkpoint(
+        smollm2, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=16), stores=[smollm2_store], progress=False
+    )
     merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
     original, rebuilt = load_file(smollm2 / "model.safetensors"), load_file(merged / "model.safetensors")
     assert original.keys() == rebuilt.keys()
@@ -111,12 +116,7 @@ def test_corda_plus_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_pa
     out = decompose_checkpoint(
         smollm2,
         tmp_path / "plus",
-        method="corda++",
-        mode="ipm",
-        rank=16,
-        rank_budget=16,
-        min_rank=4,
-        max_rank=64,
+        SurgeryOptions(method="corda++", mode="ipm", rank=16, rank_budget=16, min_rank=4, max_rank=64),
         stores=[smollm2_store],
         progress=False,
     )

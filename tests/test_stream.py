@@ -19,7 +19,7 @@ def _reference_covariances(model_dir, spec, auto_class=AutoModelForCausalLM):
     """Forward hooks on the whole model, one pass, padding excluded: the definition to match."""
     model = auto_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     family = family_for(model.config.model_type)
-    batches, _ = token_batches(spec, AutoTokenizer.from_pretrained(model_dir))
+    batches, _ = token_batches(spec, AutoTokenizer.from_pretrained(model_dir), model.config.vocab_size)
     sums, counts, handles, current = {}, {}, [], {}
     for name, module in model.named_modules():
         if any(name.endswith("." + group[0]) for group in family.input_groups):

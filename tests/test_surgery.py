@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.stream import calibrate
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import TargetError, decompose_checkpoint
 from corda_surgery.to_lora import convert_to_lora
 from tests.helpers import PROMPTS, logits, tensors
@@ -39,7 +41,9 @@ def _handoff_error(model_dir, out):
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{kind}")
-    out = decompose_checkpoint(model_dir, tmp_path / "out", mode=mode, rank=8, stores=[stores[kind]], progress=False)
+    out = decompose_checkpoint(
+        model_dir, tmp_path / "out", SurgeryOptions(mode=mode, rank=8), stores=[stores[kind]], progress=False
+    )
     assert _handoff_error(model_dir, out) <= 1e-4
     report = json.loads((out / "surgery.json").read_text())
     assert report["mode"] == mode
@@ -50,10 +54,8 @@ def test_only_targets_change_and_ties_stay(tiny_qwen2, stores, tmp_path):
     out = decompose_checkpoint(
         tiny_qwen2,
         tmp_path / "out",
-        rank=4,
+        SurgeryOptions(rank=4, targets="q_proj,down_proj", max_shard_size=40_000),
         stores=[stores["qwen2"]],
-        targets="q_proj,down_proj",
-        max_shard_size=40_000,
         progress=False,
     )
     assert (out / "model.safetensors.index.json").is_file()  # small shards: really sharded
@@ -69,7 +71,9 @@ def test_only_targets_change_and_ties_stay(tiny_qwen2, stores, tmp_path):
 
 def test_unknown_target_pattern(tiny_llama, stores, tmp_path):
     with pytest.raises(TargetError, match="qproj matches no linear"):
-        decompose_checkpoint(tiny_llama, tmp_path / "out", stores=[stores["llama"]], targets="qproj", progress=False)
+        decompose_checkpoint(
+            tiny_llama, tmp_path / "out", SurgeryOptions(targets="qproj"), stores=[stores["llama"]], progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -77,7 +81,7 @@ def test_training_changes_only_the_adapter_and_loss_falls(tiny_llama, stores, tm
     from transformers import Trainer, TrainingArguments
 
     out = decompose_checkpoint(
-        tiny_llama, tmp_path / "out", mode="ipm", rank=8, stores=[stores["llama"]], progress=False
+        tiny_llama, tmp_path / "out", SurgeryOptions(mode="ipm", rank=8), stores=[stores["llama"]], progress=False
     )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -123,6 +127,8 @@ def test_training_changes_only_the_adapter_and_loss_falls(tiny_llama, stores, tm
 
 
 def test_to_lora_refuses_another_base(tiny_llama, tiny_gpt2, stores, tmp_path):
-    out = decompose_checkpoint(tiny_llama, tmp_path / "out", rank=4, stores=[stores["llama"]], progress=False)
-    with pytest.raises(ValueError, match="not the model"):
+    out = decompose_checkpoint(
+        tiny_llama, tmp_path / "out", SurgeryOptions(rank=4), stores=[stores["llama"]], progress=False
+    )
+    with pytest.raises(CordaSurgeryError, match="not the model"):
         convert_to_lora(out, out / "adapter", tiny_gpt2, tmp_path / "lora")

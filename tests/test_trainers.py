@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.stream import calibrate
 from corda_surgery.export.merge import merge_adapter
+from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 from tests.helpers import PROMPTS, logits
 
@@ -51,8 +52,8 @@ def test_trained_adapter_moved_elsewhere_merges_to_the_same_logits(make_trainer,
     store = calibrate(tiny_llama, CalibrationSpec("nq_open", samples=8, seq_len=32, batch_size=4), made / "cov.h5",
                       progress=False)  # fmt: skip
     # the adapter names the place the residual will live (--base-name), not where it is made
-    out = decompose_checkpoint(tiny_llama, made / "out", mode="ipm", rank=4, stores=[store],
-                               base_name=str(moved / "out"), progress=False)  # fmt: skip
+    options = SurgeryOptions(mode="ipm", rank=4, base_name=str(moved / "out"))
+    out = decompose_checkpoint(tiny_llama, made / "out", options, stores=[store], progress=False)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}

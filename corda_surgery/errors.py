@@ -1,0 +1,9 @@
+"""The product's own errors: one base class, so the CLI can tell a user's mistake from a bug.
+
+Every subclass's message names the culprit (file, tensor, layer or option). Anything else that escapes a
+command is a bug and is shown with its traceback.
+"""
+
+
+class CordaSurgeryError(Exception):
+    """Bad input, options or files, or an output that cannot be written; the message says which."""
