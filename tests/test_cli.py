@@ -1,5 +1,6 @@
 """The command line end to end on a tiny model: help, calibrate → decompose → inspect, one-line errors."""
 
+import dataclasses
 import json
 import os
 import platform
@@ -10,7 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from corda_surgery.cli import main
+from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory import huge_pages_environment, transparent_huge_page_mode
+from tests.helpers import cli_error
 
 
 def run(*args):
@@ -114,3 +117,37 @@ def test_console_entry_restarts_itself_with_huge_page_malloc():
     lines = result.stdout.splitlines()
     assert result.returncode == 0, result.stderr
     assert lines[:2] == ["None", "glibc.malloc.hugetlb=1"] and lines[2].startswith("corda-surgery, version")
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(tiny_llama, tmp_path, monkeypatch):
+    import corda_surgery.surgery
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal failure")
+
+    monkeypatch.setattr(corda_surgery.surgery, "decompose_checkpoint", broken)
+    result = CliRunner().invoke(main, ["decompose", str(tiny_llama), "--method", "pissa", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "RuntimeError: internal failure" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: this is a bug in corda-surgery")
+
+
+def test_debug_keeps_the_cause_chain(tiny_llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "config.json").write_text("{")
+    result = CliRunner().invoke(main, ["--debug", "calibrate", str(model), "--out", str(tmp_path / "c.h5")])
+    assert isinstance(result.exception, CordaSurgeryError) and "config.json" in str(result.exception)
+    assert isinstance(result.exception.__cause__, json.JSONDecodeError)
+
+
+def test_a_missing_linear_is_an_architecture_error(tiny_llama, tmp_path, monkeypatch):
+    from corda_surgery.calib import architectures
+
+    family = architectures.FAMILIES["llama"]
+    changed = dataclasses.replace(family, input_groups=(*family.input_groups, ("mlp.extra_proj",)))
+    monkeypatch.setitem(architectures.FAMILIES, "llama", changed)
+    message = cli_error("calibrate", tiny_llama, "--out", tmp_path / "c.h5")
+    assert "llama: block model.layers.0 has no mlp.extra_proj" in message

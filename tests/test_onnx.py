@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corda_surgery.export.onnx_export import export_onnx
+from corda_surgery.export.onnx_export import ExportError, export_onnx
 from corda_surgery.export.onnx_runtime import OnnxCausalLM
 from corda_surgery.export.verify import DEFAULT_PROMPTS, verify_onnx
 
@@ -48,6 +48,22 @@ def test_export_info_records_the_opset_in_the_graph(exported):
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
     declared = {entry.domain: entry.version for entry in graph.opset_import}
     assert isinstance(info["opset"], int) and info["opset"] == declared.get("", declared.get("ai.onnx"))
+
+
+def test_exporter_warnings_are_recorded_not_silenced(exported):
+    _, onnx_dir = exported
+    info = json.loads((onnx_dir / "onnx_export.json").read_text())
+    assert isinstance(info["exporter_warnings"], dict)
+    if info["exporter"] == "torchscript":  # the tracer always warns about Python control flow
+        assert any(message.startswith("TracerWarning") for message in info["exporter_warnings"])
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_a_trace_that_baked_shapes_into_the_graph_is_refused(tiny_gpt2, tmp_path, with_past):
+    """GPT-2's TorchScript trace is wrong at other batch/sequence lengths: the export says so, writes nothing."""
+    with pytest.raises(ExportError, match="baked shapes into the graph; use --exporter dynamo"):
+        export_onnx(tiny_gpt2, tmp_path / "out", exporter="torchscript", with_past=with_past)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_padded_batch_equals_each_prompt_alone(exported):
