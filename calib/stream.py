@@ -1,31 +1,31 @@
-"""Layer-by-layer streaming engine: input covariances of every target linear, one block in memory.
+"""Layer-by-layer streaming engine: input covariances of every linear, one block in memory.
 
-The model is a skeleton on the ``meta`` device. The stem (embeddings, rotary tables) is materialised to
-record, for every calibration batch, the hidden states entering block 0 and the arguments each block
-receives (masks, position embeddings, ...); then each block in turn is loaded from the safetensors
-shards, run over all batches with hooks summing XᵀX over real tokens, written to the store, and freed.
+The model is a skeleton on the ``meta`` device (``calib.model_view``). The stem (embeddings, rotary
+tables) is materialised to record, for every calibration batch, the hidden states entering block 0 and
+the arguments each block receives (its own masks and position embeddings: sliding-window and global
+layers differ); then each block in turn is loaded from the safetensors shards, run over all batches with
+pre-hooks on all its linears summing XᵀX over real tokens, written to the store, and freed. Linears whose
+hooks receive the same tensor in a forward (q/k/v, gate/up, whatever the model shares) form one input
+group with one covariance, computed once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
-import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import torch
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
-from corda_surgery.calib.architectures import Family, UnsupportedArchitecture, family_for
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
+from corda_surgery.calib.model_view import ModelView, UnsupportedArchitecture
 from corda_surgery.calib.store import CovarianceEntry, StoreWriter
-from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.outputs import claimed, refuse_existing
 
@@ -72,7 +72,15 @@ class _Accumulator:
         self.blocks = [slice(a, b) for a, b in itertools.pairwise(edges)]
 
     def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int) -> None:
+        """``x``: (batch, sequence, width) activations, the same flattened, or the rows routed to an expert."""
         x = x.float()
+        if x.dim() == 2 and x.shape[0] == mask.numel():
+            x = x.reshape(*mask.shape, -1)
+        elif x.dim() == 2:  # tokens routed to one expert: every row is a real token
+            if self.normalisation == "peft":
+                raise UnsupportedArchitecture("--covariance-norm peft needs per-sample inputs; experts get routed rows")
+            mask = torch.ones(x.shape[0], 1, dtype=torch.bool)
+            x = x[:, None, :]
         dense = bool(mask.all())  # no padding: use the activations in place instead of gathering rows
         if self.normalisation == "peft":  # PEFT's rule: each sample scaled by |max| over its real tokens
             real = x if dense else x.masked_fill(~mask[..., None], float("-inf"))
@@ -93,175 +101,67 @@ class _Accumulator:
         return self.sums
 
 
-class StreamingModel:
-    """A meta skeleton of a checkpoint whose blocks are materialised one at a time."""
+class _InputGroups:
+    """Pre-hooks on all linears of one block: linears that read the same tensor in a forward share one
+    accumulator, filled once by the first of them (the group's leader)."""
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
-        self.reader = CheckpointReader(model_dir)
-        config_path = self.reader.model_dir / "config.json"
-        try:
-            self.family: Family = family_for(json.loads(config_path.read_text())["model_type"])
-            self.config = AutoConfig.from_pretrained(self.reader.model_dir)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
-        self.dtype = dtype
-        with torch.device("meta"):
-            self.model: PreTrainedModel = _build_model(self.config)
-        self.model.eval()
-        self.base: nn.Module = self.model.base_model
-        blocks = self.base.get_submodule(self.family.layers)
-        if not isinstance(blocks, nn.ModuleList):
-            raise UnsupportedArchitecture(f"{self.config.model_type}: {self.family.layers} is not a block list")
-        self.blocks: nn.ModuleList = blocks
-        names = {id(m): n for n, m in self.model.named_modules()}
-        self.blocks_prefix = names[id(self.blocks)]
-        self.base_prefix: str = self.model.base_model_prefix if self.base is not self.model else ""
-        for index, block in enumerate(self.blocks):
-            for linear in self.family.linears:
-                try:
-                    block.get_submodule(linear)
-                except AttributeError as exc:
-                    raise UnsupportedArchitecture(
-                        f"{self.config.model_type}: block {self.block_name(index)} has no {linear}"
-                    ) from exc
-        self._account_for_tensors()
-        self._rebuild_runtime_buffers()
+    def __init__(self, make: Callable[[int], _Accumulator]):
+        self.make = make
+        self.leader_of: dict[str, str] = {}  # linear → the linear whose accumulator holds its input
+        self.accumulators: dict[str, _Accumulator] = {}
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) → (leader, the tensor, kept alive)
+        self.mask, self.round = torch.ones(1, 1, dtype=torch.bool), 0
 
-    def _account_for_tensors(self) -> None:
-        """Every stored tensor is one the config implies, with that shape, and every implied one is stored
-        (tied weights once): a config that does not match the weights is refused before any work."""
-        aliases: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
-            aliases.setdefault(id(tensor), []).append((name, tensor))
-        explained: set[str] = set()
-        for names in aliases.values():
-            stored = [(key, tensor) for name, tensor in names if (key := self.reader.find(name, self.base_prefix))]
-            if not stored:
-                raise CheckpointError(
-                    f"{self.reader.model_dir}: tensor {names[0][0]} is missing from the checkpoint "
-                    "(config.json implies it)"
+    def start_batch(self, mask: torch.Tensor, round_index: int) -> None:
+        self._seen.clear()
+        self.mask, self.round = mask, round_index
+
+    def hook(self, name: str):
+        def pre_hook(_module, inputs):
+            x = inputs[0]
+            seen = self._seen.get(id(x))
+            leader = seen[0] if seen is not None and seen[1] is x else name
+            if self.leader_of.setdefault(name, leader) != leader:
+                raise UnsupportedArchitecture(
+                    f"{name} reads the input of {self.leader_of[name]} in one batch and of {leader} in another"
                 )
-            for key, tensor in stored:
-                shape = self.reader.spec(key)[0]
-                if shape != tuple(tensor.shape):
-                    raise CheckpointError(
-                        f"{self.reader.model_dir}: {key} has shape {shape} but config.json implies "
-                        f"{tuple(tensor.shape)}"
-                    )
-                explained.add(key)
-        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
-        unexplained = sorted(
-            k for k in self.reader.layout if k not in explained and not any(p.search(k) for p in ignored)
-        )
-        if unexplained:
-            raise CheckpointError(
-                f"{self.reader.model_dir}: tensor {unexplained[0]} is not explained by config.json "
-                f"({len(unexplained)} such tensor(s): does the config match the weights?)"
-            )
+            if leader == name:
+                self._seen[id(x)] = (name, x)
+                if name not in self.accumulators:
+                    self.accumulators[name] = self.make(x.shape[-1])
+                self.accumulators[name].add(x, self.mask, self.round)
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
+        return pre_hook
 
-    def block_name(self, index: int) -> str:
-        return f"{self.blocks_prefix}.{index}"
-
-    def _stem_modules(self) -> list[nn.Module]:
-        """Direct children of the base model other than the block list (embeddings, norms, rotary)."""
-        return [m for m in self.base.children() if m is not self.blocks]
-
-    def _rebuild_runtime_buffers(self) -> None:
-        """Non-persistent buffers (rotary inv_freq, position ids) are not in checkpoints: rebuild on CPU."""
-        for module in self._stem_modules():
-            for sub in module.modules():
-                meta = [k for k, b in sub._buffers.items() if b is not None and b.is_meta]
-                if not meta:
-                    continue
-                fresh = _construct_like(sub, self.config)
-                for key in meta:
-                    sub._buffers[key] = fresh._buffers[key]
-        for name, buffer in self.blocks.named_buffers():
-            if buffer.is_meta:
-                raise UnsupportedArchitecture(f"{self.config.model_type}: block buffer {name} cannot be rebuilt")
-
-    def _load(self, module: nn.Module, prefix: str) -> None:
-        for name, param in list(module.named_parameters()):
-            key = self.reader.resolve(f"{prefix}.{name}" if prefix else name, self.base_prefix)
-            owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            tensor = self.reader.get(key)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"{self.reader.model_dir}: {key} has shape {tuple(tensor.shape)} but config.json "
-                    f"implies {tuple(param.shape)}"
-                )
-            owner._parameters[leaf] = nn.Parameter(tensor.to(self.dtype), requires_grad=False)
-
-    def load_stem(self) -> None:
-        names = {id(m): n for n, m in self.model.named_modules()}
-        for module in self._stem_modules():
-            self._load(module, names[id(module)])
-
-    def free_stem(self) -> None:
-        for module in self._stem_modules():
-            for sub in module.modules():
-                for key, param in sub._parameters.items():
-                    if param is not None:
-                        sub._parameters[key] = nn.Parameter(param.to("meta"), requires_grad=False)
-
-    def load_block(self, index: int) -> nn.Module:
-        block = self.blocks[index]
-        self._load(block, self.block_name(index))
-        return block
-
-    def free_block(self, index: int) -> None:
-        self.blocks[index].to("meta")
-        self.reader.release()
-
-    @torch.no_grad()
-    def capture_block_inputs(self, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], list[list]]:
-        """Hidden states entering block 0 per batch, and each block's other arguments per batch."""
-        self.load_stem()
-        originals = list(self.blocks)
-        hidden, arguments = [], []
-        try:
-            for batch in batches:
-                sink: list = []
-                for i in range(self.num_blocks):
-                    self.blocks[i] = _BlockInputRecorder(i, sink, last=i == self.num_blocks - 1)
-                with contextlib.suppress(_StopForward):
-                    self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                hidden.append(sink[0][1])
-                arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
-        finally:
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
-            self.free_stem()
-        return hidden, arguments
+    def members(self, leader: str) -> tuple[str, ...]:
+        return tuple(name for name, of in self.leader_of.items() if of == leader)
 
 
-def _build_model(config) -> PreTrainedModel:
-    """The checkpoint's own architecture class (config.architectures), else a causal LM."""
-    for architecture in config.architectures or []:
-        cls = getattr(transformers, architecture, None)
-        if cls is not None:
-            return cls(config)
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def _construct_like(module: nn.Module, config) -> nn.Module:
-    with torch.device("cpu"):
-        for call in (lambda: type(module)(config=config), lambda: type(module)(config)):
-            try:
-                return call()
-            except TypeError:
-                continue
-    raise UnsupportedArchitecture(f"cannot rebuild the runtime buffers of {type(module).__name__}")
+@torch.no_grad()
+def capture_block_inputs(view: ModelView, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], list[list]]:
+    """Hidden states entering block 0 per batch, and each block's other arguments per batch."""
+    view.load_stem()
+    originals = list(view.blocks)
+    hidden, arguments = [], []
+    try:
+        for batch in batches:
+            sink: list = []
+            for i in range(view.num_blocks):
+                view.blocks[i] = _BlockInputRecorder(i, sink, last=i == view.num_blocks - 1)
+            with contextlib.suppress(_StopForward):
+                view.runner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            hidden.append(sink[0][1])
+            arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
+    finally:
+        for i, block in enumerate(originals):
+            view.blocks[i] = block
+        view.free_stem()
+    return hidden, arguments
 
 
 @torch.no_grad()
 def stream_covariances(
-    streaming: StreamingModel,
+    view: ModelView,
     batches: list[TokenBatch],
     writer: StoreWriter,
     *,
@@ -274,53 +174,48 @@ def stream_covariances(
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
     gets its own covariance besides their sum (candidates for CorDA++'s covariance selection).
     """
-    hidden, arguments = streaming.capture_block_inputs(batches)
+    hidden, arguments = capture_block_inputs(view, batches)
     masks = [batch.attention_mask.bool() for batch in batches]
-    for index in tqdm(range(streaming.num_blocks), desc="blocks", unit="block", disable=not progress):
-        block = streaming.load_block(index)
-        prefix = streaming.block_name(index)
-        collect = index >= writer.layers_done
-        accumulators: dict[tuple[str, ...], _Accumulator] = {}
+    for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
+        block = view.load_block(index)
+        prefix = view.block_name(index)
+        groups = _InputGroups(lambda width: _Accumulator(width, normalisation, rounds))
         handles = []
-        current: dict[str, torch.Tensor] = {}
-        if collect:
-            for group in streaming.family.input_groups:
-                leader = block.get_submodule(group[0])
-                weight_shape = cast(torch.Tensor, leader.weight).shape
-                in_dim = weight_shape[0] if streaming.family.transposed else weight_shape[1]
-                accumulator = accumulators[group] = _Accumulator(in_dim, normalisation, rounds)
-                hook = lambda _m, inputs, acc=accumulator, now=current: acc.add(  # noqa: E731
-                    inputs[0], now["mask"], now["round"]
-                )
-                handles.append(leader.register_forward_pre_hook(hook))
+        if index >= writer.layers_done:
+            handles = [block.get_submodule(name).register_forward_pre_hook(groups.hook(name))
+                       for name in view.linears[index]]  # fmt: skip
         try:
             batch_bar = tqdm(range(len(batches)), desc=f"block {index}", leave=False, disable=not progress)
             for b in batch_bar:
-                current["mask"], current["round"] = masks[b], b * rounds // len(batches)
+                groups.start_batch(masks[b], b * rounds // len(batches))
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
         finally:
             for handle in handles:
                 handle.remove()
-            streaming.free_block(index)
-        if collect:
-            entries = []
-            for group, accumulator in accumulators.items():
-                name = f"{prefix}.{group[0]}"
-                sums = accumulator.totals()
-                if not all(torch.isfinite(s).all() for s in sums):
-                    raise CalibrationError(f"{name}: input activations contain NaN or Inf")
-                linears = tuple(f"{prefix}.{linear}" for linear in group)
-                entry = CovarianceEntry(
-                    name=name,
-                    layer=index,
-                    linears=linears,
-                    count=sum(accumulator.counts),
-                    round_counts=tuple(accumulator.counts) if rounds > 1 else (),
-                )
-                entries.append((entry, sums))
-            writer.write_layer(index, entries)
+            view.free_block(index)
+        if handles:
+            writer.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
+
+
+def _entries(
+    groups: _InputGroups, prefix: str, index: int, linears: dict[str, bool], rounds: int
+) -> list[tuple[CovarianceEntry, list[torch.Tensor]]]:
+    unseen = [name for name in linears if name not in groups.leader_of]
+    if unseen:
+        log.warning("%s: %s never ran on the calibration data; no covariance for them", prefix, ", ".join(unseen))
+    entries = []
+    for leader, accumulator in groups.accumulators.items():
+        name = f"{prefix}.{leader}"
+        sums = accumulator.totals()
+        if not all(torch.isfinite(s).all() for s in sums):
+            raise CalibrationError(f"{name}: input activations contain NaN or Inf")
+        linears_ = tuple(f"{prefix}.{member}" for member in groups.members(leader))
+        entry = CovarianceEntry(name=name, layer=index, linears=linears_, count=sum(accumulator.counts),
+                                round_counts=tuple(accumulator.counts) if rounds > 1 else ())  # fmt: skip
+        entries.append((entry, sums))
+    return entries
 
 
 def calibrate(
@@ -335,23 +230,23 @@ def calibrate(
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``."""
     with claimed(out, [Path(model_dir), *spec.input_files()]) as out:
         refuse_existing(out, overwrite)
-        streaming = StreamingModel(model_dir)
+        view = ModelView(model_dir)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(streaming.reader.model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
-        vocab_size = getattr(streaming.config, "vocab_size", None) or len(tokenizer)
+        vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
         batches, description = token_batches(spec, tokenizer, vocab_size)
         writer = StoreWriter(
             out,
-            fingerprint=streaming.reader.fingerprint(),
+            fingerprint=view.reader.fingerprint(),
             calibration=description,
-            num_layers=streaming.num_blocks,
+            num_layers=view.num_blocks,
             resume=resume,
         )
         try:
             stream_covariances(
-                streaming, batches, writer, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
+                view, batches, writer, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
             )
             return writer.finish()
         finally:

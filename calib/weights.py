@@ -170,20 +170,6 @@ class CheckpointReader:
             )
         raise CheckpointError(f"{self.model_dir}: no *.safetensors weights found")
 
-    def find(self, name: str, base_prefix: str = "") -> str | None:
-        """The stored key for a module-path tensor name (older checkpoints drop the base-model prefix)."""
-        if name in self.locations:
-            return name
-        short = name.removeprefix(base_prefix + ".") if base_prefix else name
-        return short if short in self.locations else None
-
-    def resolve(self, name: str, base_prefix: str = "") -> str:
-        """``find``, or an error naming the tensor."""
-        key = self.find(name, base_prefix)
-        if key is None:
-            raise CheckpointError(f"{self.model_dir}: tensor {name} not found in the checkpoint")
-        return key
-
     def _handle(self, shard: Path):
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")

@@ -148,8 +148,11 @@ def main(debug: bool, verbose: bool) -> None:
 
     The residual model plus the untouched adapter gives the original model's outputs.
     MODEL_DIR arguments take a transformers checkpoint folder (safetensors) or
-    'smollm2-135m', the embedded SmolLM2-135M-Instruct. Inputs are only read: an output that
-    is, contains or lies inside an input is refused.
+    'smollm2-135m', the embedded SmolLM2-135M-Instruct. Any transformers architecture works: the
+    repeated blocks, their linears and which linears share an input are discovered from the model.
+    Multimodal checkpoints: the language model's blocks are converted, vision towers stay untouched.
+    Mixture-of-experts: fused expert weights stay frozen; attention, routers and shared experts are
+    adapted. Inputs are only read: an output that is, contains or lies inside an input is refused.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     release_large_frees_to_os()

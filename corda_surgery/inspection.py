@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import StreamingModel
 from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import check_stores, corda_plus_plan, plan_targets
 
@@ -21,12 +21,12 @@ def inspect_stores(
 
     ``options`` is a corda++ surgery's: its mode, base rank, damping, targets and budgets.
     """
-    streaming = StreamingModel(model_dir)
-    targets = plan_targets(streaming, options)
+    view = ModelView(model_dir)
+    targets = plan_targets(view, options)
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-        check_stores(opened, targets, streaming.reader.fingerprint(), streaming.reader.model_dir)
-        plan, records, spectra = corda_plus_plan(streaming, opened, targets, options, progress=True)
+        check_stores(opened, targets, view.reader.fingerprint(), view.reader.model_dir)
+        plan, records, spectra = corda_plus_plan(view, opened, targets, options, progress=True)
     rows = [
         {"layer": t.name, "rank": plan[t.name].rank, "store": plan[t.name].store, "round": plan[t.name].round,
          "compactness": records[t.name]["compactness"],

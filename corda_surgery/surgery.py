@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -23,8 +24,9 @@ from tqdm.auto import tqdm
 
 from corda_surgery import __version__
 from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore, StoreError
-from corda_surgery.calib.stream import StreamingModel, calibrate
+from corda_surgery.calib.stream import calibrate
 from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
 from corda_surgery.decompose import decompose_weight
@@ -37,6 +39,7 @@ from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
 ADAPTER_DIR = "adapter"
 REPORT_NAME = "surgery.json"
 STORE_NAME = "covariances.h5"  # where `convert` keeps its store, inside the output
+log = logging.getLogger(__name__)
 
 
 class TargetError(CordaSurgeryError):
@@ -62,44 +65,50 @@ class LayerPlan:
     round: int | None = None  # a sampling round of that store instead of its sum (CorDA++ candidates)
 
 
-def _chosen_linears(family_linears: tuple[str, ...], targets: tuple[str, ...]) -> tuple[str, ...]:
-    if not targets:
-        return family_linears
-    unmatched = [p for p in targets if not any(n == p or n.endswith("." + p) for n in family_linears)]
+def _matches(linear: str, pattern: str) -> bool:
+    return linear == pattern or linear.endswith("." + pattern)
+
+
+def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
+    """Every target linear with its key and shape, after checking the ranks and budgets against the shapes."""
+    everywhere = sorted({name for block in view.linears for name in block})
+    unmatched = [p for p in options.targets if not any(_matches(n, p) for n in everywhere)]
     if unmatched:
         raise TargetError(
             f"--targets {', '.join(unmatched)} matches no linear of this model "
-            f"(available: {', '.join(family_linears)}, or {ALL_LINEAR})"
+            f"(available: {', '.join(everywhere)}, or {ALL_LINEAR})"
         )
-    return tuple(n for n in family_linears if any(n == p or n.endswith("." + p) for p in targets))
-
-
-def plan_targets(streaming: StreamingModel, options: SurgeryOptions) -> list[Target]:
-    """Every target linear with its key and shape, after checking the ranks and budgets against the shapes."""
-    transposed = streaming.family.transposed
+    transposed = view.transposed
     targets = []
-    for index in range(streaming.num_blocks):
-        for linear in _chosen_linears(streaming.family.linears, options.targets):
-            name = f"{streaming.block_name(index)}.{linear}"
-            key = streaming.reader.resolve(f"{name}.weight", streaming.base_prefix)
-            shape = streaming.reader.spec(key)[0]
+    for index in range(view.num_blocks):
+        for linear in view.linears[index]:
+            if options.targets and not any(_matches(linear, p) for p in options.targets):
+                continue
+            name = f"{view.block_name(index)}.{linear}"
+            key = view.stored_key(f"{name}.weight")
+            shape = view.reader.spec(key)[0]
             out_dim, in_dim = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
             targets.append(Target(name, key, out_dim, in_dim))
-    narrowest = min(targets, key=lambda t: min(t.out_dim, t.in_dim))
-    limit = min(narrowest.out_dim, narrowest.in_dim)
-    allowed = f"{narrowest.name} is {narrowest.out_dim}×{narrowest.in_dim}, so ranks go up to {limit}"
-    if options.method is Method.CORDA_PLUS:
-        if options.min_rank > limit:
-            raise OptionsError(f"--min-rank {options.min_rank} is too large: {allowed}")
-        if options.param_budget is not None:
-            floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets)
-            if options.param_budget < floor:
-                raise OptionsError(
-                    f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
-                    f"for {len(targets)} layers ({floor})"
-                )
-    elif options.rank > limit:
-        raise OptionsError(f"--rank {options.rank} is too large: {allowed}")
+    needed = options.min_rank if options.method is Method.CORDA_PLUS else options.rank
+    option = "--min-rank" if options.method is Method.CORDA_PLUS else "--rank"
+    narrow = [t for t in targets if min(t.out_dim, t.in_dim) < needed]
+    if narrow and (options.targets or len(narrow) == len(targets)):
+        first = narrow[0]
+        raise OptionsError(
+            f"{option} {needed} is too large: {first.name} is {first.out_dim}×{first.in_dim}, so ranks go up to "
+            f"{min(first.out_dim, first.in_dim)}"
+        )
+    if narrow:  # all-linear: routers and gates narrower than the rank are left out, not an error
+        log.warning("%d linear(s) narrower than %s %d are left out, e.g. %s (%d×%d)", len(narrow), option, needed,
+                    narrow[0].name, narrow[0].out_dim, narrow[0].in_dim)  # fmt: skip
+        targets = [t for t in targets if t not in narrow]
+    if options.method is Method.CORDA_PLUS and options.param_budget is not None:
+        floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets)
+        if options.param_budget < floor:
+            raise OptionsError(
+                f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
+                f"for {len(targets)} layers ({floor})"
+            )
     return targets
 
 
@@ -163,7 +172,7 @@ def _candidates(stores: Sequence[CovarianceStore]) -> list[tuple[int, int | None
 
 
 def corda_plus_plan(
-    streaming: StreamingModel,
+    view: ModelView,
     stores: Sequence[CovarianceStore],
     targets: list[Target],
     options: SurgeryOptions,
@@ -182,10 +191,10 @@ def corda_plus_plan(
     dims = {t.name: (t.out_dim, t.in_dim) for t in targets}
     records: dict[str, dict] = {}
     for target in tqdm(targets, desc="CorDA++ spectra", unit="layer", disable=not progress):
-        weight, name = streaming.reader.get(target.key), target.name
+        weight, name = view.reader.get(target.key), target.name
         candidate_spectra = [
             context_spectrum(weight, stores[i].covariance(name, round_index=r), damping=options.damping,
-                             transposed=streaming.family.transposed, name=name, solver=options.solver.value)
+                             transposed=view.transposed, name=name, solver=options.solver.value)
             for i, r in candidates
         ]  # fmt: skip
         base_rank = min(options.rank, target.out_dim, target.in_dim)
@@ -234,21 +243,21 @@ def decompose_checkpoint(
         raise OptionsError("bundle_store needs exactly one covariance store")
     model_dir = Path(model_dir)
     check_disjoint(Path(out), [model_dir, *map(Path, stores)])
-    streaming = StreamingModel(model_dir)
-    reader = streaming.reader
-    targets = plan_targets(streaming, options)
+    view = ModelView(model_dir)
+    reader = view.reader
+    targets = plan_targets(view, options)
     fingerprint = reader.fingerprint()
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
         check_stores(opened, targets, fingerprint, reader.model_dir)
         with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
             out = Path(out).resolve()
-            _write_surgery(streaming, targets, opened, options, staging, out, fingerprint, bundle_store, progress)
+            _write_surgery(view, targets, opened, options, staging, out, fingerprint, bundle_store, progress)
     return out
 
 
 def _write_surgery(
-    streaming: StreamingModel,
+    view: ModelView,
     targets: list[Target],
     stores: list[CovarianceStore],
     options: SurgeryOptions,
@@ -258,9 +267,9 @@ def _write_surgery(
     bundle_store: bool,
     progress: bool,
 ) -> None:
-    reader = streaming.reader
+    reader = view.reader
     if options.method is Method.CORDA_PLUS:
-        plan, plus_records, _ = corda_plus_plan(streaming, stores, targets, options, progress=progress)
+        plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress)
     else:
         store_index = 0 if stores else None
         plan = {t.name: LayerPlan(options.rank, store_index) for t in targets}
@@ -269,8 +278,8 @@ def _write_surgery(
     base_name = options.base_name or str(out)
     adapter = LoraAdapter(
         rank=options.rank, alpha=options.alpha or options.rank, lora_A={}, lora_B={},
-        fan_in_fan_out=streaming.family.transposed,
-        task_type="CAUSAL_LM" if streaming.model.can_generate() else None, base_model_name_or_path=base_name,
+        fan_in_fan_out=view.transposed,
+        task_type="CAUSAL_LM" if view.model.can_generate() else None, base_model_name_or_path=base_name,
     )  # fmt: skip
     layers: dict[str, dict] = {}
     bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
@@ -285,7 +294,7 @@ def _write_surgery(
         layer = plan[name]
         covariance = None if layer.store is None else stores[layer.store].covariance(name, round_index=layer.round)
         lora_a, lora_b, residual, record = _initialise(
-            weight, covariance, name, layer, options, transposed=streaming.family.transposed,
+            weight, covariance, name, layer, options, transposed=view.transposed,
             seed=options.seed + len(adapter.lora_A),
         )  # fmt: skip
         adapter.lora_A[name], adapter.lora_B[name] = lora_a, lora_b
@@ -312,6 +321,9 @@ def _write_surgery(
         "residual_fingerprint": residual_fingerprint,
         "covariance_stores": [_store_record(s, out / STORE_NAME if bundle_store else s.path) for s in stores],
         "layers": layers,
+        "input_groups": sorted({entry.linears for store in stores for entry in store.entries.values()}),
+        "left_out": _left_out(view, targets, options),
+        "frozen_experts": _fused_experts(view),
         "versions": {"corda_surgery": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -321,6 +333,27 @@ def _write_surgery(
 
 def _store_record(store: CovarianceStore, path: Path) -> dict:
     return {"path": str(path), "model_fingerprint": store.fingerprint, "calibration": store.calibration}
+
+
+def _left_out(view: ModelView, targets: list[Target], options: SurgeryOptions) -> list[str]:
+    """Linears of the blocks that all-linear left out (narrower than the rank: routers, gates)."""
+    if options.targets:
+        return []
+    chosen = {t.name for t in targets}
+    return [name for i in range(view.num_blocks) for n in view.linears[i]
+            if (name := f"{view.block_name(i)}.{n}") not in chosen]  # fmt: skip
+
+
+def _fused_experts(view: ModelView) -> list[str]:
+    """Expert weights stored as 3-D parameters: no nn.Linear per expert, so no LoRA adapter; they stay frozen."""
+    names = [f"{view.block_name(i)}.{n}" for i in range(view.num_blocks)
+             for n, p in view.blocks[i].named_parameters() if p.dim() == 3]  # fmt: skip
+    if names:
+        log.warning(
+            "%d fused expert weight(s) (e.g. %s) stay frozen: PEFT's LoRA adapts linear layers; the router, "
+            "attention and shared experts are adapted", len(names), names[0],
+        )  # fmt: skip
+    return names
 
 
 def read_report(surgery_dir: Path) -> dict:
@@ -352,7 +385,7 @@ def convert_checkpoint(
     out, model_dir = Path(out).resolve(), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     refuse_existing(out, overwrite)
-    plan_targets(StreamingModel(model_dir), options)
+    plan_targets(ModelView(model_dir), options)
     stores: list[Path] = []
     if options.method.uses_covariance:
         store = out.with_name(f".{out.name}.covariances.h5")

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.calib.model_view import ModelView
+from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter
 from corda_surgery.options import DEFAULT_MAX_SHARD_SIZE
@@ -26,12 +27,13 @@ def merge_adapter(
     """Write ``out``: ``model_dir``'s checkpoint with every adapted weight replaced by W + s·B·A."""
     model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
     check_disjoint(Path(out), [model_dir, adapter_dir])
-    reader = CheckpointReader(model_dir)
+    view = ModelView(model_dir)  # module names (the adapter's) → stored keys, whatever the checkpoint's layout
+    reader = view.reader
     adapter: LoraAdapter = read_adapter(adapter_dir)
     key_of = {}
     for module in adapter.lora_A:
-        try:  # older checkpoints store keys without the base-model prefix (GPT-2's "transformer.")
-            key = reader.resolve(f"{module}.weight", module.split(".")[0])
+        try:
+            key = view.stored_key(f"{module}.weight")
         except CheckpointError as exc:
             raise AdapterError(f"{adapter_dir}: adapts {module}, which {model_dir} does not have") from exc
         out_dim, in_dim = adapter.lora_B[module].shape[0], adapter.lora_A[module].shape[1]

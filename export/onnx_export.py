@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,20 @@ def _dynamic_shapes(layers: int, with_past: bool) -> dict:
     return shapes
 
 
+def _export_failure(exc: BaseException) -> str:
+    """The operator torch.onnx could not translate, where the exception chain names one; else its first line."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    for error in chain:
+        match = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(error))
+        if match:
+            return f"operator {match[1]} has no ONNX translation in torch.onnx (used by this architecture)"
+    first = str(chain[0]).strip().splitlines()[0] if str(chain[0]).strip() else ""
+    return f"{type(chain[0]).__name__}: {first}"
+
+
 def graph_opset(path: Path) -> int:
     """The default-domain opset the written graph declares (what the exporter really used)."""
     model = onnx.load(str(path), load_external_data=False)
@@ -183,7 +198,7 @@ def export_onnx(
                 else:
                     _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
         except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
-            raise ExportError(f"{model_dir}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
+            raise ExportError(f"{model_dir}: ONNX export failed: {_export_failure(exc)}") from exc
         exporter_warnings = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)
         for message, count in exporter_warnings.items():
             log.info("exporter warning (%d×) %s", count, message)

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors import safe_open
 
+from corda_surgery.calib.model_view import is_linear
 from corda_surgery.cli import main
 
 PROMPTS = [
@@ -44,6 +45,37 @@ def logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**batch).logits.masked_fill(~batch["attention_mask"].bool()[..., None], 0)
+
+
+def reference_covariances(model, batches, blocks_prefix: str) -> dict[str, torch.Tensor]:
+    """The definition streaming must match: pre-hooks on every linear inside the blocks of a whole model,
+    one forward per batch, padding excluded; one covariance per linear (shared inputs counted for each)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name.startswith(blocks_prefix + ".") and is_linear(module):
+
+            def hook(_module, inputs, name=name):
+                x, mask = inputs[0].double(), current["mask"]
+                if x.dim() == 3:
+                    rows = x[mask]
+                elif x.shape[0] == mask.numel():
+                    rows = x[mask.reshape(-1)]
+                else:  # the tokens routed to one expert
+                    rows = x
+                sums[name] = sums.get(name, 0) + rows.T @ rows
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for batch in batches:
+            current["mask"] = batch.attention_mask.bool()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for handle in handles:
+        handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}
 
 
 def tree_hashes(*roots: Path) -> dict[str, str]:

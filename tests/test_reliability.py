@@ -36,12 +36,12 @@ def _run_killed(patch: str, body: str) -> subprocess.CompletedProcess:
 
 KILL_POINTS = {
     "before block 2 is collected": textwrap.dedent("""
-        from corda_surgery.calib.stream import StreamingModel
-        load = StreamingModel.load_block
+        from corda_surgery.calib.model_view import ModelView
+        load = ModelView.load_block
         def patched(self, index):
             if index == 2: die()
             return load(self, index)
-        StreamingModel.load_block = patched
+        ModelView.load_block = patched
     """),
     "while block 1 is being written": textwrap.dedent("""
         from corda_surgery.calib.store import StoreWriter
@@ -170,11 +170,12 @@ def test_config_that_does_not_match_weights(model_copy):
     assert "implies" in message and "mlp" in message
 
 
-def test_unsupported_architecture(model_copy):
+def test_unknown_architecture(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
-    config["model_type"], config["architectures"] = "falcon", ["FalconForCausalLM"]
+    config["model_type"], config["architectures"] = "no_such_model", ["NoSuchModelForCausalLM"]
     (model_copy / "config.json").write_text(json.dumps(config))
-    assert "not supported" in cli_error("calibrate", model_copy, "--out", model_copy.parent / "c.h5")
+    message = cli_error("calibrate", model_copy, "--out", model_copy.parent / "c.h5")
+    assert "config.json: not a usable transformers config" in message and "no_such_model" in message
 
 
 def test_store_from_another_model(tiny_llama, tmp_path):

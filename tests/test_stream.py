@@ -6,35 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from corda_surgery.calib.architectures import family_for
 from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore, partial_path
-from corda_surgery.calib.stream import StreamingModel, calibrate
-from tests.helpers import datasets, relative
+from corda_surgery.calib.stream import calibrate
+from tests.helpers import datasets, reference_covariances, relative
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=48, batch_size=4)
-
-
-def _reference_covariances(model_dir, spec, auto_class=AutoModelForCausalLM):
-    """Forward hooks on the whole model, one pass, padding excluded: the definition to match."""
-    model = auto_class.from_pretrained(model_dir, dtype=torch.float32).eval()
-    family = family_for(model.config.model_type)
-    batches, _ = token_batches(spec, AutoTokenizer.from_pretrained(model_dir), model.config.vocab_size)
-    sums, counts, handles, current = {}, {}, [], {}
-    for name, module in model.named_modules():
-        if any(name.endswith("." + group[0]) for group in family.input_groups):
-
-            def hook(_module, inputs, name=name):
-                rows = inputs[0][current["mask"]].double()
-                sums[name] = sums.get(name, 0) + rows.T @ rows
-                counts[name] = counts.get(name, 0) + rows.shape[0]
-
-            handles.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for batch in batches:
-            current["mask"] = batch.attention_mask.bool()
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return {name: sums[name] / counts[name] for name in sums}
 
 
 @pytest.mark.parametrize(
@@ -49,9 +27,11 @@ def _reference_covariances(model_dir, spec, auto_class=AutoModelForCausalLM):
 def test_streamed_equals_whole_model_hooks(fixture, auto_class, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
     out = calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
-    expected = _reference_covariances(model_dir, SPEC, auto_class)
+    model = auto_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+    batches, _ = token_batches(SPEC, AutoTokenizer.from_pretrained(model_dir), model.config.vocab_size)
+    expected = reference_covariances(model, batches, ModelView(model_dir).blocks_prefix)
     with CovarianceStore(out) as store:
-        assert set(store.entries) == set(expected)
+        assert set(store.by_linear) == set(expected)
         for name, reference in expected.items():
             assert relative(store.covariance(name), reference) < 1e-5, name
 
@@ -82,14 +62,14 @@ def test_batch_size_does_not_change_covariances(tiny_llama, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, stop_after):
     reference = calibrate(tiny_llama, SPEC, tmp_path / "ref.h5", progress=False)
     out = tmp_path / "cov.h5"
-    original_free = StreamingModel.free_block
+    original_free = ModelView.free_block
 
     def failing_free(self, index):
         original_free(self, index)
         if index == stop_after:
             raise KeyboardInterrupt("simulated stop")
 
-    monkeypatch.setattr(StreamingModel, "free_block", failing_free)
+    monkeypatch.setattr(ModelView, "free_block", failing_free)
     with pytest.raises(KeyboardInterrupt):
         calibrate(tiny_llama, SPEC, out, progress=False)
     monkeypatch.undo()
@@ -110,16 +90,16 @@ def test_only_one_block_is_materialised(tmp_path, monkeypatch):
 
     model_dir = save_tiny_model(tmp_path / "deep", "llama", layers=6)
     seen = []
-    original_load = StreamingModel.load_block
+    original_load = ModelView.load_block
 
     def counting_load(self, index):
         block = original_load(self, index)
         materialised = [i for i, b in enumerate(self.blocks) if any(not p.is_meta for p in b.parameters())]
-        stem = [n for n, p in self.base.named_parameters() if not p.is_meta and ".layers." not in f".{n}"]
+        stem = [n for n, p in self.runner.named_parameters() if not p.is_meta and ".layers." not in f".{n}"]
         seen.append((materialised, stem))
         return block
 
-    monkeypatch.setattr(StreamingModel, "load_block", counting_load)
+    monkeypatch.setattr(ModelView, "load_block", counting_load)
     calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
     assert [m for m, _ in seen] == [[i] for i in range(6)]
     assert all(stem == [] for _, stem in seen)  # embeddings freed once block 0's inputs are captured

@@ -1,0 +1,248 @@
+"""One checkpoint seen through its meta skeleton: its repeated blocks, their linears, and lazy tensor reading.
+
+Calibration, surgery, inspection and merge all start from this view. Nothing about an architecture is
+looked up in a table: the blocks are the module list of ``num_hidden_layers`` identical blocks (in a
+multimodal checkpoint, the language model's); stored keys map to module tensors through transformers' own
+conversion mapping (renamed layouts, experts stored one by one but fused in the module); the linears are
+the ``nn.Linear`` (and GPT-2 ``Conv1D``)
+modules inside each block; which linears read the same tensor is observed while calibrating (see
+``calib.stream``). Mixture-of-experts layers whose experts are fused 3-D parameters have no linear per
+expert: their router and shared experts are ordinary linears, the fused experts stay frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.pytorch_utils import Conv1D
+
+from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.errors import CordaSurgeryError
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedArchitecture(CordaSurgeryError):
+    """The checkpoint's layout cannot be streamed block by block (no block list, blocks that cannot be rebuilt)."""
+
+
+def _build_model(config) -> PreTrainedModel:
+    """The checkpoint's own architecture class (config.architectures), else a causal LM."""
+    for architecture in config.architectures or []:
+        cls = getattr(transformers, architecture, None)
+        if cls is not None:
+            return cls(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _find_blocks(model: PreTrainedModel, config) -> tuple[str, nn.ModuleList]:
+    """The module list of ``num_hidden_layers`` same-class blocks; the language model's where there are several."""
+    layers = config.get_text_config().num_hidden_layers
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == layers
+        and len({type(block) for block in module}) == 1
+        and (not no_split or type(module[0]).__name__ in no_split)
+    ]
+    if len(candidates) > 1:  # e.g. a vision tower as deep as the language model: take the one generating text
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        inside = [(n, m) for n, m in candidates if decoder is not None and any(m is x for x in decoder.modules())]
+        candidates = inside or [(n, m) for n, m in candidates if "vision" not in n and "visual" not in n]
+    if len(candidates) != 1:
+        found = ", ".join(name for name, _ in candidates) or "none"
+        raise UnsupportedArchitecture(
+            f"{config.model_type}: cannot tell the repeated blocks apart (module lists of {layers} blocks: {found})"
+        )
+    return candidates[0]
+
+
+class ModelView:
+    """A meta skeleton of a checkpoint whose blocks are materialised one at a time."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
+        self.reader = CheckpointReader(model_dir)
+        config_path = self.reader.model_dir / "config.json"
+        try:
+            json.loads(config_path.read_text())["model_type"]
+            self.config = AutoConfig.from_pretrained(self.reader.model_dir)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):  # parameters on meta, runtime buffers (rotary) real
+            self.model: PreTrainedModel = _build_model(self.config)
+        self.model.tie_weights()  # the context re-creates each parameter, which unties shared ones
+        self.model.eval()
+        self.sources = self._map_stored_keys()
+        self.blocks_prefix, self.blocks = _find_blocks(self.model, self.config)
+        self.runner_prefix, self.runner = self._runner()
+        self.linears = [self._block_linears(i) for i in range(len(self.blocks))]
+        transposed = {flag for block in self.linears for flag in block.values()}
+        if len(transposed) > 1:
+            raise UnsupportedArchitecture(f"{self.config.model_type}: mixes Conv1D and Linear layers in its blocks")
+        self.transposed = transposed == {True}
+        self._account_for_tensors()
+
+    def _map_stored_keys(self) -> dict[str, list[tuple[str | None, str]]]:
+        """Module tensor name → its stored keys, each with the converter pattern that fuses it (None: as is)."""
+        transforms = get_model_conversion_mapping(self.model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = self.model.state_dict(keep_vars=True)
+        sources: dict[str, list[tuple[str | None, str]]] = defaultdict(list)
+        for key in sorted(self.reader.layout, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, self._converters, self.model.base_model_prefix, meta)
+            sources[name].append((pattern, key))
+        return dict(sources)
+
+    def stored_key(self, name: str) -> str:
+        """The stored key of a module tensor kept as it is (a linear's weight, say)."""
+        stored = self.sources.get(name, [])
+        if len(stored) != 1 or stored[0][0] is not None:
+            raise CheckpointError(f"{self.reader.model_dir}: {name} is not stored as one tensor")
+        return stored[0][1]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A module tensor from the checkpoint, fused from several stored tensors where the module fuses them."""
+        stored = self.sources.get(name)
+        if not stored:
+            raise CheckpointError(f"{self.reader.model_dir}: tensor {name} not found in the checkpoint")
+        if stored[0][0] is None:
+            return self.reader.get(stored[0][1])
+        converter = next(c for c in self._converters if stored[0][0] in c.source_patterns)
+        collected: dict = {p: [self.reader.get(k) for q, k in stored if q == p] for p in converter.source_patterns}
+        for operation in converter.operations:
+            collected = operation.convert(collected, source_patterns=converter.source_patterns,
+                                          target_patterns=converter.target_patterns, full_layer_name=name,
+                                          model=self.model, config=self.config)  # fmt: skip
+        [tensor] = collected.values()
+        return tensor
+
+    def _runner(self) -> tuple[str, nn.Module]:
+        """The innermost pre-trained model around the blocks: it embeds tokens and calls them in turn."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        parts = self.blocks_prefix.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            prefix = ".".join(parts[:depth])
+            module = self.model.get_submodule(prefix)
+            if isinstance(module, PreTrainedModel):
+                return names[id(module)], module
+        return "", self.model
+
+    def _block_linears(self, index: int) -> dict[str, bool]:
+        """Linears of block ``index`` (names relative to the block) → stored transposed (Conv1D)."""
+        found = {n: isinstance(m, Conv1D) for n, m in self.blocks[index].named_modules() if is_linear(m)}
+        if not found:
+            raise UnsupportedArchitecture(f"{self.config.model_type}: block {self.block_name(index)} has no linears")
+        return found
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.blocks_prefix}.{index}"
+
+    def _account_for_tensors(self) -> None:
+        """Every stored tensor is one the config implies, with that shape, and every implied one is stored
+        (tied weights once): a config that does not match the weights is refused before any work."""
+        aliases: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            aliases.setdefault(id(tensor), []).append((name, tensor))
+        explained: set[str] = set()
+        for names in aliases.values():
+            stored = [(name, tensor) for name, tensor in names if name in self.sources]
+            if not stored and any(not t.is_meta for _, t in names):
+                continue  # a runtime buffer the model builds itself
+            if not stored:
+                raise CheckpointError(
+                    f"{self.reader.model_dir}: tensor {names[0][0]} is missing from the checkpoint "
+                    "(config.json implies it)"
+                )
+            for name, tensor in stored:
+                pattern, key = self.sources[name][0]
+                shape = self.reader.spec(key)[0]
+                if pattern is None and shape != tuple(tensor.shape):
+                    raise CheckpointError(
+                        f"{self.reader.model_dir}: {key} has shape {shape} but config.json implies "
+                        f"{tuple(tensor.shape)}"
+                    )
+                explained.add(name)
+        ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        unexplained = sorted(
+            key for name, keys in self.sources.items() if name not in explained for _, key in keys
+            if not any(p.search(key) for p in ignored)
+        )  # fmt: skip
+        if unexplained:
+            raise CheckpointError(
+                f"{self.reader.model_dir}: tensor {unexplained[0]} is not explained by config.json "
+                f"({len(unexplained)} such tensor(s): does the config match the weights?)"
+            )
+
+    def _materialise(self, module: nn.Module, prefix: str, skip: frozenset[int] = frozenset()) -> None:
+        """Load the stored parameters and persistent buffers of ``module`` (named under ``prefix``)."""
+        for owner_name, owner in module.named_modules():
+            if id(owner) in skip:
+                continue
+            path = ".".join(p for p in (prefix, owner_name) if p)
+            for leaf, param in owner._parameters.items():
+                if param is not None:
+                    owner._parameters[leaf] = nn.Parameter(self._checked(f"{path}.{leaf}", param), requires_grad=False)
+            for leaf, buffer in owner._buffers.items():
+                if buffer is not None and f"{path}.{leaf}" in self.sources:
+                    owner._buffers[leaf] = self._checked(f"{path}.{leaf}", buffer)
+
+    def _checked(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        tensor = self.read(name)
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise CheckpointError(
+                f"{self.reader.model_dir}: {name} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(like.shape)}"
+            )
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def _release(self, module: nn.Module, skip: frozenset[int] = frozenset()) -> None:
+        """Parameters back to ``meta``; buffers stay (runtime ones are not in the checkpoint)."""
+        for owner in module.modules():
+            if id(owner) in skip:
+                continue
+            for leaf, param in owner._parameters.items():
+                if param is not None:
+                    owner._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
+        self.reader.release()
+
+    def load_stem(self) -> None:
+        """The runner's tensors outside the blocks: embeddings, final norm."""
+        self._materialise(self.runner, self.runner_prefix, skip=frozenset(id(m) for m in self.blocks.modules()))
+
+    def free_stem(self) -> None:
+        self._release(self.runner, skip=frozenset(id(m) for m in self.blocks.modules()))
+
+    def load_block(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        self._materialise(block, self.block_name(index))
+        return block
+
+    def free_block(self, index: int) -> None:
+        self._release(self.blocks[index])
