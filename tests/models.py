@@ -7,19 +7,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForMaskedLM,
 )
@@ -45,44 +39,16 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+_DECODERS = {"llama": {}, "mistral": {}, "qwen3": {}, "qwen2": {"tie_word_embeddings": True}}
+
+
 def _config(kind: str, vocab: int, layers: int, hidden: int):
-    if kind == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ), LlamaForCausalLM
-    if kind == "qwen2":
-        return Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ), Qwen2ForCausalLM
-    if kind in ("mistral", "qwen3"):
-        config_class, model_class = {
-            "mistral": (MistralConfig, MistralForCausalLM),
-            "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-        }[kind]
-        return config_class(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    if kind in _DECODERS:
+        return AutoConfig.for_model(
+            kind, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        ), model_class  # fmt: skip
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, **_DECODERS[kind],
+        ), AutoModelForCausalLM.from_config  # fmt: skip
     if kind == "roberta":
         return RobertaConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -117,9 +83,9 @@ def save_tiny_model(
 ) -> Path:
     """Save a random-initialised model of the given family and the test tokenizer into ``path``."""
     tokenizer = make_tokenizer()
-    config, cls = _config(kind, len(tokenizer), layers, hidden)
+    config, build = _config(kind, len(tokenizer), layers, hidden)
     torch.manual_seed(seed)
-    model = cls(config).to(dtype).eval()
+    model = build(config).to(dtype).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb so they matter
         for _name, param in model.named_parameters():
             if param.dim() == 1:
