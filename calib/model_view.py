@@ -13,7 +13,6 @@ expert: their router and shared experts are ordinary linears, the fused experts 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +29,6 @@ from transformers.pytorch_utils import Conv1D
 from corda_surgery.calib.weights import CheckpointError, CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 
-log = logging.getLogger(__name__)
 
 
 class UnsupportedArchitecture(CordaSurgeryError):

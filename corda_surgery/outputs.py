@@ -84,14 +84,14 @@ def check_disjoint(out: Path, inputs: Sequence[Path]) -> None:
             raise OutputError(f"{out}: output overlaps the input {given}; write it somewhere else")
 
 
-def lock_path(out: Path) -> Path:
+def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
 @contextlib.contextmanager
 def _exclusive_lock(out: Path) -> Iterator[None]:
     """Hold ``.<name>.lock`` beside ``out``; refuse at once if another process holds it."""
-    path = lock_path(out)
+    path = _lock_path(out)
     while True:
         try:
             handle = path.open("a+")
