@@ -30,7 +30,6 @@ from corda_surgery.calib.weights import CheckpointError, CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 
 
-
 class UnsupportedArchitecture(CordaSurgeryError):
     """The checkpoint's layout cannot be streamed block by block (no block list, blocks that cannot be rebuilt)."""
 
