@@ -153,9 +153,13 @@ def _jsonl_token_lists(
     random.Random(spec.seed).shuffle(texts)
     token_lists = []
     for number, item in texts[: spec.samples]:
-        ids = item if isinstance(item, list) else tokenizer(item, add_special_tokens=not chat_template)["input_ids"]
+        if isinstance(item, list):  # pre-tokenised: checked when read
+            ids = item
+        else:  # the tokenizer may know more ids than the model's embedding
+            ids = _token_ids(tokenizer(item, add_special_tokens=not chat_template)["input_ids"][: spec.seq_len],
+                             path, number, vocab_size)  # fmt: skip
         if ids:
-            token_lists.append(_token_ids(ids[: spec.seq_len], path, number, vocab_size))
+            token_lists.append(ids)
     return token_lists, skipped
 
 

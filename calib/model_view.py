@@ -78,7 +78,7 @@ class ModelView:
         self.reader = CheckpointReader(model_dir)
         config_path = self.reader.model_dir / "config.json"
         try:
-            json.loads(config_path.read_text())["model_type"]
+            json.loads(config_path.read_text())["model_type"]  # invalid JSON, no model_type: our one-line error
             self.config = AutoConfig.from_pretrained(self.reader.model_dir)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
@@ -87,7 +87,7 @@ class ModelView:
             self.model: PreTrainedModel = _build_model(self.config)
         self.model.tie_weights()  # the context re-creates each parameter, which unties shared ones
         self.model.eval()
-        self.sources = self._map_stored_keys()
+        self.sources, self._converters = self._map_stored_keys()
         self.blocks_prefix, self.blocks = _find_blocks(self.model, self.config)
         self.runner_prefix, self.runner = self._runner()
         self.linears = [self._block_linears(i) for i in range(len(self.blocks))]
@@ -97,17 +97,18 @@ class ModelView:
         self.transposed = transposed == {True}
         self._account_for_tensors()
 
-    def _map_stored_keys(self) -> dict[str, list[tuple[str | None, str]]]:
-        """Module tensor name → its stored keys, each with the converter pattern that fuses it (None: as is)."""
+    def _map_stored_keys(self) -> tuple[dict[str, list[tuple[str | None, str]]], list[WeightConverter]]:
+        """Module tensor name → its stored keys, each with the converter pattern that fuses it (None: as is);
+        and the converters those patterns belong to."""
         transforms = get_model_conversion_mapping(self.model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
         meta = self.model.state_dict(keep_vars=True)
         sources: dict[str, list[tuple[str | None, str]]] = defaultdict(list)
         for key in sorted(self.reader.layout, key=dot_natural_key):
-            name, pattern = rename_source_key(key, renamings, self._converters, self.model.base_model_prefix, meta)
+            name, pattern = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
             sources[name].append((pattern, key))
-        return dict(sources)
+        return dict(sources), converters
 
     def stored_key(self, name: str) -> str:
         """The stored key of a module tensor kept as it is (a linear's weight, say)."""

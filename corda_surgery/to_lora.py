@@ -13,7 +13,7 @@ import torch
 
 from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, write_adapter
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
 from corda_surgery.handoff import checked_adapter
 from corda_surgery.outputs import check_disjoint, staged_folder
 from corda_surgery.surgery import ADAPTER_DIR
@@ -53,8 +53,8 @@ def convert_to_lora(
     """Write ``out``: a PEFT LoRA adapter for the original model ``base`` equivalent to the trained one."""
     surgery_dir, trained_adapter, base = Path(surgery_dir), Path(trained_adapter), Path(base)
     check_disjoint(Path(out), [surgery_dir, trained_adapter, base])
-    trained, report = checked_adapter(surgery_dir, trained_adapter)
-    initial, _ = checked_adapter(surgery_dir, surgery_dir / ADAPTER_DIR)
+    trained, report = checked_adapter(surgery_dir, trained_adapter)  # also proves the residual unchanged
+    initial = read_adapter(surgery_dir / ADAPTER_DIR)
     if CheckpointReader(base).fingerprint() != report["model_fingerprint"]:
         raise CordaSurgeryError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
     lora = to_plain_lora(initial, trained)
