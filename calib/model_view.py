@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -74,7 +74,8 @@ def _find_blocks(model: PreTrainedModel, config) -> tuple[str, nn.ModuleList]:
 class ModelView:
     """A meta skeleton of a checkpoint whose blocks are materialised one at a time."""
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        """``dtype`` and ``device``: what materialised blocks are cast to and placed on (the forward pass's)."""
         self.reader = CheckpointReader(model_dir)
         config_path = self.reader.model_dir / "config.json"
         try:
@@ -82,7 +83,7 @@ class ModelView:
             self.config = AutoConfig.from_pretrained(self.reader.model_dir)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
-        self.dtype = dtype
+        self.dtype, self.device = dtype, torch.device(device)
         with init_empty_weights(include_buffers=False):  # parameters on meta, runtime buffers (rotary) real
             self.model: PreTrainedModel = _build_model(self.config)
         self.model.tie_weights()  # the context re-creates each parameter, which unties shared ones
@@ -152,6 +153,12 @@ class ModelView:
         return found
 
     @property
+    def stored_dtype(self) -> torch.dtype:
+        """The checkpoint's own dtype (the most common floating dtype of its tensors)."""
+        floating = Counter(t.dtype for t in self.reader.layout.values() if t.dtype.is_floating_point)
+        return floating.most_common(1)[0][0] if floating else torch.float32
+
+    @property
     def model_type(self) -> str:
         return self.config.model_type
 
@@ -210,6 +217,8 @@ class ModelView:
             for leaf, buffer in owner._buffers.items():
                 if buffer is not None and f"{path}.{leaf}" in self.sources:
                     owner._buffers[leaf] = self._checked(f"{path}.{leaf}", buffer)
+                elif buffer is not None:  # a runtime buffer the model built (rotary frequencies)
+                    owner._buffers[leaf] = buffer.to(self.device)
 
     def _checked(self, name: str, like: torch.Tensor) -> torch.Tensor:
         tensor = self.read(name)
@@ -218,7 +227,7 @@ class ModelView:
                 f"{self.reader.model_dir}: {name} has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(like.shape)}"
             )
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(self.device, self.dtype if tensor.is_floating_point() else tensor.dtype)
 
     def _release(self, module: nn.Module, skip: frozenset[int] = frozenset()) -> None:
         """Parameters back to ``meta``; buffers stay (runtime ones are not in the checkpoint)."""

@@ -68,6 +68,27 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+CHECK_BLOCK_ELEMENTS = 1 << 23  # rows checked at a time: 64 MB of float64, whatever the width
+
+
+def _check_covariance(data: torch.Tensor, what: str) -> None:
+    """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry, non-negative diagonal; checked in
+    row blocks so that no temporary approaches the covariance's size (6.6 GB at width 28672)."""
+    width = data.shape[0]
+    step = max(1, CHECK_BLOCK_ELEMENTS // width)
+    scale = asymmetry = 0.0
+    for start in range(0, width, step):
+        rows = data[start : start + step]
+        if not torch.isfinite(rows).all():
+            raise StoreError(f"{what} contains NaN or Inf")
+        scale = max(scale, float(rows.abs().max()))
+        asymmetry = max(asymmetry, float((rows - data[:, start : start + step].T).abs().max()))
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise StoreError(f"{what} is not symmetric (tolerance {SYMMETRY_TOLERANCE:g})")
+    if bool((data.diagonal() < 0).any()):
+        raise StoreError(f"{what} has negative entries on its diagonal")
+
+
 class StoreWriter:
     """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it."""
 
@@ -121,7 +142,8 @@ class StoreWriter:
         """Write every input of one layer (its sum, and each round's when there are several), then mark
         the layer done and flush."""
         for entry, round_sums in entries:
-            data = self.file.create_dataset(entry.name, data=cast(torch.Tensor, sum(round_sums)).numpy())
+            total = round_sums[0] if len(round_sums) == 1 else cast(torch.Tensor, sum(round_sums))
+            data = self.file.create_dataset(entry.name, data=total.numpy())
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
@@ -232,14 +254,8 @@ class CovarianceStore:
             raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from exc
         if count <= 0:
             raise StoreError(f"{self.path}: covariance {name} saw no tokens")
-        if not torch.isfinite(data).all():
-            raise StoreError(f"{self.path}: covariance {name} contains NaN or Inf")
-        scale = float(data.abs().max())
-        if float((data - data.T).abs().max()) > SYMMETRY_TOLERANCE * scale:
-            raise StoreError(f"{self.path}: covariance {name} is not symmetric (tolerance {SYMMETRY_TOLERANCE:g})")
-        if bool((data.diagonal() < 0).any()):
-            raise StoreError(f"{self.path}: covariance {name} has negative entries on its diagonal")
-        return data / count
+        _check_covariance(data, f"{self.path}: covariance {name}")
+        return data.div_(count)
 
     def close(self) -> None:
         self.file.close()

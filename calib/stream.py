@@ -22,12 +22,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from corda_surgery.calib.activations import Activations
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
 from corda_surgery.calib.model_view import ModelView, UnsupportedArchitecture
 from corda_surgery.calib.store import CovarianceEntry, StoreWriter
 from corda_surgery.calib.weights import CheckpointError
+from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.outputs import claimed, refuse_existing
+from corda_surgery.memory_plan import announce, plan_run
+from corda_surgery.outputs import STAGING_MARK, claimed, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,8 @@ class _Accumulator:
 
     MIN_BLOCK = 512  # narrower blocks make GEMMs less efficient than the FLOPs they save
 
-    def __init__(self, dim: int, normalisation: str, rounds: int):
-        self.sums = [torch.zeros(dim, dim, dtype=torch.float64) for _ in range(rounds)]
+    def __init__(self, dim: int, normalisation: str, rounds: int, device: torch.device):
+        self.sums = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(rounds)]
         self.counts = [0] * rounds
         self.normalisation = normalisation
         blocks = max(1, min(4, dim // self.MIN_BLOCK))
@@ -79,7 +82,7 @@ class _Accumulator:
         elif x.dim() == 2:  # tokens routed to one expert: every row is a real token
             if self.normalisation == "peft":
                 raise UnsupportedArchitecture("--covariance-norm peft needs per-sample inputs; experts get routed rows")
-            mask = torch.ones(x.shape[0], 1, dtype=torch.bool)
+            mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
             x = x[:, None, :]
         dense = bool(mask.all())  # no padding: use the activations in place instead of gathering rows
         if self.normalisation == "peft":  # PEFT's rule: each sample scaled by |max| over its real tokens
@@ -93,12 +96,12 @@ class _Accumulator:
         self.counts[round_index] += rows.shape[0] if self.normalisation == "tokens" else x.shape[0]
 
     def totals(self) -> list[torch.Tensor]:
-        """The sums with their lower block triangle filled in from the upper one."""
+        """The sums with their lower block triangle filled in from the upper one, in host memory."""
         for total in self.sums:
             for i, row_block in enumerate(self.blocks):
                 for column_block in self.blocks[i + 1 :]:
                     total[column_block, row_block] = total[row_block, column_block].T
-        return self.sums
+        return [total.cpu() for total in self.sums]
 
 
 class _InputGroups:
@@ -138,25 +141,26 @@ class _InputGroups:
 
 
 @torch.no_grad()
-def capture_block_inputs(view: ModelView, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], list[list]]:
-    """Hidden states entering block 0 per batch, and each block's other arguments per batch."""
+def capture_block_inputs(view: ModelView, batches: list[TokenBatch], hidden: Activations) -> list[list]:
+    """Append the hidden states entering block 0 to ``hidden``; return each block's other arguments per batch."""
     view.load_stem()
     originals = list(view.blocks)
-    hidden, arguments = [], []
+    arguments = []
     try:
         for batch in batches:
             sink: list = []
             for i in range(view.num_blocks):
                 view.blocks[i] = _BlockInputRecorder(i, sink, last=i == view.num_blocks - 1)
             with contextlib.suppress(_StopForward):
-                view.runner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                view.runner(input_ids=batch.input_ids.to(view.device),
+                            attention_mask=batch.attention_mask.to(view.device), use_cache=False)  # fmt: skip
             hidden.append(sink[0][1])
             arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
     finally:
         for i, block in enumerate(originals):
             view.blocks[i] = block
         view.free_stem()
-    return hidden, arguments
+    return arguments
 
 
 @torch.no_grad()
@@ -164,6 +168,7 @@ def stream_covariances(
     view: ModelView,
     batches: list[TokenBatch],
     writer: StoreWriter,
+    hidden: Activations,
     *,
     normalisation: str = "tokens",
     rounds: int = 1,
@@ -171,15 +176,16 @@ def stream_covariances(
 ) -> None:
     """Run every block over every batch and write each block's input covariances to ``writer``.
 
+    ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
     gets its own covariance besides their sum (candidates for CorDA++'s covariance selection).
     """
-    hidden, arguments = capture_block_inputs(view, batches)
-    masks = [batch.attention_mask.bool() for batch in batches]
+    arguments = capture_block_inputs(view, batches, hidden)
+    masks = [batch.attention_mask.bool().to(view.device) for batch in batches]
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
         prefix = view.block_name(index)
-        groups = _InputGroups(lambda width: _Accumulator(width, normalisation, rounds))
+        groups = _InputGroups(lambda width: _Accumulator(width, normalisation, rounds, view.device))
         handles = []
         if index >= writer.layers_done:
             handles = [block.get_submodule(name).register_forward_pre_hook(groups.hook(name))
@@ -191,6 +197,7 @@ def stream_covariances(
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
+                del out
         finally:
             for handle in handles:
                 handle.remove()
@@ -218,19 +225,34 @@ def _entries(
     return entries
 
 
+def open_view(model_dir: str | Path, compute: ComputeOptions) -> ModelView:
+    """The model's view with blocks materialised on the compute device in the forward dtype."""
+    view = ModelView(model_dir, device=compute.torch_device)
+    view.dtype = compute.torch_forward_dtype(view.stored_dtype)
+    return view
+
+
 def calibrate(
     model_dir: str | Path,
     spec: CalibrationSpec,
     out: str | Path,
     *,
+    compute: ComputeOptions = DEFAULT_COMPUTE,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    plan: bool = True,
 ) -> Path:
-    """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``."""
+    """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``.
+
+    Hidden states past ``compute``'s activation budget spill to a temporary folder beside ``out``.
+    ``plan``: print the memory plan and refuse a run that cannot fit (``convert`` does that for both phases).
+    """
     with claimed(out, [Path(model_dir), *spec.input_files()]) as out:
         refuse_existing(out, overwrite)
-        view = ModelView(model_dir)
+        view = open_view(model_dir, compute)
+        if plan:
+            announce(plan_run(view, compute, out, spec=spec), progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
         except (OSError, ValueError) as exc:
@@ -244,10 +266,13 @@ def calibrate(
             num_layers=view.num_blocks,
             resume=resume,
         )
+        hidden = Activations(compute.activation_budget(), out.parent, f".{out.name}{STAGING_MARK}activations-",
+                             view.device)  # fmt: skip
         try:
             stream_covariances(
-                view, batches, writer, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
+                view, batches, writer, hidden, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
             )
             return writer.finish()
         finally:
             writer.close()
+            hidden.close()

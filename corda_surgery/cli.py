@@ -118,6 +118,44 @@ _decomposition_options = _options(
 )  # fmt: skip
 
 
+_device_option = click.option(
+    "--device", default="auto", show_default=True,
+    help="Where blocks, covariance sums and decompositions run: auto (CUDA if present, else cpu), cpu, cuda, "
+         "cuda:N. A weight whose decomposition does not fit the GPU falls back to the CPU.",
+)  # fmt: skip
+_dry_run_option = click.option(
+    "--dry-run", is_flag=True,
+    help="Print the memory plan (estimated peak RAM / GPU memory and the disk the outputs need), check it "
+         "against what is free, and stop. Every run prints the plan first and refuses one that cannot fit.",
+)  # fmt: skip
+_forward_options = _options(
+    _device_option,
+    click.option("--forward-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                 show_default=True,
+                 help="dtype of the calibration forward pass. auto: the checkpoint's own (as PEFT runs it), except "
+                      "float32 on CPUs without bfloat16/float16 units, where half precision is ~7x slower. "
+                      "Covariances are summed in float32 per batch and float64 across batches either way."),
+    click.option("--max-memory", default=None,
+                 help="Memory for the hidden states kept between layers (e.g. 512MB, 8GiB); past it they spill "
+                      "to a temporary folder beside the output, removed afterwards [default: a quarter of the "
+                      "RAM / GPU memory available]."),
+    _dry_run_option,
+)  # fmt: skip
+
+
+def _compute(kwargs: dict):
+    from corda_surgery.compute import ComputeOptions
+
+    return ComputeOptions(**_split(kwargs, ComputeOptions))
+
+
+def _show_plan(plan) -> None:
+    """--dry-run: the plan, and whether it fits (exit status 1 when it does not)."""
+    click.echo(plan.describe())
+    plan.check()
+    click.echo("fits: the run would start")
+
+
 def _split(kwargs: dict, kind: type) -> dict:
     """Remove and return the entries of ``kwargs`` that are fields of the dataclass ``kind``."""
     return {f.name: kwargs.pop(f.name) for f in dataclasses.fields(kind) if f.name in kwargs}
@@ -161,12 +199,13 @@ def main(debug: bool, verbose: bool) -> None:
 @main.command()
 @click.argument("model_dir", required=False)
 @_calibration_options
+@_forward_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("covariances.h5"), show_default=True,
               help="HDF5 covariance store to write.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @_fail_cleanly
-def calibrate(model_dir, out, resume, overwrite, **calibration):
+def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
     """Collect every linear layer's input covariance into an HDF5 store.
 
     Streams the model one decoder layer at a time (peak memory ≈ embedding + one layer +
@@ -175,8 +214,13 @@ def calibrate(model_dir, out, resume, overwrite, **calibration):
     """
     from corda_surgery.calib.stream import calibrate as run_calibration
 
-    spec = _spec(calibration)
-    path = run_calibration(resolve_model(model_dir), spec, out, resume=resume, overwrite=overwrite)
+    spec, compute = _spec(calibration), _compute(calibration)
+    model = resolve_model(model_dir)
+    if dry_run:
+        from corda_surgery.surgery import estimate_run
+
+        return _show_plan(estimate_run(model, compute, out, spec=spec))
+    path = run_calibration(model, spec, out, compute=compute, resume=resume, overwrite=overwrite)
     click.echo(f"covariances written to {path}")
 
 
@@ -199,10 +243,12 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
 @click.option("--covariances", "stores", multiple=True, type=click.Path(path_type=Path),
               help="HDF5 store(s) from `calibrate` (not for pissa/milora/lora).")  # fmt: skip
 @_decomposition_options
+@_device_option
+@_dry_run_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def decompose(model_dir, stores, out, overwrite, **surgery):
+def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
     """Rewrite target weights into a frozen residual model plus a PEFT adapter.
 
     Reads weights lazily tensor by tensor; writes OUT/ (residual model, sharded safetensors),
@@ -210,10 +256,13 @@ def decompose(model_dir, stores, out, overwrite, **surgery):
     With --method corda++ several --covariances (or a store calibrated with --rounds) are
     candidates: each layer takes the most compact one, and --rank-budget spreads ranks.
     """
-    from corda_surgery.surgery import decompose_checkpoint
+    from corda_surgery.surgery import decompose_checkpoint, estimate_run
 
-    options = SurgeryOptions(**surgery)
-    out = decompose_checkpoint(resolve_model(model_dir), out, options, stores=list(stores), overwrite=overwrite)
+    compute, options = _compute(surgery), SurgeryOptions(**surgery)
+    model = resolve_model(model_dir)
+    if dry_run:
+        return _show_plan(estimate_run(model, compute, out, options=options))
+    out = decompose_checkpoint(model, out, options, stores=list(stores), compute=compute, overwrite=overwrite)
     _print_next_steps(out, options.base_name)
 
 
@@ -221,22 +270,26 @@ def decompose(model_dir, stores, out, overwrite, **surgery):
 @click.argument("model_dir", required=False)
 @_calibration_options
 @_decomposition_options
+@_forward_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def convert(model_dir, out, resume, overwrite, **settings):
+def convert(model_dir, out, resume, overwrite, dry_run, **settings):
     """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
 
     Everything the config and the options decide (ranks against the weights' shapes, targets,
     the checkpoint's tensors, an existing output) is checked before calibration starts.
     The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
     """
-    from corda_surgery.surgery import convert_checkpoint
+    from corda_surgery.surgery import convert_checkpoint, estimate_run
 
-    spec = _spec(settings)
+    spec, compute = _spec(settings), _compute(settings)
     options = SurgeryOptions(**settings)
-    out = convert_checkpoint(resolve_model(model_dir), out, spec, options, overwrite=overwrite, resume=resume)
+    model = resolve_model(model_dir)
+    if dry_run:
+        return _show_plan(estimate_run(model, compute, out, spec=spec, options=options))
+    out = convert_checkpoint(model, out, spec, options, compute=compute, overwrite=overwrite, resume=resume)
     _print_next_steps(out, options.base_name)
 
 
@@ -357,6 +410,7 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
 @click.option("--max-rank", type=int, default=None)
 @click.option("--targets", default="all-linear", show_default=True)
 @_damping_option
+@_device_option
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write spectra.png and ranks.png into this folder (needs matplotlib).")  # fmt: skip
 @_fail_cleanly
@@ -364,11 +418,12 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     """Per layer: compactness, chosen covariance candidate and allocated rank (CorDA++)."""
     from corda_surgery.inspection import inspect_stores, plot_inspection
 
+    compute = _compute(surgery)
     options = SurgeryOptions(method=Method.CORDA_PLUS, **surgery)
     model = resolve_model(model_dir)
     if plot_dir is not None:
         check_disjoint(plot_dir, [*map(Path, stores), model])
-    rows, spectra = inspect_stores(model, list(stores), options)
+    rows, spectra = inspect_stores(model, list(stores), options, compute)
     rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
     click.echo(f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "

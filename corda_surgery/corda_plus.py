@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from corda_surgery.decompose import context_product, singular_values
+from corda_surgery.decompose import CovarianceSource, context_product, singular_values
 from corda_surgery.errors import CordaSurgeryError
 
 
@@ -26,16 +26,17 @@ class BudgetError(CordaSurgeryError):
 
 def context_spectrum(
     weight: torch.Tensor,
-    covariance: torch.Tensor,
+    covariance: CovarianceSource,
     *,
     damping: float,
     transposed: bool = False,
     name: str = "weight",
     solver: str = "gram",
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Singular values (descending, float64) of W·C_damped: what CorDA splits, without the vectors."""
-    product, _, _ = context_product(weight.T if transposed else weight, covariance, damping, name)
-    return singular_values(product, solver=solver)
+    product, _, _ = context_product(weight.T if transposed else weight, covariance, damping, name, device)
+    return singular_values(product, solver=solver).cpu()
 
 
 def energy_compactness(spectrum: torch.Tensor, rank: int, mode: str) -> float:

@@ -8,6 +8,7 @@ residual ``W − s·B·A`` keeps the layer's output unchanged before training.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,34 +52,8 @@ class Decomposition:
         return float(energy[self.selected].sum() / energy.sum())
 
 
-def damp_covariance(covariance: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return ``(C + λ·mean(diag C)·I, its Cholesky factor, λ)``, doubling λ (with a warning) until C is
-    definite, at most to MAX_DAMPING_RAISE times the request."""
-    if not torch.isfinite(covariance).all():
-        raise DecompositionError(f"{name}: covariance contains NaN or Inf")
-    mean_diag = covariance.diagonal().mean()
-    if not mean_diag > 0:
-        raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
-    lam, ceiling = damping, (damping or ZERO_DAMPING_START) * MAX_DAMPING_RAISE
-    while lam <= ceiling:
-        damped = covariance.clone()
-        damped.diagonal().add_(lam * mean_diag)  # no identity matrix: for 5632² that alone is 127 MB
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            if lam != damping:
-                log.warning("%s: covariance not positive definite at damping %g; used %g", name, damping, lam)
-            return damped, chol, lam
-        lam = lam * 2 if lam else ZERO_DAMPING_START
-    raise DecompositionError(
-        f"{name}: covariance is unusable: not positive definite even with damping {ceiling:g} "
-        f"({MAX_DAMPING_RAISE}× the requested {damping:g}); calibrate with more tokens or raise --damping"
-    )
-
-
-def _check_inputs(
-    weight: torch.Tensor, covariance: torch.Tensor | None, rank: int, mode: str, solver: str, name: str
-) -> None:
-    """One place for every shape, mode, rank and finiteness check (raised before any work)."""
+def _check_inputs(weight: torch.Tensor, rank: int, mode: str, solver: str, name: str) -> None:
+    """One place for the weight's shape, mode, rank and finiteness checks (raised before any work)."""
     if mode not in MODES:
         raise DecompositionError(f"{name}: mode must be one of {MODES}, got {mode!r}")
     if solver not in SOLVERS:
@@ -92,26 +67,77 @@ def _check_inputs(
         )
     if not torch.isfinite(weight).all():
         raise DecompositionError(f"{name}: weight contains NaN or Inf")
-    if covariance is not None and tuple(covariance.shape) != (in_dim, in_dim):
-        raise DecompositionError(
-            f"{name}: covariance has shape {tuple(covariance.shape)}, expected ({in_dim}, {in_dim}) "
-            f"for a {out_dim}×{in_dim} weight"
-        )
+
+
+CovarianceSource = torch.Tensor | Callable[[], torch.Tensor]
+ROW_BLOCK_ELEMENTS = 1 << 24  # rows of W at a time in the product and the residual: 128 MB in float64
+
+
+def _row_blocks(rows: int, width: int) -> Iterator[slice]:
+    step = max(1, ROW_BLOCK_ELEMENTS // max(width, 1))
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def _writable_covariance(source: CovarianceSource, device: torch.device) -> torch.Tensor:
+    """A float64 covariance on ``device`` that may be overwritten: a callable's fresh result, else a copy."""
+    if callable(source):
+        return source().to(device, torch.float64)
+    return source.to(device, torch.float64, copy=True)
 
 
 def context_product(
-    weight: torch.Tensor, covariance: torch.Tensor | None, damping: float, name: str
+    weight: torch.Tensor,
+    covariance: CovarianceSource | None,
+    damping: float,
+    name: str,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """``(W·C_damped in float64, the Cholesky factor of C_damped, λ)``; without a covariance ``(W, None, 0)``.
 
+    ``C_damped = C + λ·mean(diag C)·I``; λ is doubled (with a warning) until C_damped is definite, at most to
+    MAX_DAMPING_RAISE times the request. Memory is about one covariance plus the product: damping is added
+    in place, W·C is formed a block of rows at a time, and the Cholesky factor overwrites C_damped (a failed
+    factorisation reads ``covariance`` again, a callable from its source, and shifts the product by Δλ·W).
     Always float64: the covariance is stored in float64 and a float32 product would limit every small
     singular value to ε₃₂·σ₁ accuracy (the KPM cut lives among them).
     """
-    w = weight.to(torch.float64)
+    device = torch.device(device)
     if covariance is None:
-        return w, None, 0.0
-    damped, chol, lam = damp_covariance(covariance.to(torch.float64), damping, name)
-    return w @ damped, chol, lam
+        return weight.to(device, torch.float64), None, 0.0
+    damped = _writable_covariance(covariance, device)
+    out_dim, in_dim = weight.shape
+    if tuple(damped.shape) != (in_dim, in_dim):
+        raise DecompositionError(
+            f"{name}: covariance has shape {tuple(damped.shape)}, expected ({in_dim}, {in_dim}) "
+            f"for a {out_dim}×{in_dim} weight"
+        )
+    if not torch.isfinite(damped).all():
+        raise DecompositionError(f"{name}: covariance contains NaN or Inf")
+    mean_diag = float(damped.diagonal().mean())
+    if not mean_diag > 0:
+        raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
+    lam, ceiling = damping, (damping or ZERO_DAMPING_START) * MAX_DAMPING_RAISE
+    damped.diagonal().add_(lam * mean_diag)  # no identity matrix: for 28672² that alone is 6.6 GB
+    product = torch.empty(weight.shape, dtype=torch.float64, device=device)
+    for rows in _row_blocks(*weight.shape):
+        product[rows] = weight[rows].to(device, torch.float64) @ damped
+    info = torch.empty((), dtype=torch.int32, device=device)
+    while int(torch.linalg.cholesky_ex(damped, out=(damped, info))[1]) != 0:
+        raised = lam * 2 if lam else ZERO_DAMPING_START
+        if raised > ceiling:
+            raise DecompositionError(
+                f"{name}: covariance is unusable: not positive definite even with damping {ceiling:g} "
+                f"({MAX_DAMPING_RAISE}× the requested {damping:g}); calibrate with more tokens or raise --damping"
+            )
+        del damped
+        damped = _writable_covariance(covariance, device)
+        damped.diagonal().add_(raised * mean_diag)
+        for rows in _row_blocks(*weight.shape):
+            product[rows].add_(weight[rows].to(device, torch.float64), alpha=(raised - lam) * mean_diag)
+        lam = raised
+    if lam != damping:
+        log.warning("%s: covariance not positive definite at damping %g; used %g", name, damping, lam)
+    return product, damped, lam
 
 
 def _gram(tall: torch.Tensor) -> torch.Tensor:
@@ -158,7 +184,7 @@ def _selected_svd(
 
 def decompose_weight(
     weight: torch.Tensor,
-    covariance: torch.Tensor | None,
+    covariance: CovarianceSource | None,
     *,
     rank: int,
     mode: str,
@@ -168,40 +194,58 @@ def decompose_weight(
     factor_dtype: torch.dtype = torch.float32,
     transposed: bool = False,
     name: str = "weight",
+    device: torch.device | str = "cpu",
 ) -> Decomposition:
     """Split ``weight`` into a frozen residual and LoRA factors initialised from ``covariance``.
 
-    ``covariance`` None gives the plain SVD of W (PiSSA for ``ipm``, MiLoRA for ``kpm``).
+    ``covariance`` None gives the plain SVD of W (PiSSA for ``ipm``, MiLoRA for ``kpm``); a callable is
+    read when needed and its result overwritten (see ``context_product``), a tensor is copied.
     ``transposed`` marks GPT-2 style ``Conv1D`` weights stored as (in, out).
     ``alpha`` defaults to ``rank`` (scaling 1); PEFT's ``S ← S/s`` is folded in so that
-    ``residual + s·B·A`` reproduces ``weight``. The math runs in float64 whatever ``solver`` (see
-    SOLVERS) finds the singular pairs; ``factor_dtype`` is the dtype the factors are returned in.
+    ``residual + s·B·A`` reproduces ``weight``. The math runs in float64 on ``device`` whatever ``solver``
+    (see SOLVERS) finds the singular pairs; the factors (``factor_dtype``) and the residual (the weight's
+    dtype) come back in host memory.
     """
     w = weight.T if transposed else weight
-    _check_inputs(w, covariance, rank, mode, solver, name)
+    _check_inputs(w, rank, mode, solver, name)
     scaling = (alpha if alpha is not None else rank) / rank
     n = min(w.shape)
     selected = torch.arange(rank) if mode == "ipm" else torch.arange(n - rank, n)
-    product, chol, lam = context_product(w, covariance, damping, name)
+    product, chol, lam = context_product(w, covariance, damping, name, device)
     spectrum, u_r, s_r, vh_r = _selected_svd(product, selected, solver=solver)
+    del product
     if chol is not None:
         # Vᵣᵀ C⁻¹ through the Cholesky factor, on the r kept rows only (no full inverse).
         vh_r = torch.cholesky_solve(vh_r.T, chol).T
+    del chol
 
     root = (s_r / scaling).sqrt()
-    lora_a = (root[:, None] * vh_r).to(factor_dtype)
-    lora_b = (u_r * root[None, :]).to(factor_dtype)
-    # from the factors as stored, so that residual + s·B·A rebuilds W up to the weight's own rounding
-    residual = w.to(torch.float64) - scaling * (lora_b.double() @ lora_a.double())
-    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all() and torch.isfinite(residual).all()):
+    lora_a = (root[:, None] * vh_r).to("cpu", factor_dtype).contiguous()
+    lora_b = (u_r * root[None, :]).to("cpu", factor_dtype).contiguous()
+    residual = _residual(w, lora_a, lora_b, scaling, name, lam)
+    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
         raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
-    residual = (residual.T if transposed else residual).to(weight.dtype).contiguous()
     return Decomposition(
-        lora_A=lora_a.contiguous(),
-        lora_B=lora_b.contiguous(),
-        residual=residual,
-        spectrum=spectrum.to(torch.float64),
+        lora_A=lora_a,
+        lora_B=lora_b,
+        residual=(residual.T if transposed else residual).contiguous(),
+        spectrum=spectrum.to("cpu", torch.float64),
         selected=selected,
         damping=lam,
         scaling=scaling,
     )
+
+
+def _residual(
+    w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, name: str, lam: float
+) -> torch.Tensor:
+    """``W − s·B·A`` in the weight's dtype, from the factors as stored (so that residual + s·B·A rebuilds W up
+    to the weight's own rounding), a block of rows at a time in float64."""
+    residual = torch.empty(w.shape, dtype=w.dtype)
+    a = lora_a.double()
+    for rows in _row_blocks(*w.shape):
+        block = w[rows].double() - scaling * (lora_b[rows].double() @ a)
+        if not torch.isfinite(block).all():
+            raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
+        residual[rows] = block
+    return residual

@@ -10,23 +10,26 @@ import torch
 
 from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import check_stores, corda_plus_plan, plan_targets
 
 
 def inspect_stores(
-    model_dir: str | Path, stores: list[str | Path], options: SurgeryOptions
+    model_dir: str | Path, stores: list[str | Path], options: SurgeryOptions, compute: ComputeOptions = DEFAULT_COMPUTE
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra.
 
-    ``options`` is a corda++ surgery's: its mode, base rank, damping, targets and budgets.
+    ``options`` is a corda++ surgery's: its mode, base rank, damping, targets and budgets; the spectra are
+    computed on ``compute``'s device.
     """
     view = ModelView(model_dir)
     targets = plan_targets(view, options)
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
         check_stores(opened, targets, view.reader.fingerprint(), view.reader.model_dir)
-        plan, records, spectra = corda_plus_plan(view, opened, targets, options, progress=True)
+        plan, records, spectra = corda_plus_plan(view, opened, targets, options, progress=True,
+                                                 device=compute.torch_device)  # fmt: skip
     rows = [
         {"layer": t.name, "rank": plan[t.name].rank, "store": plan[t.name].store, "round": plan[t.name].round,
          "compactness": records[t.name]["compactness"],

@@ -9,15 +9,17 @@ so a mistake costs seconds, not a calibration.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -26,13 +28,15 @@ from corda_surgery import __version__
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore, StoreError
-from corda_surgery.calib.stream import calibrate
+from corda_surgery.calib.stream import calibrate, open_view
 from corda_surgery.calib.weights import CheckpointReader
+from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
-from corda_surgery.decompose import decompose_weight
+from corda_surgery.decompose import CovarianceSource, decompose_weight
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import LoraAdapter, write_adapter
+from corda_surgery.memory_plan import MemoryPlan, announce, plan_run
 from corda_surgery.options import ALL_LINEAR, Method, OptionsError, SurgeryOptions
 from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
 
@@ -40,6 +44,8 @@ ADAPTER_DIR = "adapter"
 REPORT_NAME = "surgery.json"
 STORE_NAME = "covariances.h5"  # where `convert` keeps its store, inside the output
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+T = TypeVar("T")
 
 
 class TargetError(CordaSurgeryError):
@@ -133,15 +139,28 @@ def _lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) ->
     return lora_a, torch.zeros(weight_out, rank)
 
 
+def _on_device_or_host(work: Callable[..., T], device: torch.device, name: str) -> T:
+    """``work(device=device)``, run again in host memory where the accelerator runs out of memory for this weight."""
+    try:
+        return work(device=device)
+    except torch.OutOfMemoryError:
+        if device.type == "cpu":
+            raise
+        torch.cuda.empty_cache()
+        log.warning("%s: out of memory on %s; decomposed on the CPU instead", name, device)
+        return work(device=CPU)
+
+
 def _initialise(
     weight: torch.Tensor,
-    covariance: torch.Tensor | None,
+    covariance: CovarianceSource | None,
     name: str,
     layer: LayerPlan,
     options: SurgeryOptions,
     *,
     transposed: bool,
     seed: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """LoRA A, B, the residual weight and the surgery.json record for one target linear."""
     dtype = options.torch_factor_dtype
@@ -149,10 +168,12 @@ def _initialise(
         out_dim, in_dim = weight.T.shape if transposed else weight.shape
         lora_a, lora_b = _lora_default_init(out_dim, in_dim, layer.rank, seed)
         return lora_a.to(dtype), lora_b.to(dtype), weight, {"rank": layer.rank}
-    result = decompose_weight(
-        weight, covariance, rank=layer.rank, mode=options.mode.value, alpha=options.scaling * layer.rank,
-        damping=options.damping, solver=options.solver.value, factor_dtype=dtype, transposed=transposed, name=name,
+    work = functools.partial(
+        decompose_weight, weight, covariance, rank=layer.rank, mode=options.mode.value,
+        alpha=options.scaling * layer.rank, damping=options.damping, solver=options.solver.value, factor_dtype=dtype,
+        transposed=transposed, name=name,
     )  # fmt: skip
+    result = _on_device_or_host(work, device, name)
     record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
               "store": layer.store, "round": layer.round}  # fmt: skip
     return result.lora_A, result.lora_B, result.residual, record
@@ -178,6 +199,7 @@ def corda_plus_plan(
     options: SurgeryOptions,
     *,
     progress: bool,
+    device: torch.device = CPU,
 ) -> tuple[dict[str, LayerPlan], dict[str, dict], dict[str, torch.Tensor]]:
     """Per layer: the most compact candidate covariance at the base rank, then ranks from the budget.
 
@@ -192,11 +214,13 @@ def corda_plus_plan(
     records: dict[str, dict] = {}
     for target in tqdm(targets, desc="CorDA++ spectra", unit="layer", disable=not progress):
         weight, name = view.reader.get(target.key), target.name
-        candidate_spectra = [
-            context_spectrum(weight, stores[i].covariance(name, round_index=r), damping=options.damping,
-                             transposed=view.transposed, name=name, solver=options.solver.value)
-            for i, r in candidates
-        ]  # fmt: skip
+        candidate_spectra = []
+        for i, r in candidates:
+            spectrum = functools.partial(
+                context_spectrum, weight, functools.partial(stores[i].covariance, name, round_index=r),
+                damping=options.damping, transposed=view.transposed, name=name, solver=options.solver.value,
+            )  # fmt: skip
+            candidate_spectra.append(_on_device_or_host(spectrum, device, name))
         base_rank = min(options.rank, target.out_dim, target.in_dim)
         best = select_candidate(candidate_spectra, base_rank, mode)
         chosen[name], spectra[name] = candidates[best], candidate_spectra[best]
@@ -221,16 +245,20 @@ def decompose_checkpoint(
     options: SurgeryOptions,
     *,
     stores: Sequence[str | Path] = (),
+    compute: ComputeOptions = DEFAULT_COMPUTE,
     overwrite: bool = False,
     bundle_store: bool = False,
     progress: bool = True,
+    plan: bool = True,
 ) -> Path:
     """Write ``out``: residual model (sharded safetensors + config + tokenizer), ``adapter/`` and surgery.json.
 
     ``corda++`` picks each layer's most compact candidate covariance (every store, or every sampling
     round of a store that has several) and, with a rank or parameter budget, per-layer ranks.
     The adapter names ``options.base_name`` (default ``out``) as its base model; ``bundle_store`` places
-    the one store in ``out/covariances.h5``.
+    the one store in ``out/covariances.h5``. Decompositions run on ``compute``'s device (float64), each
+    weight falling back to the CPU where the device runs out of memory. ``plan``: print the memory plan and
+    refuse a run that cannot fit.
     """
     method = options.method
     if method.uses_covariance and not stores:
@@ -243,16 +271,19 @@ def decompose_checkpoint(
         raise OptionsError("bundle_store needs exactly one covariance store")
     model_dir = Path(model_dir)
     check_disjoint(Path(out), [model_dir, *map(Path, stores)])
-    view = ModelView(model_dir)
+    view = ModelView(model_dir, device=compute.torch_device)
     reader = view.reader
     targets = plan_targets(view, options)
     fingerprint = reader.fingerprint()
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
         check_stores(opened, targets, fingerprint, reader.model_dir)
+        if plan:
+            announce(plan_run(view, compute, Path(out), options=options, targets=_shapes(targets)), progress)
         with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
             out = Path(out).resolve()
-            _write_surgery(view, targets, opened, options, staging, out, fingerprint, bundle_store, progress)
+            _write_surgery(view, targets, opened, options, staging, out, fingerprint, bundle_store, progress,
+                           compute.torch_device)  # fmt: skip
     return out
 
 
@@ -266,10 +297,11 @@ def _write_surgery(
     fingerprint: str,
     bundle_store: bool,
     progress: bool,
+    device: torch.device,
 ) -> None:
     reader = view.reader
     if options.method is Method.CORDA_PLUS:
-        plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress)
+        plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress, device=device)
     else:
         store_index = 0 if stores else None
         plan = {t.name: LayerPlan(options.rank, store_index) for t in targets}
@@ -292,10 +324,11 @@ def _write_surgery(
         if name is None:
             return weight
         layer = plan[name]
-        covariance = None if layer.store is None else stores[layer.store].covariance(name, round_index=layer.round)
+        covariance = None if layer.store is None else functools.partial(
+            stores[layer.store].covariance, name, round_index=layer.round)  # fmt: skip
         lora_a, lora_b, residual, record = _initialise(
             weight, covariance, name, layer, options, transposed=view.transposed,
-            seed=options.seed + len(adapter.lora_A),
+            seed=options.seed + len(adapter.lora_A), device=device,
         )  # fmt: skip
         adapter.lora_A[name], adapter.lora_B[name] = lora_a, lora_b
         if layer.rank != options.rank:
@@ -373,6 +406,7 @@ def convert_checkpoint(
     spec: CalibrationSpec,
     options: SurgeryOptions,
     *,
+    compute: ComputeOptions = DEFAULT_COMPUTE,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -385,13 +419,37 @@ def convert_checkpoint(
     out, model_dir = Path(out).resolve(), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     refuse_existing(out, overwrite)
-    plan_targets(ModelView(model_dir), options)
+    announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
     if options.method.uses_covariance:
         store = out.with_name(f".{out.name}.covariances.h5")
-        stores.append(calibrate(model_dir, spec, store, resume=resume, overwrite=True, progress=progress))
-    decompose_checkpoint(model_dir, out, options, stores=stores, overwrite=overwrite, bundle_store=bool(stores),
-                         progress=progress)  # fmt: skip
+        stores.append(calibrate(model_dir, spec, store, compute=compute, resume=resume, overwrite=True,
+                                progress=progress, plan=False))  # fmt: skip
+    decompose_checkpoint(model_dir, out, options, stores=stores, compute=compute, overwrite=overwrite,
+                         bundle_store=bool(stores), progress=progress, plan=False)  # fmt: skip
     for store in stores:
         store.unlink()  # out/covariances.h5 is now its only name
     return out
+
+
+def _shapes(targets: list[Target]) -> list[tuple[int, int]]:
+    return [(t.out_dim, t.in_dim) for t in targets]
+
+
+def estimate_run(
+    model_dir: str | Path,
+    compute: ComputeOptions,
+    out: str | Path,
+    *,
+    spec: CalibrationSpec | None = None,
+    options: SurgeryOptions | None = None,
+) -> MemoryPlan:
+    """The memory plan of a calibration (``spec``), a decomposition (``options``) or both, without doing either.
+
+    Checks what the config and the options decide (targets, ranks) on the way, as the run would.
+    """
+    view = open_view(model_dir, compute)
+    targets = plan_targets(view, options) if options is not None else []
+    if options is not None and not options.method.uses_covariance:
+        spec = None  # pissa, milora and lora calibrate nothing
+    return plan_run(view, compute, Path(out), spec=spec, options=options, targets=_shapes(targets))

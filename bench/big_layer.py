@@ -1,0 +1,178 @@
+"""Peak memory and wall time of `corda-surgery convert` on Llama-3-70B- and 8B-shaped layers, against the plan.
+
+Builds a random Llama checkpoint in bfloat16 with the real layer shapes (70B: hidden 8192, intermediate
+28672, 64 heads, 8 KV heads; 8B: 4096 / 14336 / 32 / 8) and SmolLM2's tokenizer and vocabulary, then runs
+the ordinary `convert` command on 16 × 512 tokens of WikiText-2 (KPM, rank 16) while sampling the
+process's resident memory every 0.1 s. Phases are told apart by the progress bars the command prints:
+setup + capture (before the `blocks` bar), calibration (`blocks`), decomposition (`tensors`). The plan
+the command prints first is parsed and set against the measured peaks.
+
+    python bench/big_layer.py --shape 8b --layers 1
+    python bench/big_layer.py --shape 70b --layers 1 [--targets down_proj]
+
+Each run appends one JSON line to bench/results/big_layer.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaConfig
+
+from corda_surgery.models import embedded_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext2_raw" / "wiki.test.raw"
+RESULTS = REPO / "bench" / "results" / "big_layer.jsonl"
+SHAPES = {
+    "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
+}
+PHASE_MARKS = (("tensors", "decomposition"), ("blocks", "calibration"))
+GIB = 1 << 30
+
+
+def build_checkpoint(folder: Path, shape: str, layers: int) -> Path:
+    """A random bfloat16 Llama with ``shape``'s layers, written one shard per layer (as hub checkpoints are)."""
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    config = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, vocab_size=len(tokenizer), rope_theta=500000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape_: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape_, generator=generator) * std).to(torch.bfloat16)
+
+    weight_map = {}
+    stem = {"model.embed_tokens.weight": random(config.vocab_size, hidden), "model.norm.weight": torch.ones(
+        hidden, dtype=torch.bfloat16), "lm_head.weight": random(config.vocab_size, hidden)}  # fmt: skip
+    shards = [("stem", stem)]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shards.append((f"layer{i}", {
+            f"{p}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{p}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{p}.self_attn.q_proj.weight": random(hidden, hidden), f"{p}.self_attn.k_proj.weight": random(kv, hidden),
+            f"{p}.self_attn.v_proj.weight": random(kv, hidden), f"{p}.self_attn.o_proj.weight": random(hidden, hidden),
+            f"{p}.mlp.gate_proj.weight": random(inter, hidden), f"{p}.mlp.up_proj.weight": random(inter, hidden),
+            f"{p}.mlp.down_proj.weight": random(hidden, inter),
+        }))  # fmt: skip
+    for name, tensors in shards:
+        file = f"model-{name}.safetensors"
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+class Sampler:
+    """Resident memory of a process every ``interval`` seconds, attributed to the phase its stderr shows."""
+
+    def __init__(self, process: subprocess.Popen, interval: float = 0.1):
+        self.process, self.interval = process, interval
+        self.phase = "setup+capture"
+        self.peaks: dict[str, int] = {}
+        self.started = {self.phase: time.monotonic()}
+        self.stderr: list[str] = []
+
+    def read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for chunk in iter(lambda: self.process.stderr.read1(4096), b""):  # type: ignore[union-attr]
+            text = chunk.decode(errors="replace")
+            self.stderr.append(text)
+            for mark, phase in PHASE_MARKS:
+                if re.search(rf"\b{mark}\b", text) and self.phase != phase and (phase, self.phase) != (
+                        "calibration", "decomposition"):  # fmt: skip
+                    self.phase = phase
+                    self.started[phase] = time.monotonic()
+                    break
+
+    def sample(self) -> None:
+        status = Path(f"/proc/{self.process.pid}/status")
+        while self.process.poll() is None:
+            try:
+                rss = next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
+                           if line.startswith("VmRSS:"))  # fmt: skip
+            except (OSError, StopIteration):
+                break
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            time.sleep(self.interval)
+
+
+def parse_plan(stderr: str) -> dict[str, float]:
+    """The GiB figures of the plan the command printed first."""
+    plan = {}
+    for line in stderr.splitlines():
+        match = re.match(r"\s+(capture|calibration|decomposition|peak RAM|disk)\s+([\d.]+) GiB", line)
+        if match and match[1] not in plan:
+            plan[match[1]] = float(match[2])
+    return plan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="70b")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--targets", default="all-linear")
+    parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and outputs [tmp].")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="big_layer-", dir=args.work))
+    try:
+        model = build_checkpoint(work / "model", args.shape, args.layers)
+        text = work / "wikitext2.txt"
+        shutil.copyfile(DATA, text)
+        command = [str(Path(sys.executable).with_name("corda-surgery")), "convert", str(model), "--out",
+                   str(work / "out"), "--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4",
+                   "--rank", "16", "--mode", "kpm", "--targets", args.targets]  # fmt: skip
+        start = time.monotonic()
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        sampler = Sampler(process)
+        reader = threading.Thread(target=sampler.read_stderr, daemon=True)
+        reader.start()
+        sampler.sample()
+        process.wait()
+        reader.join(timeout=5)
+        wall = time.monotonic() - start
+        stderr = "".join(sampler.stderr)
+        if process.returncode != 0:
+            sys.exit(f"convert failed ({process.returncode}):\n{stderr[-3000:]}")
+        marks = sorted(sampler.started.items(), key=lambda item: item[1])
+        times = {phase: (marks[i + 1][1] if i + 1 < len(marks) else start + wall) - t for i, (phase, t) in
+                 enumerate(marks)}  # fmt: skip
+        times["setup+capture"] += sampler.started["setup+capture"] - start
+        plan = parse_plan(stderr)
+        peak = max(sampler.peaks.values())
+        result = {
+            "shape": args.shape, "layers": args.layers, "targets": args.targets, "wall_s": round(wall, 1),
+            "phase_s": {k: round(v, 1) for k, v in times.items()},
+            "peak_rss_gib": {k: round(v / GIB, 2) for k, v in sampler.peaks.items()},
+            "peak_gib": round(peak / GIB, 2), "plan_gib": plan,
+            "plan_error": round(plan["peak RAM"] / (peak / GIB) - 1, 3) if "peak RAM" in plan else None,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+        }  # fmt: skip
+        RESULTS.parent.mkdir(exist_ok=True)
+        with RESULTS.open("a") as file:
+            file.write(json.dumps(result) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The memory and disk a run will need, estimated from the config, token count and dtypes before any work.
+
+A run that cannot fit refuses up front with the arithmetic instead of failing hours in. The estimate
+follows what the code holds at its peaks (``bench/big_layer.py`` compares it with measured peaks):
+
+- calibration, per block: the block's weights in the forward dtype, the hidden states kept in memory
+  (capped by the activation budget), one float64 running sum per input group and round, and one
+  batch's forward temporaries (every linear's output, the attention scores, the float32 copies the
+  covariance product reads);
+- decomposition, per weight: the float64 covariance (damped and factorised in place), the float64
+  product W·C, the Gram matrix with its eigenvectors and the eigen-solver's workspace, and the weight
+  with its residual in the stored dtype.
+
+Which linears share an input is only observed while calibrating; the plan assumes that linears in one
+module with the same input width share it, except the module's last (an output projection) — exact for
+the usual attention and MLP layouts, an over-estimate elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.model_view import ModelView, is_linear
+from corda_surgery.compute import ComputeOptions, available_memory
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.options import SurgeryOptions
+
+GIB = 1 << 30
+F32, F64 = 4, 8
+ROW_BLOCK_BYTES = 3 * 128 << 20  # at most three row blocks of decompose.ROW_BLOCK_ELEMENTS float64 at once
+
+
+class MemoryPlanError(CordaSurgeryError):
+    """The run would not fit the memory or the output disk; the message gives the arithmetic."""
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peaks in bytes, with the parts they add up from (for the printout)."""
+
+    device: torch.device
+    baseline: int  # what the process holds already (interpreter, torch, the model skeleton)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # phase → part → bytes, on the compute device
+    disk: dict[str, int] = field(default_factory=dict)
+    disk_folder: Path | None = None
+
+    def peak(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def device_peak(self) -> int:
+        return max((self.peak(p) for p in self.phases), default=0)
+
+    @property
+    def host_peak(self) -> int:
+        """Peak resident memory of the process: the baseline plus the largest phase where it runs on the CPU."""
+        return self.baseline + (self.device_peak if self.device.type == "cpu" else 0)
+
+    def describe(self) -> str:
+        where = "RAM" if self.device.type == "cpu" else f"{self.device} memory"
+        lines = [f"memory plan ({where}; estimates):"]
+        for phase, parts in self.phases.items():
+            detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items() if size)
+            lines.append(f"  {phase:<13} {self.peak(phase) / GIB:7.2f} GiB  ({detail})")
+        lines.append(
+            f"  peak RAM      {self.host_peak / GIB:7.2f} GiB  (with {self.baseline / GIB:.2f} GiB in use now)"
+        )
+        if self.device.type != "cpu":
+            lines.append(f"  peak {self.device}  {self.device_peak / GIB:7.2f} GiB")
+        if self.disk:
+            detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.disk.items() if size)
+            lines.append(f"  disk          {sum(self.disk.values()) / GIB:7.2f} GiB  ({detail}) in {self.disk_folder}")
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Refuse a run whose estimate exceeds the free memory of its device or the free disk of its output."""
+        free = available_memory(self.device)
+        needed = self.device_peak
+        if needed > free:
+            phase = max(self.phases, key=self.peak)
+            parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.phases[phase].items() if size)
+            raise MemoryPlanError(
+                f"this run needs about {needed / GIB:.2f} GiB of {'RAM' if self.device.type == 'cpu' else self.device} "
+                f"({phase}: {parts}) but {free / GIB:.2f} GiB are free; lower --max-memory, --samples or "
+                "--batch-size, or use a machine with more memory"
+            )
+        if self.disk and self.disk_folder is not None:
+            free_disk = shutil.disk_usage(self.disk_folder).free
+            needed_disk = sum(self.disk.values())
+            if needed_disk > free_disk:
+                parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.disk.items() if size)
+                raise MemoryPlanError(
+                    f"{self.disk_folder}: the outputs need about {needed_disk / GIB:.2f} GiB ({parts}) but "
+                    f"{free_disk / GIB:.2f} GiB are free there"
+                )
+
+
+def announce(plan: MemoryPlan, progress: bool) -> None:
+    """Print the plan first (with the progress bars, on stderr), then refuse the run if it cannot fit."""
+    if progress:
+        tqdm.write(plan.describe(), file=sys.stderr)
+    plan.check()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where it cannot be read)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _existing_folder(path: Path) -> Path:
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def _shape(linear: torch.nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear: ``nn.Linear`` stores (out, in), GPT-2's ``Conv1D`` (in, out)."""
+    rows, columns = linear.weight.shape
+    return (int(rows), int(columns)) if isinstance(linear, torch.nn.Linear) else (int(columns), int(rows))
+
+
+def _input_widths(block: torch.nn.Module) -> list[int]:
+    """Widths of a block's distinct linear inputs (see the module docstring for the sharing rule)."""
+    by_module: dict[str, list[int]] = defaultdict(list)
+    for name, module in block.named_modules():
+        if is_linear(module):
+            by_module[name.rpartition(".")[0]].append(_shape(module)[1])
+    widths = []
+    for module_widths in by_module.values():
+        *shared, last = module_widths
+        widths.extend(sorted(set(shared)))
+        widths.append(last)
+    return widths
+
+
+def _bytes(module: torch.nn.Module, dtype_size: int, skip: frozenset[int] = frozenset()) -> int:
+    seen: set[int] = set()
+    total = 0
+    for owner in module.modules():
+        if id(owner) in skip:
+            continue
+        for param in owner.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel() * dtype_size
+    return total
+
+
+def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
+    """The calibration phase's peak parts for its largest block."""
+    size = view.dtype.itemsize
+    config = view.config.get_text_config()
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    batch = min(spec.batch_size, spec.samples)
+    tokens, batch_tokens = spec.samples * spec.seq_len, batch * spec.seq_len
+    block = max(view.blocks, key=lambda b: _bytes(b, size))
+    widths = _input_widths(block)
+    widest = max(widths)
+    outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
+    product_block = widest // max(1, min(4, widest // 512))  # the accumulator's blocked XᵀX
+    return {
+        "block weights": _bytes(block, size),
+        "hidden states": min(tokens * hidden * size, budget + batch_tokens * hidden * size),
+        "covariance sums": sum(w * w * F64 for w in widths) * spec.rounds
+        + (widest * widest * F64 if spec.rounds > 1 else 0),  # the rounds' total, formed when written
+        "forward": batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
+        + batch * heads * spec.seq_len**2 * F32  # attention scores
+        + product_block**2 * F32,
+    }
+
+
+def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
+    size = view.dtype.itemsize
+    hidden = int(view.config.get_text_config().hidden_size)
+    skip = frozenset(id(m) for m in view.blocks.modules())
+    return {
+        "embeddings": _bytes(view.runner, size, skip),
+        "hidden states": min(spec.samples * spec.seq_len * hidden * size, budget),
+    }
+
+
+def _decomposition(shapes: list[tuple[int, int]], stored_size: int) -> dict[str, int]:
+    """The decomposition phase's peak parts for its most demanding weight (out, in)."""
+    out_dim, in_dim = max(shapes, key=lambda s: s[1] ** 2 + s[0] * s[1] + 4 * min(s) ** 2)
+    small = min(out_dim, in_dim)
+    return {
+        "covariance": in_dim * in_dim * F64,
+        "W·C": out_dim * in_dim * F64,
+        "eigensolver": 4 * small * small * F64,  # Gram matrix, eigenvectors, LAPACK workspace (2n²)
+        "weight+residual": 2 * out_dim * in_dim * stored_size + min(ROW_BLOCK_BYTES, 3 * out_dim * in_dim * F64),
+    }
+
+
+def plan_run(
+    view: ModelView,
+    compute: ComputeOptions,
+    out: Path,
+    *,
+    spec: CalibrationSpec | None = None,
+    options: SurgeryOptions | None = None,
+    targets: list[tuple[int, int]] = (),  # type: ignore[assignment]
+) -> MemoryPlan:
+    """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
+    or both (convert), writing to ``out``."""
+    plan = MemoryPlan(device=view.device, baseline=resident_bytes(), disk_folder=_existing_folder(out))
+    if spec is not None:
+        budget = compute.activation_budget()
+        plan.phases["capture"] = _capture(view, spec, budget)
+        plan.phases["calibration"] = _calibration(view, spec, budget)
+        widths = [w for i in range(view.num_blocks) for w in _input_widths(view.blocks[i])]
+        plan.disk["covariance store"] = sum(w * w * F64 for w in widths) * (1 + (spec.rounds if spec.rounds > 1 else 0))
+        hidden = int(view.config.get_text_config().hidden_size)
+        plan.disk["spilled hidden states"] = max(0, spec.samples * spec.seq_len * hidden * view.dtype.itemsize - budget)
+    if options is not None and targets:
+        stored_size = view.stored_dtype.itemsize
+        if options.method.uses_covariance or options.mode is not None:
+            plan.phases["decomposition"] = _decomposition(list(targets), stored_size)
+        plan.disk["residual model"] = sum(
+            math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
+        )
+        plan.disk["adapter"] = sum((o + i) * options.rank for o, i in targets) * options.torch_factor_dtype.itemsize
+    return plan
