@@ -8,8 +8,7 @@ follows what the code holds at its peaks (``bench/big_layer.py`` compares it wit
   batch's forward temporaries (every linear's output, the attention scores, the float32 copies the
   covariance product reads);
 - decomposition, per weight: the float64 covariance (damped and factorised in place), the float64
-  product W·C, the Gram matrix with its eigenvectors and the eigen-solver's workspace, and the weight
-  with its residual in the stored dtype.
+  product W·C, the Gram matrix with its eigenvectors and the eigen-solver's workspace, and the weight.
 
 Which linears share an input is only observed while calibrating; the plan assumes that linears in one
 module with the same input width share it, except the module's last (an output projection) — exact for
@@ -32,12 +31,12 @@ from tqdm.auto import tqdm
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.model_view import ModelView, is_linear
 from corda_surgery.compute import ComputeOptions, available_memory
+from corda_surgery.decompose import CHOLESKY_PANEL
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.options import SurgeryOptions
 
 GIB = 1 << 30
 F32, F64 = 4, 8
-ROW_BLOCK_BYTES = 3 * 128 << 20  # at most three row blocks of decompose.ROW_BLOCK_ELEMENTS float64 at once
 
 
 class MemoryPlanError(CordaSurgeryError):
@@ -52,7 +51,8 @@ class MemoryPlan:
     baseline: int  # what the process holds already (interpreter, torch, the model skeleton)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # phase → part → bytes, on the compute device
     disk: dict[str, int] = field(default_factory=dict)
-    disk_folder: Path | None = None
+    out: Path | None = None  # the output the disk figure is for
+    disk_folder: Path | None = None  # its nearest existing folder, whose free space counts
 
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -100,8 +100,8 @@ class MemoryPlan:
             if needed_disk > free_disk:
                 parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.disk.items() if size)
                 raise MemoryPlanError(
-                    f"{self.disk_folder}: the outputs need about {needed_disk / GIB:.2f} GiB ({parts}) but "
-                    f"{free_disk / GIB:.2f} GiB are free there"
+                    f"{self.out}: the outputs need about {needed_disk / GIB:.2f} GiB ({parts}) but "
+                    f"{free_disk / GIB:.2f} GiB are free in {self.disk_folder}"
                 )
 
 
@@ -195,15 +195,21 @@ def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, i
 
 
 def _decomposition(shapes: list[tuple[int, int]], stored_size: int) -> dict[str, int]:
-    """The decomposition phase's peak parts for its most demanding weight (out, in)."""
-    out_dim, in_dim = max(shapes, key=lambda s: s[1] ** 2 + s[0] * s[1] + 4 * min(s) ** 2)
-    small = min(out_dim, in_dim)
-    return {
-        "covariance": in_dim * in_dim * F64,
-        "W·C": out_dim * in_dim * F64,
-        "eigensolver": 4 * small * small * F64,  # Gram matrix, eigenvectors, LAPACK workspace (2n²)
-        "weight+residual": 2 * out_dim * in_dim * stored_size + min(ROW_BLOCK_BYTES, 3 * out_dim * in_dim * F64),
-    }
+    """The decomposition phase's peak parts for its most demanding weight (out, in): while the singular pairs
+    are found, the covariance (its Cholesky factor by then), W·C, and the eigen-solver's or the Cholesky's
+    temporaries are alive; the residual is formed after W·C and the factor are freed."""
+
+    def parts(out_dim: int, in_dim: int) -> dict[str, int]:
+        small = min(out_dim, in_dim)
+        return {
+            "covariance": in_dim * in_dim * F64,
+            "W·C": out_dim * in_dim * F64,
+            # Gram matrix, eigenvectors and LAPACK's syevd workspace (2n²); or two Cholesky panels
+            "solver": max(4 * small * small, 2 * in_dim * CHOLESKY_PANEL) * F64,
+            "weight": out_dim * in_dim * stored_size,
+        }
+
+    return max((parts(*shape) for shape in shapes), key=lambda p: sum(p.values()))
 
 
 def plan_run(
@@ -217,7 +223,7 @@ def plan_run(
 ) -> MemoryPlan:
     """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
     or both (convert), writing to ``out``."""
-    plan = MemoryPlan(device=view.device, baseline=resident_bytes(), disk_folder=_existing_folder(out))
+    plan = MemoryPlan(device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out))
     if spec is not None:
         budget = compute.activation_budget()
         plan.phases["capture"] = _capture(view, spec, budget)

@@ -4,6 +4,7 @@ decomposition, and (where a GPU is present) CUDA against the CPU."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_spill_folder_is_removed_on_failure(tiny_llama, tmp_path, monkeypatch):
 
 
 _PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.stream import calibrate
@@ -66,10 +67,13 @@ release_large_frees_to_os()
 model, out, budget = sys.argv[1], sys.argv[2], sys.argv[3]
 spec = CalibrationSpec("gsm8k", samples=96, seq_len=256, batch_size=8)
 calibrate(model, spec, out, compute=ComputeOptions(max_memory=budget or None), progress=False)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+# VmHWM: this process's own peak (ru_maxrss would carry over the peak of the forked test process)
+status = open("/proc/self/status").read().splitlines()
+print(json.dumps(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))))
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from Linux's /proc")
 def test_activation_budget_lowers_peak_memory(tmp_path):
     model = save_tiny_model(tmp_path / "wide", "llama", layers=2, hidden=512)
 
@@ -114,9 +118,9 @@ def test_run_that_cannot_fit_is_refused_before_any_work(tiny_llama, tmp_path, mo
 
 
 def test_device_and_dtype_options_are_checked():
-    with pytest.raises(OptionsError, match="--device .tpu."):
+    with pytest.raises(OptionsError, match="--device 'tpu'"):
         ComputeOptions(device="tpu")
-    with pytest.raises(OptionsError, match="--forward-dtype .float8."):
+    with pytest.raises(OptionsError, match="--forward-dtype 'float8'"):
         ComputeOptions(forward_dtype="float8")
     with pytest.raises(OptionsError, match="--max-memory"):
         ComputeOptions(max_memory="lots")
