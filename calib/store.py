@@ -20,6 +20,7 @@ import torch
 
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.numerics import CHECK_BLOCK_ELEMENTS
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
 FORMAT_VERSION = 2
@@ -66,9 +67,6 @@ def check_format(path: Path, attrs) -> None:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
-
-
-CHECK_BLOCK_ELEMENTS = 1 << 23  # rows checked at a time: 64 MB of float64, whatever the width
 
 
 def _check_covariance(data: torch.Tensor, what: str) -> None:

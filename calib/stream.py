@@ -30,6 +30,7 @@ from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory_plan import announce, plan_run
+from corda_surgery.numerics import all_finite
 from corda_surgery.outputs import STAGING_MARK, claimed, refuse_existing
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def _entries(
     for leader, accumulator in groups.accumulators.items():
         name = f"{prefix}.{leader}"
         sums = accumulator.totals()
-        if not all(torch.isfinite(s).all() for s in sums):
+        if not all(all_finite(s) for s in sums):
             raise CalibrationError(f"{name}: input activations contain NaN or Inf")
         linears_ = tuple(f"{prefix}.{member}" for member in groups.members(leader))
         entry = CovarianceEntry(name=name, layer=index, linears=linears_, count=sum(accumulator.counts),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.numerics import all_finite
 from corda_surgery.options import DEFAULT_DAMPING
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _check_inputs(weight: torch.Tensor, rank: int, mode: str, solver: str, name:
         raise DecompositionError(
             f"{name}: rank {rank} is outside 1..{min(out_dim, in_dim)} for a {out_dim}×{in_dim} weight"
         )
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise DecompositionError(f"{name}: weight contains NaN or Inf")
 
 
@@ -139,7 +140,7 @@ def context_product(
             f"{name}: covariance has shape {tuple(damped.shape)}, expected ({in_dim}, {in_dim}) "
             f"for a {out_dim}×{in_dim} weight"
         )
-    if not torch.isfinite(damped).all():
+    if not all_finite(damped):
         raise DecompositionError(f"{name}: covariance contains NaN or Inf")
     mean_diag = float(damped.diagonal().mean())
     if not mean_diag > 0:

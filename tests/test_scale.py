@@ -195,3 +195,14 @@ def test_convert_on_cuda_matches_the_cpu(tiny_llama, tmp_path):
     from tests.test_surgery import _handoff_error
 
     assert _handoff_error(tiny_llama, gpu) <= 1e-4
+
+
+def test_finiteness_is_checked_in_every_slice(monkeypatch):
+    import corda_surgery.numerics as numerics
+
+    monkeypatch.setattr(numerics, "CHECK_BLOCK_ELEMENTS", 7)
+    matrix = torch.zeros(6, 5, dtype=torch.float64)
+    assert numerics.all_finite(matrix) and numerics.all_finite(matrix.T)
+    matrix[5, 4] = float("nan")  # the last slice only
+    assert not numerics.all_finite(matrix) and not numerics.all_finite(matrix.T)
+    assert not numerics.all_finite(matrix[:, 3:])  # a view neither contiguous nor transposed
