@@ -203,7 +203,7 @@ def _selected_svd(
         return s, u[:, selected], s[selected], vh[selected]
     eigenvalues, eigenvectors = torch.linalg.eigh(_gram(matrix))
     spectrum = eigenvalues.clamp_min(0).sqrt().flip(0)
-    v_r = eigenvectors.flip(1)[:, selected]
+    v_r = eigenvectors[:, eigenvalues.numel() - 1 - selected]  # ascending order: no flipped copy of all vectors
     image = matrix @ v_r
     s_r = image.norm(dim=0)
     u_r = image / torch.where(s_r > 0, s_r, 1)  # σ = 0: u is arbitrary, B = u·√σ is zero anyway

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.model_view import ModelView, is_linear
 from corda_surgery.compute import ComputeOptions, available_memory
-from corda_surgery.decompose import CHOLESKY_PANEL
+from corda_surgery.decompose import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.options import SurgeryOptions
 
@@ -160,6 +160,12 @@ def _bytes(module: torch.nn.Module, dtype_size: int, skip: frozenset[int] = froz
     return total
 
 
+def _loading(view: ModelView, module: torch.nn.Module) -> int:
+    """While a tensor is cast to the forward dtype, its stored copy and the shard pages read are resident too."""
+    largest = max((p.numel() for p in module.parameters()), default=0)
+    return 2 * largest * view.stored_dtype.itemsize
+
+
 def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
     """The calibration phase's peak parts for its largest block."""
     size = view.dtype.itemsize
@@ -174,7 +180,7 @@ def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[st
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
     product_block = widest // max(1, min(4, widest // 512))  # the accumulator's blocked XᵀX
     return {
-        "block weights": _bytes(block, size),
+        "block weights": _bytes(block, size) + _loading(view, block),
         "hidden states": min(tokens * hidden * size, budget + batch_tokens * hidden * size),
         "covariance sums": sum(w * w * F64 for w in widths) * spec.rounds
         + (widest * widest * F64 if spec.rounds > 1 else 0),  # the rounds' total, formed when written
@@ -189,7 +195,7 @@ def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, i
     hidden = int(view.config.get_text_config().hidden_size)
     skip = frozenset(id(m) for m in view.blocks.modules())
     return {
-        "embeddings": _bytes(view.runner, size, skip),
+        "embeddings": _bytes(view.runner, size, skip) + _loading(view, view.runner),
         "hidden states": min(spec.samples * spec.seq_len * hidden * size, budget),
     }
 
@@ -203,7 +209,7 @@ def _decomposition(shapes: list[tuple[int, int]], stored_size: int) -> dict[str,
         small = min(out_dim, in_dim)
         return {
             "covariance": in_dim * in_dim * F64,
-            "W·C": out_dim * in_dim * F64,
+            "W·C": out_dim * in_dim * F64 + 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64,  # + a row block
             # Gram matrix, eigenvectors and LAPACK's syevd workspace (2n²); or two Cholesky panels
             "solver": max(4 * small * small, 2 * in_dim * CHOLESKY_PANEL) * F64,
             "weight": out_dim * in_dim * stored_size,
