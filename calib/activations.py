@@ -65,8 +65,7 @@ class Activations:
             self._folder = Path(tempfile.mkdtemp(prefix=self._spill_prefix, dir=self._spill_dir))
         data = tensor.detach().to("cpu").contiguous()
         fresh = self._path(index).with_suffix(".new")
-        with open(fresh, "wb") as file:
-            file.write(memoryview(data.view(torch.uint8).numpy()))
+        data.view(torch.uint8).numpy().tofile(fresh)
         fresh.replace(self._path(index))
         self._on_disk[index] = (tuple(data.shape), data.dtype)
 

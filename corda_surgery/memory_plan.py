@@ -129,7 +129,7 @@ def _existing_folder(path: Path) -> Path:
 
 def _shape(linear: torch.nn.Module) -> tuple[int, int]:
     """(out, in) of a linear: ``nn.Linear`` stores (out, in), GPT-2's ``Conv1D`` (in, out)."""
-    rows, columns = linear.weight.shape
+    rows, columns = linear.get_parameter("weight").shape
     return (int(rows), int(columns)) if isinstance(linear, torch.nn.Linear) else (int(columns), int(rows))
 
 
@@ -174,7 +174,7 @@ def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[st
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     batch = min(spec.batch_size, spec.samples)
     tokens, batch_tokens = spec.samples * spec.seq_len, batch * spec.seq_len
-    block = max(view.blocks, key=lambda b: _bytes(b, size))
+    block = max(list(view.blocks), key=lambda b: _bytes(b, size))
     widths = _input_widths(block)
     widest = max(widths)
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
