@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import h5py
 import numpy as np
@@ -140,7 +139,9 @@ class StoreWriter:
         """Write every input of one layer (its sum, and each round's when there are several), then mark
         the layer done and flush."""
         for entry, round_sums in entries:
-            total = round_sums[0] if len(round_sums) == 1 else cast(torch.Tensor, sum(round_sums))
+            total = round_sums[0] if len(round_sums) == 1 else round_sums[0].clone()
+            for round_sum in round_sums[1:]:
+                total.add_(round_sum)
             data = self.file.create_dataset(entry.name, data=total.numpy())
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))

@@ -252,14 +252,16 @@ def calibrate(
     with claimed(out, [Path(model_dir), *spec.input_files()]) as out:
         refuse_existing(out, overwrite)
         view = open_view(model_dir, compute)
+        budget = compute.activation_budget()  # once: the default depends on the memory free now
         if plan:
-            announce(plan_run(view, compute, out, spec=spec), progress)
+            announce(plan_run(view, compute, out, spec=spec, activation_budget=budget), progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
         vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
         batches, description = token_batches(spec, tokenizer, vocab_size)
+        description["forward_dtype"] = str(view.dtype).removeprefix("torch.")  # changes the sums: resume checks it
         writer = StoreWriter(
             out,
             fingerprint=view.reader.fingerprint(),
@@ -267,7 +269,7 @@ def calibrate(
             num_layers=view.num_blocks,
             resume=resume,
         )
-        hidden = Activations(compute.activation_budget(), out.parent, f".{out.name}{STAGING_MARK}activations-",
+        hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-",
                              view.device)  # fmt: skip
         try:
             stream_covariances(

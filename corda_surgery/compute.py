@@ -105,7 +105,8 @@ class ComputeOptions:
         return int(DEFAULT_ACTIVATION_SHARE * available_memory(self.torch_device))
 
     def record(self) -> dict:
-        return {"device": str(self.torch_device), "forward_dtype": self.forward_dtype, "max_memory": self.max_memory}
+        """What surgery.json records of where decompositions ran (the forward dtype is the store's record)."""
+        return {"device": str(self.torch_device)}
 
 
 DEFAULT_COMPUTE = ComputeOptions()

@@ -250,13 +250,14 @@ def decompose_weight(
     root = (s_r / scaling).sqrt()
     lora_a = (root[:, None] * vh_r).to("cpu", factor_dtype).contiguous()
     lora_b = (u_r * root[None, :]).to("cpu", factor_dtype).contiguous()
-    residual = _residual(w, lora_a, lora_b, scaling, name, lam)
+    residual = torch.empty_like(weight, device="cpu")  # the weight's own layout: (in, out) for Conv1D
+    _fill_residual(residual.T if transposed else residual, w, lora_a, lora_b, scaling, name, lam)
     if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
         raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
     return Decomposition(
         lora_A=lora_a,
         lora_B=lora_b,
-        residual=(residual.T if transposed else residual).contiguous(),
+        residual=residual,
         spectrum=spectrum.to("cpu", torch.float64),
         selected=selected,
         damping=lam,
@@ -264,16 +265,21 @@ def decompose_weight(
     )
 
 
-def _residual(
-    w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, name: str, lam: float
-) -> torch.Tensor:
-    """``W − s·B·A`` in the weight's dtype, from the factors as stored (so that residual + s·B·A rebuilds W up
-    to the weight's own rounding), a block of rows at a time in float64."""
-    residual = torch.empty(w.shape, dtype=w.dtype)
+def _fill_residual(
+    residual: torch.Tensor,
+    w: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    name: str,
+    lam: float,
+) -> None:
+    """``residual ← W − s·B·A`` (both (out, in), ``residual`` possibly a transposed view) in the weight's dtype,
+    from the factors as stored (so that residual + s·B·A rebuilds W up to the weight's own rounding), a
+    block of rows at a time in float64."""
     a = lora_a.double()
     for rows in _row_blocks(*w.shape):
         block = w[rows].double() - scaling * (lora_b[rows].double() @ a)
         if not torch.isfinite(block).all():
             raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
         residual[rows] = block
-    return residual

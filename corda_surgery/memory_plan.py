@@ -30,13 +30,21 @@ from tqdm.auto import tqdm
 
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.model_view import ModelView, is_linear
-from corda_surgery.compute import ComputeOptions, available_memory
+from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decompose import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.options import SurgeryOptions
+from corda_surgery.options import Solver, SurgeryOptions
 
 GIB = 1 << 30
 F32, F64 = 4, 8
+
+
+CALIBRATION_PHASES = ["capture", "calibration"]
+HINTS = {
+    "capture": "lower --max-memory, --samples or --seq-len",
+    "calibration": "lower --max-memory, --batch-size or --seq-len",
+    "decomposition": "the largest target weight sets this (leave it out with --targets)",
+}
 
 
 class MemoryPlanError(CordaSurgeryError):
@@ -57,18 +65,32 @@ class MemoryPlan:
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
 
+    def _peak_of(self, phases: list[str]) -> tuple[int, str | None]:
+        """The largest of ``phases`` (those this plan has) and its name."""
+        present = [p for p in phases if p in self.phases]
+        if not present:
+            return 0, None
+        phase = max(present, key=self.peak)
+        return self.peak(phase), phase
+
     @property
     def device_peak(self) -> int:
-        return max((self.peak(p) for p in self.phases), default=0)
+        """On a GPU only calibration must fit: a decomposition that does not is done on the CPU."""
+        on_device = CALIBRATION_PHASES if self.device.type == "cuda" else list(self.phases)
+        return self._peak_of(on_device)[0]
 
     @property
     def host_peak(self) -> int:
-        """Peak resident memory of the process: the baseline plus the largest phase where it runs on the CPU."""
-        return self.baseline + (self.device_peak if self.device.type == "cpu" else 0)
+        """Peak resident memory of the process: the baseline plus its largest phase in host memory (on a GPU
+        the decomposition's: the covariance is read into RAM first, and a weight may fall back to the CPU)."""
+        return self.baseline + self._peak_of(self._host_phases)[0]
+
+    @property
+    def _host_phases(self) -> list[str]:
+        return list(self.phases) if self.device.type == "cpu" else ["decomposition"]
 
     def describe(self) -> str:
-        where = "RAM" if self.device.type == "cpu" else f"{self.device} memory"
-        lines = [f"memory plan ({where}; estimates):"]
+        lines = [f"memory plan ({'RAM' if self.device.type == 'cpu' else self.device}; estimates):"]
         for phase, parts in self.phases.items():
             detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items() if size)
             lines.append(f"  {phase:<13} {self.peak(phase) / GIB:7.2f} GiB  ({detail})")
@@ -84,16 +106,19 @@ class MemoryPlan:
 
     def check(self) -> None:
         """Refuse a run whose estimate exceeds the free memory of its device or the free disk of its output."""
-        free = available_memory(self.device)
-        needed = self.device_peak
-        if needed > free:
-            phase = max(self.phases, key=self.peak)
-            parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.phases[phase].items() if size)
-            raise MemoryPlanError(
-                f"this run needs about {needed / GIB:.2f} GiB of {'RAM' if self.device.type == 'cpu' else self.device} "
-                f"({phase}: {parts}) but {free / GIB:.2f} GiB are free; lower --max-memory, --samples or "
-                "--batch-size, or use a machine with more memory"
-            )
+        checks = [
+            ("RAM", available_host_memory(), list(self.phases) if self.device.type == "cpu" else ["decomposition"])
+        ]
+        if self.device.type == "cuda":
+            checks.append((str(self.device), available_memory(self.device), CALIBRATION_PHASES))
+        for memory, free, phases in checks:
+            needed, phase = self._peak_of(phases)
+            if phase is not None and needed > free:
+                parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.phases[phase].items() if size)
+                raise MemoryPlanError(
+                    f"this run needs about {needed / GIB:.2f} GiB of {memory} ({phase}: {parts}) but "
+                    f"{free / GIB:.2f} GiB are free; {HINTS[phase]}, or use a machine with more memory"
+                )
         if self.disk and self.disk_folder is not None:
             free_disk = shutil.disk_usage(self.disk_folder).free
             needed_disk = sum(self.disk.values())
@@ -200,7 +225,7 @@ def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, i
     }
 
 
-def _decomposition(shapes: list[tuple[int, int]], stored_size: int) -> dict[str, int]:
+def _decomposition(shapes: list[tuple[int, int]], stored_size: int, solver: Solver) -> dict[str, int]:
     """The decomposition phase's peak parts for its most demanding weight (out, in): while the singular pairs
     are found, the covariance (its Cholesky factor by then), W·C, and the eigen-solver's or the Cholesky's
     temporaries are alive; the residual is formed after W·C and the factor are freed."""
@@ -210,8 +235,13 @@ def _decomposition(shapes: list[tuple[int, int]], stored_size: int) -> dict[str,
         return {
             "covariance": in_dim * in_dim * F64,
             "W·C": out_dim * in_dim * F64 + 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64,  # + a row block
-            # Gram matrix, eigenvectors and LAPACK's syevd workspace (2n²); or two Cholesky panels
-            "solver": max(4 * small * small, 2 * in_dim * CHOLESKY_PANEL) * F64,
+            # gram: Gram matrix, eigenvectors and LAPACK's syevd workspace (2n²); svd: a copy of W·C, U, Vᵀ and
+            # gesdd's workspace; or two Cholesky panels
+            "solver": max(
+                4 * small * small if solver is Solver.GRAM else 3 * out_dim * in_dim + 4 * small * small,
+                2 * in_dim * CHOLESKY_PANEL,
+            )
+            * F64,
             "weight": out_dim * in_dim * stored_size,
         }
 
@@ -226,12 +256,13 @@ def plan_run(
     spec: CalibrationSpec | None = None,
     options: SurgeryOptions | None = None,
     targets: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    activation_budget: int | None = None,
 ) -> MemoryPlan:
     """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
     or both (convert), writing to ``out``."""
     plan = MemoryPlan(device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out))
     if spec is not None:
-        budget = compute.activation_budget()
+        budget = compute.activation_budget() if activation_budget is None else activation_budget
         plan.phases["capture"] = _capture(view, spec, budget)
         plan.phases["calibration"] = _calibration(view, spec, budget)
         widths = [w for i in range(view.num_blocks) for w in _input_widths(view.blocks[i])]
@@ -241,7 +272,7 @@ def plan_run(
     if options is not None and targets:
         stored_size = view.stored_dtype.itemsize
         if options.method.uses_covariance or options.mode is not None:
-            plan.phases["decomposition"] = _decomposition(list(targets), stored_size)
+            plan.phases["decomposition"] = _decomposition(list(targets), stored_size, options.solver)
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )

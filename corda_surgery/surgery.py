@@ -141,14 +141,15 @@ def _lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) ->
 
 def _on_device_or_host(work: Callable[..., T], device: torch.device, name: str) -> T:
     """``work(device=device)``, run again in host memory where the accelerator runs out of memory for this weight."""
+    if device.type == "cpu":
+        return work(device=device)
     try:
         return work(device=device)
     except torch.OutOfMemoryError:
-        if device.type == "cpu":
-            raise
-        torch.cuda.empty_cache()
-        log.warning("%s: out of memory on %s; decomposed on the CPU instead", name, device)
-        return work(device=CPU)
+        pass  # retried outside the handler: its traceback would keep the failed attempt's tensors alive
+    torch.cuda.empty_cache()
+    log.warning("%s: out of memory on %s; decomposed on the CPU instead", name, device)
+    return work(device=CPU)
 
 
 def _initialise(
@@ -283,7 +284,7 @@ def decompose_checkpoint(
         with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
             out = Path(out).resolve()
             _write_surgery(view, targets, opened, options, staging, out, fingerprint, bundle_store, progress,
-                           compute.torch_device)  # fmt: skip
+                           compute)  # fmt: skip
     return out
 
 
@@ -297,9 +298,10 @@ def _write_surgery(
     fingerprint: str,
     bundle_store: bool,
     progress: bool,
-    device: torch.device,
+    compute: ComputeOptions,
 ) -> None:
     reader = view.reader
+    device = compute.torch_device
     if options.method is Method.CORDA_PLUS:
         plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress, device=device)
     else:
@@ -349,6 +351,7 @@ def _write_surgery(
     write_adapter(staging / ADAPTER_DIR, adapter)
     report = {
         **options.record(),
+        "compute": compute.record(),
         "base_name": base_name,
         "model_fingerprint": fingerprint,
         "residual_fingerprint": residual_fingerprint,

@@ -206,3 +206,22 @@ def test_finiteness_is_checked_in_every_slice(monkeypatch):
     matrix[5, 4] = float("nan")  # the last slice only
     assert not numerics.all_finite(matrix) and not numerics.all_finite(matrix.T)
     assert not numerics.all_finite(matrix[:, 3:])  # a view neither contiguous nor transposed
+
+
+def test_plan_on_a_gpu_checks_calibration_there_and_decomposition_in_ram(monkeypatch):
+    import corda_surgery.memory_plan as memory_plan
+
+    gib = memory_plan.GIB
+    monkeypatch.setattr(memory_plan, "available_memory", lambda device: 10 * gib)  # the GPU's free memory
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 20 * gib)
+    plan = memory_plan.MemoryPlan(device=torch.device("cuda"), baseline=0)
+    plan.phases = {"calibration": {"covariance sums": 8 * gib}, "decomposition": {"covariance": 15 * gib}}
+    plan.check()  # the decomposition falls back to the CPU: it must fit the RAM, not the GPU
+    assert plan.device_peak == 8 * gib and plan.host_peak == 15 * gib
+    plan.phases["calibration"]["hidden states"] = 4 * gib
+    with pytest.raises(MemoryPlanError, match=r"12\.00 GiB of cuda \(calibration: .*--max-memory"):
+        plan.check()
+    plan.phases["calibration"]["hidden states"] = 0
+    plan.phases["decomposition"]["W·C"] = 6 * gib
+    with pytest.raises(MemoryPlanError, match=r"21\.00 GiB of RAM \(decomposition: .*--targets"):
+        plan.check()
