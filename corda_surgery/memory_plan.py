@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,7 +256,7 @@ def plan_run(
     *,
     spec: CalibrationSpec | None = None,
     options: SurgeryOptions | None = None,
-    targets: list[tuple[int, int]] = (),  # type: ignore[assignment]
+    targets: Sequence[tuple[int, int]] = (),
     activation_budget: int | None = None,
 ) -> MemoryPlan:
     """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
