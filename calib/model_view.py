@@ -7,7 +7,8 @@ conversion mapping (renamed layouts, experts stored one by one but fused in the 
 the ``nn.Linear`` (and GPT-2 ``Conv1D``)
 modules inside each block; which linears read the same tensor is observed while calibrating (see
 ``calib.stream``). Mixture-of-experts layers whose experts are fused 3-D parameters have no linear per
-expert: their router and shared experts are ordinary linears, the fused experts stay frozen.
+expert: each expert's slice is treated as one (``calib.experts``), and results computed for a fused
+parameter are written back as the stored tensors it was fused from (transformers' reverse conversion).
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
 from transformers.pytorch_utils import Conv1D
 
+from corda_surgery.calib.experts import FusedExperts, find_fused_experts
 from corda_surgery.calib.weights import CheckpointError, CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 
@@ -92,6 +100,7 @@ class ModelView:
         self.blocks_prefix, self.blocks = _find_blocks(self.model, self.config)
         self.runner_prefix, self.runner = self._runner()
         self.linears = [self._block_linears(i) for i in range(len(self.blocks))]
+        self.experts: list[dict[str, FusedExperts]] = [find_fused_experts(block) for block in self.blocks]
         transposed = {flag for block in self.linears for flag in block.values()}
         if len(transposed) > 1:
             raise UnsupportedArchitecture(f"{self.config.model_type}: mixes Conv1D and Linear layers in its blocks")
@@ -133,6 +142,29 @@ class ModelView:
                                           model=self.model, config=self.config)  # fmt: skip
         [tensor] = collected.values()
         return tensor
+
+    def stored_pieces(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A module tensor as the stored tensors it is read from (split back where the module fuses them)."""
+        stored = self.sources.get(name, [])
+        if len(stored) == 1 and stored[0][0] is None:
+            return {stored[0][1]: tensor}
+        pieces = revert_weight_conversion(self.model, {name: tensor})
+        expected = {key: self.reader.spec(key)[0] for _, key in stored}
+        if {key: tuple(piece.shape) for key, piece in pieces.items()} != expected:
+            raise UnsupportedArchitecture(
+                f"{self.config.model_type}: {name} cannot be split back into the stored tensors it was fused from"
+            )
+        return pieces
+
+    def fused_parameters(self) -> dict[str, tuple[str, ...]]:
+        """Module path of every fused-experts module → its adaptable parameters' names, in definition order."""
+        return {
+            f"{self.block_name(i)}.{experts.module}": tuple(
+                f"{self.block_name(i)}.{experts.module}.{p}" for p in experts.parameters
+            )
+            for i, found in enumerate(self.experts)
+            for experts in found.values()
+        }
 
     def _runner(self) -> tuple[str, nn.Module]:
         """The innermost pre-trained model around the blocks: it embeds tokens and calls them in turn."""

@@ -6,7 +6,8 @@ the arguments each block receives (its own masks and position embeddings: slidin
 layers differ); then each block in turn is loaded from the safetensors shards, run over all batches with
 pre-hooks on all its linears summing XᵀX over real tokens, written to the store, and freed. Linears whose
 hooks receive the same tensor in a forward (q/k/v, gate/up, whatever the model shares) form one input
-group with one covariance, computed once.
+group with one covariance, computed once. Each expert of a fused-experts module gets the covariances of
+the tokens routed to it (``calib.experts``), each with its own token count.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import AutoTokenizer
 
 from corda_surgery.calib.activations import Activations
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
+from corda_surgery.calib.experts import DOWN, FusedExperts, experts_arguments, routed_inputs, slice_name
 from corda_surgery.calib.model_view import ModelView, UnsupportedArchitecture
 from corda_surgery.calib.store import CovarianceEntry, StoreWriter
 from corda_surgery.calib.weights import CheckpointError
@@ -75,16 +77,20 @@ class _Accumulator:
         edges = [dim * i // blocks for i in range(blocks + 1)]
         self.blocks = [slice(a, b) for a, b in itertools.pairwise(edges)]
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int) -> None:
-        """``x``: (batch, sequence, width) activations, the same flattened, or the rows routed to an expert."""
+    def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int, *, routed: bool = False) -> None:
+        """``x``: (batch, sequence, width) activations or the same flattened (``mask`` marks real tokens), or,
+        ``routed``, the rows of the real tokens routed to one expert (also assumed of any other flattened
+        input with fewer rows than tokens: an expert kept as a linear of its own)."""
         x = x.float()
-        if x.dim() == 2 and x.shape[0] == mask.numel():
-            x = x.reshape(*mask.shape, -1)
-        elif x.dim() == 2:  # tokens routed to one expert: every row is a real token
+        if x.dim() == 2 and x.shape[0] != mask.numel():
+            routed = True
+        if routed:
             if self.normalisation == "peft":
                 raise UnsupportedArchitecture("--covariance-norm peft needs per-sample inputs; experts get routed rows")
             mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
             x = x[:, None, :]
+        elif x.dim() == 2:
+            x = x.reshape(*mask.shape, -1)
         dense = bool(mask.all())  # no padding: use the activations in place instead of gathering rows
         if self.normalisation == "peft":  # PEFT's rule: each sample scaled by |max| over its real tokens
             real = x if dense else x.masked_fill(~mask[..., None], float("-inf"))
@@ -134,6 +140,21 @@ class _InputGroups:
                 if name not in self.accumulators:
                     self.accumulators[name] = self.make(x.shape[-1])
                 self.accumulators[name].add(x, self.mask, self.round)
+
+        return pre_hook
+
+    def experts_hook(self, experts: FusedExperts):
+        """A pre-hook (with keyword arguments) on a fused-experts module: one input per expert and projection."""
+
+        def pre_hook(module, args, kwargs):
+            hidden, top_k_index = experts_arguments(module, args, kwargs)
+            for expert, up_rows, down_rows in routed_inputs(module, experts, hidden, top_k_index, self.mask):
+                for parameter, rows in ((experts.up, up_rows), (DOWN, down_rows)):
+                    name = slice_name(f"{experts.module}.{parameter}", expert)
+                    self.leader_of[name] = name
+                    if name not in self.accumulators:
+                        self.accumulators[name] = self.make(rows.shape[-1])
+                    self.accumulators[name].add(rows, self.mask, self.round, routed=True)
 
         return pre_hook
 
@@ -191,6 +212,9 @@ def stream_covariances(
         if index >= writer.layers_done:
             handles = [block.get_submodule(name).register_forward_pre_hook(groups.hook(name))
                        for name in view.linears[index]]  # fmt: skip
+            handles += [block.get_submodule(name).register_forward_pre_hook(groups.experts_hook(experts),
+                                                                            with_kwargs=True)
+                        for name, experts in view.experts[index].items()]  # fmt: skip
         try:
             batch_bar = tqdm(range(len(batches)), desc=f"block {index}", leave=False, disable=not progress)
             for b in batch_bar:

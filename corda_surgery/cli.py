@@ -96,7 +96,8 @@ _decomposition_options = _options(
     click.option("--rank", default=16, show_default=True, help="LoRA rank r per target linear."),
     click.option("--alpha", type=float, default=None, help="LoRA alpha; scaling is alpha/r [default: r]."),
     click.option("--targets", default="all-linear", show_default=True,
-                 help="Comma-separated linear names (e.g. q_proj,v_proj) or all-linear."),
+                 help="Comma-separated linear names (e.g. q_proj,v_proj), fused expert weights "
+                      "(e.g. experts.down_proj), or all-linear (every linear and expert weight)."),
     click.option("--solver", type=click.Choice(["gram", "svd"]), default="gram", show_default=True,
                  help="How the singular pairs of the float64 product W·C are found. gram: eigen-decomposition of "
                       "its Gram matrix (fast, within 1e-5 of svd); svd: LAPACK's full float64 SVD (reference, ~2x "
@@ -189,8 +190,10 @@ def main(debug: bool, verbose: bool) -> None:
     'smollm2-135m', the embedded SmolLM2-135M-Instruct. Any transformers architecture works: the
     repeated blocks, their linears and which linears share an input are discovered from the model.
     Multimodal checkpoints: the language model's blocks are converted, vision towers stay untouched.
-    Mixture-of-experts: fused expert weights stay frozen; attention, routers and shared experts are
-    adapted. Inputs are only read: an output that is, contains or lies inside an input is refused.
+    Mixture-of-experts: every expert of a fused (3-D) expert weight is adapted with the covariance
+    of the tokens routed to it, in PEFT's target_parameters form (one rank for all experts; under
+    corda++ experts keep --rank, the budget goes to the linears). Inputs are only read: an output
+    that is, contains or lies inside an input is refused.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     release_large_frees_to_os()

@@ -18,7 +18,7 @@ from corda_surgery.surgery import read_report
 def checked_adapter(surgery_dir: Path, adapter_dir: Path) -> tuple[LoraAdapter, dict]:
     """The adapter in ``adapter_dir`` and ``surgery_dir``'s report, once the adapter is proven to belong."""
     report = read_report(surgery_dir)
-    adapter = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir, fused_parameters(report))
     layers: dict[str, dict] = report["layers"]
     missing, extra = sorted(layers.keys() - adapter.lora_A.keys()), sorted(adapter.lora_A.keys() - layers.keys())
     if missing:
@@ -42,3 +42,13 @@ def checked_adapter(surgery_dir: Path, adapter_dir: Path) -> tuple[LoraAdapter, 
     if CheckpointReader(surgery_dir).fingerprint() != report["residual_fingerprint"]:
         raise CordaSurgeryError(f"{surgery_dir}: the residual weights changed after the surgery (fingerprint mismatch)")
     return adapter, report
+
+
+def fused_parameters(report: dict) -> dict[str, list[str]]:
+    """The surgery's adapted fused parameters by module, in the module's order (the deeper PEFT keys a
+    parameter's factors under ``base_layer``, the earlier it comes): what ``read_adapter`` resolves with."""
+    by_module: dict[str, list[str]] = {}
+    paths: dict[str, str] = report.get("adapter_parameters", {})
+    for parameter in sorted(paths, key=lambda p: -paths[p].count(".base_layer")):
+        by_module.setdefault(parameter.rpartition(".")[0], []).append(parameter)
+    return by_module

@@ -18,7 +18,8 @@ from corda_surgery.surgery import check_stores, corda_plus_plan, plan_targets
 def inspect_stores(
     model_dir: str | Path, stores: list[str | Path], options: SurgeryOptions, compute: ComputeOptions = DEFAULT_COMPUTE
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra.
+    """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra (fused experts
+    take ``--rank`` outside CorDA++'s allocation, so they have no row).
 
     ``options`` is a corda++ surgery's: its mode, base rank, damping, targets and budgets; the spectra are
     computed on ``compute``'s device.
@@ -35,6 +36,7 @@ def inspect_stores(
          "compactness": records[t.name]["compactness"],
          "compactness_at_base_rank": max(records[t.name]["candidate_compactness"])}
         for t in targets
+        if t.parameter is None
     ]  # fmt: skip
     return rows, spectra
 

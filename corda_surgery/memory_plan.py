@@ -12,7 +12,9 @@ follows what the code holds at its peaks (``bench/big_layer.py`` compares it wit
 
 Which linears share an input is only observed while calibrating; the plan assumes that linears in one
 module with the same input width share it, except the module's last (an output projection) — exact for
-the usual attention and MLP layouts, an over-estimate elsewhere.
+the usual attention and MLP layouts, an over-estimate elsewhere. Every expert of a fused-experts module
+has two inputs of its own (up and down projection); while its experts are decomposed, the fused weight
+and its residual (split into the stored tensors) are held whole.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.experts import find_fused_experts
 from corda_surgery.calib.model_view import ModelView, is_linear
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decompose import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
@@ -170,7 +173,16 @@ def _input_widths(block: torch.nn.Module) -> list[int]:
         *shared, last = module_widths
         widths.extend(sorted(set(shared)))
         widths.append(last)
+    for experts in find_fused_experts(block).values():
+        module = block.get_submodule(experts.module)
+        widths += [experts.shape(module, p)[1] for p in experts.parameters] * experts.num_experts
     return widths
+
+
+def _largest_fused(view: ModelView) -> int:
+    """Bytes of the largest fused expert parameter as stored."""
+    return max((p.numel() * view.stored_dtype.itemsize for block in view.blocks for p in block.parameters()
+                if p.dim() == 3), default=0)  # fmt: skip
 
 
 def _bytes(module: torch.nn.Module, dtype_size: int, skip: frozenset[int] = frozenset()) -> int:
@@ -274,6 +286,8 @@ def plan_run(
         stored_size = view.stored_dtype.itemsize
         if options.method.uses_covariance or options.mode is not None:
             plan.phases["decomposition"] = _decomposition(list(targets), stored_size, options.solver)
+            if _largest_fused(view):
+                plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )

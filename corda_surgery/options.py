@@ -101,7 +101,7 @@ class SurgeryOptions:
     mode: Mode | None = None
     rank: int = 16
     alpha: float | None = None  # None: the rank (scaling 1)
-    targets: tuple[str, ...] = ()  # linear names (suffixes); (): every linear
+    targets: tuple[str, ...] = ()  # linear or fused expert weight names (suffixes); (): all of them
     solver: Solver = Solver.GRAM
     factor_dtype: str = "float32"
     damping: float = DEFAULT_DAMPING

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
 import os
 import platform
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from corda_surgery import __version__
 from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.experts import slice_name
 from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore, StoreError
 from corda_surgery.calib.stream import calibrate, open_view
@@ -35,7 +37,7 @@ from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_co
 from corda_surgery.decompose import CovarianceSource, decompose_weight
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
-from corda_surgery.export.peft_adapter import LoraAdapter, write_adapter
+from corda_surgery.export.peft_adapter import LoraAdapter, parameter_paths, write_adapter
 from corda_surgery.memory_plan import MemoryPlan, announce, plan_run
 from corda_surgery.options import ALL_LINEAR, Method, OptionsError, SurgeryOptions
 from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
@@ -54,12 +56,15 @@ class TargetError(CordaSurgeryError):
 
 @dataclass(frozen=True)
 class Target:
-    """One linear to adapt: its module path, stored weight key and (out, in) shape."""
+    """One linear to adapt, or one expert's slice of a fused-experts parameter, and its (out, in) shape."""
 
-    name: str
-    key: str
+    name: str  # module path; for an expert, "<fused parameter>[<expert>]"
+    key: str | None  # stored key of a linear's weight; None for an expert's slice
     out_dim: int
     in_dim: int
+    transposed: bool = False  # stored (in, out): GPT-2's Conv1D, transposed experts
+    parameter: str | None = None  # the fused parameter an expert's slice belongs to
+    expert: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,41 +80,67 @@ def _matches(linear: str, pattern: str) -> bool:
     return linear == pattern or linear.endswith("." + pattern)
 
 
-def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
-    """Every target linear with its key and shape, after checking the ranks and budgets against the shapes."""
-    everywhere = sorted({name for block in view.linears for name in block})
-    unmatched = [p for p in options.targets if not any(_matches(n, p) for n in everywhere)]
-    if unmatched:
-        raise TargetError(
-            f"--targets {', '.join(unmatched)} matches no linear of this model "
-            f"(available: {', '.join(everywhere)}, or {ALL_LINEAR})"
-        )
-    transposed = view.transposed
-    targets = []
-    for index in range(view.num_blocks):
-        for linear in view.linears[index]:
-            if options.targets and not any(_matches(linear, p) for p in options.targets):
-                continue
+def _linear_targets(view: ModelView, index: int, chosen: Callable[[str], bool]) -> Iterator[Target]:
+    for linear in view.linears[index]:
+        if chosen(linear):
             name = f"{view.block_name(index)}.{linear}"
             key = view.stored_key(f"{name}.weight")
             shape = view.reader.spec(key)[0]
-            out_dim, in_dim = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-            targets.append(Target(name, key, out_dim, in_dim))
-    needed = options.min_rank if options.method is Method.CORDA_PLUS else options.rank
-    option = "--min-rank" if options.method is Method.CORDA_PLUS else "--rank"
-    narrow = [t for t in targets if min(t.out_dim, t.in_dim) < needed]
+            out_dim, in_dim = (shape[1], shape[0]) if view.transposed else (shape[0], shape[1])
+            yield Target(name, key, out_dim, in_dim, transposed=view.transposed)
+
+
+def _expert_targets(view: ModelView, index: int, chosen: Callable[[str], bool]) -> Iterator[Target]:
+    for experts in view.experts[index].values():
+        module = view.blocks[index].get_submodule(experts.module)
+        for parameter in experts.parameters:
+            if chosen(f"{experts.module}.{parameter}"):
+                name = f"{view.block_name(index)}.{experts.module}.{parameter}"
+                out_dim, in_dim = experts.shape(module, parameter)
+                for expert in range(experts.num_experts):
+                    yield Target(slice_name(name, expert), None, out_dim, in_dim, transposed=experts.transposed,
+                                 parameter=name, expert=expert)  # fmt: skip
+
+
+def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
+    """Every target linear and expert slice with its shape, after checking the ranks and budgets against them."""
+    fused = {f"{e.module}.{p}" for block in view.experts for e in block.values() for p in e.parameters}
+    everywhere = sorted({name for block in view.linears for name in block} | fused)
+    unmatched = [p for p in options.targets if not any(_matches(n, p) for n in everywhere)]
+    if unmatched:
+        raise TargetError(
+            f"--targets {', '.join(unmatched)} matches no linear or fused expert parameter of this model "
+            f"(available: {', '.join(everywhere)}, or {ALL_LINEAR})"
+        )
+
+    def chosen(name: str) -> bool:
+        return not options.targets or any(_matches(name, p) for p in options.targets)
+
+    targets = [
+        target
+        for index in range(view.num_blocks)
+        for found in (_linear_targets(view, index, chosen), _expert_targets(view, index, chosen))
+        for target in found
+    ]
+
+    def needed(target: Target) -> tuple[str, int]:  # CorDA++ allocates linears only: experts take --rank
+        if options.method is Method.CORDA_PLUS and target.parameter is None:
+            return "--min-rank", options.min_rank
+        return "--rank", options.rank
+
+    narrow = [t for t in targets if min(t.out_dim, t.in_dim) < needed(t)[1]]
     if narrow and (options.targets or len(narrow) == len(targets)):
-        first = narrow[0]
+        first, (option, rank) = narrow[0], needed(narrow[0])
         raise OptionsError(
-            f"{option} {needed} is too large: {first.name} is {first.out_dim}×{first.in_dim}, so ranks go up to "
+            f"{option} {rank} is too large: {first.name} is {first.out_dim}×{first.in_dim}, so ranks go up to "
             f"{min(first.out_dim, first.in_dim)}"
         )
     if narrow:  # all-linear: routers and gates narrower than the rank are left out, not an error
-        log.warning("%d linear(s) narrower than %s %d are left out, e.g. %s (%d×%d)", len(narrow), option, needed,
+        log.warning("%d linear(s) narrower than %s %d are left out, e.g. %s (%d×%d)", len(narrow), *needed(narrow[0]),
                     narrow[0].name, narrow[0].out_dim, narrow[0].in_dim)  # fmt: skip
         targets = [t for t in targets if t not in narrow]
     if options.method is Method.CORDA_PLUS and options.param_budget is not None:
-        floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets)
+        floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets if t.parameter is None)
         if options.param_budget < floor:
             raise OptionsError(
                 f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
@@ -202,24 +233,27 @@ def corda_plus_plan(
     progress: bool,
     device: torch.device = CPU,
 ) -> tuple[dict[str, LayerPlan], dict[str, dict], dict[str, torch.Tensor]]:
-    """Per layer: the most compact candidate covariance at the base rank, then ranks from the budget.
+    """Per linear: the most compact candidate covariance at the base rank, then ranks from the budget.
+    (Experts' slices are not planned here: one fused parameter has one rank, so they take ``--rank``.)
 
     Returns the plan, per-layer records for surgery.json, and the chosen candidates' spectra.
     """
     assert options.mode is not None  # corda++ always has one
     mode = options.mode.value
+    targets = [t for t in targets if t.parameter is None]
     candidates = _candidates(stores)
     chosen: dict[str, tuple[int, int | None]] = {}
     spectra: dict[str, torch.Tensor] = {}
     dims = {t.name: (t.out_dim, t.in_dim) for t in targets}
     records: dict[str, dict] = {}
     for target in tqdm(targets, desc="CorDA++ spectra", unit="layer", disable=not progress):
+        assert target.key is not None  # a linear
         weight, name = view.reader.get(target.key), target.name
         candidate_spectra = []
         for i, r in candidates:
             spectrum = functools.partial(
                 context_spectrum, weight, functools.partial(stores[i].covariance, name, round_index=r),
-                damping=options.damping, transposed=view.transposed, name=name, solver=options.solver.value,
+                damping=options.damping, transposed=target.transposed, name=name, solver=options.solver.value,
             )  # fmt: skip
             candidate_spectra.append(_on_device_or_host(spectrum, device, name))
         base_rank = min(options.rank, target.out_dim, target.in_dim)
@@ -305,38 +339,87 @@ def _write_surgery(
     if options.method is Method.CORDA_PLUS:
         plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress, device=device)
     else:
-        store_index = 0 if stores else None
-        plan = {t.name: LayerPlan(options.rank, store_index) for t in targets}
         plus_records = {}
-    name_of = {t.key: t.name for t in targets}
+        plan = {}
+    store_index = 0 if stores else None
+    plan = {t.name: plan.get(t.name, LayerPlan(options.rank, store_index)) for t in targets}
+    linears = {t.key: t for t in targets if t.key is not None}
+    slices: dict[str, list[Target]] = {}
+    for target in targets:
+        if target.parameter is not None:
+            slices.setdefault(target.parameter, []).append(target)
+    owner_of = {key: parameter for parameter in slices for _, key in view.sources[parameter]}
+    fused_paths = parameter_paths(view.fused_parameters(), slices)
     base_name = options.base_name or str(out)
     adapter = LoraAdapter(
         rank=options.rank, alpha=options.alpha or options.rank, lora_A={}, lora_B={},
-        fan_in_fan_out=view.transposed,
+        fan_in_fan_out=view.transposed, parameter_paths=fused_paths,
         task_type="CAUSAL_LM" if view.model.can_generate() else None, base_model_name_or_path=base_name,
     )  # fmt: skip
     layers: dict[str, dict] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused parameter → its stored pieces not yet written
+    seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
     bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
+
+    def initialise(weight: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        layer = plan[target.name]
+        covariance: CovarianceSource | None = None
+        record: dict = {}
+        if layer.store is not None:
+            store = stores[layer.store]
+            tokens = store.by_linear[target.name].count
+            if target.parameter is not None:
+                record["tokens"] = tokens
+            if tokens >= layer.rank:
+                covariance = functools.partial(store.covariance, target.name, round_index=layer.round)
+            else:  # an expert that (almost) no token was routed to: its covariance cannot rank r directions
+                record["covariance"] = "none: fewer routed tokens than the rank, plain SVD of the weight"
+        lora_a, lora_b, residual, initial = _initialise(
+            weight, covariance, target.name, layer, options, transposed=target.transposed,
+            seed=next(seeds), device=device,
+        )  # fmt: skip
+        return lora_a, lora_b, residual, initial | record | plus_records.get(target.name, {})
+
+    def fused_residual(parameter: str) -> torch.Tensor:
+        """All experts of one fused parameter: factors side by side as PEFT's ParamWrapper keeps them."""
+        fused = view.read(parameter).clone()
+        reader.release()
+        factors_a, factors_b, records = [], [], []
+        for target in slices[parameter]:
+            lora_a, lora_b, fused[target.expert], record = initialise(fused[target.expert], target)
+            factors_a.append(lora_a)
+            factors_b.append(lora_b)
+            records.append(record)
+        adapter.lora_A[parameter] = torch.cat(factors_a)  # (experts·r, in): expert e's rows e·r … e·r+r-1
+        adapter.lora_B[parameter] = torch.stack(factors_b, dim=-1).flatten(1)  # (out, r·experts): column k·E+e
+        starved = [t.expert for t, r in zip(slices[parameter], records, strict=True) if "covariance" in r]
+        if starved:
+            log.warning("%s: experts %s saw fewer routed tokens than rank %d; initialised from their weights "
+                        "alone (plain SVD)", parameter, starved, options.rank)  # fmt: skip
+        layers[parameter] = {"rank": options.rank, "experts": records}
+        return fused
 
     def produce(key: str) -> torch.Tensor:
         bar.update()
+        parameter = owner_of.get(key)
+        if parameter is not None:
+            if parameter not in pending:
+                pending[parameter] = view.stored_pieces(parameter, fused_residual(parameter))
+            piece = pending[parameter].pop(key)
+            if not pending[parameter]:
+                del pending[parameter]
+            return piece
         weight = reader.get(key).clone()
         reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
-        name = name_of.get(key)
-        if name is None:
+        target = linears.get(key)
+        if target is None:
             return weight
-        layer = plan[name]
-        covariance = None if layer.store is None else functools.partial(
-            stores[layer.store].covariance, name, round_index=layer.round)  # fmt: skip
-        lora_a, lora_b, residual, record = _initialise(
-            weight, covariance, name, layer, options, transposed=view.transposed,
-            seed=options.seed + len(adapter.lora_A), device=device,
-        )  # fmt: skip
-        adapter.lora_A[name], adapter.lora_B[name] = lora_a, lora_b
+        layer = plan[target.name]
+        lora_a, lora_b, residual, layers[target.name] = initialise(weight, target)
+        adapter.lora_A[target.name], adapter.lora_B[target.name] = lora_a, lora_b
         if layer.rank != options.rank:
-            adapter.rank_pattern[name] = layer.rank
-            adapter.alpha_pattern[name] = options.scaling * layer.rank
-        layers[name] = record | plus_records.get(name, {})
+            adapter.rank_pattern[target.name] = layer.rank
+            adapter.alpha_pattern[target.name] = options.scaling * layer.rank
         return residual
 
     with bar:
@@ -359,7 +442,8 @@ def _write_surgery(
         "layers": layers,
         "input_groups": sorted({entry.linears for store in stores for entry in store.entries.values()}),
         "left_out": _left_out(view, targets, options),
-        "frozen_experts": _fused_experts(view),
+        "adapter_parameters": fused_paths,
+        "frozen_experts": _frozen_experts(view, slices),
         "versions": {"corda_surgery": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -380,15 +464,13 @@ def _left_out(view: ModelView, targets: list[Target], options: SurgeryOptions) -
             if (name := f"{view.block_name(i)}.{n}") not in chosen]  # fmt: skip
 
 
-def _fused_experts(view: ModelView) -> list[str]:
-    """Expert weights stored as 3-D parameters: no nn.Linear per expert, so no LoRA adapter; they stay frozen."""
-    names = [f"{view.block_name(i)}.{n}" for i in range(view.num_blocks)
-             for n, p in view.blocks[i].named_parameters() if p.dim() == 3]  # fmt: skip
+def _frozen_experts(view: ModelView, adapted: Mapping[str, object]) -> list[str]:
+    """3-D (expert) parameters that are not adapted: not built by transformers' experts interface, or not
+    chosen by --targets. They stay frozen."""
+    names = [name for i in range(view.num_blocks) for n, p in view.blocks[i].named_parameters()
+             if p.dim() == 3 and (name := f"{view.block_name(i)}.{n}") not in adapted]  # fmt: skip
     if names:
-        log.warning(
-            "%d fused expert weight(s) (e.g. %s) stay frozen: PEFT's LoRA adapts linear layers; the router, "
-            "attention and shared experts are adapted", len(names), names[0],
-        )  # fmt: skip
+        log.warning("%d expert weight(s) stay frozen (e.g. %s): not adapted by this surgery", len(names), names[0])
     return names
 
 

@@ -14,7 +14,7 @@ import torch
 from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
-from corda_surgery.handoff import checked_adapter
+from corda_surgery.handoff import checked_adapter, fused_parameters
 from corda_surgery.outputs import check_disjoint, staged_folder
 from corda_surgery.surgery import ADAPTER_DIR
 
@@ -26,11 +26,15 @@ def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
     lora_a, lora_b, rank_pattern, alpha_pattern = {}, {}, {}, {}
     for module in initial.lora_A:
         s_initial, s_trained = initial.scaling(module), trained.scaling(module)
-        rank = trained.lora_A[module].shape[0] + initial.lora_A[module].shape[0]
+        rank = trained.rank_of(module) + initial.rank_of(module)
         # One scaling s for both halves: fold each half's own scaling relative to s into its B.
-        lora_a[module] = torch.cat([trained.lora_A[module].float(), initial.lora_A[module].float()])
-        initial_b = -(s_initial / s_trained) * initial.lora_B[module].float()
-        lora_b[module] = torch.cat([trained.lora_B[module].float(), initial_b], dim=1)
+        halves_a = [trained.lora_A[module].float(), initial.lora_A[module].float()]
+        halves_b = [trained.lora_B[module].float(), -(s_initial / s_trained) * initial.lora_B[module].float()]
+        experts = halves_a[0].shape[0] // trained.rank_of(module) if module in initial.parameter_paths else 1
+        # A fused parameter keeps each expert's rows together in A ((experts, r, in)) and its columns
+        # interleaved in B ((out, r, experts)): concatenate within each expert.
+        lora_a[module] = torch.cat([a.reshape(experts, -1, a.shape[-1]) for a in halves_a], dim=1).flatten(0, 1)
+        lora_b[module] = torch.cat([b.reshape(b.shape[0], -1, experts) for b in halves_b], dim=1).flatten(1)
         rank_pattern[module] = rank
         alpha_pattern[module] = s_trained * rank
     base_rank = 2 * trained.rank
@@ -44,6 +48,7 @@ def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
         alpha_pattern={m: a for m, a in alpha_pattern.items() if not math.isclose(a, base_alpha)},
         fan_in_fan_out=trained.fan_in_fan_out,
         task_type=trained.task_type,
+        parameter_paths=initial.parameter_paths,
     )
 
 
@@ -54,7 +59,7 @@ def convert_to_lora(
     surgery_dir, trained_adapter, base = Path(surgery_dir), Path(trained_adapter), Path(base)
     check_disjoint(Path(out), [surgery_dir, trained_adapter, base])
     trained, report = checked_adapter(surgery_dir, trained_adapter)  # also proves the residual unchanged
-    initial = read_adapter(surgery_dir / ADAPTER_DIR)
+    initial = read_adapter(surgery_dir / ADAPTER_DIR, fused_parameters(report))
     if CheckpointReader(base).fingerprint() != report["model_fingerprint"]:
         raise CordaSurgeryError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
     lora = to_plain_lora(initial, trained)

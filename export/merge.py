@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from corda_surgery.calib.experts import FusedExperts
 from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
@@ -29,9 +30,15 @@ def merge_adapter(
     check_disjoint(Path(out), [model_dir, adapter_dir])
     view = ModelView(model_dir)  # module names (the adapter's) → stored keys, whatever the checkpoint's layout
     reader = view.reader
-    adapter: LoraAdapter = read_adapter(adapter_dir)
-    key_of = {}
+    adapter: LoraAdapter = read_adapter(adapter_dir, view.fused_parameters())
+    layouts = {f"{view.block_name(i)}.{e.module}.{p}": e for i, found in enumerate(view.experts)
+               for e in found.values() for p in e.parameters}  # fmt: skip
+    key_of, owner_of = {}, {}
     for module in adapter.lora_A:
+        if module in adapter.parameter_paths:
+            _check_fused(view, adapter, module, layouts[module], adapter_dir, model_dir)
+            owner_of.update({key: module for _, key in view.sources[module]})
+            continue
         try:
             key = view.stored_key(f"{module}.weight")
         except CheckpointError as exc:
@@ -45,9 +52,24 @@ def merge_adapter(
             )
         key_of[key] = module
     bar = tqdm(total=len(reader.locations), desc="merging", unit="tensor", disable=not progress)
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused parameter → merged stored pieces not yet written
+
+    def merged_fused(parameter: str) -> torch.Tensor:
+        weight = view.read(parameter)
+        reader.release()
+        delta = adapter.delta(parameter)
+        return (weight.float() + (delta.transpose(1, 2) if layouts[parameter].transposed else delta)).to(weight.dtype)
 
     def produce(key: str) -> torch.Tensor:
         bar.update()
+        parameter = owner_of.get(key)
+        if parameter is not None:
+            if parameter not in pending:
+                pending[parameter] = view.stored_pieces(parameter, merged_fused(parameter))
+            piece = pending[parameter].pop(key)
+            if not pending[parameter]:
+                del pending[parameter]
+            return piece
         weight = reader.get(key).clone()
         reader.release()  # unmap: pages read so far would otherwise stay resident
         module = key_of.get(key)
@@ -62,3 +84,18 @@ def merge_adapter(
         bar.close()
         copy_model_files(reader.model_dir, staging)
     return Path(out).resolve()
+
+
+def _check_fused(
+    view: ModelView, adapter: LoraAdapter, parameter: str, experts: FusedExperts, adapter_dir: Path, model_dir: Path
+) -> None:
+    """The factors of a fused parameter fit its experts and their (out, in) shape."""
+    module, _, name = parameter.rpartition(".")
+    out_dim, in_dim = experts.shape(view.model.get_submodule(module), name)
+    lora_a, lora_b = adapter.lora_A[parameter], adapter.lora_B[parameter]
+    found = (lora_a.shape[0] // adapter.rank_of(parameter), lora_b.shape[0], lora_a.shape[1])
+    if found != (experts.num_experts, out_dim, in_dim):
+        raise AdapterError(
+            f"{adapter_dir}: {parameter} adapts {found[0]} experts of {found[1]}×{found[2]}, but {model_dir} has "
+            f"{experts.num_experts} of {out_dim}×{in_dim}"
+        )

@@ -10,6 +10,11 @@ Which torch.onnx path: the dynamo exporter is correct for every supported family
 minutes for SmolLM2-135M with the KV cache, 2 cores); the TorchScript tracer takes 20 s and matches it
 for Llama-family models (tests check padding, batch, sequence and past lengths), while for GPT-2 it bakes
 shapes into the graph and gives wrong logits. ``auto`` picks per family from TORCHSCRIPT_FAMILIES.
+
+Fused mixture-of-experts layers run transformers' ``batched_mm`` experts implementation while exporting:
+its default grouped matmul has no ONNX translation, and the eager loop's expert count depends on the data.
+``batched_mm`` gathers each routed token's expert weights, so the graph's memory grows with tokens × top-k
+× one expert's weights (a prefill of a long prompt on a large MoE needs far more than decoding).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 from torch.export import Dim
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from corda_surgery.calib.experts import find_fused_experts
 from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files
@@ -179,6 +185,10 @@ def export_onnx(
     check_disjoint(Path(out), [model_dir])
     CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+    if find_fused_experts(model):
+        model.set_experts_implementation("batched_mm")
+        log.warning("%s: fused experts exported with gathered per-token expert weights (batched_mm): prefill "
+                    "memory grows with tokens × top-k × expert size", model_dir)  # fmt: skip
     if exporter == "auto":
         exporter = "torchscript" if model.config.model_type in TORCHSCRIPT_FAMILIES else "dynamo"
     layers, heads, head_dim = cache_geometry(model.config)

@@ -1,13 +1,17 @@
 """PEFT LoRA adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), read and written.
 
 Only the small subset of PEFT's format that a LoRA adapter needs, so that the converter does not depend on
-PEFT at run time; ``PeftModel.from_pretrained`` loads what is written here (a test proves it).
+PEFT at run time; ``PeftModel.from_pretrained`` loads what is written here (a test proves it). Fused
+expert parameters are adapted as PEFT's ``target_parameters`` do: one rank for all experts, expert e's
+factors at rows e·r… of A and columns k·E+e of B, stored under the module's path with one ``base_layer``
+per wrapper nested above it (PEFT wraps a module's targeted parameters in their definition order).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,7 @@ class LoraAdapter:
     task_type: str | None = "CAUSAL_LM"
     base_model_name_or_path: str | None = None
     provenance: dict | None = None
+    parameter_paths: dict[str, str] = field(default_factory=dict)  # fused parameter → the path PEFT keys it by
 
     def rank_of(self, module: str) -> int:
         return _pattern_value(self.rank_pattern, module, self.rank)
@@ -56,8 +61,24 @@ class LoraAdapter:
         return alpha / rank
 
     def delta(self, module: str) -> torch.Tensor:
-        """s·B·A in float32, in the (out, in) layout of nn.Linear."""
-        return self.scaling(module) * (self.lora_B[module].float() @ self.lora_A[module].float())
+        """s·B·A in float32, in the (out, in) layout of nn.Linear; (experts, out, in) for a fused parameter."""
+        lora_a, lora_b = self.lora_A[module].float(), self.lora_B[module].float()
+        if module in self.parameter_paths:
+            experts = lora_a.shape[0] // self.rank_of(module)
+            lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # (experts, r, in)
+            lora_b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # (experts, out, r)
+        return self.scaling(module) * (lora_b @ lora_a)
+
+
+def parameter_paths(fused: Mapping[str, Sequence[str]], targeted: Collection[str]) -> dict[str, str]:
+    """Where PEFT keeps each targeted parameter's factors: its module's path, plus one ``.base_layer`` per
+    targeted parameter defined after it in that module (``fused``: module → its parameters in order)."""
+    paths = {}
+    for module, parameters in fused.items():
+        chosen = [p for p in parameters if p in targeted]
+        for i, parameter in enumerate(chosen):
+            paths[parameter] = module + ".base_layer" * (len(chosen) - 1 - i)
+    return paths
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -75,7 +96,7 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
         "base_model_name_or_path": adapter.base_model_name_or_path,
         "r": adapter.rank,
         "lora_alpha": adapter.alpha,
-        "target_modules": sorted(adapter.lora_A),
+        "target_modules": sorted(adapter.lora_A.keys() - adapter.parameter_paths.keys()) or None,
         "rank_pattern": adapter.rank_pattern,
         "alpha_pattern": adapter.alpha_pattern,
         "fan_in_fan_out": adapter.fan_in_fan_out,
@@ -86,21 +107,26 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
         "inference_mode": False,
         "modules_to_save": None,
     }
+    if adapter.parameter_paths:
+        config["target_parameters"] = sorted(adapter.parameter_paths)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     tensors = {}
     for module in adapter.lora_A:
-        tensors[f"base_model.model.{module}.lora_A.weight"] = adapter.lora_A[module].contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.lora_B[module].contiguous()
+        path = adapter.parameter_paths.get(module, module)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = adapter.lora_A[module].contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = adapter.lora_B[module].contiguous()
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     if adapter.provenance is not None:
         (folder / PROVENANCE_NAME).write_text(json.dumps(adapter.provenance, indent=2))
 
 
 def _check_factors(adapter: LoraAdapter, weights_path: Path) -> None:
-    """Every module's A is (r, in) and B (out, r) with the rank its config gives, and both are finite."""
+    """Every module's A is (r, in) and B (out, r) with the rank its config gives (a fused parameter's:
+    (experts·r, in) and (out, experts·r)), and both are finite."""
     for module, lora_a in adapter.lora_A.items():
         lora_b, rank = adapter.lora_B[module], adapter.rank_of(module)
-        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != rank or lora_b.shape[1] != rank:
+        inner = lora_a.shape[0] if module in adapter.parameter_paths and lora_a.shape[0] % rank == 0 else rank
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != inner or lora_b.shape[1] != inner:
             raise AdapterError(
                 f"{weights_path}: {module} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, "
                 f"but its config gives rank {rank}"
@@ -110,7 +136,21 @@ def _check_factors(adapter: LoraAdapter, weights_path: Path) -> None:
                 raise AdapterError(f"{weights_path}: {module}.{factor} contains NaN or Inf")
 
 
-def read_adapter(folder: str | Path) -> LoraAdapter:
+def _parameter_paths(config_path: Path, config: dict, fused: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """The config's ``target_parameters`` (full names or suffixes, as PEFT matches them) resolved on the model."""
+    patterns = config.get("target_parameters") or []
+    everywhere = [parameter for parameters in fused.values() for parameter in parameters]
+    for pattern in patterns:
+        if not any(p == pattern or p.endswith("." + pattern) for p in everywhere):
+            raise AdapterError(f"{config_path}: target_parameters names {pattern}, which is no fused expert "
+                               "parameter of the model")  # fmt: skip
+    targeted = {p for p in everywhere if any(p == t or p.endswith("." + t) for t in patterns)}
+    return parameter_paths(fused, targeted)
+
+
+def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None = None) -> LoraAdapter:
+    """The adapter in ``folder``; ``fused`` (the model's fused-experts modules → their parameters, in order,
+    see ``ModelView.fused_parameters``) resolves the factors of targeted parameters to their names."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
@@ -125,6 +165,10 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_rslora") or config.get("use_dora"):
         raise AdapterError(f"{config_path}: rsLoRA/DoRA adapters are not supported")
+    if not isinstance(config.get("target_parameters") or [], list):
+        raise AdapterError(f"{config_path}: target_parameters is not a list")
+    paths = _parameter_paths(config_path, config, fused or {})
+    named = {path: parameter for parameter, path in paths.items()}
     factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
@@ -132,7 +176,7 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
                 match = _KEY.match(key.replace(".default.", "."))
                 if match is None:
                     raise AdapterError(f"{weights_path}: unexpected tensor {key} (only LoRA A/B weights are supported)")
-                factors[match["factor"]][match["module"]] = handle.get_tensor(key)
+                factors[match["factor"]][named.get(match["module"], match["module"])] = handle.get_tensor(key)
     except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
         raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
     unpaired = sorted(factors["A"].keys() ^ factors["B"].keys())
@@ -151,6 +195,7 @@ def read_adapter(folder: str | Path) -> LoraAdapter:
             task_type=config.get("task_type"),
             base_model_name_or_path=config.get("base_model_name_or_path"),
             provenance=json.loads(provenance_path.read_text()) if provenance_path.is_file() else None,
+            parameter_paths=paths,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterError(f"{folder}: malformed adapter configuration ({exc!r})") from exc

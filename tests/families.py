@@ -46,6 +46,9 @@ FAMILIES: dict[str, dict | str] = {
         "shared_expert_intermediate_size": 64,
         "head_dim": 16,
     },
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, **SLIDING},
     "gpt2": {
         "n_embd": HIDDEN,
         "n_layer": LAYERS,
@@ -75,14 +78,16 @@ def _gemma3_config(vocab: int):
     return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4)
 
 
-def save_family_model(path: Path, model_type: str, seed: int = 0) -> Path:
-    """A random ``model_type`` checkpoint with the test tokenizer, saved as safetensors."""
+def save_family_model(path: Path, model_type: str, seed: int = 0, **changes) -> Path:
+    """A random ``model_type`` checkpoint with the test tokenizer, saved as safetensors; ``changes`` to its
+    config on top of the family's own."""
     tokenizer = make_tokenizer()
     overrides = FAMILIES[model_type]
     if overrides == "multimodal":
         config, auto = _gemma3_config(len(tokenizer)), AutoModelForImageTextToText
     else:
-        config, auto = _decoder_config(model_type, len(tokenizer), overrides), AutoModelForCausalLM
+        config = _decoder_config(model_type, len(tokenizer), {**overrides, **changes})
+        auto = AutoModelForCausalLM
     torch.manual_seed(seed)
     model = auto.from_config(config).to(torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb so they matter
@@ -100,14 +105,14 @@ def readme_table() -> str:
 
     rows = ["| model_type | calibration = whole-model hooks, KPM/IPM handoff | merge → ONNX |", "|---|---|---|"]
     for model_type in sorted(FAMILIES):
-        if model_type in FUSED_EXPERTS:
-            onnx = "refused: torch.onnx cannot translate `transformers.grouped_mm_fallback` (fused experts)"
-        elif model_type in MULTIMODAL:
+        if model_type in MULTIMODAL:
             onnx = "not exported: the language tower is converted; export needs the image inputs"
         else:
             onnx = "tested (logits ≤ 1e-4, greedy tokens equal)"
-        notes = {"mixtral": " (experts frozen)", "qwen2_moe": " (fused experts frozen; shared expert adapted)",
-                 "gemma3": " (language tower; vision tower untouched)"}  # fmt: skip
+            onnx += " with batched_mm experts" if model_type in FUSED_EXPERTS else ""
+        notes = {name: " (every expert adapted: PEFT `target_parameters`)" for name in FUSED_EXPERTS}
+        notes["gpt_oss"] = " (transposed experts with biases, every expert adapted)"
+        notes["gemma3"] = " (language tower; vision tower untouched)"
         rows.append(f"| {model_type} | tested{notes.get(model_type, '')} | {onnx} |")
     return "\n".join(rows)
 

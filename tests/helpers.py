@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors import safe_open
 
+from corda_surgery.calib.experts import experts_arguments, find_fused_experts, routed_inputs
 from corda_surgery.calib.model_view import is_linear
 from corda_surgery.cli import main
 
@@ -48,34 +49,52 @@ def logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
 
 
 def reference_covariances(model, batches, blocks_prefix: str) -> dict[str, torch.Tensor]:
-    """The definition streaming must match: pre-hooks on every linear inside the blocks of a whole model,
-    one forward per batch, padding excluded; one covariance per linear (shared inputs counted for each)."""
+    """The definition streaming must match: pre-hooks on every linear (and every fused-experts module, one
+    input per expert and projection) inside the blocks of a whole model, one forward per batch, padding
+    excluded; one covariance per linear (shared inputs counted for each)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     current: dict[str, torch.Tensor] = {}
+
+    def add(name: str, rows: torch.Tensor) -> None:
+        rows = rows.double()
+        sums[name] = sums.get(name, 0) + rows.T @ rows
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
     handles = []
     for name, module in model.named_modules():
-        if name.startswith(blocks_prefix + ".") and is_linear(module):
+        if not name.startswith(blocks_prefix + "."):
+            continue
+        if is_linear(module):
 
             def hook(_module, inputs, name=name):
-                x, mask = inputs[0].double(), current["mask"]
+                x, mask = inputs[0], current["mask"]
                 if x.dim() == 3:
-                    rows = x[mask]
+                    add(name, x[mask])
                 elif x.shape[0] == mask.numel():
-                    rows = x[mask.reshape(-1)]
+                    add(name, x[mask.reshape(-1)])
                 else:  # the tokens routed to one expert
-                    rows = x
-                sums[name] = sums.get(name, 0) + rows.T @ rows
-                counts[name] = counts.get(name, 0) + rows.shape[0]
+                    add(name, x)
 
             handles.append(module.register_forward_pre_hook(hook))
+        for experts in find_fused_experts(module).values():
+            if experts.module:
+                continue  # found again as the module itself
+
+            def experts_hook(module, args, kwargs, name=name, experts=experts):
+                hidden, chosen = experts_arguments(module, args, kwargs)
+                for expert, up_rows, down_rows in routed_inputs(module, experts, hidden, chosen, current["mask"]):
+                    add(f"{name}.{experts.up}[{expert}]", up_rows)
+                    add(f"{name}.down_proj[{expert}]", down_rows)
+
+            handles.append(module.register_forward_pre_hook(experts_hook, with_kwargs=True))
     with torch.no_grad():
         for batch in batches:
             current["mask"] = batch.attention_mask.bool()
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     for handle in handles:
         handle.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    return {name: sums[name] / counts[name] for name in sums if counts[name]}
 
 
 def tree_hashes(*roots: Path) -> dict[str, str]:

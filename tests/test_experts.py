@@ -1,0 +1,168 @@
+"""Mixture-of-experts checkpoints whose experts are fused 3-D parameters: every expert adapted.
+
+Each expert's slice gets the covariance of the real tokens routed to it; the adapter is PEFT's
+``target_parameters`` form, which stock PEFT loads and trains; merge and to-lora fold it back expert by
+expert into the stored per-expert tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.model_view import ModelView
+from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.stream import calibrate
+from corda_surgery.options import SurgeryOptions
+from corda_surgery.surgery import decompose_checkpoint
+from tests.families import save_family_model
+from tests.helpers import PROMPTS, logits, reference_covariances, relative, run_cli, tensors
+
+peft = pytest.importorskip("peft", reason="peft is a test extra")
+from peft import PeftModel  # noqa: E402
+
+SPEC = CalibrationSpec("gsm8k", samples=8, seq_len=32, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixtral")
+    model_dir = save_family_model(root / "model", "mixtral")
+    return model_dir, calibrate(model_dir, SPEC, root / "cov.h5", progress=False)
+
+
+def test_routed_inputs_are_what_the_eager_expert_loop_multiplies(mixtral, monkeypatch):
+    """An independent definition of each expert's inputs: the rows transformers' own eager loop passes to
+    ``F.linear`` with that expert's slice of the fused weight."""
+    model_dir, _ = mixtral
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.set_experts_implementation("eager")
+    slices = {p[e].data_ptr(): f"{n}[{e}]" for n, p in model.named_parameters() if p.dim() == 3
+              for e in range(p.shape[0])}  # fmt: skip
+    sums: dict[str, torch.Tensor] = {}
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        name = slices.get(weight.data_ptr())
+        if name is not None:
+            sums[name] = sums.get(name, 0) + x.double().T @ x.double()
+        return linear(x, weight, bias)
+
+    batches, _ = token_batches(SPEC, AutoTokenizer.from_pretrained(model_dir), model.config.vocab_size)
+    assert all(bool(b.attention_mask.all()) for b in batches)  # the eager loop routes padding too: none here
+    expected = reference_covariances(model, batches, "model.layers")
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert len(sums) == 2 * 4 * 2  # two projections of four experts in two layers, every one routed to
+    for name, total in sums.items():
+        assert relative(total / total.trace() * expected[name].trace(), expected[name]) < 1e-6, name
+
+
+def test_padding_is_never_routed(mixtral, tmp_path):
+    """Padded batches give every expert the same tokens, and so the same covariance, as unpadded ones."""
+    model_dir, _ = mixtral
+    spec = CalibrationSpec("alpaca", samples=6, seq_len=64, batch_size=3)
+    padded = calibrate(model_dir, spec, tmp_path / "padded.h5", progress=False)
+    single = calibrate(model_dir, CalibrationSpec("alpaca", samples=6, seq_len=64, batch_size=1),
+                       tmp_path / "single.h5", progress=False)  # fmt: skip
+    batches, _ = token_batches(spec, AutoTokenizer.from_pretrained(model_dir), 10_000)
+    assert not all(bool(b.attention_mask.all()) for b in batches)
+    with CovarianceStore(padded) as a, CovarianceStore(single) as b:
+        experts = [name for name in a.entries if "experts" in name]
+        assert len(experts) == 16
+        for name in experts:
+            assert a.entries[name].count == b.entries[name].count, name
+            if a.entries[name].count:
+                assert relative(a.covariance(name), b.covariance(name)) < 1e-5, name
+
+
+def test_trained_expert_adapter_merges_and_converts_to_lora_like_peft(mixtral, tmp_path):
+    """Stock PEFT trains the fused experts' factors; merge and to-lora give the trained model's logits."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    model_dir, store = mixtral
+    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+                               progress=False)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n and "lora_" in n}
+    assert len(experts) == 8 and all(p.requires_grad for n, p in model.named_parameters() if n in experts)
+    rows = [{"input_ids": tokenizer(text)["input_ids"][:32]} for text in PROMPTS * 4]
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), max_steps=4, per_device_train_batch_size=2,
+                             learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=rows,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()  # fmt: skip
+    trained = dict(model.named_parameters())
+    assert all(not torch.equal(trained[n], p) for n, p in experts.items())  # the experts' factors learned
+    model.save_pretrained(tmp_path / "trained")
+    expected = logits(model.eval(), tokenizer)
+
+    assert run_cli("merge", out, "--adapter", tmp_path / "trained", "--out", tmp_path / "merged").exit_code == 0
+    merged = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokenizer)
+    assert float((merged - expected).abs().max()) <= 1e-4
+    original_keys = set(tensors(model_dir))
+    assert set(tensors(tmp_path / "merged")) == original_keys  # per-expert tensors, as the checkpoint stores them
+
+    result = run_cli("to-lora", out, tmp_path / "trained", "--base", model_dir, "--out", tmp_path / "lora")
+    assert result.exit_code == 0, result.output
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "lora").eval()
+    assert float((logits(lora, tokenizer) - expected).abs().max()) <= 1e-4
+
+
+def test_experts_without_routed_tokens_are_named_and_initialised_from_their_weights(tmp_path, caplog):
+    model_dir = save_family_model(tmp_path / "model", "mixtral", num_local_experts=16)
+    spec = CalibrationSpec("gsm8k", samples=1, seq_len=4, batch_size=1)  # 8 token-expert pairs for 16 experts
+    store = calibrate(model_dir, spec, tmp_path / "cov.h5", progress=False)
+    with caplog.at_level(logging.WARNING):
+        out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=2), stores=[store],
+                                   progress=False)  # fmt: skip
+    report = json.loads((out / "surgery.json").read_text())
+    for parameter in report["adapter_parameters"]:
+        records = report["layers"][parameter]["experts"]
+        starved = [e for e, r in enumerate(records) if r["tokens"] < 2]
+        assert len(starved) >= 8 and all("plain SVD" in records[e]["covariance"] for e in starved)
+        assert all("covariance" not in r for r in records if r["tokens"] >= 2)
+        assert f"{parameter}: experts {starved} saw fewer routed tokens than rank 2" in caplog.text
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
+
+
+def test_corda_plus_plus_allocates_linears_and_gives_experts_the_base_rank(mixtral, tmp_path):
+    model_dir, store = mixtral
+    options = SurgeryOptions(method="corda++", mode="ipm", rank=4, min_rank=2, max_rank=8, rank_budget=4)
+    out = decompose_checkpoint(model_dir, tmp_path / "plus", options, stores=[store], progress=False)
+    report = json.loads((out / "surgery.json").read_text())
+    linears = {n: layer["rank"] for n, layer in report["layers"].items() if n not in report["adapter_parameters"]}
+    assert len(set(linears.values())) > 1  # allocated
+    assert all(report["layers"][p]["rank"] == 4 for p in report["adapter_parameters"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
+    assert ModelView(model_dir).experts[0]  # the view found the fused experts it adapted
+
+
+def test_targets_pick_one_fused_weight_and_the_rest_stays_frozen(mixtral, tmp_path):
+    model_dir, store = mixtral
+    options = SurgeryOptions(mode="ipm", rank=4, targets=("experts.down_proj",))
+    out = decompose_checkpoint(model_dir, tmp_path / "down", options, stores=[store], progress=False)
+    report = json.loads((out / "surgery.json").read_text())
+    assert sorted(report["layers"]) == [f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]
+    assert report["frozen_experts"] == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] is None and config["target_parameters"] == sorted(report["layers"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * (4 * 4 * 128 + 64 * 4 * 4)
+    assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
