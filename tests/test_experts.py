@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corda_surgery.calib.data import CalibrationSpec, token_batches
@@ -21,7 +23,7 @@ from corda_surgery.calib.stream import calibrate
 from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 from tests.families import save_family_model
-from tests.helpers import PROMPTS, logits, reference_covariances, relative, run_cli, tensors
+from tests.helpers import PROMPTS, cli_error, logits, reference_covariances, relative, run_cli, tensors
 
 peft = pytest.importorskip("peft", reason="peft is a test extra")
 from peft import PeftModel  # noqa: E402
@@ -166,3 +168,23 @@ def test_targets_pick_one_fused_weight_and_the_rest_stays_frozen(mixtral, tmp_pa
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 2 * (4 * 4 * 128 + 64 * 4 * 4)
     assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
+
+
+def test_an_expert_adapter_that_does_not_fit_is_refused_naming_the_weight(mixtral, tmp_path):
+    model_dir, store = mixtral
+    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+                               progress=False)  # fmt: skip
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "target_parameters": ["experts.up_proj"]}))
+    error = cli_error("merge", out, "--adapter", adapter, "--out", tmp_path / "merged")
+    assert "target_parameters names experts.up_proj, which is no fused expert parameter" in error
+    shutil.copy(out / "adapter" / "adapter_config.json", adapter)
+    factors = tensors(adapter)
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"  # down_proj: the outer wrapper
+    factors[key] = factors[key][:12]  # three experts' rows instead of four
+    save_file(factors, str(adapter / "adapter_model.safetensors"))
+    error = cli_error("merge", out, "--adapter", adapter, "--out", tmp_path / "merged")
+    assert "model.layers.1.mlp.experts.down_proj" in error
+    assert not (tmp_path / "merged").exists()
