@@ -52,7 +52,21 @@ def _build_model(config) -> PreTrainedModel:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    """An ``nn.Linear`` or GPT-2 ``Conv1D`` that returns its projection. A subclass that overrides ``forward`` is
+    tried once on a one-token input (free on the meta skeleton): Falcon's linear passes, routers that return
+    scores and indices (Phi-MoE, Llama 4) are not the linear map PEFT's LoRA layer adds its update to."""
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        return False
+    if type(module).forward in (nn.Linear.forward, Conv1D.forward):
+        return True
+    weight = module.weight
+    in_dim, out_dim = (weight.shape[1], weight.shape[0]) if isinstance(module, nn.Linear) else weight.shape
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, in_dim, dtype=weight.dtype, device=weight.device))
+    except Exception:  # whatever a custom forward raises, it is not a plain projection
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, out_dim)
 
 
 def _find_blocks(model: PreTrainedModel, config) -> tuple[str, nn.ModuleList]:

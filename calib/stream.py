@@ -111,6 +111,18 @@ class _Accumulator:
         return [total.cpu() for total in self.sums]
 
 
+def _tokens_last(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """A linear's input as (batch, sequence, width) where it has extra axes of size one (DeepSeek's latent
+    attention reads (batch, 1, sequence, width)); inputs of two or fewer axes unchanged."""
+    if x.dim() <= 3:
+        return x
+    if x.shape[0] != mask.shape[0] or sorted(x.shape[1:-1]) != [1] * (x.dim() - 3) + [mask.shape[1]]:
+        raise UnsupportedArchitecture(
+            f"{name} reads a {tuple(x.shape)} input: cannot tell its tokens apart for a batch of {tuple(mask.shape)}"
+        )
+    return x.reshape(mask.shape[0], mask.shape[1], x.shape[-1])
+
+
 class _InputGroups:
     """Pre-hooks on all linears of one block: linears that read the same tensor in a forward share one
     accumulator, filled once by the first of them (the group's leader)."""
@@ -139,7 +151,7 @@ class _InputGroups:
                 self._seen[id(x)] = (name, x)
                 if name not in self.accumulators:
                     self.accumulators[name] = self.make(x.shape[-1])
-                self.accumulators[name].add(x, self.mask, self.round)
+                self.accumulators[name].add(_tokens_last(x, self.mask, name), self.mask, self.round)
 
         return pre_hook
 

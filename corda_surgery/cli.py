@@ -98,10 +98,12 @@ _decomposition_options = _options(
     click.option("--targets", default="all-linear", show_default=True,
                  help="Comma-separated linear names (e.g. q_proj,v_proj), fused expert weights "
                       "(e.g. experts.down_proj), or all-linear (every linear and expert weight)."),
-    click.option("--solver", type=click.Choice(["gram", "svd"]), default="gram", show_default=True,
-                 help="How the singular pairs of the float64 product W·C are found. gram: eigen-decomposition of "
-                      "its Gram matrix (fast, within 1e-5 of svd); svd: LAPACK's full float64 SVD (reference, ~2x "
-                      "slower)."),
+    click.option("--solver", type=click.Choice(["gram", "subspace", "svd"]), default="gram", show_default=True,
+                 help="How the singular pairs of the float64 product W·C are found. gram: full eigen-decomposition "
+                      "of its Gram matrix (within 1e-5 of svd); subspace: only the r kept pairs, by block subspace "
+                      "iteration on that Gram matrix, each checked by its residual, a layer that does not converge "
+                      "falling back to gram (recorded in surgery.json; faster only where the kept pairs stand "
+                      "apart, see the README); svd: LAPACK's full float64 SVD (reference, ~2x slower than gram)."),
     click.option("--dtype", "factor_dtype", type=click.Choice(["float32", "float64"]), default="float32",
                  show_default=True, help="dtype of the stored adapter factors (the math is float64 either way)."),
     click.option("--base-name", default=None,

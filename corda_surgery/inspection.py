@@ -25,7 +25,7 @@ def inspect_stores(
     computed on ``compute``'s device.
     """
     view = ModelView(model_dir)
-    targets = plan_targets(view, options)
+    targets = plan_targets(view, options).targets
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
         check_stores(opened, targets, view.reader.fingerprint(), view.reader.model_dir)

@@ -251,7 +251,7 @@ def _decomposition(shapes: list[tuple[int, int]], stored_size: int, solver: Solv
             # gram: Gram matrix, eigenvectors and LAPACK's syevd workspace (2n²); svd: a copy of W·C, U, Vᵀ and
             # gesdd's workspace; or two Cholesky panels
             "solver": max(
-                4 * small * small if solver is Solver.GRAM else 3 * out_dim * in_dim + 4 * small * small,
+                4 * small * small if solver is not Solver.SVD else 3 * out_dim * in_dim + 4 * small * small,
                 2 * in_dim * CHOLESKY_PANEL,
             )
             * F64,

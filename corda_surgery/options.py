@@ -42,6 +42,7 @@ class Mode(str, Enum):
 
 class Solver(str, Enum):
     GRAM = "gram"  # eigen-decomposition of the Gram matrix of the tall orientation (fast)
+    SUBSPACE = "subspace"  # only the kept pairs, by subspace iteration (falls back to gram)
     SVD = "svd"  # LAPACK's full float64 SVD (the reference)
 
 

@@ -37,7 +37,7 @@ from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_co
 from corda_surgery.decompose import CovarianceSource, decompose_weight
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
-from corda_surgery.export.peft_adapter import LoraAdapter, parameter_paths, write_adapter
+from corda_surgery.export.peft_adapter import LoraAdapter, parameter_paths, peft_retargeted, write_adapter
 from corda_surgery.memory_plan import MemoryPlan, announce, plan_run
 from corda_surgery.options import ALL_LINEAR, Method, OptionsError, SurgeryOptions
 from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
@@ -102,8 +102,20 @@ def _expert_targets(view: ModelView, index: int, chosen: Callable[[str], bool]) 
                                  parameter=name, expert=expert)  # fmt: skip
 
 
-def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
-    """Every target linear and expert slice with its shape, after checking the ranks and budgets against them."""
+@dataclass
+class TargetPlan:
+    """The targets of a surgery, and the linears all-linear leaves out with the reason for each."""
+
+    targets: list[Target]
+    left_out: dict[str, str]
+
+
+def plan_targets(view: ModelView, options: SurgeryOptions) -> TargetPlan:
+    """Every target linear and expert slice with its shape, after checking the ranks and budgets against them.
+
+    ``all-linear`` leaves out, with a warning, linears narrower than the rank (routers, gates) and those PEFT
+    would re-target as fused experts on this model type (``peft_retargeted``); named explicitly, they are errors.
+    """
     fused = {f"{e.module}.{p}" for block in view.experts for e in block.values() for p in e.parameters}
     everywhere = sorted({name for block in view.linears for name in block} | fused)
     unmatched = [p for p in options.targets if not any(_matches(n, p) for n in everywhere)]
@@ -122,6 +134,20 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
         for found in (_linear_targets(view, index, chosen), _expert_targets(view, index, chosen))
         for target in found
     ]
+    left_out: dict[str, str] = {}
+    retargeted = peft_retargeted(view.model_type)
+    renamed = [t for t in targets if t.parameter is None and t.name.rpartition(".")[2] in retargeted]
+    if renamed and options.targets:
+        raise TargetError(
+            f"--targets: PEFT re-targets linears named {', '.join(sorted(retargeted))} as fused experts on "
+            f"{view.model_type} models when it loads an adapter (e.g. {renamed[0].name}): it could not load them"
+        )
+    if renamed:
+        log.warning("%d linear(s) left out (e.g. %s): PEFT re-targets linears named %s as fused experts on %s "
+                    "models when it loads an adapter", len(renamed), renamed[0].name, ", ".join(sorted(retargeted)),
+                    view.model_type)  # fmt: skip
+        left_out |= dict.fromkeys((t.name for t in renamed), "PEFT re-targets this name as fused experts")
+        targets = [t for t in targets if t not in renamed]
 
     def needed(target: Target) -> tuple[str, int]:  # CorDA++ allocates linears only: experts take --rank
         if options.method is Method.CORDA_PLUS and target.parameter is None:
@@ -138,6 +164,7 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
     if narrow:  # all-linear: routers and gates narrower than the rank are left out, not an error
         log.warning("%d linear(s) narrower than %s %d are left out, e.g. %s (%d×%d)", len(narrow), *needed(narrow[0]),
                     narrow[0].name, narrow[0].out_dim, narrow[0].in_dim)  # fmt: skip
+        left_out |= {t.name: f"narrower than {needed(t)[0]} {needed(t)[1]}" for t in narrow}
         targets = [t for t in targets if t not in narrow]
     if options.method is Method.CORDA_PLUS and options.param_budget is not None:
         floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets if t.parameter is None)
@@ -146,7 +173,20 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> list[Target]:
                 f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
                 f"for {len(targets)} layers ({floor})"
             )
-    return targets
+    return TargetPlan(targets, left_out)
+
+
+def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: SurgeryOptions) -> TargetPlan:
+    """Linears with no covariance in a store (never called through their forward while calibrating, e.g.
+    Mamba's dt_proj, whose weight the model reads directly): left out under all-linear, else refused."""
+    missing = [t for t in plan.targets if any(t.name not in store.by_linear for store in stores)]
+    if not missing or options.targets:
+        return plan  # check_stores names the first one
+    log.warning("%d linear(s) left out: never called through their forward while calibrating, so no covariance "
+                "(e.g. %s)", len(missing), missing[0].name)  # fmt: skip
+    reason = "never called through its forward while calibrating: no covariance"
+    return TargetPlan([t for t in plan.targets if t not in missing], plan.left_out | dict.fromkeys(
+        (t.name for t in missing), reason))  # fmt: skip
 
 
 def check_stores(stores: Sequence[CovarianceStore], targets: list[Target], fingerprint: str, model_dir: Path) -> None:
@@ -207,7 +247,7 @@ def _initialise(
     )  # fmt: skip
     result = _on_device_or_host(work, device, name)
     record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
-              "store": layer.store, "round": layer.round}  # fmt: skip
+              "solver": result.solver, "store": layer.store, "round": layer.round}  # fmt: skip
     return result.lora_A, result.lora_B, result.residual, record
 
 
@@ -308,23 +348,26 @@ def decompose_checkpoint(
     check_disjoint(Path(out), [model_dir, *map(Path, stores)])
     view = ModelView(model_dir, device=compute.torch_device)
     reader = view.reader
-    targets = plan_targets(view, options)
+    chosen = plan_targets(view, options)
     fingerprint = reader.fingerprint()
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-        check_stores(opened, targets, fingerprint, reader.model_dir)
+        for store in opened:
+            store.check_model(fingerprint, reader.model_dir)
+        chosen = _uncalibrated(opened, chosen, options)
+        check_stores(opened, chosen.targets, fingerprint, reader.model_dir)
         if plan:
-            announce(plan_run(view, compute, Path(out), options=options, targets=_shapes(targets)), progress)
+            announce(plan_run(view, compute, Path(out), options=options, targets=_shapes(chosen.targets)), progress)
         with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
             out = Path(out).resolve()
-            _write_surgery(view, targets, opened, options, staging, out, fingerprint, bundle_store, progress,
+            _write_surgery(view, chosen, opened, options, staging, out, fingerprint, bundle_store, progress,
                            compute)  # fmt: skip
     return out
 
 
 def _write_surgery(
     view: ModelView,
-    targets: list[Target],
+    chosen: TargetPlan,
     stores: list[CovarianceStore],
     options: SurgeryOptions,
     staging: Path,
@@ -336,6 +379,7 @@ def _write_surgery(
 ) -> None:
     reader = view.reader
     device = compute.torch_device
+    targets = chosen.targets
     if options.method is Method.CORDA_PLUS:
         plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress, device=device)
     else:
@@ -441,9 +485,9 @@ def _write_surgery(
         "covariance_stores": [_store_record(s, out / STORE_NAME if bundle_store else s.path) for s in stores],
         "layers": layers,
         "input_groups": sorted({entry.linears for store in stores for entry in store.entries.values()}),
-        "left_out": _left_out(view, targets, options),
+        "left_out": chosen.left_out,
         "adapter_parameters": fused_paths,
-        "frozen_experts": _frozen_experts(view, slices),
+        "unadapted_weights": _unadapted_weights(view, layers, chosen.left_out),
         "versions": {"corda_surgery": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -455,23 +499,19 @@ def _store_record(store: CovarianceStore, path: Path) -> dict:
     return {"path": str(path), "model_fingerprint": store.fingerprint, "calibration": store.calibration}
 
 
-def _left_out(view: ModelView, targets: list[Target], options: SurgeryOptions) -> list[str]:
-    """Linears of the blocks that all-linear left out (narrower than the rank: routers, gates)."""
-    if options.targets:
-        return []
-    chosen = {t.name for t in targets}
-    return [name for i in range(view.num_blocks) for n in view.linears[i]
-            if (name := f"{view.block_name(i)}.{n}") not in chosen]  # fmt: skip
-
-
-def _frozen_experts(view: ModelView, adapted: Mapping[str, object]) -> list[str]:
-    """3-D (expert) parameters that are not adapted: not built by transformers' experts interface, or not
-    chosen by --targets. They stay frozen."""
-    names = [name for i in range(view.num_blocks) for n, p in view.blocks[i].named_parameters()
-             if p.dim() == 3 and (name := f"{view.block_name(i)}.{n}") not in adapted]  # fmt: skip
-    if names:
-        log.warning("%d expert weight(s) stay frozen (e.g. %s): not adapted by this surgery", len(names), names[0])
-    return names
+def _unadapted_weights(view: ModelView, adapted: Mapping[str, object], left_out: Mapping[str, str]) -> list[str]:
+    """Weight matrices of the blocks (2-D or more; stacked experts' biases aside) that stay frozen: left-out
+    linears, and whatever is neither a linear PEFT adapts nor fused experts built by transformers' experts
+    interface (packed experts, custom routers, convolutions). Those beyond the left-out linears are announced."""
+    frozen = [name for i in range(view.num_blocks) for n, p in view.blocks[i].named_parameters()
+              if p.dim() >= 2 and not n.endswith("bias") and (name := f"{view.block_name(i)}.{n}") not in adapted
+              and name.removesuffix(".weight") not in adapted]  # fmt: skip
+    unexplained = [name for name in frozen if name.removesuffix(".weight") not in left_out]
+    if unexplained:
+        log.warning("%d weight matri(ces) of the blocks stay frozen (e.g. %s): no linear PEFT adapts and no fused "
+                    "experts of transformers' experts interface, or not chosen by --targets", len(unexplained),
+                    unexplained[0])  # fmt: skip
+    return frozen
 
 
 def read_report(surgery_dir: Path) -> dict:
@@ -534,7 +574,7 @@ def estimate_run(
     Checks what the config and the options decide (targets, ranks) on the way, as the run would.
     """
     view = open_view(model_dir, compute)
-    targets = plan_targets(view, options) if options is not None else []
+    targets = plan_targets(view, options).targets if options is not None else []
     if options is not None and not options.method.uses_covariance:
         spec = None  # pissa, milora and lora calibrate nothing
     return plan_run(view, compute, Path(out), spec=spec, options=options, targets=_shapes(targets))

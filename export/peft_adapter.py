@@ -19,6 +19,7 @@ import safetensors
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
 
 from corda_surgery.errors import CordaSurgeryError
 
@@ -68,6 +69,23 @@ class LoraAdapter:
             lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # (experts, r, in)
             lora_b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # (experts, out, r)
         return self.scaling(module) * (lora_b @ lora_a)
+
+
+# The names PEFT (0.21) re-targets when it loads any LoRA config on transformers 5 for a model type that
+# transformers converts like these (peft.utils.transformers_weight_conversion._convert_peft_config_moe, meant
+# for adapters trained on transformers 4, whose experts were linears): a target_modules entry with such a name
+# becomes a fused-experts target_parameters entry, with gate_up_proj at twice the rank. A linear of that name
+# would lose its factors and the experts' would no longer load.
+_PEFT_RETARGETED = {
+    "mixtral": frozenset({"w1", "w2", "w3", "gate"}),
+    "qwen2_moe": frozenset({"gate_proj", "up_proj", "down_proj", "gate"}),
+}
+
+
+def peft_retargeted(model_type: str) -> frozenset[str]:
+    """Linear names PEFT re-targets as fused experts on ``model_type`` (see _PEFT_RETARGETED); none elsewhere."""
+    pattern = "mixtral" if model_type == "mixtral" else _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    return _PEFT_RETARGETED.get(pattern or "", frozenset())
 
 
 def parameter_paths(fused: Mapping[str, Sequence[str]], targeted: Collection[str]) -> dict[str, str]:

@@ -49,6 +49,23 @@ FAMILIES: dict[str, dict | str] = {
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, **SLIDING},
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "head_dim": 8,
+    },
     "gpt2": {
         "n_embd": HIDDEN,
         "n_layer": LAYERS,
@@ -112,6 +129,13 @@ def readme_table() -> str:
             onnx += " with batched_mm experts" if model_type in FUSED_EXPERTS else ""
         notes = {name: " (every expert adapted: PEFT `target_parameters`)" for name in FUSED_EXPERTS}
         notes["gpt_oss"] = " (transposed experts with biases, every expert adapted)"
+        notes["phimoe"] = (
+            " (every expert adapted; its router, an nn.Linear subclass returning scores and indices, left out)"
+        )
+        notes["deepseek_v3"] = (
+            " (latent attention; every expert adapted; dense and shared-expert MLP left out: PEFT "
+            "re-targets gate/up/down_proj names as experts on this model type)"
+        )
         notes["gemma3"] = " (language tower; vision tower untouched)"
         rows.append(f"| {model_type} | tested{notes.get(model_type, '')} | {onnx} |")
     return "\n".join(rows)

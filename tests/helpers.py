@@ -69,6 +69,8 @@ def reference_covariances(model, batches, blocks_prefix: str) -> dict[str, torch
 
             def hook(_module, inputs, name=name):
                 x, mask = inputs[0], current["mask"]
+                if x.dim() == 4 and x.shape[1] == 1:  # DeepSeek's latent attention: (batch, 1, sequence, width)
+                    x = x[:, 0]
                 if x.dim() == 3:
                     add(name, x[mask])
                 elif x.shape[0] == mask.numel():

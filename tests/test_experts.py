@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from corda_surgery.calib.data import CalibrationSpec, token_batches
 from corda_surgery.calib.model_view import ModelView
@@ -24,6 +24,7 @@ from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 from tests.families import save_family_model
 from tests.helpers import PROMPTS, cli_error, logits, reference_covariances, relative, run_cli, tensors
+from tests.models import make_tokenizer
 
 peft = pytest.importorskip("peft", reason="peft is a test extra")
 from peft import PeftModel  # noqa: E402
@@ -160,7 +161,8 @@ def test_targets_pick_one_fused_weight_and_the_rest_stays_frozen(mixtral, tmp_pa
     out = decompose_checkpoint(model_dir, tmp_path / "down", options, stores=[store], progress=False)
     report = json.loads((out / "surgery.json").read_text())
     assert sorted(report["layers"]) == [f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]
-    assert report["frozen_experts"] == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)]
+    frozen = [name for name in report["unadapted_weights"] if "experts" in name]
+    assert frozen == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] is None and config["target_parameters"] == sorted(report["layers"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -188,3 +190,60 @@ def test_an_expert_adapter_that_does_not_fit_is_refused_naming_the_weight(mixtra
     error = cli_error("merge", out, "--adapter", adapter, "--out", tmp_path / "merged")
     assert "model.layers.1.mlp.experts.down_proj" in error
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    return save_family_model(tmp_path_factory.mktemp("deepseek") / "model", "deepseek_v3")
+
+
+def test_latent_attention_inputs_with_extra_axes_count_real_tokens_only(deepseek, tmp_path):
+    """DeepSeek's kv_b_proj reads (batch, 1, sequence, width): padded batches give the unpadded covariances."""
+    padded = calibrate(deepseek, CalibrationSpec("alpaca", samples=6, seq_len=64, batch_size=3), tmp_path / "p.h5",
+                       progress=False)  # fmt: skip
+    single = calibrate(deepseek, CalibrationSpec("alpaca", samples=6, seq_len=64, batch_size=1), tmp_path / "s.h5",
+                       progress=False)  # fmt: skip
+    with CovarianceStore(padded) as a, CovarianceStore(single) as b:
+        assert "model.layers.0.self_attn.kv_b_proj" in a.by_linear
+        for name, entry in a.entries.items():
+            assert entry.count == b.entries[name].count, name
+            if entry.count:
+                assert relative(a.covariance(name), b.covariance(name)) < 1e-5, name
+
+
+def test_linears_peft_would_retarget_as_experts_are_left_out_or_refused(deepseek, tmp_path):
+    """PEFT rewrites gate/up/down_proj targets into fused-expert targets on DeepSeek-style models when it loads
+    an adapter: all-linear leaves those linears out (and PEFT then loads the rest); naming one is refused."""
+    store = calibrate(deepseek, SPEC, tmp_path / "cov.h5", progress=False)
+    out = decompose_checkpoint(deepseek, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+                               progress=False)  # fmt: skip
+    report = json.loads((out / "surgery.json").read_text())
+    assert report["left_out"]["model.layers.1.mlp.shared_experts.gate_proj"].startswith("PEFT re-targets")
+    assert report["left_out"]["model.layers.0.mlp.down_proj"].startswith("PEFT re-targets")
+    error = cli_error("decompose", deepseek, "--covariances", store, "--targets", "shared_experts.up_proj",
+                      "--out", tmp_path / "named")  # fmt: skip
+    assert "PEFT re-targets linears named down_proj, gate, gate_proj, up_proj as fused experts" in error
+
+
+def test_a_linear_never_called_through_its_forward_is_left_out(tmp_path):
+    """Mamba reads dt_proj's weight directly: no covariance, so all-linear leaves it out; naming it is refused."""
+    model_dir = tmp_path / "mamba"
+    config = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, "time_step_rank": 8}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", **config)).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    store = calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
+    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+                               progress=False)  # fmt: skip
+    report = json.loads((out / "surgery.json").read_text())
+    assert report["left_out"]["backbone.layers.0.mixer.dt_proj"].startswith("never called through its forward")
+    assert "backbone.layers.0.mixer.in_proj" in report["layers"]
+    merged = run_cli("merge", out, "--out", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.output
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reference = logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
+    again = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokenizer)
+    assert float((again - reference).abs().max()) <= 1e-4
+    error = cli_error("decompose", model_dir, "--covariances", store, "--targets", "dt_proj", "--rank", 4,
+                      "--out", tmp_path / "x")  # fmt: skip
+    assert "no covariance for layer backbone.layers.0.mixer.dt_proj" in error
