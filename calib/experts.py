@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from corda_surgery.errors import UnsupportedArchitecture
+
 DOWN = "down_proj"
 
 
@@ -81,7 +83,12 @@ def routed_inputs(
     real tokens (``real``: one flag per token) routed to it; an expert that got none yields empty rows."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     chosen = top_k_index.reshape(hidden.shape[0], -1)
-    real = real.reshape(-1) if real.numel() == hidden.shape[0] else torch.ones_like(chosen[:, 0], dtype=torch.bool)
+    if real.numel() != hidden.shape[0]:
+        raise UnsupportedArchitecture(
+            f"{experts.module}: called with {hidden.shape[0]} token rows for a batch of {real.numel()} tokens: "
+            "cannot tell padding apart"
+        )
+    real = real.reshape(-1)
     for expert in range(experts.num_experts):
         rows = hidden[(chosen == expert).any(dim=-1) & real]
         projected = _projection(module, experts.up, expert, rows, experts.transposed)

@@ -35,11 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from corda_surgery.calib.experts import FusedExperts, find_fused_experts
 from corda_surgery.calib.weights import CheckpointError, CheckpointReader
-from corda_surgery.errors import CordaSurgeryError
-
-
-class UnsupportedArchitecture(CordaSurgeryError):
-    """The checkpoint's layout cannot be streamed block by block (no block list, blocks that cannot be rebuilt)."""
+from corda_surgery.errors import UnsupportedArchitecture
 
 
 def _build_model(config) -> PreTrainedModel:
@@ -53,8 +49,8 @@ def _build_model(config) -> PreTrainedModel:
 
 def is_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` or GPT-2 ``Conv1D`` that returns its projection. A subclass that overrides ``forward`` is
-    tried once on a one-token input (free on the meta skeleton): Falcon's linear passes, routers that return
-    scores and indices (Phi-MoE, Llama 4) are not the linear map PEFT's LoRA layer adds its update to."""
+    run on a one-token input (free on the meta skeleton): Falcon's linear passes, routers that return scores
+    and indices (Phi-MoE, Llama 4) are not the linear map PEFT's LoRA layer adds its update to."""
     if not isinstance(module, (nn.Linear, Conv1D)):
         return False
     if type(module).forward in (nn.Linear.forward, Conv1D.forward):
@@ -169,6 +165,11 @@ class ModelView:
                 f"{self.config.model_type}: {name} cannot be split back into the stored tensors it was fused from"
             )
         return pieces
+
+    def check_stored_pieces(self, name: str) -> None:
+        """Refuse up front (on a meta tensor: no data) a fused parameter that cannot be split back."""
+        like = self.model.get_parameter(name)
+        self.stored_pieces(name, torch.empty(like.shape, dtype=self.stored_dtype, device="meta"))
 
     def fused_parameters(self) -> dict[str, tuple[str, ...]]:
         """Module path of every fused-experts module → its adaptable parameters' names, in definition order."""

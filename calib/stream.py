@@ -79,8 +79,9 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int, *, routed: bool = False) -> None:
         """``x``: (batch, sequence, width) activations or the same flattened (``mask`` marks real tokens), or,
-        ``routed``, the rows of the real tokens routed to one expert (also assumed of any other flattened
-        input with fewer rows than tokens: an expert kept as a linear of its own)."""
+        ``routed``, the rows routed to one expert, all counted (also assumed of any other flattened input
+        whose row count is not the batch's token count: an expert kept as a linear of its own, whose rows
+        may include padding the model routed)."""
         x = x.float()
         if x.dim() == 2 and x.shape[0] != mask.numel():
             routed = True
@@ -288,6 +289,10 @@ def calibrate(
     with claimed(out, [Path(model_dir), *spec.input_files()]) as out:
         refuse_existing(out, overwrite)
         view = open_view(model_dir, compute)
+        fused = [f"{view.block_name(i)}.{name}" for i, found in enumerate(view.experts) for name in found]
+        if spec.normalisation == "peft" and fused:
+            raise UnsupportedArchitecture(f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} "
+                                          "see routed tokens: use --covariance-norm tokens")  # fmt: skip
         budget = compute.activation_budget()  # once: the default depends on the memory free now
         if plan:
             announce(plan_run(view, compute, out, spec=spec, activation_budget=budget), progress)

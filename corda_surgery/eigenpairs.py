@@ -5,9 +5,10 @@ time in LAPACK's memory-bound tridiagonal reduction, for pairs that are thrown a
 iteration with Rayleigh–Ritz finds only the wanted ones: iterating with G for the largest, with G⁻¹
 (through G's Cholesky factor: shift-invert at zero) for the smallest. The wanted directions are the most
 amplified ones, so from a random start they are found first. A pair is accepted when its residual
-‖G·v − θ·v‖ is at the level of θ's own precision or of G's rounding — what a full eigen-decomposition
-guarantees too; otherwise (a slow cut inside a cluster, a Gram matrix too ill-conditioned to factor)
-``None`` tells the caller to fall back to the full eigen-decomposition.
+‖G·v − θ·v‖ is below 1e-11·θ or a few ε·‖G‖ (looser than a full eigen-decomposition for the largest pairs,
+whose vectors it still pins to far below the factors' float32); otherwise (a slow cut inside a cluster, a
+Gram matrix too ill-conditioned to factor) ``None`` tells the caller to fall back to the full
+eigen-decomposition.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def extreme_eigenpairs(gram: torch.Tensor, rank: int, *, largest: bool, seed: in
     scale = float(torch.linalg.matrix_norm(gram)) * torch.finfo(gram.dtype).eps * n**0.5
     generator = torch.Generator(device=gram.device).manual_seed(seed)
     vectors = torch.randn(n, block, dtype=gram.dtype, device=gram.device, generator=generator)
-    image = gram @ vectors
+    image = gram @ vectors if largest else vectors  # G times the vectors: what the next step of the largest needs
     for iteration in range(1, MAX_ITERATIONS + 1):
         basis, _ = torch.linalg.qr(image if largest else torch.cholesky_solve(vectors, factor))
         image = gram @ basis

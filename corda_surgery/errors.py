@@ -7,3 +7,8 @@ command is a bug and is shown with its traceback.
 
 class CordaSurgeryError(Exception):
     """Bad input, options or files, or an output that cannot be written; the message says which."""
+
+
+class UnsupportedArchitecture(CordaSurgeryError):
+    """The checkpoint's layout cannot be streamed block by block (no block list, blocks that cannot be rebuilt,
+    inputs whose tokens cannot be told apart)."""

@@ -12,7 +12,7 @@ from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import check_stores, corda_plus_plan, plan_targets
+from corda_surgery.surgery import chosen_targets, corda_plus_plan, plan_targets
 
 
 def inspect_stores(
@@ -25,10 +25,10 @@ def inspect_stores(
     computed on ``compute``'s device.
     """
     view = ModelView(model_dir)
-    targets = plan_targets(view, options).targets
+    plan_targets(view, options)  # option mistakes first, before the fingerprint reads the weights
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-        check_stores(opened, targets, view.reader.fingerprint(), view.reader.model_dir)
+        targets = chosen_targets(view, options, opened, view.reader.fingerprint()).targets
         plan, records, spectra = corda_plus_plan(view, opened, targets, options, progress=True,
                                                  device=compute.torch_device)  # fmt: skip
     rows = [

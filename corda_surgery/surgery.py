@@ -121,8 +121,9 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> TargetPlan:
     unmatched = [p for p in options.targets if not any(_matches(n, p) for n in everywhere)]
     if unmatched:
         raise TargetError(
-            f"--targets {', '.join(unmatched)} matches no linear or fused expert parameter of this model "
-            f"(available: {', '.join(everywhere)}, or {ALL_LINEAR})"
+            f"--targets {', '.join(unmatched)} matches no linear or fused expert weight of this model "
+            f"(available: {', '.join(everywhere)}, or {ALL_LINEAR}; fused expert weights by their path, "
+            "e.g. experts.down_proj)"
         )
 
     def chosen(name: str) -> bool:
@@ -147,7 +148,7 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> TargetPlan:
                     "models when it loads an adapter", len(renamed), renamed[0].name, ", ".join(sorted(retargeted)),
                     view.model_type)  # fmt: skip
         left_out |= dict.fromkeys((t.name for t in renamed), "PEFT re-targets this name as fused experts")
-        targets = [t for t in targets if t not in renamed]
+        targets = _without(targets, renamed)
 
     def needed(target: Target) -> tuple[str, int]:  # CorDA++ allocates linears only: experts take --rank
         if options.method is Method.CORDA_PLUS and target.parameter is None:
@@ -164,16 +165,43 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> TargetPlan:
     if narrow:  # all-linear: routers and gates narrower than the rank are left out, not an error
         log.warning("%d linear(s) narrower than %s %d are left out, e.g. %s (%d×%d)", len(narrow), *needed(narrow[0]),
                     narrow[0].name, narrow[0].out_dim, narrow[0].in_dim)  # fmt: skip
-        left_out |= {t.name: f"narrower than {needed(t)[0]} {needed(t)[1]}" for t in narrow}
-        targets = [t for t in targets if t not in narrow]
-    if options.method is Method.CORDA_PLUS and options.param_budget is not None:
-        floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in targets if t.parameter is None)
-        if options.param_budget < floor:
-            raise OptionsError(
-                f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
-                f"for {len(targets)} layers ({floor})"
-            )
+        left_out |= {t.parameter or t.name: f"narrower than {needed(t)[0]} {needed(t)[1]}" for t in narrow}
+        targets = _without(targets, narrow)
     return TargetPlan(targets, left_out)
+
+
+def _without(targets: list[Target], dropped: list[Target]) -> list[Target]:
+    names = {t.name for t in dropped}
+    return [t for t in targets if t.name not in names]
+
+
+def check_budget(targets: list[Target], options: SurgeryOptions) -> None:
+    """A CorDA++ parameter budget covers --min-rank on every linear it allocates (experts take --rank)."""
+    if options.method is not Method.CORDA_PLUS or options.param_budget is None:
+        return
+    linears = [t for t in targets if t.parameter is None]
+    floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in linears)
+    if options.param_budget < floor:
+        raise OptionsError(
+            f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
+            f"for {len(linears)} linears ({floor})"
+        )
+
+
+def chosen_targets(
+    view: ModelView, options: SurgeryOptions, stores: Sequence[CovarianceStore], fingerprint: str
+) -> TargetPlan:
+    """The targets a surgery with these stores adapts: planned, the stores checked against them (this model,
+    a covariance of the right size each), linears without a covariance left out under all-linear, the budget
+    checked on what remains, and every fused weight proven writable back into its stored tensors."""
+    for store in stores:
+        store.check_model(fingerprint, view.reader.model_dir)
+    plan = _uncalibrated(stores, plan_targets(view, options), options)
+    check_stores(stores, plan.targets, fingerprint, view.reader.model_dir)
+    check_budget(plan.targets, options)
+    for parameter in dict.fromkeys(t.parameter for t in plan.targets if t.parameter is not None):
+        view.check_stored_pieces(parameter)
+    return plan
 
 
 def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: SurgeryOptions) -> TargetPlan:
@@ -185,8 +213,8 @@ def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: 
     log.warning("%d linear(s) left out: never called through their forward while calibrating, so no covariance "
                 "(e.g. %s)", len(missing), missing[0].name)  # fmt: skip
     reason = "never called through its forward while calibrating: no covariance"
-    return TargetPlan([t for t in plan.targets if t not in missing], plan.left_out | dict.fromkeys(
-        (t.name for t in missing), reason))  # fmt: skip
+    left_out = plan.left_out | dict.fromkeys((t.parameter or t.name for t in missing), reason)
+    return TargetPlan(_without(plan.targets, missing), left_out)
 
 
 def check_stores(stores: Sequence[CovarianceStore], targets: list[Target], fingerprint: str, model_dir: Path) -> None:
@@ -348,14 +376,11 @@ def decompose_checkpoint(
     check_disjoint(Path(out), [model_dir, *map(Path, stores)])
     view = ModelView(model_dir, device=compute.torch_device)
     reader = view.reader
-    chosen = plan_targets(view, options)
+    plan_targets(view, options)  # option mistakes first, before the fingerprint reads the weights
     fingerprint = reader.fingerprint()
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-        for store in opened:
-            store.check_model(fingerprint, reader.model_dir)
-        chosen = _uncalibrated(opened, chosen, options)
-        check_stores(opened, chosen.targets, fingerprint, reader.model_dir)
+        chosen = chosen_targets(view, options, opened, fingerprint)
         if plan:
             announce(plan_run(view, compute, Path(out), options=options, targets=_shapes(chosen.targets)), progress)
         with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
@@ -411,12 +436,12 @@ def _write_surgery(
         record: dict = {}
         if layer.store is not None:
             store = stores[layer.store]
-            tokens = store.by_linear[target.name].count
+            covariance = functools.partial(store.covariance, target.name, round_index=layer.round)
             if target.parameter is not None:
-                record["tokens"] = tokens
-            if tokens >= layer.rank:
-                covariance = functools.partial(store.covariance, target.name, round_index=layer.round)
-            else:  # an expert that (almost) no token was routed to: its covariance cannot rank r directions
+                entry = store.by_linear[target.name]
+                record["tokens"] = entry.count if layer.round is None else entry.round_counts[layer.round]
+            if target.parameter is not None and record["tokens"] < layer.rank:
+                covariance = None  # an expert (almost) no token was routed to cannot rank r directions
                 record["covariance"] = "none: fewer routed tokens than the rank, plain SVD of the weight"
         lora_a, lora_b, residual, initial = _initialise(
             weight, covariance, target.name, layer, options, transposed=target.transposed,
@@ -426,7 +451,9 @@ def _write_surgery(
 
     def fused_residual(parameter: str) -> torch.Tensor:
         """All experts of one fused parameter: factors side by side as PEFT's ParamWrapper keeps them."""
-        fused = view.read(parameter).clone()
+        fused = view.read(parameter)
+        if view.sources[parameter][0][0] is None:
+            fused = fused.clone()  # stored as it is: a view of the mapped shard, which must not be written
         reader.release()
         factors_a, factors_b, records = [], [], []
         for target in slices[parameter]:
@@ -575,6 +602,8 @@ def estimate_run(
     """
     view = open_view(model_dir, compute)
     targets = plan_targets(view, options).targets if options is not None else []
+    if options is not None:
+        check_budget(targets, options)
     if options is not None and not options.method.uses_covariance:
         spec = None  # pissa, milora and lora calibrate nothing
     return plan_run(view, compute, Path(out), spec=spec, options=options, targets=_shapes(targets))

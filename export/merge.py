@@ -37,6 +37,7 @@ def merge_adapter(
     for module in adapter.lora_A:
         if module in adapter.parameter_paths:
             _check_fused(view, adapter, module, layouts[module], adapter_dir, model_dir)
+            view.check_stored_pieces(module)
             owner_of.update({key: module for _, key in view.sources[module]})
             continue
         try:
@@ -55,10 +56,22 @@ def merge_adapter(
     pending: dict[str, dict[str, torch.Tensor]] = {}  # fused parameter → merged stored pieces not yet written
 
     def merged_fused(parameter: str) -> torch.Tensor:
+        """W + s·B·A expert by expert, in place on the fused weight (never a float32 copy of all experts)."""
         weight = view.read(parameter)
+        if view.sources[parameter][0][0] is None:
+            weight = weight.clone()  # stored as it is: a view of the mapped shard
         reader.release()
-        delta = adapter.delta(parameter)
-        return (weight.float() + (delta.transpose(1, 2) if layouts[parameter].transposed else delta)).to(weight.dtype)
+        rank, scaling = adapter.rank_of(parameter), adapter.scaling(parameter)
+        lora_a, lora_b = adapter.lora_A[parameter], adapter.lora_B[parameter]
+        experts = lora_a.shape[0] // rank
+        for expert in range(experts):
+            a = lora_a[expert * rank : (expert + 1) * rank].float()
+            b = lora_b[:, expert::experts].float()  # PEFT keeps expert e's columns at k·E + e
+            delta = scaling * (b @ a)
+            weight[expert] = (weight[expert].float() + (delta.T if layouts[parameter].transposed else delta)).to(
+                weight.dtype
+            )
+        return weight
 
     def produce(key: str) -> torch.Tensor:
         bar.update()

@@ -114,7 +114,8 @@ def write_adapter(folder: Path, adapter: LoraAdapter) -> None:
         "base_model_name_or_path": adapter.base_model_name_or_path,
         "r": adapter.rank,
         "lora_alpha": adapter.alpha,
-        "target_modules": sorted(adapter.lora_A.keys() - adapter.parameter_paths.keys()) or None,
+        # [] rather than None with target_parameters: PEFT fills a None from its per-model default list
+        "target_modules": sorted(adapter.lora_A.keys() - adapter.parameter_paths.keys()),
         "rank_pattern": adapter.rank_pattern,
         "alpha_pattern": adapter.alpha_pattern,
         "fan_in_fan_out": adapter.fan_in_fan_out,

@@ -20,6 +20,7 @@ from corda_surgery.calib.data import CalibrationSpec, token_batches
 from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.calib.stream import calibrate
+from corda_surgery.errors import UnsupportedArchitecture
 from corda_surgery.options import SurgeryOptions
 from corda_surgery.surgery import decompose_checkpoint
 from tests.families import save_family_model
@@ -164,7 +165,7 @@ def test_targets_pick_one_fused_weight_and_the_rest_stays_frozen(mixtral, tmp_pa
     frozen = [name for name in report["unadapted_weights"] if "experts" in name]
     assert frozen == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] is None and config["target_parameters"] == sorted(report["layers"])
+    assert config["target_modules"] == [] and config["target_parameters"] == sorted(report["layers"])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reference = logits(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
@@ -247,3 +248,11 @@ def test_a_linear_never_called_through_its_forward_is_left_out(tmp_path):
     error = cli_error("decompose", model_dir, "--covariances", store, "--targets", "dt_proj", "--rank", 4,
                       "--out", tmp_path / "x")  # fmt: skip
     assert "no covariance for layer backbone.layers.0.mixer.dt_proj" in error
+
+
+def test_per_sample_normalisation_is_refused_before_any_work_on_routed_experts(mixtral, tmp_path):
+    model_dir, _ = mixtral
+    spec = CalibrationSpec("gsm8k", samples=8, seq_len=32, batch_size=4, normalisation="peft")
+    with pytest.raises(UnsupportedArchitecture, match=r"experts of model\.layers\.0\.mlp\.experts see routed"):
+        calibrate(model_dir, spec, tmp_path / "peft.h5", progress=False)
+    assert list(tmp_path.iterdir()) == []
