@@ -104,6 +104,10 @@ _decomposition_options = _options(
                       "iteration on that Gram matrix, each checked by its residual, a layer that does not converge "
                       "falling back to gram (recorded in surgery.json; faster only where the kept pairs stand "
                       "apart, see the README); svd: LAPACK's full float64 SVD (reference, ~2x slower than gram)."),
+    click.option("--balance", is_flag=True,
+                 help="Rescale each rank-one component so that A's row and B's column have equal norms (B·A, the "
+                      "residual and the handoff unchanged). KPM's A is far larger than its B, so at one learning "
+                      "rate Adam moves its weights much more than PiSSA's or LoRA's; this evens the split."),
     click.option("--dtype", "factor_dtype", type=click.Choice(["float32", "float64"]), default="float32",
                  show_default=True, help="dtype of the stored adapter factors (the math is float64 either way)."),
     click.option("--base-name", default=None,

@@ -246,6 +246,7 @@ def decompose_weight(
     transposed: bool = False,
     name: str = "weight",
     device: torch.device | str = "cpu",
+    balance: bool = False,
 ) -> Decomposition:
     """Split ``weight`` into a frozen residual and LoRA factors initialised from ``covariance``.
 
@@ -253,9 +254,9 @@ def decompose_weight(
     read when needed and its result overwritten (see ``context_product``), a tensor is copied.
     ``transposed`` marks GPT-2 style ``Conv1D`` weights stored as (in, out).
     ``alpha`` defaults to ``rank`` (scaling 1); PEFT's ``S ← S/s`` is folded in so that
-    ``residual + s·B·A`` reproduces ``weight``. The math runs in float64 on ``device`` whatever ``solver``
-    (see SOLVERS) finds the singular pairs; the factors (``factor_dtype``) and the residual (the weight's
-    dtype) come back in host memory.
+    ``residual + s·B·A`` reproduces ``weight``; ``balance`` rescales each component (``balanced``). The
+    math runs in float64 on ``device`` whatever ``solver`` (see SOLVERS) finds the singular pairs; the
+    factors (``factor_dtype``) and the residual (the weight's dtype) come back in host memory.
     """
     w = weight.T if transposed else weight
     _check_inputs(w, rank, mode, solver, name)
@@ -270,8 +271,11 @@ def decompose_weight(
     del chol
 
     root = (s_r / scaling).sqrt()
-    lora_a = (root[:, None] * vh_r).to("cpu", factor_dtype).contiguous()
-    lora_b = (u_r * root[None, :]).to("cpu", factor_dtype).contiguous()
+    lora_a, lora_b = root[:, None] * vh_r, u_r * root[None, :]
+    if balance:
+        lora_a, lora_b = balanced(lora_a, lora_b)
+    lora_a = lora_a.to("cpu", factor_dtype).contiguous()
+    lora_b = lora_b.to("cpu", factor_dtype).contiguous()
     residual = torch.empty_like(weight, device="cpu")  # the weight's own layout: (in, out) for Conv1D
     _fill_residual(residual.T if transposed else residual, w, lora_a, lora_b, scaling, name, lam)
     if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
@@ -287,6 +291,17 @@ def decompose_weight(
         damping=lam,
         scaling=scaling,
     )
+
+
+def balanced(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank-one component rescaled so that A's row and B's column have equal norms (B·A unchanged).
+
+    KPM's A = √σ·vᵀC⁻¹ is large where C is small and B = u·√σ small, so at one learning rate Adam moves the
+    two very unequally; balancing is the scale-free split (PiSSA's and MiLoRA's factors already are).
+    """
+    a_norms, b_norms = lora_a.norm(dim=1), lora_b.norm(dim=0)
+    factor = torch.where((a_norms > 0) & (b_norms > 0), (b_norms / a_norms).sqrt(), torch.ones_like(a_norms))
+    return lora_a * factor[:, None], lora_b / factor[None, :]
 
 
 def _fill_residual(

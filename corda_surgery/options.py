@@ -113,6 +113,7 @@ class SurgeryOptions:
     max_shard_size: int = field(default_factory=lambda: parse_size(DEFAULT_MAX_SHARD_SIZE, "--max-shard-size"))
     base_name: str | None = None
     seed: int = 0
+    balance: bool = False  # each rank-one component's A row and B column rescaled to equal norms
 
     def __post_init__(self) -> None:
         def set_(name: str, value) -> None:
@@ -158,6 +159,7 @@ class SurgeryOptions:
         if method is not Method.CORDA_PLUS:
             for name, value, default in (("--min-rank", self.min_rank, 1), ("--max-rank", self.max_rank, None)):
                 _require(value == default, f"{name} needs --method corda++")
+        _require(not (self.balance and mode is None), "--balance needs a decomposition: LoRA's B starts at zero")
 
     @property
     def scaling(self) -> float:
@@ -176,6 +178,7 @@ class SurgeryOptions:
             "alpha": self.alpha, "targets": list(self.targets) or ALL_LINEAR, "solver": self.solver.value,
             "factor_dtype": self.factor_dtype, "damping": self.damping, "rank_budget": self.rank_budget,
             "param_budget": self.param_budget, "min_rank": self.min_rank, "max_rank": self.max_rank,
+            "balance": self.balance,
         }  # fmt: skip
 
 

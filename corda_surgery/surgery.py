@@ -271,7 +271,7 @@ def _initialise(
     work = functools.partial(
         decompose_weight, weight, covariance, rank=layer.rank, mode=options.mode.value,
         alpha=options.scaling * layer.rank, damping=options.damping, solver=options.solver.value, factor_dtype=dtype,
-        transposed=transposed, name=name,
+        transposed=transposed, name=name, balance=options.balance,
     )  # fmt: skip
     result = _on_device_or_host(work, device, name)
     record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,

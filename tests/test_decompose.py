@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from corda_surgery.decompose import DecompositionError, decompose_weight
+from corda_surgery.options import OptionsError, SurgeryOptions
 from tests.helpers import relative
 
 
@@ -111,3 +112,19 @@ def test_never_definite_is_an_error_not_a_loop():
 def test_unknown_mode():
     with pytest.raises(DecompositionError, match="mode must be one of"):
         decompose_weight(torch.randn(3, 3), torch.eye(3), rank=1, mode="big", name="w")
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_balanced_components_have_equal_norms_and_the_same_product(mode):
+    weight = torch.randn(40, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    covariance = _covariance(48, 500)
+    plain = decompose_weight(weight, covariance, rank=6, mode=mode, factor_dtype=torch.float64)
+    even = decompose_weight(weight, covariance, rank=6, mode=mode, factor_dtype=torch.float64, balance=True)
+    assert torch.allclose(even.lora_A.norm(dim=1), even.lora_B.norm(dim=0), rtol=1e-12)
+    assert relative(even.lora_B @ even.lora_A, plain.lora_B @ plain.lora_A) < 1e-13
+    assert relative(even.residual, plain.residual) < 1e-13
+
+
+def test_balance_is_refused_without_a_decomposition():
+    with pytest.raises(OptionsError, match="--balance needs a decomposition"):
+        SurgeryOptions(method="lora", balance=True)

@@ -50,6 +50,22 @@ def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_pat
     assert len(report["layers"]) == {"llama": 7, "qwen2": 7, "gpt2": 4}[kind] * 3
 
 
+def test_balanced_factors_keep_the_handoff_and_even_out_the_norms(tiny_llama, stores, tmp_path):
+    plain = decompose_checkpoint(tiny_llama, tmp_path / "plain", SurgeryOptions(rank=8), stores=[stores["llama"]],
+                                 progress=False)  # fmt: skip
+    even = decompose_checkpoint(tiny_llama, tmp_path / "even", SurgeryOptions(rank=8, balance=True),
+                                stores=[stores["llama"]], progress=False)  # fmt: skip
+    assert _handoff_error(tiny_llama, even) <= 1e-4
+    before, after = tensors(plain / "adapter"), tensors(even / "adapter")
+    for key in (k for k in after if k.endswith("lora_A.weight")):
+        a, b = after[key].double(), after[key.replace("lora_A", "lora_B")].double()
+        a0, b0 = before[key].double(), before[key.replace("lora_A", "lora_B")].double()
+        assert torch.allclose(a.norm(dim=1), b.norm(dim=0), rtol=1e-5), key
+        assert float((b @ a - b0 @ a0).norm() / (b0 @ a0).norm()) <= 1e-6, key  # float32 factors
+        assert float(a.norm(dim=1).max() / b.norm(dim=0).max()) < float(a0.norm(dim=1).max() / b0.norm(dim=0).max())
+    assert json.loads((even / "surgery.json").read_text())["balance"] is True
+
+
 def test_only_targets_change_and_ties_stay(tiny_qwen2, stores, tmp_path):
     out = decompose_checkpoint(
         tiny_qwen2,
