@@ -48,6 +48,7 @@ class CalibrationSpec:
     chat_template: bool | None = None  # None: use the tokenizer's template when it has one
     normalisation: str = "tokens"  # "tokens": XᵀX / real tokens; "peft": PEFT's per-sample max scaling
     rounds: int = 1  # disjoint sampling rounds stored separately too (CorDA++ candidates)
+    pack: bool = False  # records joined by blank lines into full seq_len windows (the CorDA authors' protocol)
 
     def __post_init__(self) -> None:
         for option in ("samples", "seq_len", "batch_size", "rounds"):
@@ -56,6 +57,8 @@ class CalibrationSpec:
                 raise OptionsError(f"--{option.replace('_', '-')} {value!r}: must be a whole number ≥ 1")
         if self.normalisation not in NORMALISATIONS:
             raise OptionsError(f"--covariance-norm {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
+        if self.pack and self.chat_template:
+            raise OptionsError("--pack joins plain record texts into windows: it does not go with --chat-template")
 
     def input_files(self) -> list[Path]:
         """The data file this spec reads, if it is not a built-in set."""
@@ -163,6 +166,45 @@ def _jsonl_token_lists(
     return token_lists, skipped
 
 
+def _packed_token_lists(
+    path: Path, spec: CalibrationSpec, tokenizer, vocab_size: int
+) -> tuple[list[list[int]], list[int]]:
+    """Record texts (no chat template) in seeded random order joined by blank lines, tokenised and cut into
+    ``samples`` windows of exactly ``seq_len`` tokens (a shorter last one only where the data runs out)."""
+    texts: list[str] = []
+    skipped: list[int] = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = _decode(raw, path, number)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise CalibrationDataError(
+                    f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}"
+                )
+            if isinstance(record.get("input_ids"), list):
+                raise CalibrationDataError(f"{path}:{number}: --pack joins texts; this record is pre-tokenised")
+            text = _record_text(record, spec.text_field, tokenizer, chat_template=False)
+            if text and text.strip():
+                texts.append(text.strip())
+            else:
+                skipped.append(number)
+    random.Random(spec.seed).shuffle(texts)
+    wanted, budget, chosen = spec.samples * spec.seq_len, spec.samples * spec.seq_len * MAX_CHARS_PER_TOKEN, []
+    for text in texts:  # enough text for the windows, without tokenising a huge file whole
+        chosen.append(text[:budget])
+        budget -= len(chosen[-1]) + 2
+        if budget <= 0:
+            break
+    ids = tokenizer("\n\n".join(chosen), add_special_tokens=False)["input_ids"][:wanted]
+    windows = [_token_ids(ids[i : i + spec.seq_len], path, 1, vocab_size) for i in range(0, len(ids), spec.seq_len)]
+    return windows, skipped
+
+
 def _txt_token_lists(path: Path, spec: CalibrationSpec, tokenizer, vocab_size: int) -> list[list[int]]:
     """Plain text is tokenised whole and cut into seq_len-token chunks, of which `samples` are drawn."""
     ids = tokenizer(_decode(path.read_bytes(), path), add_special_tokens=False)["input_ids"]
@@ -199,6 +241,9 @@ def token_batches(spec: CalibrationSpec, tokenizer, vocab_size: int) -> tuple[li
     skipped: list[int] = []
     if path.suffix == ".txt":
         token_lists = _txt_token_lists(path, spec, tokenizer, vocab_size)
+    elif spec.pack:
+        chat_template = False
+        token_lists, skipped = _packed_token_lists(path, spec, tokenizer, vocab_size)
     else:
         token_lists, skipped = _jsonl_token_lists(path, spec, tokenizer, chat_template, vocab_size)
     if skipped:

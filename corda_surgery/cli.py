@@ -75,6 +75,10 @@ _calibration_options = _options(
                  show_default=True,
                  help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
                       "|max|, divided by the number of samples), for like-for-like comparisons."),
+    click.option("--pack", is_flag=True,
+                 help="Join .jsonl records (their text, no chat template) with blank lines and cut the stream into "
+                      "full --seq-len windows: --samples × --seq-len tokens, as the CorDA papers calibrate on "
+                      "NQ-open (with --text-field prompt: the questions alone)."),
     click.option("--rounds", default=1, show_default=True,
                  help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
 )  # fmt: skip

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from transformers import AutoTokenizer
 
-from corda_surgery.calib.data import MAX_CHARS_PER_TOKEN, CalibrationSpec, token_batches
+from corda_surgery.calib.data import MAX_CHARS_PER_TOKEN, CalibrationDataError, CalibrationSpec, token_batches
 from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.calib.stream import calibrate
+from corda_surgery.options import OptionsError
 
 
 def test_skipped_records_are_counted_and_reported(tiny_llama, tmp_path, caplog):
@@ -42,3 +44,27 @@ def test_a_huge_record_is_cut_before_tokenising(tiny_llama, tmp_path):
     assert data.stat().st_size > 10_000_000
     assert tokenizer.longest == 64 * MAX_CHARS_PER_TOKEN
     assert batches[0].input_ids.shape == (1, 64) and description["tokens"] == 64
+
+
+def test_pack_joins_records_into_full_windows(tiny_llama, tmp_path):
+    """--pack: texts joined by blank lines, cut into samples × seq_len tokens, every window full."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    spec = CalibrationSpec("nq_open", samples=6, seq_len=48, batch_size=4, pack=True, text_field="prompt")
+    batches, description = token_batches(spec, tokenizer, len(tokenizer))
+    assert [tuple(b.input_ids.shape) for b in batches] == [(4, 48), (2, 48)]
+    assert all(bool(b.attention_mask.all()) for b in batches)  # no padding at all
+    assert description["tokens"] == 6 * 48 and description["pack"] and not description["chat_template"]
+    text = tokenizer.decode(batches[0].input_ids[0])
+    assert "\n\n" in text and "?" in text  # several questions in one window
+    unpacked, _ = token_batches(CalibrationSpec("nq_open", samples=6, seq_len=48, text_field="prompt"), tokenizer,
+                                len(tokenizer))  # fmt: skip
+    assert sum(int(b.attention_mask.sum()) for b in unpacked) < 6 * 48  # one question per sample instead
+
+
+def test_pack_refuses_chat_templates_and_pretokenised_records(tmp_path, tiny_llama):
+    with pytest.raises(OptionsError, match="--pack joins plain record texts"):
+        CalibrationSpec("nq_open", pack=True, chat_template=True)
+    data = tmp_path / "ids.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+    with pytest.raises(CalibrationDataError, match=r"ids\.jsonl:2: --pack joins texts"):
+        token_batches(CalibrationSpec(str(data), pack=True), AutoTokenizer.from_pretrained(tiny_llama), 384)
