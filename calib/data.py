@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,13 +126,8 @@ def _token_ids(value, path: Path, number: int, vocab_size: int) -> list[int]:
     return value
 
 
-def _jsonl_token_lists(
-    path: Path, spec: CalibrationSpec, tokenizer, chat_template: bool, vocab_size: int
-) -> tuple[list[list[int]], list[int]]:
-    """Token lists from the records (``input_ids`` records as they are), and the numbers of skipped lines."""
-    texts: list[tuple[int, str | list[int]]] = []
-    skipped: list[int] = []
-    limit = spec.seq_len * MAX_CHARS_PER_TOKEN
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a .jsonl file; a bad line names file and line."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
             line = _decode(raw, path, number)
@@ -145,14 +141,25 @@ def _jsonl_token_lists(
                 raise CalibrationDataError(
                     f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}"
                 )
-            if isinstance(record.get("input_ids"), list):
-                texts.append((number, _token_ids(record["input_ids"][: spec.seq_len], path, number, vocab_size)))
-                continue
-            text = _record_text(record, spec.text_field, tokenizer, chat_template)
-            if text and text.strip():
-                texts.append((number, text[:limit]))
-            else:
-                skipped.append(number)
+            yield number, record
+
+
+def _jsonl_token_lists(
+    path: Path, spec: CalibrationSpec, tokenizer, chat_template: bool, vocab_size: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token lists from the records (``input_ids`` records as they are), and the numbers of skipped lines."""
+    texts: list[tuple[int, str | list[int]]] = []
+    skipped: list[int] = []
+    limit = spec.seq_len * MAX_CHARS_PER_TOKEN
+    for number, record in _records(path):
+        if isinstance(record.get("input_ids"), list):
+            texts.append((number, _token_ids(record["input_ids"][: spec.seq_len], path, number, vocab_size)))
+            continue
+        text = _record_text(record, spec.text_field, tokenizer, chat_template)
+        if text and text.strip():
+            texts.append((number, text[:limit]))
+        else:
+            skipped.append(number)
     random.Random(spec.seed).shuffle(texts)
     token_lists = []
     for number, item in texts[: spec.samples]:
@@ -173,26 +180,14 @@ def _packed_token_lists(
     ``samples`` windows of exactly ``seq_len`` tokens (a shorter last one only where the data runs out)."""
     texts: list[str] = []
     skipped: list[int] = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            line = _decode(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationDataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise CalibrationDataError(
-                    f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}"
-                )
-            if isinstance(record.get("input_ids"), list):
-                raise CalibrationDataError(f"{path}:{number}: --pack joins texts; this record is pre-tokenised")
-            text = _record_text(record, spec.text_field, tokenizer, chat_template=False)
-            if text and text.strip():
-                texts.append(text.strip())
-            else:
-                skipped.append(number)
+    for number, record in _records(path):
+        if isinstance(record.get("input_ids"), list):
+            raise CalibrationDataError(f"{path}:{number}: --pack joins texts; this record is pre-tokenised")
+        text = _record_text(record, spec.text_field, tokenizer, chat_template=False)
+        if text and text.strip():
+            texts.append(text.strip())
+        else:
+            skipped.append(number)
     random.Random(spec.seed).shuffle(texts)
     wanted, budget, chosen = spec.samples * spec.seq_len, spec.samples * spec.seq_len * MAX_CHARS_PER_TOKEN, []
     for text in texts:  # enough text for the windows, without tokenising a huge file whole

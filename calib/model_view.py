@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -166,6 +167,15 @@ class ModelView:
             )
         return pieces
 
+    def writable(self, name: str) -> torch.Tensor:
+        """A module tensor that may be overwritten: fused ones are new tensors already, others are copied out of
+        the mapped shard; the shards are unmapped after."""
+        tensor = self.read(name)
+        if self.sources[name][0][0] is None:
+            tensor = tensor.clone()
+        self.reader.release()
+        return tensor
+
     def check_stored_pieces(self, name: str) -> None:
         """Refuse up front (on a meta tensor: no data) a fused parameter that cannot be split back."""
         like = self.model.get_parameter(name)
@@ -300,3 +310,26 @@ class ModelView:
 
     def free_block(self, index: int) -> None:
         self._release(self.blocks[index])
+
+
+class StoredPieces:
+    """Module tensors computed whole (``compute``) and handed out one stored key at a time, as the stored
+    tensors they are written as; a tensor's pieces are held until the last of them has been taken."""
+
+    def __init__(self, view: ModelView, names: Iterable[str], compute: Callable[[str], torch.Tensor]):
+        self.view, self.compute = view, compute
+        self.owner = {key: name for name in names for _, key in view.sources[name]}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def take(self, key: str) -> torch.Tensor | None:
+        """The piece stored under ``key``; None where no computed tensor owns that key."""
+        name = self.owner.get(key)
+        if name is None:
+            return None
+        if name not in self.pending:
+            self.pending[name] = self.view.stored_pieces(name, self.compute(name))
+        pieces = self.pending[name]
+        piece = pieces.pop(key)
+        if not pieces:
+            del self.pending[name]
+        return piece

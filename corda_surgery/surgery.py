@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from corda_surgery import __version__
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.experts import slice_name
-from corda_surgery.calib.model_view import ModelView
+from corda_surgery.calib.model_view import ModelView, StoredPieces
 from corda_surgery.calib.store import CovarianceStore, StoreError
 from corda_surgery.calib.stream import calibrate, open_view
 from corda_surgery.calib.weights import CheckpointReader
@@ -417,7 +417,6 @@ def _write_surgery(
     for target in targets:
         if target.parameter is not None:
             slices.setdefault(target.parameter, []).append(target)
-    owner_of = {key: parameter for parameter in slices for _, key in view.sources[parameter]}
     fused_paths = parameter_paths(view.fused_parameters(), slices)
     base_name = options.base_name or str(out)
     adapter = LoraAdapter(
@@ -426,7 +425,6 @@ def _write_surgery(
         task_type="CAUSAL_LM" if view.model.can_generate() else None, base_model_name_or_path=base_name,
     )  # fmt: skip
     layers: dict[str, dict] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused parameter → its stored pieces not yet written
     seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
     bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
 
@@ -451,10 +449,7 @@ def _write_surgery(
 
     def fused_residual(parameter: str) -> torch.Tensor:
         """All experts of one fused parameter: factors side by side as PEFT's ParamWrapper keeps them."""
-        fused = view.read(parameter)
-        if view.sources[parameter][0][0] is None:
-            fused = fused.clone()  # stored as it is: a view of the mapped shard, which must not be written
-        reader.release()
+        fused = view.writable(parameter)
         factors_a, factors_b, records = [], [], []
         for target in slices[parameter]:
             lora_a, lora_b, fused[target.expert], record = initialise(fused[target.expert], target)
@@ -470,15 +465,12 @@ def _write_surgery(
         layers[parameter] = {"rank": options.rank, "experts": records}
         return fused
 
+    residuals = StoredPieces(view, slices, fused_residual)
+
     def produce(key: str) -> torch.Tensor:
         bar.update()
-        parameter = owner_of.get(key)
-        if parameter is not None:
-            if parameter not in pending:
-                pending[parameter] = view.stored_pieces(parameter, fused_residual(parameter))
-            piece = pending[parameter].pop(key)
-            if not pending[parameter]:
-                del pending[parameter]
+        piece = residuals.take(key)
+        if piece is not None:
             return piece
         weight = reader.get(key).clone()
         reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corda_surgery.calib.experts import FusedExperts
-from corda_surgery.calib.model_view import ModelView
+from corda_surgery.calib.model_view import ModelView, StoredPieces
 from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter
@@ -33,12 +33,12 @@ def merge_adapter(
     adapter: LoraAdapter = read_adapter(adapter_dir, view.fused_parameters())
     layouts = {f"{view.block_name(i)}.{e.module}.{p}": e for i, found in enumerate(view.experts)
                for e in found.values() for p in e.parameters}  # fmt: skip
-    key_of, owner_of = {}, {}
+    key_of, fused = {}, []
     for module in adapter.lora_A:
         if module in adapter.parameter_paths:
             _check_fused(view, adapter, module, layouts[module], adapter_dir, model_dir)
             view.check_stored_pieces(module)
-            owner_of.update({key: module for _, key in view.sources[module]})
+            fused.append(module)
             continue
         try:
             key = view.stored_key(f"{module}.weight")
@@ -53,14 +53,10 @@ def merge_adapter(
             )
         key_of[key] = module
     bar = tqdm(total=len(reader.locations), desc="merging", unit="tensor", disable=not progress)
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused parameter → merged stored pieces not yet written
 
     def merged_fused(parameter: str) -> torch.Tensor:
         """W + s·B·A expert by expert, in place on the fused weight (never a float32 copy of all experts)."""
-        weight = view.read(parameter)
-        if view.sources[parameter][0][0] is None:
-            weight = weight.clone()  # stored as it is: a view of the mapped shard
-        reader.release()
+        weight = view.writable(parameter)
         rank, scaling = adapter.rank_of(parameter), adapter.scaling(parameter)
         lora_a, lora_b = adapter.lora_A[parameter], adapter.lora_B[parameter]
         experts = lora_a.shape[0] // rank
@@ -73,15 +69,12 @@ def merge_adapter(
             )
         return weight
 
+    merged = StoredPieces(view, fused, merged_fused)
+
     def produce(key: str) -> torch.Tensor:
         bar.update()
-        parameter = owner_of.get(key)
-        if parameter is not None:
-            if parameter not in pending:
-                pending[parameter] = view.stored_pieces(parameter, merged_fused(parameter))
-            piece = pending[parameter].pop(key)
-            if not pending[parameter]:
-                del pending[parameter]
+        piece = merged.take(key)
+        if piece is not None:
             return piece
         weight = reader.get(key).clone()
         reader.release()  # unmap: pages read so far would otherwise stay resident
