@@ -9,6 +9,11 @@ same length, so batching 8 samples changes nothing but speed; PEFT's hook only t
     python bench/vs_peft.py --hidden 2048 --layers 8        # the 536 M model of the issue
     python bench/vs_peft.py --hidden 2048 --layers 16 --skip-peft   # depth scaling of our memory
     python bench/vs_peft.py --hidden 2048 --layers 8 --reuse-peft   # after a change: PEFT's earlier run
+    python bench/vs_peft.py --real      # embedded SmolLM2 on NQ-open records: subspaces against float64
+
+``--real`` also prints, per layer type, the largest principal angle between PEFT's and our adapter
+subspaces (row space of A, column space of B) and each one's to the float64 decomposition of the same
+damped product (full SVD, from our store's covariance).
 """
 
 from __future__ import annotations
@@ -172,6 +177,67 @@ def earlier_peft_run(work: Path) -> dict:
     return timed_from_log(work / "peft.log")
 
 
+def real_tokens(model_dir: Path, samples: int, seq_len: int, path: Path) -> None:
+    """The first ``samples`` NQ-open question+answer records (seed 0), tokenised once for both sides."""
+    from transformers import AutoTokenizer
+
+    from corda_surgery.calib.data import CalibrationSpec, token_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = CalibrationSpec("nq_open", samples=samples, seq_len=seq_len, batch_size=1, chat_template=False)
+    batches, description = token_batches(spec, tokenizer, len(tokenizer))
+    with path.open("w") as handle:
+        for batch in batches:
+            handle.write(json.dumps({"input_ids": batch.input_ids[0].tolist()}) + "\n")
+    print(f"{len(batches)} NQ-open records, {description['tokens']} tokens", flush=True)
+
+
+def _largest_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle in degrees between the spaces spanned by the columns of ``a`` and ``b``."""
+    qa, _ = torch.linalg.qr(a.double())
+    qb, _ = torch.linalg.qr(b.double())
+    cosine = float(torch.linalg.svdvals(qa.T @ qb).min().clamp(max=1.0))
+    return float(torch.rad2deg(torch.arccos(torch.tensor(cosine))))
+
+
+def subspace_table(model_dir: Path, peft_dir: Path, ours_dir: Path, mode: str) -> dict:
+    """Per layer type: largest principal angles (median and max over layers) between PEFT's, ours and the
+    float64 answer, for the row space of A and the column space of B."""
+    from corda_surgery.calib.model_view import ModelView
+    from corda_surgery.calib.store import CovarianceStore
+    from corda_surgery.decompose import decompose_weight
+
+    theirs, ours = read_adapter(peft_dir / "adapter"), read_adapter(ours_dir / "adapter")
+    view = ModelView(model_dir)
+    angles: dict[str, dict[str, list[float]]] = {}
+    with CovarianceStore(ours_dir / "covariances.h5") as store:
+        for module in sorted(ours.lora_A):
+            rank = ours.rank_of(module)
+            exact = decompose_weight(view.read(f"{module}.weight"), store.covariance(module), rank=rank, mode=mode,
+                                     solver="svd", factor_dtype=torch.float64, name=module)  # fmt: skip
+            pairs = {
+                "ours vs PEFT": (ours, theirs),
+                "ours vs float64": (ours, exact),
+                "PEFT vs float64": (theirs, exact),
+            }
+            row = angles.setdefault(module.rpartition(".")[2], {})
+            for label, (x, y) in pairs.items():
+                xa, xb = (x.lora_A[module], x.lora_B[module]) if x is not exact else (x.lora_A, x.lora_B)
+                ya, yb = (y.lora_A[module], y.lora_B[module]) if y is not exact else (y.lora_A, y.lora_B)
+                row.setdefault(f"A {label}", []).append(_largest_angle(xa.T, ya.T))
+                row.setdefault(f"B {label}", []).append(_largest_angle(xb, yb))
+    return {kind: {k: (statistics.median(v), max(v)) for k, v in row.items()} for kind, row in angles.items()}
+
+
+def print_subspace_table(table: dict) -> None:
+    columns = list(next(iter(table.values())))
+    print("\n| layer type | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for kind, row in table.items():
+        print(f"| {kind} | " + " | ".join(f"{row[c][0]:.2g}° / {row[c][1]:.2g}°" for c in columns) + " |")
+    print("(largest principal angle between the two subspaces, median / max over the 30 layers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, help="An existing Llama-family checkpoint instead of a random one.")
@@ -193,10 +259,19 @@ def main() -> None:
         "instead of running it again; its log gives the timing.",
     )
     parser.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, 8 × 128 tokens.")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="The embedded SmolLM2-135M on 64 NQ-open records (≤ 256 tokens), plus the subspace table.",
+    )
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.heads, args.samples, args.seq_len = 512, 4, 1408, 8, 8, 128
-    tag = f"h{args.hidden}_l{args.layers}"
+    if args.real:
+        from corda_surgery.models import embedded_model_dir
+
+        args.model_dir, args.samples, args.seq_len = embedded_model_dir(), 64, 256
+    tag = "smollm2_nq_open" if args.real else f"h{args.hidden}_l{args.layers}"
     work = args.work / tag
     work.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_dir or work / "model"
@@ -205,11 +280,13 @@ def main() -> None:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     token_file = work / "tokens.jsonl"
-    with token_file.open("w") as handle:
-        for _ in range(args.samples):
-            handle.write(
-                json.dumps({"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()}) + "\n"
-            )
+    if args.real:
+        real_tokens(model_dir, args.samples, args.seq_len, token_file)
+    else:
+        with token_file.open("w") as handle:
+            for _ in range(args.samples):
+                ids = torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()
+                handle.write(json.dumps({"input_ids": ids}) + "\n")
 
     results = {}
     if args.reuse_peft:
@@ -230,7 +307,7 @@ def main() -> None:
         )
     results["corda-surgery convert"] = timed(
         [
-            "corda-surgery",
+            str(Path(sys.executable).with_name("corda-surgery")),  # this environment's, not whatever PATH finds
             "convert",
             str(model_dir),
             "--data",
@@ -256,10 +333,11 @@ def main() -> None:
 
     size_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
     rate, rate64 = matmul_gflops(), matmul_gflops(torch.float64)
-    floor = flop_floor(model_dir, args.samples * args.seq_len, rate / rate64)
+    tokens = sum(len(json.loads(line)["input_ids"]) for line in token_file.read_text().splitlines())
+    floor = flop_floor(model_dir, tokens, rate / rate64)
     floor_s = sum(floor.values()) / (rate * 1e9)
     print(
-        f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} × {args.seq_len} tokens; "
+        f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} samples, {tokens} tokens; "
         f"{args.mode} rank {args.rank}; "
         f"matmul {rate:.0f} GFLOP/s fp32, {rate64:.0f} fp64; FLOP floor {floor_s:.1f} s "
         f"(forward {floor['forward'] / 1e12:.2f}, covariance {floor['covariance'] / 1e12:.2f}, "
@@ -292,6 +370,9 @@ def main() -> None:
                 )
             parity["float64_arbiter"] = verdicts
         results["parity"] = parity
+        if args.real:
+            results["subspaces"] = subspace_table(model_dir, work / "peft", work / "ours", args.mode)
+            print_subspace_table(results["subspaces"])
     results.update(
         {
             "model": tag,

@@ -104,10 +104,10 @@ _decomposition_options = _options(
                       "(e.g. experts.down_proj), or all-linear (every linear and expert weight)."),
     click.option("--solver", type=click.Choice(["gram", "subspace", "svd"]), default="gram", show_default=True,
                  help="How the singular pairs of the float64 product W·C are found. gram: full eigen-decomposition "
-                      "of its Gram matrix (within 1e-5 of svd); subspace: only the r kept pairs, by block subspace "
-                      "iteration on that Gram matrix, each checked by its residual, a layer that does not converge "
-                      "falling back to gram (recorded in surgery.json; faster only where the kept pairs stand "
-                      "apart, see the README); svd: LAPACK's full float64 SVD (reference, ~2x slower than gram)."),
+                      "of its Gram matrix, a layer whose cut that cannot resolve taking svd; subspace: only the r "
+                      "kept pairs, by block subspace iteration on that Gram matrix, each checked by its residual, "
+                      "falling back to gram per layer (recorded in surgery.json; faster only where the kept pairs "
+                      "stand apart, see the README); svd: LAPACK's full float64 SVD (reference, ~2x slower)."),
     click.option("--balance", is_flag=True,
                  help="Rescale each rank-one component so that A's row and B's column have equal norms (B·A, the "
                       "residual and the handoff unchanged). KPM's A is far larger than its B, so at one learning "

@@ -88,3 +88,15 @@ def test_small_matrices_and_singular_grams_are_left_to_the_full_solver():
     assert extreme_eigenpairs(small.T @ small, RANK, largest=True) is None  # block ≥ a quarter of n
     rank_deficient = _with_spectrum(400, 200, torch.cat([torch.ones(100), torch.zeros(100)]).double())
     assert extreme_eigenpairs(rank_deficient.T @ rank_deficient, RANK, largest=False) is None
+
+
+@pytest.mark.parametrize("solver", ["gram", "subspace"])
+def test_a_cut_below_the_gram_resolution_takes_the_svd(solver):
+    """Smallest singular values near 1e-7·σ₁ are lost in the Gram matrix's rounding (ε·σ₁²): KPM there takes
+    the SVD of the product, recorded as such, and matches it."""
+    s = torch.cat([torch.logspace(0, -2, 180, dtype=torch.float64), torch.logspace(-6.5, -7, 20, dtype=torch.float64)])
+    weight = _with_spectrum(300, 200, s, seed=5)
+    found = decompose_weight(weight, None, rank=RANK, mode="kpm", solver=solver, factor_dtype=torch.float64)
+    exact = decompose_weight(weight, None, rank=RANK, mode="kpm", solver="svd", factor_dtype=torch.float64)
+    assert found.solver == f"svd ({solver} could not resolve the cut)"
+    assert relative(found.lora_B @ found.lora_A, exact.lora_B @ exact.lora_A) <= 1e-12
