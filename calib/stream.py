@@ -27,7 +27,7 @@ from corda_surgery.calib.activations import Activations
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
 from corda_surgery.calib.experts import DOWN, FusedExperts, experts_arguments, routed_inputs, slice_name
 from corda_surgery.calib.model_view import ModelView, UnsupportedArchitecture
-from corda_surgery.calib.store import CovarianceEntry, StoreWriter
+from corda_surgery.calib.store import CovarianceEntry, CovarianceStore, StoreWriter
 from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.errors import CordaSurgeryError
@@ -316,7 +316,23 @@ def calibrate(
             stream_covariances(
                 view, batches, writer, hidden, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
             )
-            return writer.finish()
+            written = writer.finish()
         finally:
             writer.close()
             hidden.close()
+        _warn_rank_deficient(written)
+        return written
+
+
+def _warn_rank_deficient(path: Path) -> None:
+    """Name the inputs that saw fewer tokens than they are wide: their covariances are rank-deficient, so the
+    smallest directions (KPM's cut) are set by damping there, not by data."""
+    with CovarianceStore(path) as store:
+        short = [(name, entry.count, store.dimension(name)) for name, entry in store.entries.items()
+                 if entry.count < store.dimension(name)]  # fmt: skip
+        total = len(store.entries)
+    if short:
+        name, count, width = short[0]
+        log.warning("%d of %d inputs saw fewer calibration tokens than they are wide (e.g. %s: %d tokens for %d "
+                    "inputs): their smallest covariance directions come from damping, not data; calibrate on more "
+                    "tokens (--samples, --seq-len, --pack)", len(short), total, name, count, width)  # fmt: skip

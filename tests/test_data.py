@@ -68,3 +68,14 @@ def test_pack_refuses_chat_templates_and_pretokenised_records(tmp_path, tiny_lla
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"input_ids": [1, 2, 3]}) + "\n")
     with pytest.raises(CalibrationDataError, match=r"ids\.jsonl:2: --pack joins texts"):
         token_batches(CalibrationSpec(str(data), pack=True), AutoTokenizer.from_pretrained(tiny_llama), 384)
+
+
+def test_inputs_with_fewer_tokens_than_their_width_are_named(tiny_llama, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=16, batch_size=2), tmp_path / "c.h5",
+                  progress=False)  # fmt: skip
+    # 2 × 16 tokens against inputs 64 (attention, gate/up) and 128 (down_proj) wide, in every layer
+    assert (
+        "12 of 12 inputs saw fewer calibration tokens than they are wide (e.g. model.layers.0.mlp.down_proj: "
+        "32 tokens for 128 inputs)" in caplog.text
+    )
