@@ -213,9 +213,16 @@ def kept_pairs(matrix: torch.Tensor, rank: int, mode: str, *, solver: str) -> Ke
     if matrix.shape[0] < matrix.shape[1]:  # LAPACK's gesdd is also ~2× slower on wide matrices
         pairs = kept_pairs(matrix.T, rank, mode, solver=solver)
         return KeptPairs(pairs.vh.T, pairs.s, pairs.u.T, pairs.total_energy, pairs.spectrum, pairs.solver)
-    n = matrix.shape[1]
     if solver == "svd":
         return _svd_pairs(matrix, rank, mode, "svd")
+    pairs = _gram_pairs(matrix, rank, mode, solver)  # its Gram matrix is freed before an SVD is needed
+    return _svd_pairs(matrix, rank, mode, pairs.solver) if pairs.solver.startswith("svd") else pairs
+
+
+def _gram_pairs(matrix: torch.Tensor, rank: int, mode: str, solver: str) -> KeptPairs:
+    """The kept pairs of a tall ``matrix`` from its Gram matrix; where the cut lies below what the Gram matrix
+    resolves, only the name of the SVD fallback (``solver`` says why) and no vectors."""
+    n = matrix.shape[1]
     gram = _gram(matrix)
     found = extreme_eigenpairs(gram, rank, largest=mode == "ipm") if solver == "subspace" else None
     if found is not None:
@@ -229,7 +236,8 @@ def kept_pairs(matrix: torch.Tensor, rank: int, mode: str, *, solver: str) -> Ke
     s_r = image.norm(dim=0)
     total_energy = float(gram.diagonal().sum())
     if _gram_error(s_r, spectrum, total_energy, rank, mode) > GRAM_RESOLUTION:
-        return _svd_pairs(matrix, rank, mode, f"svd ({used} could not resolve the cut)")
+        empty = torch.empty(0)
+        return KeptPairs(empty, empty, empty, total_energy, None, f"svd ({used} could not resolve the cut)")
     u_r = image / torch.where(s_r > 0, s_r, 1)  # σ = 0: u is arbitrary, B = u·√σ is zero anyway
     return KeptPairs(u_r, s_r, v_r.T, total_energy, spectrum, used)
 
