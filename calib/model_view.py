@@ -181,15 +181,22 @@ class ModelView:
         like = self.model.get_parameter(name)
         self.stored_pieces(name, torch.empty(like.shape, dtype=self.stored_dtype, device="meta"))
 
-    def fused_parameters(self) -> dict[str, tuple[str, ...]]:
-        """Module path of every fused-experts module → its adaptable parameters' names, in definition order."""
+    def fused_weights(self) -> dict[str, FusedExperts]:
+        """Every adaptable fused expert weight (full name) → its experts module, in definition order."""
         return {
-            f"{self.block_name(i)}.{experts.module}": tuple(
-                f"{self.block_name(i)}.{experts.module}.{p}" for p in experts.parameters
-            )
+            f"{self.block_name(i)}.{experts.module}.{parameter}": experts
             for i, found in enumerate(self.experts)
             for experts in found.values()
+            for parameter in experts.parameters
         }
+
+    def fused_parameters(self) -> dict[str, tuple[str, ...]]:
+        """Module path of every fused-experts module → its adaptable parameters' names, in definition order."""
+        by_module: dict[str, tuple[str, ...]] = {}
+        for name in self.fused_weights():
+            module = name.rpartition(".")[0]
+            by_module[module] = (*by_module.get(module, ()), name)
+        return by_module
 
     def _runner(self) -> tuple[str, nn.Module]:
         """The innermost pre-trained model around the blocks: it embeds tokens and calls them in turn."""

@@ -197,7 +197,7 @@ def chosen_targets(
     for store in stores:
         store.check_model(fingerprint, view.reader.model_dir)
     plan = _uncalibrated(stores, plan_targets(view, options), options)
-    check_stores(stores, plan.targets, fingerprint, view.reader.model_dir)
+    check_stores(stores, plan.targets)
     check_budget(plan.targets, options)
     for parameter in dict.fromkeys(t.parameter for t in plan.targets if t.parameter is not None):
         view.check_stored_pieces(parameter)
@@ -217,10 +217,9 @@ def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: 
     return TargetPlan(_without(plan.targets, missing), left_out)
 
 
-def check_stores(stores: Sequence[CovarianceStore], targets: list[Target], fingerprint: str, model_dir: Path) -> None:
-    """Each store was calibrated on this model and holds a covariance of the right size for every target."""
+def check_stores(stores: Sequence[CovarianceStore], targets: list[Target]) -> None:
+    """Each store (already checked to be this model's) holds a covariance of the right size for every target."""
     for store in stores:
-        store.check_model(fingerprint, model_dir)
         for target in targets:
             size = store.dimension(target.name)
             if size != target.in_dim:

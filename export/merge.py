@@ -31,8 +31,7 @@ def merge_adapter(
     view = ModelView(model_dir)  # module names (the adapter's) → stored keys, whatever the checkpoint's layout
     reader = view.reader
     adapter: LoraAdapter = read_adapter(adapter_dir, view.fused_parameters())
-    layouts = {f"{view.block_name(i)}.{e.module}.{p}": e for i, found in enumerate(view.experts)
-               for e in found.values() for p in e.parameters}  # fmt: skip
+    layouts = view.fused_weights()
     key_of, fused = {}, []
     for module in adapter.lora_A:
         if module in adapter.parameter_paths:
