@@ -1,42 +1,49 @@
-"""Fidelity study on SmolLM2-135M: does KPM forget less, does IPM converge faster?
+"""Fidelity study on SmolLM2-135M, on the CorDA papers' protocol: does KPM forget less, does IPM learn faster?
 
-For each initialisation at equal rank, targets and steps: convert the embedded model, fine-tune the
-adapter on GSM8K train items with transformers.Trainer, and measure before and after
-- task loss: mean answer-token loss on held-out GSM8K test items;
-- knowledge: mean log-likelihood of the gold answer given the question on held-out TriviaQA test and
-  NQ-open dev items (calibration draws from other splits: TriviaQA dev, EfficientQA dev);
-- WikiText-2 test perplexity;
-- how far training moved the weights: ‖s·(BA − B₀A₀)‖ / ‖W‖ over all adapted linears.
-Writes OUT/fidelity.csv (method first), OUT/loss_curves.csv and .png, OUT/knowledge_vs_task.png.
+Every method starts from the embedded SmolLM2-135M-Instruct at the same rank, targets and trainable
+parameters, and is fine-tuned on GSM8K train items with transformers.Trainer (the papers' schedule:
+cosine, 3 % warmup, no weight decay; effective batch 16) at each learning rate of the sweep and seed.
+Measured before and after, on held-out items:
+- forgetting as the papers measure it: exact match of greedy answers on NQ-open dev and TriviaQA test,
+  in lm-evaluation-harness's "Q: …?\\nA:" format (training uses "Question: …\\nAnswer:"), 5-shot because
+  this model answers zero-shot prompts with 0 of 200 right; the gold answers' log-likelihood in that same
+  5-shot format and in the training format; WikiText-2 test perplexity;
+- the task: GSM8K test answer loss and greedy accuracy.
+Calibration: KPM on NQ-open questions joined by blank lines into full 2048-token windows (≥ 64k tokens,
+NQ-open splits disjoint from the evaluated items), IPM on GSM8K train prompts (disjoint from training);
+PEFT's own CorDA (`preprocess_corda`) sees exactly the same token windows as ours.
 
-    python bench/fidelity.py --quick            # a few steps per method, to check the harness (< 10 min)
-    python bench/fidelity.py                    # the documented study (see README for its settings)
+Each (method, learning rate, seed) run is appended to OUT/runs.jsonl as it finishes, with its trained
+adapter under OUT/runs/; a stopped study resumes where it stopped. `--report` (also run at the end)
+writes OUT/summary.csv, OUT/table.md, OUT/pareto.png and OUT/loss_curves.png from what is there.
+
+    python bench/fidelity.py --quick                    # harness check, < 10 min
+    python bench/fidelity.py                            # the study (several sittings; resumes)
+    python bench/fidelity.py --only corda-kpm,lora --lrs 2e-5   # a part of it
+    python bench/fidelity.py --report                   # tables and plots from the runs so far
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
+import random
+import re
+import shutil
+import string
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.stream import calibrate
-from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
-from corda_surgery.models import embedded_model_dir
-from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import decompose_checkpoint
-
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "CORDA_SURGERY_EVAL_DATA"
-# Evaluation files the study reads, relative to the data folder, and where each comes from.
+# Files the study reads, relative to the data folder, and where each comes from.
 EVAL_FILES = {
     "gsm8k/train.jsonl": "GSM8K train, openai/grade-school-math: grade_school_math/data/train.jsonl (MIT)",
     "gsm8k/test.jsonl": "GSM8K test, openai/grade-school-math: grade_school_math/data/test.jsonl (MIT)",
@@ -44,8 +51,37 @@ EVAL_FILES = {
     "topics/topics.dpr.trivia.test.txt as JSON Lines {question, answer: [aliases]} (Apache-2.0)",
     "nq_open/NQ-open.dev.jsonl": "NQ-open dev, google-research-datasets/natural-questions: nq_open/NQ-open.dev.jsonl "
     "(CC BY-SA 3.0)",
+    "nq_open/NQ-open.efficientqa.dev.1.1.jsonl": "EfficientQA dev, same repository (CC BY-SA 3.0)",
+    "nq_open/NQ-open.efficientqa.test.1.1.jsonl": "EfficientQA test, same repository (CC BY-SA 3.0)",
     "wikitext2_raw/wiki.test.raw": "WikiText-2 raw test split, wiki.test.raw (CC BY-SA 3.0)",
 }
+RESERVED_NQ_DEV = 500  # NQ-open dev items 0..499 are evaluation only; calibration may use the rest
+SHOTS = 5  # QA exemplars: NQ-open dev items 495..499, TriviaQA dev items 8000..8004 (never evaluated)
+GSM8K_TRAIN_FROM = 1024  # training items start here; IPM calibration uses items 0..calib_prompts-1
+
+
+@dataclass(frozen=True)
+class Method:
+    surgery: str  # corda-surgery method, or "peft-corda" for PEFT's preprocess_corda
+    mode: str | None = None
+    calibration: str | None = None  # "knowledge" | "task"
+    balance: bool = False
+
+
+METHODS = {
+    "lora": Method("lora"),
+    "pissa": Method("pissa"),
+    "milora": Method("milora"),
+    "corda-kpm": Method("corda", "kpm", "knowledge"),
+    "corda-kpm-balance": Method("corda", "kpm", "knowledge", balance=True),
+    "corda-ipm": Method("corda", "ipm", "task"),
+    "corda++-kpm": Method("corda++", "kpm", "knowledge"),
+    "corda++-ipm": Method("corda++", "ipm", "task"),
+    "peft-corda-kpm": Method("peft-corda", "kpm", "knowledge"),
+    "peft-corda-ipm": Method("peft-corda", "ipm", "task"),
+}
+PAPERS_LR = 2e-5
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear on SmolLM2
 
 
 def evaluation_data(option: Path | None) -> Path:
@@ -59,76 +95,290 @@ def evaluation_data(option: Path | None) -> Path:
     return folder
 
 
-# method name → (surgery method, mode, calibration set or None)
-METHODS = {
-    "lora": ("lora", None, None),
-    "pissa": ("pissa", None, None),
-    "milora": ("milora", None, None),
-    "corda-kpm": ("corda", "kpm", "nq_open"),
-    "corda-ipm": ("corda", "ipm", "gsm8k"),
-    "corda++-ipm": ("corda++", "ipm", "gsm8k"),
-}
-
-
-def _jsonl(path: Path, limit: int, skip: int = 0) -> list[dict]:
+def _jsonl(path: Path, limit: int | None = None, skip: int = 0) -> list[dict]:
     rows = []
     with path.open() as handle:
         for number, line in enumerate(handle):
             if number >= skip:
                 rows.append(json.loads(line))
-            if len(rows) == limit:
+            if limit is not None and len(rows) == limit:
                 break
     return rows
 
 
-def qa_pairs(settings) -> dict[str, list[tuple[str, str]]]:
-    """Held-out evaluation and training pairs (question, answer)."""
-    n = settings.eval_items
-    gsm_train = _jsonl(
-        settings.data_dir / "gsm8k" / "train.jsonl", settings.train_items, skip=1024
-    )  # calibration uses 0..511
+def _question(text: str) -> str:
+    return text if text.rstrip().endswith("?") else text.rstrip() + "?"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def evaluation_items(settings) -> dict[str, list]:
+    """Held-out items: QA (question, [aliases]), GSM8K (question, answer), training pairs."""
+    n, data = settings.eval_items, settings.data_dir
+    assert n <= RESERVED_NQ_DEV - SHOTS
     return {
-        "train": [(r["question"], r["answer"]) for r in gsm_train],
-        "gsm8k_test": [(r["question"], r["answer"]) for r in _jsonl(settings.data_dir / "gsm8k" / "test.jsonl", n)],
-        "triviaqa_test": [
-            (r["question"], r["answer"][0])
-            for r in _jsonl(settings.data_dir / "triviaqa" / "triviaqa-open.test.jsonl", n)
+        "nq_open_shots": [
+            (_question(r["question"]), r["answer"][0])
+            for r in _jsonl(data / "nq_open/NQ-open.dev.jsonl", SHOTS, skip=RESERVED_NQ_DEV - SHOTS)
         ],
-        "nq_open_dev": [
-            (r["question"] + "?", r["answer"][0])
-            for r in _jsonl(settings.data_dir / "nq_open" / "NQ-open.dev.jsonl", n)
+        "triviaqa_shots": [
+            (_question(r["question"]), r["answer"][0])
+            for r in _jsonl(data / "triviaqa/triviaqa-open.dev.jsonl", SHOTS, skip=8000)
+        ],
+        "train": [
+            (r["question"], r["answer"])
+            for r in _jsonl(data / "gsm8k/train.jsonl", settings.train_items, skip=GSM8K_TRAIN_FROM)
+        ],
+        "gsm8k": [(r["question"], r["answer"]) for r in _jsonl(data / "gsm8k/test.jsonl", n)],
+        "nq_open": [(_question(r["question"]), r["answer"]) for r in _jsonl(data / "nq_open/NQ-open.dev.jsonl", n)],
+        "triviaqa": [
+            (_question(r["question"]), r["answer"]) for r in _jsonl(data / "triviaqa/triviaqa-open.test.jsonl", n)
         ],
     }
 
 
-def encode(tokenizer, question: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Tokens of 'Question: …\\nAnswer: …' with labels on the answer only."""
-    prompt = tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False)["input_ids"]
-    target = tokenizer(f" {answer}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"]
-    ids = (prompt + target)[:max_len]
-    labels = ([-100] * len(prompt) + target)[:max_len]
-    return ids, labels
+def calibration_windows(settings, tokenizer, out: Path) -> dict[str, Path]:
+    """Token windows, written once as pre-tokenised records that both our calibration and PEFT's read."""
+    from corda_surgery.calib.data import CalibrationSpec, token_batches
+
+    files = {}
+    data = settings.data_dir
+    knowledge_texts = [
+        r["question"]
+        for name, skip in [
+            ("NQ-open.efficientqa.dev.1.1.jsonl", 0),
+            ("NQ-open.efficientqa.test.1.1.jsonl", 0),
+            ("NQ-open.dev.jsonl", RESERVED_NQ_DEV),
+        ]
+        for r in _jsonl(data / "nq_open" / name, skip=skip)
+    ]
+    task_texts = [
+        f"Question: {r['question']}\nAnswer:" for r in _jsonl(data / "gsm8k/train.jsonl", settings.calib_prompts)
+    ]
+    sources = {
+        "knowledge": (knowledge_texts, True, settings.knowledge_windows, settings.knowledge_window),
+        "task": (task_texts, False, settings.calib_prompts, settings.seq_len),
+    }
+    for kind, (texts, pack, samples, seq_len) in sources.items():
+        tokens_file = out / f"calibration_{kind}.jsonl"
+        files[kind] = tokens_file
+        if tokens_file.is_file():
+            continue
+        texts_file = out / f"calibration_{kind}_texts.jsonl"
+        texts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        spec = CalibrationSpec(
+            str(texts_file),
+            samples=samples,
+            seq_len=seq_len,
+            batch_size=1,
+            text_field="prompt",
+            chat_template=False,
+            pack=pack,
+        )
+        batches, description = token_batches(spec, tokenizer, len(tokenizer))
+        staging = tokens_file.with_suffix(".partial")
+        staging.write_text("".join(json.dumps({"input_ids": b.input_ids[0].tolist()}) + "\n" for b in batches))
+        staging.replace(tokens_file)
+        print(f"{kind} calibration: {len(batches)} windows, {description['tokens']} tokens", flush=True)
+    return files
+
+
+def calibration_tokens(path: Path) -> list[list[int]]:
+    return [json.loads(line)["input_ids"] for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------- initialisation
+
+
+def ours_store(base: Path, tokens_file: Path, settings) -> Path:
+    from corda_surgery.calib.data import CalibrationSpec
+    from corda_surgery.calib.stream import calibrate
+
+    store = tokens_file.with_suffix(".h5")
+    if not store.is_file():
+        windows = calibration_tokens(tokens_file)
+        spec = CalibrationSpec(
+            str(tokens_file),
+            samples=len(windows),
+            seq_len=max(map(len, windows)),
+            batch_size=4,
+            normalisation="peft",  # the CorDA authors' covariance scaling, as PEFT computes it
+        )
+        calibrate(base, spec, store, compute=settings.compute, progress=False)
+    return store
+
+
+def peft_corda(base: Path, tokens_file: Path, mode: str, settings, out: Path) -> None:
+    """PEFT's own CorDA: hooks on the whole model, preprocess_corda, the residual from unload()."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(settings.device).eval()
+    windows = calibration_tokens(tokens_file)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.rank,
+        target_modules=LLAMA_LINEARS,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method=mode),  # preprocess_corda does not expand "all-linear"
+    )
+
+    @torch.no_grad()
+    def run_model():
+        for ids in windows:  # PEFT's hook supports batch size 1 only
+            model(input_ids=torch.tensor([ids], device=settings.device))
+
+    preprocess_corda(model, config, run_model=run_model)
+    peft_model = get_peft_model(model, config)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(staging / "adapter")
+    adapter_config = staging / "adapter" / "adapter_config.json"  # trained weights load as they are
+    adapter_config.write_text(
+        json.dumps(json.loads(adapter_config.read_text()) | {"init_lora_weights": True, "corda_config": None})
+    )
+    peft_model.unload().save_pretrained(staging)
+    AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+    staging.replace(out)
+
+
+def initialise(name: str, base: Path, calibration: dict[str, Path], settings) -> Path:
+    """The method's residual model with adapter/ (converted once, reused by every learning rate and seed)."""
+    from corda_surgery.options import SurgeryOptions
+    from corda_surgery.surgery import decompose_checkpoint
+
+    method = METHODS[name]
+    converted = settings.out / "models" / name
+    if (converted / "adapter" / "adapter_config.json").is_file():
+        return converted
+    started = time.time()
+    if method.surgery == "peft-corda":
+        peft_corda(base, calibration[method.calibration], method.mode, settings, converted)
+    else:
+        stores = [ours_store(base, calibration[method.calibration], settings)] if method.calibration else []
+        budget = (
+            {"rank_budget": settings.rank, "min_rank": 2, "max_rank": 4 * settings.rank}
+            if method.surgery == "corda++"
+            else {}
+        )
+        options = SurgeryOptions(
+            method=method.surgery,
+            mode=method.mode,
+            rank=settings.rank,
+            alpha=settings.rank,
+            balance=method.balance,
+            **budget,
+        )
+        decompose_checkpoint(base, converted, options, stores=stores, compute=settings.compute, progress=False)
+    print(f"  initialised {name} in {time.time() - started:.0f} s", flush=True)
+    return converted
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _normalise_answer(text: str) -> str:
+    """SQuAD / lm-evaluation-harness answer normalisation: lower case, no punctuation, articles or extra spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _left_padded(tokenizer, prompts: list[str], device: str) -> dict:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def answer_loss(model, tokenizer, pairs, max_len: int) -> float:
-    """Mean per-token negative log-likelihood of the answers (lower = better)."""
-    total, count = 0.0, 0
-    for question, answer in pairs:
-        ids, labels = encode(tokenizer, question, answer, max_len)
-        out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
-        n = sum(1 for x in labels[1:] if x != -100)
-        total, count = total + float(out.loss) * n, count + n
-    return total / count
+def greedy_answers(model, tokenizer, prompts: list[str], max_new: int, device: str, batch: int = 32) -> list[str]:
+    answers = []
+    for start in range(0, len(prompts), batch):
+        inputs = _left_padded(tokenizer, prompts[start : start + batch], device)
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answers
+
+
+def qa_prompt(shots: list[tuple[str, str]], question: str) -> str:
+    """lm-evaluation-harness's NQ-open format with exemplars (not the training format)."""
+    return "".join(f"Q: {q}\nA: {a}\n\n" for q, a in shots) + f"Q: {question}\nA:"
+
+
+def qa_exact_match(model, tokenizer, items, shots, device: str) -> list[int]:
+    """Per item 1 where the greedy answer's first line equals a gold alias after normalisation."""
+    answers = greedy_answers(model, tokenizer, [qa_prompt(shots, q) for q, _ in items], 16, device)
+    return [
+        int(_normalise_answer(answer.strip().split("\n")[0]) in {_normalise_answer(g) for g in gold})
+        for answer, (_, gold) in zip(answers, items, strict=True)
+    ]
+
+
+def _gsm8k_number(text: str) -> str | None:
+    found = text.split("####")[-1] if "####" in text else text
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", found)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def gsm8k_correct(model, tokenizer, items, settings) -> list[int]:
+    prompts = [f"Question: {q}\nAnswer:" for q, _ in items[: settings.gsm8k_generate]]
+    answers = greedy_answers(model, tokenizer, prompts, settings.gsm8k_new_tokens, settings.device, batch=25)
+    return [
+        int(_gsm8k_number(answer.split("Question:")[0]) == _gsm8k_number(gold))
+        for answer, (_, gold) in zip(answers, items, strict=False)
+    ]
+
+
+def encode(tokenizer, question: str, answer: str, max_len: int, shots=None) -> tuple[list[int], list[int]]:
+    """Tokens of 'Question: …\\nAnswer: …' (the training format; with ``shots`` the QA evaluation format)
+    with labels on the answer only; a long prompt loses its start, never the answer."""
+    text = f"Question: {question}\nAnswer:" if shots is None else qa_prompt(shots, question)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    end = tokenizer.eos_token if shots is None else "\n"
+    target = tokenizer(f" {answer}{end}", add_special_tokens=False)["input_ids"][:max_len]
+    prompt = prompt[max(0, len(prompt) + len(target) - max_len) :]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 @torch.no_grad()
-def wikitext_perplexity(model, tokenizer, path: Path, tokens: int, window: int) -> float:
-    text = path.read_text()
-    ids = tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens]
+def answer_nll(model, tokenizer, pairs, max_len: int, device: str, shots=None, batch: int = 16) -> list[float]:
+    """Per item, mean negative log-likelihood per answer token."""
+    values = []
+    for start in range(0, len(pairs), batch):
+        rows = [
+            dict(zip(("input_ids", "labels"), encode(tokenizer, q, a, max_len, shots), strict=True))
+            for q, a in pairs[start : start + batch]
+        ]
+        inputs = {k: v.to(device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1].float()
+        labels = inputs["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        counted = (labels != -100).sum(1).clamp(min=1)
+        values += (nll.sum(1) / counted).tolist()
+    return values
+
+
+@torch.no_grad()
+def wikitext_perplexity(model, tokenizer, settings) -> float:
+    text = (settings.data_dir / "wikitext2_raw" / "wiki.test.raw").read_text()
+    ids = tokenizer(text[: settings.ppl_tokens * 8], add_special_tokens=False)["input_ids"][: settings.ppl_tokens]
     nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start : start + window]])
+    for start in range(0, len(ids) - 1, settings.seq_len):
+        chunk = torch.tensor([ids[start : start + settings.seq_len]], device=settings.device)
         if chunk.shape[1] < 2:
             break
         out = model(input_ids=chunk, labels=chunk)
@@ -136,243 +386,386 @@ def wikitext_perplexity(model, tokenizer, path: Path, tokens: int, window: int) 
     return math.exp(nll / count)
 
 
-def evaluate(model, tokenizer, pairs, settings) -> dict[str, float]:
+def evaluate(model, tokenizer, items, settings) -> dict:
+    """Per-item results (for bootstrap intervals) and perplexity."""
     model.eval()
-    return {
-        "gsm8k_answer_loss": answer_loss(model, tokenizer, pairs["gsm8k_test"], settings.seq_len),
-        "triviaqa_answer_loglik": -answer_loss(model, tokenizer, pairs["triviaqa_test"], settings.seq_len),
-        "nq_open_answer_loglik": -answer_loss(model, tokenizer, pairs["nq_open_dev"], settings.seq_len),
-        "wikitext2_ppl": wikitext_perplexity(
-            model,
-            tokenizer,
-            settings.data_dir / "wikitext2_raw" / "wiki.test.raw",
-            settings.ppl_tokens,
-            settings.seq_len,
-        ),
+    measured: dict = {}
+    for qa in ("nq_open", "triviaqa"):
+        shots, gold = items[f"{qa}_shots"], [(q, g[0]) for q, g in items[qa]]
+        measured[f"{qa}_em"] = qa_exact_match(model, tokenizer, items[qa], shots, settings.device)
+        measured[f"{qa}_nll"] = answer_nll(model, tokenizer, gold, 4 * settings.seq_len, settings.device, shots)
+        measured[f"{qa}_nll_train_format"] = answer_nll(model, tokenizer, gold, settings.seq_len, settings.device)
+    return measured | {
+        "gsm8k_nll": answer_nll(model, tokenizer, items["gsm8k"], settings.seq_len, settings.device),
+        "gsm8k_correct": gsm8k_correct(model, tokenizer, items["gsm8k"], settings),
+        "wikitext2_ppl": wikitext_perplexity(model, tokenizer, settings),
     }
 
 
-def train(model, tokenizer, pairs, settings, out: Path) -> list[float]:
+# -------------------------------------------------------------------------------------------- training
+
+
+def train(model, tokenizer, items, settings, lr: float, seed: int, work: Path) -> list[float]:
     from transformers import Trainer, TrainingArguments
 
-    rows = [encode(tokenizer, q, a, settings.seq_len) for q, a in pairs["train"]]
-    dataset = [{"input_ids": ids, "labels": labels} for ids, labels in rows]
-
-    def collate(batch):
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            n = len(r["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
+    dataset = [
+        dict(zip(("input_ids", "labels"), encode(tokenizer, q, a, settings.seq_len), strict=True))
+        for q, a in items["train"]
+    ]
     args = TrainingArguments(
-        output_dir=str(out / "trainer"),
+        output_dir=str(work / "trainer"),
         max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        gradient_accumulation_steps=settings.accumulation,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a ratio of the steps (the papers: 3 %)
+        weight_decay=0.0,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
+        use_cpu=settings.device == "cpu",
+        seed=seed,
+        data_seed=seed,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=lambda rows: collate(rows, tokenizer.pad_token_id),
+    )
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def adapter_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A, B, scaling) of every LoRA module, copied."""
+def adapter_product(model) -> dict[str, torch.Tensor]:
+    """s·B·A of every LoRA module (float64)."""
     return {
-        name: (
-            m.lora_A["default"].weight.detach().clone(),
-            m.lora_B["default"].weight.detach().clone(),
-            m.scaling["default"],
-        )
+        name: m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double() * m.scaling["default"]
         for name, m in model.named_modules()
         if hasattr(m, "lora_A") and "default" in m.lora_A
     }
 
 
-def relative_update(model, initial: dict) -> float:
-    """‖s·(BA − B₀A₀)‖_F / ‖W‖_F summed over adapted linears, W the model before training."""
-    change, weight = 0.0, 0.0
-    now = adapter_factors(model)
-    modules = dict(model.named_modules())
-    for name, (a0, b0, scaling) in initial.items():
-        a, b, _ = now[name]
-        start = b0.double() @ a0.double() * scaling
-        change += float(torch.linalg.matrix_norm(b.double() @ a.double() * scaling - start)) ** 2
-        weight += float(torch.linalg.matrix_norm(modules[name].base_layer.weight.double() + start)) ** 2
-    return math.sqrt(change / weight)
-
-
-def run_method(name: str, settings, base: Path, stores: dict[str, Path], pairs, out: Path) -> tuple[dict, list[float]]:
+def run_one(name: str, lr: float, seed: int, base: Path, calibration: dict[str, Path], items, settings) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    method, mode, calibration = METHODS[name]
-    converted = out / "models" / name
-    if not (converted / "surgery.json").is_file():
-        extra = (
-            {"rank_budget": settings.rank, "min_rank": 2, "max_rank": 4 * settings.rank} if method == "corda++" else {}
-        )
-        decompose_checkpoint(
-            base,
-            converted,
-            SurgeryOptions(method=method, mode=mode, rank=settings.rank, alpha=settings.rank, **extra),
-            stores=[stores[calibration]] if calibration else [],
-            overwrite=True,
-            progress=False,
-        )
+    converted = initialise(name, base, calibration, settings)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(converted), converted / "adapter", is_trainable=True
+        AutoModelForCausalLM.from_pretrained(converted).to(settings.device), converted / "adapter", is_trainable=True
     )
-    initial = adapter_factors(model)
-    start = time.time()
-    losses = train(model, tokenizer, pairs, settings, out / "runs" / name)
-    elapsed = time.time() - start
-    after = evaluate(model, tokenizer, pairs, settings)
-    third = max(1, len(losses) // 3)
-    after.update(
-        train_seconds=elapsed,
-        relative_weight_update=relative_update(model, initial),
-        train_loss_mean_first_third=sum(losses[:third]) / third,
-        train_loss_mean_last_third=sum(losses[-third:]) / third,
-    )
-    return after, losses
+    before = adapter_product(model)
+    work = settings.out / "runs" / f"{name}_lr{lr:g}_seed{seed}"
+    started = time.time()
+    losses = train(model, tokenizer, items, settings, lr, seed, work)
+    train_seconds = time.time() - started
+    moved, size = 0.0, 0.0
+    modules = dict(model.named_modules())
+    for module, product in adapter_product(model).items():
+        moved += float(torch.linalg.matrix_norm(product - before[module])) ** 2
+        size += float(torch.linalg.matrix_norm(modules[module].base_layer.weight.double() + before[module])) ** 2
+    model.save_pretrained(work / "adapter")
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    merged = model.merge_and_unload()  # evaluation at the merged model's speed
+    started = time.time()
+    measured = evaluate(merged, tokenizer, items, settings)
+    return {
+        "method": name,
+        "lr": lr,
+        "seed": seed,
+        "steps": settings.steps,
+        "losses": losses,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(time.time() - started, 1),
+        "relative_weight_update": math.sqrt(moved / size),
+        **measured,
+    }
 
 
-def plot(results: dict, before: dict, curves: dict, out: Path) -> None:
+# --------------------------------------------------------------------------------------------- report
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def bootstrap_interval(values: list[float], reference: list[float] | None = None, draws: int = 1000) -> tuple:
+    """95 % percentile interval of the mean of ``values`` (minus ``reference``, paired by item) over items."""
+    rng = random.Random(0)
+    diffs = [v - r for v, r in zip(values, reference, strict=True)] if reference else list(values)
+    means = sorted(_mean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def figures(run: dict, before: dict) -> dict[str, float]:
+    """One run's headline numbers: knowledge change (EM points, log-lik), task gain, perplexity."""
+    em = {k: 100 * (_mean(run[f"{k}_em"]) - _mean(before[f"{k}_em"])) for k in ("nq_open", "triviaqa")}
+    return {
+        "nq_open_em_change": em["nq_open"],
+        "triviaqa_em_change": em["triviaqa"],
+        "knowledge_em_change": (em["nq_open"] + em["triviaqa"]) / 2,
+        "qa_loglik_change": _mean(before["nq_open_nll"] + before["triviaqa_nll"])
+        - _mean(run["nq_open_nll"] + run["triviaqa_nll"]),
+        "qa_loglik_change_train_format": _mean(before["nq_open_nll_train_format"] + before["triviaqa_nll_train_format"])
+        - _mean(run["nq_open_nll_train_format"] + run["triviaqa_nll_train_format"]),
+        "gsm8k_loss": _mean(run["gsm8k_nll"]),
+        "task_gain": _mean(before["gsm8k_nll"]) - _mean(run["gsm8k_nll"]),
+        "gsm8k_accuracy": 100 * _mean(run["gsm8k_correct"]),
+        "wikitext2_ppl": run["wikitext2_ppl"],
+        "final_train_loss": _mean(run["losses"][-max(1, len(run["losses"]) // 8) :]),
+        "relative_weight_update": run["relative_weight_update"],
+    }
+
+
+def steps_to_reach(losses: list[float], target: float, window: int = 4) -> int | None:
+    """First step whose trailing mean training loss (over ``window`` steps) is at or below ``target``."""
+    for step in range(window, len(losses) + 1):
+        if _mean(losses[step - window : step]) <= target:
+            return step
+    return None
+
+
+def report(out: Path) -> None:
+    import csv
+
+    runs = (
+        [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+        if (out / "runs.jsonl").is_file()
+        else []
+    )
+    before = json.loads((out / "before.json").read_text())
+    rows = []
+    for run in runs:
+        row = {"method": run["method"], "lr": run["lr"], "seed": run["seed"], **figures(run, before)}
+        lora = next(
+            (r for r in runs if r["method"] == "lora" and r["lr"] == run["lr"] and r["seed"] == run["seed"]), None
+        )
+        if lora:
+            target = _mean(lora["losses"][-max(1, len(lora["losses"]) // 8) :])
+            row["steps_to_lora_final_loss"] = steps_to_reach(run["losses"], target)
+            em_run = run["nq_open_em"] + run["triviaqa_em"]
+            em_lora = lora["nq_open_em"] + lora["triviaqa_em"]
+            low, high = bootstrap_interval(em_run, em_lora)
+            row["em_vs_lora_ci95"] = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+        low, high = bootstrap_interval(
+            run["nq_open_em"] + run["triviaqa_em"], before["nq_open_em"] + before["triviaqa_em"]
+        )
+        row["knowledge_em_change_ci95"] = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+        rows.append(row)
+    if not rows:
+        print("no runs yet")
+        return
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with (out / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(rows, before)
+    (out / "table.md").write_text(table)
+    print(table)
+    plots(rows, runs, out)
+
+
+def markdown_table(rows: list[dict], before: dict) -> str:
+    """Mean over seeds per (method, learning rate); ± half the range where there are two seeds or more."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["lr"], row["method"]), []).append(row)
+    columns = [
+        ("knowledge_em_change", "knowledge EM Δ (pts)", "{:+.2f}"),
+        ("nq_open_em_change", "NQ EM Δ", "{:+.2f}"),
+        ("triviaqa_em_change", "TQA EM Δ", "{:+.2f}"),
+        ("qa_loglik_change", "QA log-lik Δ (5-shot fmt)", "{:+.3f}"),
+        ("qa_loglik_change_train_format", "QA log-lik Δ (train fmt)", "{:+.3f}"),
+        ("task_gain", "GSM8K loss gain", "{:.3f}"),
+        ("gsm8k_accuracy", "GSM8K acc %", "{:.1f}"),
+        ("wikitext2_ppl", "Wiki ppl", "{:.2f}"),
+        ("final_train_loss", "final train loss", "{:.3f}"),
+        ("relative_weight_update", "‖ΔW‖/‖W‖", "{:.1e}"),
+    ]
+    em = {k: 100 * _mean(before[f"{k}_em"]) for k in ("nq_open", "triviaqa")}
+    lines = [
+        f"Before training: NQ-open EM {em['nq_open']:.1f} %, TriviaQA EM {em['triviaqa']:.1f} %, GSM8K answer loss "
+        f"{_mean(before['gsm8k_nll']):.3f}, GSM8K accuracy {100 * _mean(before['gsm8k_correct']):.1f} %, "
+        f"WikiText-2 ppl {before['wikitext2_ppl']:.2f}.",
+        "",
+        "| lr | method | seeds | "
+        + " | ".join(title for _, title, _ in columns)
+        + " | EM Δ vs LoRA, 95 % CI | steps to LoRA's final loss |",
+        "|---" * (len(columns) + 5) + "|",
+    ]
+    for (lr, method), group in sorted(groups.items(), key=lambda item: (item[0][0], list(METHODS).index(item[0][1]))):
+        cells = []
+        for key, _, fmt in columns:
+            values = [g[key] for g in group]
+            cell = fmt.format(_mean(values))
+            if len(values) > 1:
+                cell += " ± " + fmt.format((max(values) - min(values)) / 2).lstrip("+")
+            cells.append(cell)
+        ci = group[0].get("em_vs_lora_ci95", "") if method != "lora" else ""
+        steps = ", ".join(str(g.get("steps_to_lora_final_loss") or "not reached") for g in group)
+        lines.append(f"| {lr:g} | {method} | {len(group)} | " + " | ".join(cells) + f" | {ci} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], runs: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=name, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (GSM8K answers)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = [
+        ("knowledge_em_change", "knowledge: mean EM change, NQ-open & TriviaQA (points)  ↑"),
+        ("qa_loglik_change", "knowledge: gold-answer log-likelihood change (5-shot format)  ↑"),
+    ]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for method in METHODS:
+            by_lr: dict[float, list[dict]] = {}
+            for row in rows:
+                if row["method"] == method:
+                    by_lr.setdefault(row["lr"], []).append(row)
+            if not by_lr:
+                continue
+            lrs = sorted(by_lr)
+            x = [_mean(r["task_gain"] for r in by_lr[lr]) for lr in lrs]
+            y = [_mean(r[key] for r in by_lr[lr]) for lr in lrs]
+            spread = [(max(r[key] for r in by_lr[lr]) - min(r[key] for r in by_lr[lr])) / 2 for lr in lrs]
+            line = ax.errorbar(x, y, yerr=spread, marker="o", ms=4, lw=1, capsize=2, label=method)
+            for xi, yi, lr in zip(x, y, lrs, strict=True):
+                ax.annotate(
+                    f"{lr:g}",
+                    (xi, yi),
+                    fontsize=6,
+                    color=line[0].get_color(),
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xlabel("task gain: GSM8K answer loss before − after  →")
+        ax.set_ylabel(label, fontsize=8)
+    axes[0].set_title("per method across learning rates (labels: lr; bars: ± half the seed range)", fontsize=9)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+    curves_lr = PAPERS_LR if any(run["lr"] == PAPERS_LR for run in runs) else runs[0]["lr"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for run in runs:
+        if run["lr"] == curves_lr and run["seed"] == runs[0]["seed"]:
+            ax.plot(range(1, len(run["losses"]) + 1), run["losses"], lw=1, label=run["method"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss at lr {curves_lr:g} (GSM8K answers)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
 
-    names = list(results)
-    task_gain = [before["gsm8k_answer_loss"] - results[n]["gsm8k_answer_loss"] for n in names]
-    drop = [
-        (
-            before["triviaqa_answer_loglik"]
-            - results[n]["triviaqa_answer_loglik"]
-            + before["nq_open_answer_loglik"]
-            - results[n]["nq_open_answer_loglik"]
-        )
-        / 2
-        for n in names
-    ]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], task_gain, 0.4, label="task gain (GSM8K loss ↓)")
-    ax.bar([i + 0.2 for i in x], drop, 0.4, label="knowledge drop (QA log-lik ↓)")
-    ax.set_xticks(list(x), names, rotation=20, fontsize=8)
-    ax.axhline(0, color="black", lw=0.5)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "knowledge_vs_task.png", dpi=120)
-    plt.close(fig)
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def planned_runs(settings) -> list[tuple[str, float, int]]:
+    """All methods at the first two learning rates, then the further seeds at the papers' rate, then the rest."""
+    names = settings.only.split(",") if settings.only else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        sys.exit(f"--only: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    lrs = [float(x) for x in settings.lrs.split(",")]
+    seeds = [int(x) for x in settings.seeds.split(",")]
+    groups = [(lr, seeds[0]) for lr in lrs[:2]] + [(PAPERS_LR, s) for s in seeds[1:] if PAPERS_LR in lrs]
+    groups += [(lr, seeds[0]) for lr in lrs[2:]]
+    groups += [(lr, s) for s in seeds[1:] for lr in lrs if settings.all_seeds and (lr, s) not in groups]
+    return [(n, lr, s) for lr, s in groups for n in names]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "fidelity")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "fidelity2")
+    parser.add_argument("--only", default=None, help=f"comma-separated methods [default: all: {', '.join(METHODS)}]")
+    parser.add_argument("--lrs", default="2e-5,2e-4,6e-5", help="learning rates, run in this order")
+    parser.add_argument("--seeds", default="0,1", help="the first for every lr; the others at the papers' 2e-5")
+    parser.add_argument("--all-seeds", action="store_true", help="every seed at every learning rate")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--accumulation", type=int, default=2, help="gradient accumulation (effective batch 16)")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--knowledge-windows", type=int, default=32, help="packed NQ-open windows for KPM")
+    parser.add_argument("--knowledge-window", type=int, default=2048, help="tokens per KPM window")
+    parser.add_argument("--calib-prompts", type=int, default=256, help="GSM8K train prompts for IPM")
     parser.add_argument("--train-items", type=int, default=512)
-    parser.add_argument("--eval-items", type=int, default=100)
+    parser.add_argument("--eval-items", type=int, default=300, help="NQ-open, TriviaQA and GSM8K-loss items")
+    parser.add_argument("--gsm8k-generate", type=int, default=100, help="GSM8K items answered greedily")
+    parser.add_argument("--gsm8k-new-tokens", type=int, default=200)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--report", action="store_true", help="only write the tables and plots from OUT")
+    parser.add_argument("--quick", action="store_true", help="harness check: 2 steps, small sets, one lr and seed")
     parser.add_argument(
-        "--covariance-norm",
-        choices=["peft", "tokens"],
-        default="peft",
-        help="peft: the CorDA authors' scaling (sets the A/B balance the optimiser sees)",
-    )
-    parser.add_argument("--quick", action="store_true", help="3 steps, 8 eval items, 32 calibration samples.")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir",
+        type=Path,
+        default=None,
         help=f"folder with the evaluation sets [default: ${DATA_ENV}, else shared/data beside the repository]",
-    )  # fmt: skip
+    )
     settings = parser.parse_args()
+    if settings.report:
+        report(settings.out)
+        return
     settings.data_dir = evaluation_data(settings.data_dir)
     if settings.quick:
-        settings.steps, settings.eval_items, settings.calib_samples, settings.ppl_tokens = 3, 8, 32, 1024
-        settings.train_items, settings.seq_len = 32, 128
+        settings.steps, settings.batch_size, settings.accumulation, settings.train_items = 2, 2, 1, 8
+        settings.eval_items, settings.gsm8k_generate, settings.gsm8k_new_tokens, settings.ppl_tokens = 8, 4, 32, 512
+        settings.knowledge_windows, settings.knowledge_window, settings.calib_prompts = 4, 256, 16
+        settings.lrs, settings.seeds, settings.seq_len = "2e-4", "0", 128
+        if settings.out == parser.get_default("out"):
+            settings.out = REPO / "out" / "fidelity-quick"
+    from corda_surgery.compute import ComputeOptions
+    from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
+    from corda_surgery.models import embedded_model_dir
+
     restart_with_huge_pages()
     release_large_frees_to_os()
-    torch.set_num_threads(2)
+    if settings.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    settings.compute = ComputeOptions(device=settings.device)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
-    base = embedded_model_dir()
-    names = settings.methods.split(",")
-    stores = {}
-    for data in {METHODS[n][2] for n in names} - {None}:
-        path = out / f"{data}_{settings.calib_samples}_{settings.covariance_norm}.h5"
-        if not path.exists():
-            calibrate(
-                base,
-                CalibrationSpec(
-                    data,
-                    samples=settings.calib_samples,
-                    seq_len=settings.seq_len,
-                    batch_size=8,
-                    normalisation=settings.covariance_norm,
-                ),
-                path,
-                progress=False,
-            )
-        stores[data] = path
-    pairs = qa_pairs(settings)
+    plan = planned_runs(settings)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    recorded = {k: str(v) for k, v in vars(settings).items() if k != "compute"} | {"commit": commit.strip()}
+    (out / "settings.json").write_text(json.dumps(recorded, indent=2))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    base = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    before = evaluate(AutoModelForCausalLM.from_pretrained(base), tokenizer, pairs, settings)
-    results, curves = {}, {}
-    for name in names:
-        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-        results[name], curves[name] = run_method(name, settings, base, stores, pairs, out)
-    with (out / "fidelity.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "measurement", "before", "after"])
-        for name, after in results.items():
-            for key, value in after.items():
-                writer.writerow([name, key, before.get(key, ""), f"{value:.6g}"])
-    with (out / "loss_curves.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "step", "train_loss"])
-        for name, losses in curves.items():
-            writer.writerows([name, step, f"{loss:.6g}"] for step, loss in enumerate(losses, start=1))
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    (out / "settings.json").write_text(json.dumps({**vars(settings), "commit": commit}, default=str, indent=2))
-    plot(results, before, curves, out)
-    print(f"before: {before}")
-    for name, after in results.items():
-        print(name, {k: round(v, 4) for k, v in after.items()})
+    items = evaluation_items(settings)
+    calibration = calibration_windows(settings, tokenizer, out)
+    if not (out / "before.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(base).to(settings.device)
+        (out / "before.json").write_text(json.dumps(evaluate(model, tokenizer, items, settings)))
+    done = set()
+    if (out / "runs.jsonl").is_file():
+        done = {
+            (r["method"], r["lr"], r["seed"]) for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())
+        }
+    started = time.time()
+    for name, lr, seed in plan:
+        if (name, lr, seed) in done:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name} lr {lr:g} seed {seed}", flush=True)
+        result = run_one(name, lr, seed, base, calibration, items, settings)
+        with (out / "runs.jsonl").open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+        print(f"  trained {result['train_seconds']:.0f} s, evaluated {result['eval_seconds']:.0f} s", flush=True)
+    print(f"study part done in {(time.time() - started) / 60:.1f} min", flush=True)
+    report(out)
 
 
 if __name__ == "__main__":
