@@ -34,6 +34,9 @@ def builtin_sets() -> list[str]:
 # no more than a normal one (a token is rarely over 16 characters; whitespace runs in code can reach 64).
 MAX_CHARS_PER_TOKEN = 64
 NORMALISATIONS = ("tokens", "peft")
+# Built-in knowledge sets are packed by default, their questions alone, as the CorDA papers calibrate KPM: one
+# short record per sample would leave a 1536-wide input with fewer tokens than directions.
+PACKED_BY_DEFAULT = ("nq_open", "triviaqa")
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,14 @@ class CalibrationSpec:
     chat_template: bool | None = None  # None: use the tokenizer's template when it has one
     normalisation: str = "tokens"  # "tokens": XᵀX / real tokens; "peft": PEFT's per-sample max scaling
     rounds: int = 1  # disjoint sampling rounds stored separately too (CorDA++ candidates)
-    pack: bool = False  # records joined by blank lines into full seq_len windows (the CorDA authors' protocol)
+    pack: bool | None = None  # records joined by blank lines into full seq_len windows (the CorDA authors'
+    # protocol); None: for PACKED_BY_DEFAULT (with text_field "prompt", the questions) unless a chat template is asked
 
     def __post_init__(self) -> None:
+        if self.pack is None:
+            object.__setattr__(self, "pack", self.source in PACKED_BY_DEFAULT and not self.chat_template)
+        if self.pack and self.text_field is None and self.source in PACKED_BY_DEFAULT:
+            object.__setattr__(self, "text_field", "prompt")
         for option in ("samples", "seq_len", "batch_size", "rounds"):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -20,6 +20,7 @@ import torch
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import CHECK_BLOCK_ELEMENTS
+from corda_surgery.options import DEFAULT_DAMPING
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
 FORMAT_VERSION = 2
@@ -27,6 +28,10 @@ ROUND_SEPARATOR = "@round"
 # |C − Cᵀ| allowed, relative to max |C|: the writer stores exactly symmetric sums; a store made elsewhere
 # may carry rounding of this order, anything larger is not a covariance.
 SYMMETRY_TOLERANCE = 1e-6  # dataset "<input>@round<k>" holds sampling round k of "<input>"
+# Each input's count of covariance eigenvalues below the default damping level λ·mean(diag C): directions
+# the damping decides, not the data (KPM's cut lives there when they are as many as the rank). One float64
+# eigvalsh per input, so only for inputs up to this width and not for experts' slices (hundreds per layer).
+BELOW_DAMPING_MAX_WIDTH = 8192
 
 
 class StoreError(CordaSurgeryError):
@@ -42,6 +47,7 @@ class CovarianceEntry:
     linears: tuple[str, ...]
     count: int
     round_counts: tuple[int, ...] = ()  # one count per sampling round, when the run had several
+    below_damping: int | None = None  # eigenvalues of C under DEFAULT_DAMPING·mean(diag C); None: not counted
 
     def round_name(self, index: int) -> str:
         return f"{self.name}{ROUND_SEPARATOR}{index}"
@@ -86,6 +92,16 @@ def _check_covariance(data: torch.Tensor, what: str) -> None:
         raise StoreError(f"{what} has negative entries on its diagonal")
 
 
+def eigenvalues_below_damping(total: torch.Tensor, damping: float = DEFAULT_DAMPING) -> int:
+    """How many eigenvalues of the covariance (any positive multiple of it) lie below damping·mean(diag)."""
+    level = damping * float(total.diagonal().mean())
+    return int((torch.linalg.eigvalsh(total.double()) < level).sum())
+
+
+def _counted(entry: CovarianceEntry, width: int) -> bool:
+    return width <= BELOW_DAMPING_MAX_WIDTH and "[" not in entry.name
+
+
 class StoreWriter:
     """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it."""
 
@@ -104,6 +120,7 @@ class StoreWriter:
             attrs["calibration"] = json.dumps(calibration, sort_keys=True)
             attrs["num_layers"] = num_layers
             attrs["layers_done"] = 0
+            attrs["below_damping_level"] = DEFAULT_DAMPING
             attrs["complete"] = False
             self.file.flush()
 
@@ -147,6 +164,8 @@ class StoreWriter:
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
             data.attrs["round_counts"] = json.dumps(list(entry.round_counts))
+            if _counted(entry, total.shape[0]):
+                data.attrs["below_damping"] = eigenvalues_below_damping(total)
             for index, round_sum in enumerate(round_sums if entry.round_counts else []):
                 part = self.file.create_dataset(entry.round_name(index), data=round_sum.numpy())
                 part.attrs["layer"] = entry.layer
@@ -188,6 +207,7 @@ class CovarianceStore:
                 raise StoreError(f"{self.path}: covariance store is incomplete")
             self.fingerprint = str(attrs["model_fingerprint"])
             self.calibration = json.loads(attrs["calibration"])
+            self.below_damping_level = float(attrs["below_damping_level"]) if "below_damping_level" in attrs else None
             self.entries: dict[str, CovarianceEntry] = {}
             for name in self.file:
                 if ROUND_SEPARATOR in name:
@@ -199,6 +219,7 @@ class CovarianceStore:
                     linears=tuple(json.loads(dataset_attrs["linears"])),
                     count=int(dataset_attrs["count"]),
                     round_counts=tuple(json.loads(dataset_attrs.get("round_counts", "[]"))),
+                    below_damping=int(dataset_attrs["below_damping"]) if "below_damping" in dataset_attrs else None,
                 )
                 shape = self.file[name].shape
                 if len(shape) != 2 or shape[0] != shape[1]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -302,6 +303,8 @@ def calibrate(
             raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
         vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
         batches, description = token_batches(spec, tokenizer, vocab_size)
+        if progress:
+            tqdm.write(_calibration_summary(description), file=sys.stderr)
         description["forward_dtype"] = str(view.dtype).removeprefix("torch.")  # changes the sums: resume checks it
         writer = StoreWriter(
             out,
@@ -322,6 +325,14 @@ def calibrate(
             hidden.close()
         _warn_rank_deficient(written)
         return written
+
+
+def _calibration_summary(description: dict) -> str:
+    """One line on what the covariances will be computed from (tokens matter: see _warn_rank_deficient)."""
+    how = "packed into full windows" if description["pack"] else "one record per sample"
+    field = f", field {description['text_field']!r}" if description["text_field"] else ""
+    return (f"calibration: {description['samples_used']} samples of up to {description['seq_len']} tokens, "
+            f"{description['tokens']:,} tokens ({description['source']}, {how}{field})")  # fmt: skip
 
 
 def _warn_rank_deficient(path: Path) -> None:

@@ -75,10 +75,11 @@ _calibration_options = _options(
                  show_default=True,
                  help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
                       "|max|, divided by the number of samples), for like-for-like comparisons."),
-    click.option("--pack", is_flag=True,
+    click.option("--pack/--no-pack", default=None,
                  help="Join .jsonl records (their text, no chat template) with blank lines and cut the stream into "
                       "full --seq-len windows: --samples × --seq-len tokens, as the CorDA papers calibrate on "
-                      "NQ-open (with --text-field prompt: the questions alone)."),
+                      "NQ-open (with --text-field prompt: the questions alone) [default: on for the built-in "
+                      "knowledge sets nq_open and triviaqa, their questions alone; off otherwise]."),
     click.option("--rounds", default=1, show_default=True,
                  help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
 )  # fmt: skip

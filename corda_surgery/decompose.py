@@ -118,9 +118,63 @@ def _writable_covariance(source: CovarianceSource, device: torch.device) -> torc
     return source.to(device, torch.float64, copy=True)
 
 
+@dataclass(frozen=True)
+class DampedCovariance:
+    """``C + λ·mean(diag C)·I`` and its Cholesky factor, prepared once for all linears that read one input
+    (q/k/v, gate/up): they share the reading, the checks, the damping and the factorisation."""
+
+    damped: torch.Tensor  # float64
+    factor: torch.Tensor  # lower Cholesky factor of ``damped``; never modified by its users
+    damping: float  # λ actually used
+
+
+def _checked_covariance(source: CovarianceSource, in_dim: int, name: str, device: torch.device) -> tuple:
+    """A writable float64 copy of the covariance, checked (shape, finite, positive diagonal), and mean(diag C)."""
+    covariance = _writable_covariance(source, device)
+    if tuple(covariance.shape) != (in_dim, in_dim):
+        raise DecompositionError(
+            f"{name}: covariance has shape {tuple(covariance.shape)}, expected ({in_dim}, {in_dim}) for its inputs"
+        )
+    if not all_finite(covariance):
+        raise DecompositionError(f"{name}: covariance contains NaN or Inf")
+    mean_diag = float(covariance.diagonal().mean())
+    if not mean_diag > 0:
+        raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
+    return covariance, mean_diag
+
+
+def _raised(lam: float, requested: float, name: str) -> float:
+    """The next damping to try after a failed factorisation, or the error once past MAX_DAMPING_RAISE."""
+    raised, ceiling = lam * 2 if lam else ZERO_DAMPING_START, (requested or ZERO_DAMPING_START) * MAX_DAMPING_RAISE
+    if raised > ceiling:
+        raise DecompositionError(
+            f"{name}: covariance is unusable: not positive definite even with damping {ceiling:g} "
+            f"({MAX_DAMPING_RAISE}× the requested {requested:g}); calibrate with more tokens or raise --damping"
+        )
+    return raised
+
+
+def damped_covariance(
+    covariance: CovarianceSource, damping: float, in_dim: int, name: str, device: torch.device | str = "cpu"
+) -> DampedCovariance:
+    """The damped covariance and its factor (2 n² floats), λ raised as ``context_product`` does."""
+    damped, mean_diag = _checked_covariance(covariance, in_dim, name, torch.device(device))
+    lam = damping
+    damped.diagonal().add_(lam * mean_diag)
+    factor = damped.clone()
+    while not cholesky_in_place(factor):
+        raised = _raised(lam, damping, name)
+        damped.diagonal().add_((raised - lam) * mean_diag)
+        factor.copy_(damped)
+        lam = raised
+    if lam != damping:
+        log.warning("%s: covariance not positive definite at damping %g; used %g", name, damping, lam)
+    return DampedCovariance(damped, factor, lam)
+
+
 def context_product(
     weight: torch.Tensor,
-    covariance: CovarianceSource | None,
+    covariance: CovarianceSource | DampedCovariance | None,
     damping: float,
     name: str,
     device: torch.device | str = "cpu",
@@ -137,32 +191,24 @@ def context_product(
     device = torch.device(device)
     if covariance is None:
         return weight.to(device, torch.float64), None, 0.0
-    damped = _writable_covariance(covariance, device)
-    out_dim, in_dim = weight.shape
-    if tuple(damped.shape) != (in_dim, in_dim):
-        raise DecompositionError(
-            f"{name}: covariance has shape {tuple(damped.shape)}, expected ({in_dim}, {in_dim}) "
-            f"for a {out_dim}×{in_dim} weight"
-        )
-    if not all_finite(damped):
-        raise DecompositionError(f"{name}: covariance contains NaN or Inf")
-    mean_diag = float(damped.diagonal().mean())
-    if not mean_diag > 0:
-        raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
-    lam, ceiling = damping, (damping or ZERO_DAMPING_START) * MAX_DAMPING_RAISE
-    damped.diagonal().add_(lam * mean_diag)  # no identity matrix: for 28672² that alone is 6.6 GB
     product = torch.empty(weight.shape, dtype=torch.float64, device=device)
+    if isinstance(covariance, DampedCovariance):
+        if covariance.damped.shape[0] != weight.shape[1]:
+            raise DecompositionError(f"{name}: covariance is {covariance.damped.shape[0]} wide, the weight reads "
+                                     f"{weight.shape[1]} inputs")  # fmt: skip
+        damped = covariance.damped.to(device)
+        for rows in _row_blocks(*weight.shape):
+            product[rows] = weight[rows].to(device, torch.float64) @ damped
+        return product, covariance.factor.to(device), covariance.damping
+    damped, mean_diag = _checked_covariance(covariance, weight.shape[1], name, device)
+    lam = damping
+    damped.diagonal().add_(lam * mean_diag)  # no identity matrix: for 28672² that alone is 6.6 GB
     for rows in _row_blocks(*weight.shape):
         product[rows] = weight[rows].to(device, torch.float64) @ damped
     while not cholesky_in_place(damped):
-        raised = lam * 2 if lam else ZERO_DAMPING_START
-        if raised > ceiling:
-            raise DecompositionError(
-                f"{name}: covariance is unusable: not positive definite even with damping {ceiling:g} "
-                f"({MAX_DAMPING_RAISE}× the requested {damping:g}); calibrate with more tokens or raise --damping"
-            )
+        raised = _raised(lam, damping, name)
         del damped
-        damped = _writable_covariance(covariance, device)
+        damped, _ = _checked_covariance(covariance, weight.shape[1], name, device)
         damped.diagonal().add_(raised * mean_diag)
         for rows in _row_blocks(*weight.shape):
             product[rows].add_(weight[rows].to(device, torch.float64), alpha=(raised - lam) * mean_diag)
@@ -274,7 +320,7 @@ def _svd_pairs(matrix: torch.Tensor, rank: int, mode: str, solver: str) -> KeptP
 
 def decompose_weight(
     weight: torch.Tensor,
-    covariance: CovarianceSource | None,
+    covariance: CovarianceSource | DampedCovariance | None,
     *,
     rank: int,
     mode: str,
@@ -290,7 +336,8 @@ def decompose_weight(
     """Split ``weight`` into a frozen residual and LoRA factors initialised from ``covariance``.
 
     ``covariance`` None gives the plain SVD of W (PiSSA for ``ipm``, MiLoRA for ``kpm``); a callable is
-    read when needed and its result overwritten (see ``context_product``), a tensor is copied.
+    read when needed and its result overwritten (see ``context_product``), a tensor is copied, a
+    ``DampedCovariance`` (shared by the linears reading one input) is used as it is.
     ``transposed`` marks GPT-2 style ``Conv1D`` weights stored as (in, out).
     ``alpha`` defaults to ``rank`` (scaling 1); PEFT's ``S ← S/s`` is folded in so that
     ``residual + s·B·A`` reproduces ``weight``; ``balance`` rescales each component (``balanced``). The

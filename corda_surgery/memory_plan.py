@@ -8,7 +8,8 @@ follows what the code holds at its peaks (``bench/big_layer.py`` compares it wit
   batch's forward temporaries (every linear's output, the attention scores, the float32 copies the
   covariance product reads);
 - decomposition, per weight: the float64 covariance (damped and factorised in place), the float64
-  product W·C, the Gram matrix with its eigenvectors and the eigen-solver's workspace, and the weight.
+  product W·C, the Gram matrix with its eigenvectors and the eigen-solver's workspace, and the weight;
+  plus, for an input several linears read, its damped covariance and factor, kept for all of them.
 
 Which linears share an input is only observed while calibrating; the plan assumes that linears in one
 module with the same input width share it, except the module's last (an output projection) — exact for
@@ -162,14 +163,25 @@ def _shape(linear: torch.nn.Module) -> tuple[int, int]:
     return (int(rows), int(columns)) if isinstance(linear, torch.nn.Linear) else (int(columns), int(rows))
 
 
-def _input_widths(block: torch.nn.Module) -> list[int]:
-    """Widths of a block's distinct linear inputs (see the module docstring for the sharing rule)."""
+def _linear_input_widths(block: torch.nn.Module) -> list[list[int]]:
+    """Input widths of a block's linears, grouped by the module that holds them, in order."""
     by_module: dict[str, list[int]] = defaultdict(list)
     for name, module in block.named_modules():
         if is_linear(module):
             by_module[name.rpartition(".")[0]].append(_shape(module)[1])
+    return list(by_module.values())
+
+
+def _shared_width(view: ModelView) -> int:
+    """The widest input that several linears read (by the module docstring's sharing rule), 0 if none."""
+    return max((width for block in view.blocks for *shared, _ in _linear_input_widths(block)
+                for width in shared if shared.count(width) > 1), default=0)  # fmt: skip
+
+
+def _input_widths(block: torch.nn.Module) -> list[int]:
+    """Widths of a block's distinct linear inputs (see the module docstring for the sharing rule)."""
     widths = []
-    for module_widths in by_module.values():
+    for module_widths in _linear_input_widths(block):
         *shared, last = module_widths
         widths.extend(sorted(set(shared)))
         widths.append(last)
@@ -238,10 +250,13 @@ def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, i
     }
 
 
-def _decomposition(shapes: list[tuple[int, int]], stored_size: int, solver: Solver) -> dict[str, int]:
+def _decomposition(
+    shapes: list[tuple[int, int]], stored_size: int, solver: Solver, shared_width: int
+) -> dict[str, int]:
     """The decomposition phase's peak parts for its most demanding weight (out, in): while the singular pairs
     are found, the covariance (its Cholesky factor by then), W·C, and the eigen-solver's or the Cholesky's
-    temporaries are alive; the residual is formed after W·C and the factor are freed."""
+    temporaries are alive; the residual is formed after W·C and the factor are freed. A shared input's damped
+    covariance and factor (``shared_width`` wide) may be held meanwhile, for the rest of its readers."""
 
     def parts(out_dim: int, in_dim: int) -> dict[str, int]:
         small = min(out_dim, in_dim)
@@ -258,7 +273,8 @@ def _decomposition(shapes: list[tuple[int, int]], stored_size: int, solver: Solv
             "weight": out_dim * in_dim * stored_size,
         }
 
-    return max((parts(*shape) for shape in shapes), key=lambda p: sum(p.values()))
+    peak = max((parts(*shape) for shape in shapes), key=lambda p: sum(p.values()))
+    return peak | ({"shared input (damped + factor)": 2 * shared_width * shared_width * F64} if shared_width else {})
 
 
 def plan_run(
@@ -285,7 +301,8 @@ def plan_run(
     if options is not None and targets:
         stored_size = view.stored_dtype.itemsize
         if options.method.uses_covariance or options.mode is not None:
-            plan.phases["decomposition"] = _decomposition(list(targets), stored_size, options.solver)
+            shared_width = _shared_width(view) if options.method.uses_covariance else 0
+            plan.phases["decomposition"] = _decomposition(list(targets), stored_size, options.solver, shared_width)
             if _largest_fused(view):
                 plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
         plan.disk["residual model"] = sum(

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,12 @@ from corda_surgery.calib.stream import calibrate, open_view
 from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
-from corda_surgery.decompose import CovarianceSource, decompose_weight
+from corda_surgery.decompose import CovarianceSource, DampedCovariance, damped_covariance, decompose_weight
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import LoraAdapter, parameter_paths, peft_retargeted, write_adapter
 from corda_surgery.memory_plan import MemoryPlan, announce, plan_run
-from corda_surgery.options import ALL_LINEAR, Method, OptionsError, SurgeryOptions
+from corda_surgery.options import ALL_LINEAR, Method, Mode, OptionsError, SurgeryOptions
 from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
 
 ADAPTER_DIR = "adapter"
@@ -252,7 +253,7 @@ def _on_device_or_host(work: Callable[..., T], device: torch.device, name: str) 
 
 def _initialise(
     weight: torch.Tensor,
-    covariance: CovarianceSource | None,
+    covariance: CovarianceSource | DampedCovariance | None,
     name: str,
     layer: LayerPlan,
     options: SurgeryOptions,
@@ -276,6 +277,33 @@ def _initialise(
     record = {"rank": layer.rank, "damping": result.damping, "adapter_energy": result.adapter_energy,
               "solver": result.solver, "store": layer.store, "round": layer.round}  # fmt: skip
     return result.lora_A, result.lora_B, result.residual, record
+
+
+class SharedInputs:
+    """Inputs read by several targets (q/k/v, gate/up of one layer): their covariance is read, checked, damped
+    and factorised once, kept until the last of them is decomposed, then freed."""
+
+    def __init__(self, stores: Sequence[CovarianceStore], targets: list[Target], plan: Mapping[str, LayerPlan]):
+        self.stores, self.plan = stores, plan
+        self.readers = Counter(self._key(t.name) for t in targets if plan[t.name].store is not None)
+        self.prepared: dict[tuple, DampedCovariance] = {}
+
+    def _key(self, name: str) -> tuple:
+        layer = self.plan[name]
+        assert layer.store is not None
+        return layer.store, self.stores[layer.store].by_linear[name].name, layer.round
+
+    def source(self, target: Target, covariance: CovarianceSource, options: SurgeryOptions,
+               device: torch.device) -> CovarianceSource | DampedCovariance:  # fmt: skip
+        """What ``target`` decomposes with: the prepared shared covariance, or ``covariance`` if it reads alone."""
+        key = self._key(target.name)
+        if self.readers[key] == 1 and key not in self.prepared:
+            return covariance
+        if key not in self.prepared:
+            prepare = functools.partial(damped_covariance, covariance, options.damping, target.in_dim, target.name)
+            self.prepared[key] = _on_device_or_host(prepare, device, target.name)
+        self.readers[key] -= 1
+        return self.prepared.pop(key) if self.readers[key] == 0 else self.prepared[key]
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -424,16 +452,25 @@ def _write_surgery(
         task_type="CAUSAL_LM" if view.model.can_generate() else None, base_model_name_or_path=base_name,
     )  # fmt: skip
     layers: dict[str, dict] = {}
+    damping_decided: list[str] = []  # KPM targets whose r smallest covariance directions are below the damping
+    shared = SharedInputs(stores, targets, plan)
     seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
     bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
 
     def initialise(weight: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         layer = plan[target.name]
-        covariance: CovarianceSource | None = None
+        covariance: CovarianceSource | DampedCovariance | None = None
         record: dict = {}
         if layer.store is not None:
             store = stores[layer.store]
-            covariance = functools.partial(store.covariance, target.name, round_index=layer.round)
+            covariance = shared.source(
+                target, functools.partial(store.covariance, target.name, round_index=layer.round), options, device
+            )
+            below = store.by_linear[target.name].below_damping
+            if below is not None and layer.round is None and store.below_damping_level == options.damping:
+                record["covariance_eigenvalues_below_damping"] = below
+                if options.mode is Mode.KPM and below >= layer.rank:
+                    damping_decided.append(target.name)
             if target.parameter is not None:
                 entry = store.by_linear[target.name]
                 record["tokens"] = entry.count if layer.round is None else entry.round_counts[layer.round]
@@ -487,6 +524,10 @@ def _write_surgery(
     with bar:
         specs = {key: reader.spec(key) for key in reader.locations}
         write_sharded_weights(staging, specs, produce, max_shard_size=options.max_shard_size)
+    if damping_decided:
+        log.warning("%d of %d KPM targets (e.g. %s) have at least as many covariance eigenvalues below the "
+                    "damping level as their rank: their adapter's directions are chosen by the damping, not the data; "
+                    "calibrate on more tokens", len(damping_decided), len(targets), damping_decided[0])  # fmt: skip
     copy_model_files(reader.model_dir, staging)
     residual_fingerprint = CheckpointReader(staging).fingerprint()
     adapter.provenance = {
@@ -514,7 +555,8 @@ def _write_surgery(
 
 
 def _store_record(store: CovarianceStore, path: Path) -> dict:
-    return {"path": str(path), "model_fingerprint": store.fingerprint, "calibration": store.calibration}
+    return {"path": str(path), "model_fingerprint": store.fingerprint, "calibration": store.calibration,
+            "eigenvalues_below_damping_level": store.below_damping_level}  # fmt: skip
 
 
 def _unadapted_weights(view: ModelView, adapted: Mapping[str, object], left_out: Mapping[str, str]) -> list[str]:

@@ -47,17 +47,21 @@ def test_a_huge_record_is_cut_before_tokenising(tiny_llama, tmp_path):
 
 
 def test_pack_joins_records_into_full_windows(tiny_llama, tmp_path):
-    """--pack: texts joined by blank lines, cut into samples × seq_len tokens, every window full."""
+    """--pack: texts joined by blank lines, cut into samples × seq_len tokens, every window full; the default for
+    the built-in knowledge sets (their questions alone), not for the others or with --no-pack."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    spec = CalibrationSpec("nq_open", samples=6, seq_len=48, batch_size=4, pack=True, text_field="prompt")
+    spec = CalibrationSpec("nq_open", samples=6, seq_len=48, batch_size=4)
+    assert spec == CalibrationSpec("nq_open", samples=6, seq_len=48, batch_size=4, pack=True, text_field="prompt")
+    assert not CalibrationSpec("gsm8k").pack and CalibrationSpec("triviaqa").pack
+    assert not CalibrationSpec("nq_open", chat_template=True).pack
     batches, description = token_batches(spec, tokenizer, len(tokenizer))
     assert [tuple(b.input_ids.shape) for b in batches] == [(4, 48), (2, 48)]
     assert all(bool(b.attention_mask.all()) for b in batches)  # no padding at all
     assert description["tokens"] == 6 * 48 and description["pack"] and not description["chat_template"]
     text = tokenizer.decode(batches[0].input_ids[0])
     assert "\n\n" in text and "?" in text  # several questions in one window
-    unpacked, _ = token_batches(CalibrationSpec("nq_open", samples=6, seq_len=48, text_field="prompt"), tokenizer,
-                                len(tokenizer))  # fmt: skip
+    unpacked, _ = token_batches(CalibrationSpec("nq_open", samples=6, seq_len=48, text_field="prompt", pack=False),
+                                tokenizer, len(tokenizer))  # fmt: skip
     assert sum(int(b.attention_mask.sum()) for b in unpacked) < 6 * 48  # one question per sample instead
 
 

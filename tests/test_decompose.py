@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from corda_surgery.decompose import DecompositionError, decompose_weight
+from corda_surgery.decompose import DecompositionError, damped_covariance, decompose_weight
 from corda_surgery.options import OptionsError, SurgeryOptions
 from tests.helpers import relative
 
@@ -101,6 +101,28 @@ def test_bad_input_names_the_layer(weight, cov, rank, message):
     with pytest.raises(DecompositionError, match=r"model\.layers\.3\.mlp\.up_proj") as error:
         decompose_weight(weight, cov, rank=rank, mode="kpm", name="model.layers.3.mlp.up_proj")
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("damping", [0.01, 0.0])
+def test_a_shared_damped_covariance_gives_the_same_factors_bit_for_bit(mode, damping, caplog):
+    """q/k/v read one input: damping and factorising it once must change nothing. Damping 0 on a rank-deficient
+    covariance takes the raised-damping path, where the per-linear route shifts W·C by Δλ·W instead of
+    forming it anew: there the two agree to float64 rounding amplified by a 1e-8-damped, rank-deficient C⁻¹."""
+    cov = _covariance(48, 20)
+    shared = damped_covariance(cov, damping, 48, "layers.0.q_proj")
+    assert shared.damping > 0 if damping == 0 else shared.damping == damping
+    for out_dim in (40, 16):  # q_proj and the narrower k_proj
+        weight = torch.randn(out_dim, 48, generator=torch.Generator().manual_seed(out_dim))
+        alone = decompose_weight(weight, cov, rank=8, mode=mode, damping=damping, name="w")
+        reused = decompose_weight(weight, shared, rank=8, mode=mode, damping=damping, name="w")
+        for field in ("lora_A", "lora_B", "residual", "kept"):
+            a, b = getattr(alone, field), getattr(reused, field)
+            assert torch.equal(a, b) if damping else relative(b, a) <= 1e-5, field
+        assert alone.damping == reused.damping
+    assert torch.equal(shared.damped, cov + shared.damping * cov.diagonal().mean() * torch.eye(48, dtype=torch.float64))
+    with pytest.raises(DecompositionError, match="w: covariance is 48 wide, the weight reads 40"):
+        decompose_weight(torch.randn(8, 40), shared, rank=2, mode=mode, name="w")
 
 
 def test_never_definite_is_an_error_not_a_loop():

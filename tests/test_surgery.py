@@ -50,6 +50,47 @@ def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_pat
     assert len(report["layers"]) == {"llama": 7, "qwen2": 7, "gpt2": 4}[kind] * 3
 
 
+def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path, monkeypatch):
+    """q/k/v and gate/up share their damped covariance and its factor: one store read per input."""
+    from corda_surgery.calib.store import CovarianceStore
+
+    reads: list[str] = []
+    original = CovarianceStore.covariance
+
+    def counted(self, linear, round_index=None):
+        reads.append(linear)
+        return original(self, linear, round_index)
+
+    monkeypatch.setattr(CovarianceStore, "covariance", counted)
+    out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions(rank=8), stores=[stores["llama"]],
+                               progress=False)  # fmt: skip
+    assert len(reads) == 4 * 3  # per layer: q/k/v, o, gate/up, down
+    assert _handoff_error(tiny_llama, out) <= 1e-4
+
+
+def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp_path, caplog):
+    """Each stored input records how many covariance eigenvalues lie below the damping level (counted here
+    independently); surgery.json carries them, and KPM names the layers where they reach the rank."""
+    import numpy as np
+
+    from corda_surgery.calib.store import CovarianceStore
+
+    store = calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2), tmp_path / "few.h5",
+                      progress=False)  # fmt: skip
+    with CovarianceStore(store) as opened:
+        assert opened.below_damping_level == 0.01
+        for name, entry in opened.entries.items():
+            c = opened.covariance(name).numpy()
+            expected = int((np.linalg.eigvalsh(c) < 0.01 * np.diag(c).mean()).sum())
+            assert entry.below_damping == expected >= c.shape[0] - entry.count > 0, name
+    with caplog.at_level("WARNING"):
+        out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions(rank=8), stores=[store],
+                                   progress=False)  # fmt: skip
+    layers = json.loads((out / "surgery.json").read_text())["layers"]
+    assert all(layer["covariance_eigenvalues_below_damping"] >= 8 for layer in layers.values())
+    assert f"{len(layers)} of {len(layers)} KPM targets" in caplog.text and "chosen by the damping" in caplog.text
+
+
 def test_balanced_factors_keep_the_handoff_and_even_out_the_norms(tiny_llama, stores, tmp_path):
     plain = decompose_checkpoint(tiny_llama, tmp_path / "plain", SurgeryOptions(rank=8), stores=[stores["llama"]],
                                  progress=False)  # fmt: skip
