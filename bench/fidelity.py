@@ -5,9 +5,9 @@ parameters, and is fine-tuned on GSM8K train items with transformers.Trainer (th
 cosine, 3 % warmup, no weight decay; effective batch 16) at each learning rate of the sweep and seed.
 Measured before and after, on held-out items:
 - forgetting as the papers measure it: exact match of greedy answers on NQ-open dev and TriviaQA test,
-  in lm-evaluation-harness's "Q: …?\\nA:" format (training uses "Question: …\\nAnswer:"), 5-shot because
-  this model answers zero-shot prompts with 0 of 200 right; the gold answers' log-likelihood in that same
-  5-shot format and in the training format; WikiText-2 test perplexity;
+  in lm-evaluation-harness's "Q: …?\\nA:" format (training uses "Question: …\\nAnswer:"), 3-shot because
+  this model answers zero-shot prompts with 0 of 200 right; the gold answers' log-likelihood zero-shot in
+  that format and in the training format; WikiText-2 test perplexity;
 - the task: GSM8K test answer loss and greedy accuracy.
 Calibration: KPM on NQ-open questions joined by blank lines into full 2048-token windows (≥ 64k tokens,
 NQ-open splits disjoint from the evaluated items), IPM on GSM8K train prompts (disjoint from training);
@@ -56,7 +56,7 @@ EVAL_FILES = {
     "wikitext2_raw/wiki.test.raw": "WikiText-2 raw test split, wiki.test.raw (CC BY-SA 3.0)",
 }
 RESERVED_NQ_DEV = 500  # NQ-open dev items 0..499 are evaluation only; calibration may use the rest
-SHOTS = 5  # QA exemplars: NQ-open dev items 495..499, TriviaQA dev items 8000..8004 (never evaluated)
+SHOTS = 3  # QA exemplars for exact match: NQ-open dev items 497..499, TriviaQA dev 8000..8002 (never evaluated)
 GSM8K_TRAIN_FROM = 1024  # training items start here; IPM calibration uses items 0..calib_prompts-1
 
 
@@ -130,7 +130,10 @@ def evaluation_items(settings) -> dict[str, list]:
             (r["question"], r["answer"])
             for r in _jsonl(data / "gsm8k/train.jsonl", settings.train_items, skip=GSM8K_TRAIN_FROM)
         ],
-        "gsm8k": [(r["question"], r["answer"]) for r in _jsonl(data / "gsm8k/test.jsonl", n)],
+        "gsm8k": [
+            (r["question"], r["answer"])
+            for r in _jsonl(data / "gsm8k/test.jsonl", max(settings.gsm8k_loss_items, settings.gsm8k_generate))
+        ],
         "nq_open": [(_question(r["question"]), r["answer"]) for r in _jsonl(data / "nq_open/NQ-open.dev.jsonl", n)],
         "triviaqa": [
             (_question(r["question"]), r["answer"]) for r in _jsonl(data / "triviaqa/triviaqa-open.test.jsonl", n)
@@ -325,7 +328,7 @@ def _gsm8k_number(text: str) -> str | None:
 
 def gsm8k_correct(model, tokenizer, items, settings) -> list[int]:
     prompts = [f"Question: {q}\nAnswer:" for q, _ in items[: settings.gsm8k_generate]]
-    answers = greedy_answers(model, tokenizer, prompts, settings.gsm8k_new_tokens, settings.device, batch=25)
+    answers = greedy_answers(model, tokenizer, prompts, settings.gsm8k_new_tokens, settings.device, batch=50)
     return [
         int(_gsm8k_number(answer.split("Question:")[0]) == _gsm8k_number(gold))
         for answer, (_, gold) in zip(answers, items, strict=False)
@@ -335,7 +338,7 @@ def gsm8k_correct(model, tokenizer, items, settings) -> list[int]:
 def encode(tokenizer, question: str, answer: str, max_len: int, shots=None) -> tuple[list[int], list[int]]:
     """Tokens of 'Question: …\\nAnswer: …' (the training format; with ``shots`` the QA evaluation format)
     with labels on the answer only; a long prompt loses its start, never the answer."""
-    text = f"Question: {question}\nAnswer:" if shots is None else qa_prompt(shots, question)
+    text = f"Question: {question}\nAnswer:" if shots is None else qa_prompt(shots, question)  # [] zero-shot
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     end = tokenizer.eos_token if shots is None else "\n"
     target = tokenizer(f" {answer}{end}", add_special_tokens=False)["input_ids"][:max_len]
@@ -393,10 +396,12 @@ def evaluate(model, tokenizer, items, settings) -> dict:
     for qa in ("nq_open", "triviaqa"):
         shots, gold = items[f"{qa}_shots"], [(q, g[0]) for q, g in items[qa]]
         measured[f"{qa}_em"] = qa_exact_match(model, tokenizer, items[qa], shots, settings.device)
-        measured[f"{qa}_nll"] = answer_nll(model, tokenizer, gold, 4 * settings.seq_len, settings.device, shots)
+        measured[f"{qa}_nll"] = answer_nll(model, tokenizer, gold, settings.seq_len, settings.device, shots=[])
         measured[f"{qa}_nll_train_format"] = answer_nll(model, tokenizer, gold, settings.seq_len, settings.device)
     return measured | {
-        "gsm8k_nll": answer_nll(model, tokenizer, items["gsm8k"], settings.seq_len, settings.device),
+        "gsm8k_nll": answer_nll(
+            model, tokenizer, items["gsm8k"][: settings.gsm8k_loss_items], settings.seq_len, settings.device
+        ),
         "gsm8k_correct": gsm8k_correct(model, tokenizer, items["gsm8k"], settings),
         "wikitext2_ppl": wikitext_perplexity(model, tokenizer, settings),
     }
@@ -580,7 +585,7 @@ def markdown_table(rows: list[dict], before: dict) -> str:
         ("knowledge_em_change", "knowledge EM Δ (pts)", "{:+.2f}"),
         ("nq_open_em_change", "NQ EM Δ", "{:+.2f}"),
         ("triviaqa_em_change", "TQA EM Δ", "{:+.2f}"),
-        ("qa_loglik_change", "QA log-lik Δ (5-shot fmt)", "{:+.3f}"),
+        ("qa_loglik_change", "QA log-lik Δ (Q:/A: fmt)", "{:+.3f}"),
         ("qa_loglik_change_train_format", "QA log-lik Δ (train fmt)", "{:+.3f}"),
         ("task_gain", "GSM8K loss gain", "{:.3f}"),
         ("gsm8k_accuracy", "GSM8K acc %", "{:.1f}"),
@@ -622,7 +627,7 @@ def plots(rows: list[dict], runs: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = [
         ("knowledge_em_change", "knowledge: mean EM change, NQ-open & TriviaQA (points)  ↑"),
-        ("qa_loglik_change", "knowledge: gold-answer log-likelihood change (5-shot format)  ↑"),
+        ("qa_loglik_change", "knowledge: gold-answer log-likelihood change (Q:/A: format)  ↑"),
     ]
     for ax, (key, label) in zip(axes, panels, strict=True):
         for method in METHODS:
@@ -701,10 +706,11 @@ def main() -> None:
     parser.add_argument("--knowledge-window", type=int, default=2048, help="tokens per KPM window")
     parser.add_argument("--calib-prompts", type=int, default=256, help="GSM8K train prompts for IPM")
     parser.add_argument("--train-items", type=int, default=512)
-    parser.add_argument("--eval-items", type=int, default=300, help="NQ-open, TriviaQA and GSM8K-loss items")
+    parser.add_argument("--eval-items", type=int, default=200, help="NQ-open and TriviaQA items")
+    parser.add_argument("--gsm8k-loss-items", type=int, default=100, help="GSM8K test items for the answer loss")
     parser.add_argument("--gsm8k-generate", type=int, default=100, help="GSM8K items answered greedily")
-    parser.add_argument("--gsm8k-new-tokens", type=int, default=200)
-    parser.add_argument("--ppl-tokens", type=int, default=8192)
+    parser.add_argument("--gsm8k-new-tokens", type=int, default=160)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from OUT")
     parser.add_argument("--quick", action="store_true", help="harness check: 2 steps, small sets, one lr and seed")
@@ -722,6 +728,7 @@ def main() -> None:
     if settings.quick:
         settings.steps, settings.batch_size, settings.accumulation, settings.train_items = 2, 2, 1, 8
         settings.eval_items, settings.gsm8k_generate, settings.gsm8k_new_tokens, settings.ppl_tokens = 8, 4, 32, 512
+        settings.gsm8k_loss_items = 8
         settings.knowledge_windows, settings.knowledge_window, settings.calib_prompts = 4, 256, 16
         settings.lrs, settings.seeds, settings.seq_len = "2e-4", "0", 128
         if settings.out == parser.get_default("out"):
