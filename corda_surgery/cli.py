@@ -18,7 +18,7 @@ import click
 
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.memory import release_large_frees_to_os, restart_with_huge_pages
+from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import resolve_model
 from corda_surgery.options import DEFAULT_DAMPING, DEFAULT_MAX_SHARD_SIZE, Method, SurgeryOptions
 from corda_surgery.outputs import check_disjoint
@@ -455,9 +455,3 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     if plot_dir is not None:
         for path in plot_inspection(rows, spectra, plot_dir, options.mode.value.upper() if options.mode else ""):
             click.echo(f"plot written to {path}")
-
-
-def run() -> None:
-    """Console entry point: restart with huge-page malloc where available (see memory.py), then the CLI."""
-    restart_with_huge_pages()
-    main()

@@ -107,7 +107,7 @@ def test_huge_pages_environment_decision():
 )
 def test_console_entry_restarts_itself_with_huge_page_malloc():
     script = (
-        "import os, sys\nfrom corda_surgery.cli import run\n"
+        "import os, sys\nfrom corda_surgery.launcher import run\n"
         "print(os.environ.get('GLIBC_TUNABLES'))\nsys.argv = ['corda-surgery', '--version']\nrun()"
     )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
