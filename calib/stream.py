@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +31,16 @@ from corda_surgery.calib.model_view import ModelView, UnsupportedArchitecture
 from corda_surgery.calib.store import CovarianceEntry, CovarianceStore, StoreWriter
 from corda_surgery.calib.weights import CheckpointError
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
+from corda_surgery.distributed import (
+    ALONE,
+    DistributedError,
+    Ranks,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_objects,
+)
+from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory_plan import announce, plan_run
 from corda_surgery.numerics import all_finite
@@ -199,25 +209,38 @@ def capture_block_inputs(view: ModelView, batches: list[TokenBatch], hidden: Act
     return arguments
 
 
+class _OnlyRankZeroWrites:
+    """What a rank other than 0 holds instead of the store writer: how far rank 0's store got, no file."""
+
+    def __init__(self, layers_done: int):
+        self.layers_done = layers_done
+
+    def write_layer(self, layer: int, entries) -> None:
+        pass
+
+
 @torch.no_grad()
 def stream_covariances(
     view: ModelView,
     batches: list[TokenBatch],
-    writer: StoreWriter,
+    writer: StoreWriter | _OnlyRankZeroWrites,
     hidden: Activations,
     *,
     normalisation: str = "tokens",
     rounds: int = 1,
     progress: bool = True,
+    ranks: Ranks = ALONE,
 ) -> None:
-    """Run every block over every batch and write each block's input covariances to ``writer``.
+    """Run every block over this rank's batches and write each block's input covariances to ``writer``.
 
     ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
-    gets its own covariance besides their sum (candidates for CorDA++'s covariance selection).
+    gets its own covariance besides their sum (candidates for CorDA++'s covariance selection). Under
+    torch.distributed each rank runs every ``ranks.world``-th batch and the sums are all-reduced per block.
     """
-    arguments = capture_block_inputs(view, batches, hidden)
-    masks = [batch.attention_mask.bool().to(view.device) for batch in batches]
+    mine = ranks.share(len(batches))
+    arguments = capture_block_inputs(view, [batches[b] for b in mine], hidden)
+    masks = [batches[b].attention_mask.bool().to(view.device) for b in mine]
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
         prefix = view.block_name(index)
@@ -230,9 +253,9 @@ def stream_covariances(
                                                                             with_kwargs=True)
                         for name, experts in view.experts[index].items()]  # fmt: skip
         try:
-            batch_bar = tqdm(range(len(batches)), desc=f"block {index}", leave=False, disable=not progress)
+            batch_bar = tqdm(range(len(mine)), desc=f"block {index}", leave=False, disable=not progress)
             for b in batch_bar:
-                groups.start_batch(masks[b], b * rounds // len(batches))
+                groups.start_batch(masks[b], mine[b] * rounds // len(batches))
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
@@ -242,7 +265,33 @@ def stream_covariances(
                 handle.remove()
             view.free_block(index)
         if handles:
+            _reduce_over_ranks(groups, ranks, prefix)
             writer.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
+
+
+def _reduce_over_ranks(groups: _InputGroups, ranks: Ranks, prefix: str) -> None:
+    """Give every rank the same accumulators, summed over the ranks (a rank may never have seen an input
+    another did: an expert no token of its batches was routed to)."""
+    if ranks.world == 1:
+        return
+    mine = {leader: (acc.sums[0].shape[0], groups.members(leader)) for leader, acc in groups.accumulators.items()}
+    union: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for rank, seen in enumerate(gather_objects(mine, ranks, f"{prefix}: gathering the inputs seen")):
+        for leader, found in seen.items():
+            if union.setdefault(leader, found) != found:
+                raise DistributedError(f"{prefix}.{leader}: rank {rank} saw it as {found}, another as "
+                                       f"{union[leader]}")  # fmt: skip
+    for leader in sorted(union):
+        width, members = union[leader]
+        if leader not in groups.accumulators:
+            groups.accumulators[leader] = groups.make(width)
+            groups.leader_of.update(dict.fromkeys(members, leader))
+        accumulator = groups.accumulators[leader]
+        for total in accumulator.sums:
+            all_reduce_sum(total, ranks, f"{prefix}.{leader}: summing covariances")
+        counts = torch.tensor(accumulator.counts, dtype=torch.int64, device=accumulator.sums[0].device)
+        all_reduce_sum(counts, ranks, f"{prefix}.{leader}: summing token counts")
+        accumulator.counts = counts.tolist()
 
 
 def _entries(
@@ -287,8 +336,13 @@ def calibrate(
     Hidden states past ``compute``'s activation budget spill to a temporary folder beside ``out``.
     ``plan``: print the memory plan and refuse a run that cannot fit (``convert`` does that for both phases).
     """
-    with claimed(out, [Path(model_dir), *spec.input_files()]) as out:
-        refuse_existing(out, overwrite)
+    ranks = current_ranks()
+    progress = progress and ranks.writer
+    held = claimed(out, [Path(model_dir), *spec.input_files()]) if ranks.writer else _unclaimed(out)
+    with held as out:
+        if ranks.writer:
+            refuse_existing(out, overwrite)
+        barrier(ranks, "waiting for rank 0 to claim the output")
         view = open_view(model_dir, compute)
         fused = [f"{view.block_name(i)}.{name}" for i, found in enumerate(view.experts) for name in found]
         if spec.normalisation == "peft" and fused:
@@ -306,25 +360,36 @@ def calibrate(
         if progress:
             tqdm.write(_calibration_summary(description), file=sys.stderr)
         description["forward_dtype"] = str(view.dtype).removeprefix("torch.")  # changes the sums: resume checks it
-        writer = StoreWriter(
-            out,
-            fingerprint=view.reader.fingerprint(),
-            calibration=description,
-            num_layers=view.num_blocks,
-            resume=resume,
-        )
+        store = None
+        if ranks.writer:
+            store = StoreWriter(
+                out,
+                fingerprint=view.reader.fingerprint(),
+                calibration=description,
+                num_layers=view.num_blocks,
+                resume=resume,
+            )
+        done = broadcast_object(store.layers_done if store else 0, ranks, "agreeing on the layers already stored")
+        writer = store or _OnlyRankZeroWrites(done)
         hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-",
                              view.device)  # fmt: skip
         try:
-            stream_covariances(
-                view, batches, writer, hidden, normalisation=spec.normalisation, rounds=spec.rounds, progress=progress
-            )
-            written = writer.finish()
+            stream_covariances(view, batches, writer, hidden, normalisation=spec.normalisation, rounds=spec.rounds,
+                               progress=progress, ranks=ranks)  # fmt: skip
+            if store is not None:
+                out = store.finish()
+                _warn_rank_deficient(out)
         finally:
-            writer.close()
+            if store is not None:
+                store.close()
             hidden.close()
-        _warn_rank_deficient(written)
-        return written
+        return out
+
+
+@contextlib.contextmanager
+def _unclaimed(out: str | Path) -> Iterator[Path]:
+    """A rank other than 0 writes nothing under ``out``: rank 0 holds it (and its lock)."""
+    yield Path(out).resolve()
 
 
 def _calibration_summary(description: dict) -> str:

@@ -36,6 +36,7 @@ from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
 from corda_surgery.decompose import CovarianceSource, DampedCovariance, damped_covariance, decompose_weight
+from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
 from corda_surgery.export.peft_adapter import LoraAdapter, parameter_paths, peft_retargeted, write_adapter
@@ -388,8 +389,11 @@ def decompose_checkpoint(
     The adapter names ``options.base_name`` (default ``out``) as its base model; ``bundle_store`` places
     the one store in ``out/covariances.h5``. Decompositions run on ``compute``'s device (float64), each
     weight falling back to the CPU where the device runs out of memory. ``plan``: print the memory plan and
-    refuse a run that cannot fit.
+    refuse a run that cannot fit. Under torch.distributed, rank 0 alone decomposes and writes (the other ranks
+    return at once: the decompositions are not split across ranks).
     """
+    if not current_ranks().writer:
+        return Path(out).resolve()
     method = options.method
     if method.uses_covariance and not stores:
         raise OptionsError(f"--method {method.value} needs a covariance store (--covariances)")
@@ -600,7 +604,10 @@ def convert_checkpoint(
 
     Everything the config and the options decide is checked before calibration starts; the store is
     calibrated beside ``out`` (resumable there with ``resume``) and moved inside when the surgery is done.
+    Under torch.distributed every rank calibrates its share; rank 0 alone decomposes and writes.
     """
+    ranks = current_ranks()
+    progress = progress and ranks.writer
     out, model_dir = Path(out).resolve(), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     refuse_existing(out, overwrite)
@@ -610,6 +617,8 @@ def convert_checkpoint(
         store = out.with_name(f".{out.name}.covariances.h5")
         stores.append(calibrate(model_dir, spec, store, compute=compute, resume=resume, overwrite=True,
                                 progress=progress, plan=False))  # fmt: skip
+    if not ranks.writer:
+        return out
     decompose_checkpoint(model_dir, out, options, stores=stores, compute=compute, overwrite=overwrite,
                          bundle_store=bool(stores), progress=progress, plan=False)  # fmt: skip
     for store in stores:

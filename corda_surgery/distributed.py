@@ -1,0 +1,112 @@
+"""Several processes on torch.distributed (``torchrun``): each rank's share of the work and the collectives.
+
+Every rank builds the same meta skeleton and loads the same block; calibration batches are dealt out round
+robin, and each block's float64 covariance sums and token counts are all-reduced before rank 0 (the only
+writer) stores the layer. One process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) is the same code with a world
+of one: no process group, no collectives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from corda_surgery.errors import CordaSurgeryError
+
+log = logging.getLogger(__name__)
+
+# How long a rank waits in a collective for the others before giving up (a rank that died mid-run).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CORDA_SURGERY_DIST_TIMEOUT_MIN", "30")))
+
+
+class DistributedError(CordaSurgeryError):
+    """Another rank stopped, or the ranks disagree; the message says which rank saw it."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 writes every output; the others compute their share and hand it over."""
+        return self.rank == 0
+
+    def share(self, count: int) -> list[int]:
+        """Indices of ``count`` work items that are this rank's, dealt round robin."""
+        return list(range(self.rank, count, self.world))
+
+
+ALONE = Ranks()  # one process, no process group
+
+
+def current() -> Ranks:
+    """This process's ranks, joining the process group torchrun describes (gloo on CPUs, nccl when this
+    rank has a CUDA device) the first time it is asked for."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ALONE
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if torch.cuda.is_available() and local < torch.cuda.device_count() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+@contextlib.contextmanager
+def _collective(what: str, ranks: Ranks) -> Iterator[None]:
+    """A collective's failure (a peer that died, a timeout: RuntimeError from gloo / nccl) as a message saying so."""
+    try:
+        yield
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DistributedError(
+            f"rank {ranks.rank} of {ranks.world}: {what} failed, another rank has probably stopped ({first_line}); "
+            "a calibration store written so far continues with --resume"
+        ) from error
+
+
+def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks, what: str) -> None:
+    """Sum ``tensor`` over the ranks, in place (nothing to do for one process)."""
+    if ranks.world == 1:
+        return
+    with _collective(what, ranks):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def gather_objects(value, ranks: Ranks, what: str) -> list:
+    """Every rank's ``value`` (picklable), in rank order."""
+    if ranks.world == 1:
+        return [value]
+    gathered: list = [None] * ranks.world
+    with _collective(what, ranks):
+        dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value, ranks: Ranks, what: str):
+    """Rank 0's ``value`` on every rank."""
+    if ranks.world == 1:
+        return value
+    box = [value if ranks.writer else None]
+    with _collective(what, ranks):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ranks: Ranks, what: str) -> None:
+    if ranks.world > 1:
+        with _collective(what, ranks):
+            dist.barrier()

@@ -1,0 +1,121 @@
+"""Calibration on torch.distributed: two gloo ranks (processes started by torch.multiprocessing, as torchrun
+would start them) write the store one process writes, and a rank that dies leaves a store --resume continues."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import h5py
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.stream import calibrate
+from corda_surgery.options import SurgeryOptions
+from corda_surgery.surgery import convert_checkpoint
+from tests.families import save_family_model
+from tests.helpers import relative, tensors
+
+SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=24, batch_size=2, rounds=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec: CalibrationSpec, die_at: int,
+               convert: bool) -> None:  # fmt: skip
+    """One rank, with the environment torchrun gives it; rank 1 exits abruptly at block ``die_at`` (≥ 0)."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), CORDA_SURGERY_DIST_TIMEOUT_MIN="2")  # fmt: skip
+    import torch
+
+    torch.set_num_threads(1)
+    if rank == 1 and die_at >= 0:
+        from corda_surgery.calib import stream
+
+        reduce = stream._reduce_over_ranks
+
+        def dying(groups, ranks, prefix):
+            if prefix.endswith(f".{die_at}"):
+                os._exit(3)  # as a killed process: no clean-up, no message
+            reduce(groups, ranks, prefix)
+
+        stream._reduce_over_ranks = dying
+    try:
+        if convert:
+            convert_checkpoint(model_dir, out, spec, SurgeryOptions(rank=4), progress=False)
+        else:
+            calibrate(model_dir, spec, out, progress=False)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_ranks(model_dir, out, spec=SPEC, die_at: int = -1, convert: bool = False) -> list[int]:
+    context = mp.get_context("spawn")
+    port = _free_port()
+    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert)
+    processes = [context.Process(target=_rank_main, args=(r, *arguments)) for r in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    return [process.exitcode for process in processes]
+
+
+def _datasets(path) -> dict[str, tuple[np.ndarray, dict]]:
+    with h5py.File(path) as handle:
+        return {name: (handle[name][()], dict(handle[name].attrs)) for name in handle}
+
+
+def _assert_same_store(path, reference) -> None:
+    got, expected = _datasets(path), _datasets(reference)
+    assert sorted(got) == sorted(expected)
+    for name, (data, attrs) in expected.items():
+        other, other_attrs = got[name]
+        assert np.abs(other - data).max() <= 1e-12 * np.abs(data).max(), name  # summation order differs
+        assert other_attrs == attrs, name  # counts, rounds, members, eigenvalue counts: identical
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe"])
+def test_two_ranks_write_the_store_one_process_writes(model_type, tmp_path):
+    model_dir = save_family_model(tmp_path / model_type, model_type)
+    reference = calibrate(model_dir, SPEC, tmp_path / "one.h5", progress=False)
+    assert _run_ranks(model_dir, tmp_path / "two.h5") == [0, 0]
+    _assert_same_store(tmp_path / "two.h5", reference)
+    assert not list(tmp_path.glob(".two.h5*"))  # no lock, partial file or spilled activations left
+
+
+def test_a_rank_that_dies_leaves_a_store_that_resume_completes(tmp_path, caplog):
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    reference = calibrate(model_dir, SPEC, tmp_path / "one.h5", progress=False)
+    out = tmp_path / "two.h5"
+    codes = _run_ranks(model_dir, out, die_at=1)
+    assert codes[1] == 3 and codes[0] != 0  # rank 0 stops too, with a DistributedError, not a hang
+    assert not out.exists()
+    with h5py.File(tmp_path / "two.h5.partial") as handle:
+        assert int(handle.attrs["layers_done"]) == 1  # block 0 stored before rank 1 died in block 1
+    calibrate(model_dir, SPEC, out, resume=True, progress=False)
+    _assert_same_store(out, reference)
+
+
+def test_convert_on_two_ranks_writes_what_one_process_writes(tmp_path):
+    """Rank 0 decomposes from the all-reduced store: every tensor as one process writes it, within what the
+    covariances' different summation order (≤ 1e-12 relative) moves a float64 decomposition."""
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, SurgeryOptions(rank=4), progress=False)
+    assert _run_ranks(model_dir, tmp_path / "two", convert=True) == [0, 0]
+    for folder in ("", "adapter"):
+        expected, got = tensors(one / folder), tensors(tmp_path / "two" / folder)
+        assert sorted(got) == sorted(expected)
+        worst = max(relative(got[key], expected[key]) for key in expected)
+        print(f"{folder or 'residual'}: worst relative difference {worst:.1e}")
+        assert worst <= 1e-7, (folder, worst)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in one.iterdir())
