@@ -76,15 +76,18 @@ class _Accumulator:
 
     XᵀX is symmetric, so only the blocks on and above the diagonal of a ``k × k`` block grid are
     multiplied (10 of 16 for k = 4: 37.5% fewer FLOPs than one full GEMM); ``totals`` mirrors them.
+    Blocks about TILE wide, at least two from 384 on, at most MAX_BLOCKS: measured on 2 cores (4096 tokens),
+    576 wide 9.8 → 7.4 ms with 2 blocks, 1536 72 → 49 ms with 3, 4096 (1024 tokens) 107 ms with 4 → 77 with 8.
     """
 
-    MIN_BLOCK = 512  # narrower blocks make GEMMs less efficient than the FLOPs they save
+    TILE = 512  # much narrower blocks make GEMMs less efficient than the FLOPs they save
+    MAX_BLOCKS = 8
 
     def __init__(self, dim: int, normalisation: str, rounds: int, device: torch.device):
         self.sums = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(rounds)]
         self.counts = [0] * rounds
         self.normalisation = normalisation
-        blocks = max(1, min(4, dim // self.MIN_BLOCK))
+        blocks = 1 if dim < 384 else min(self.MAX_BLOCKS, max(2, round(dim / self.TILE)))
         edges = [dim * i // blocks for i in range(blocks + 1)]
         self.blocks = [slice(a, b) for a, b in itertools.pairwise(edges)]
 

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from corda_surgery.calib.data import CalibrationSpec, token_batches
 from corda_surgery.calib.model_view import ModelView
-from corda_surgery.calib.store import CovarianceStore, partial_path
-from corda_surgery.calib.stream import calibrate
+from corda_surgery.calib.store import CovarianceStore, eigenvalues_below_damping, partial_path
+from corda_surgery.calib.stream import _Accumulator, calibrate
 from tests.helpers import datasets, reference_covariances, relative
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=48, batch_size=4)
@@ -34,6 +34,38 @@ def test_streamed_equals_whole_model_hooks(fixture, auto_class, request, tmp_pat
         assert set(store.by_linear) == set(expected)
         for name, reference in expected.items():
             assert relative(store.covariance(name), reference) < 1e-5, name
+
+
+@pytest.mark.parametrize("width", [100, 384, 576, 1536, 4100])
+def test_block_triangle_products_equal_the_full_product(width):
+    """Wide inputs are multiplied block by block above the diagonal and mirrored: the same sums as XᵀX over
+    the real tokens (padding left out), to float32 products' rounding."""
+    generator = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 40, width, generator=generator)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+    accumulator = _Accumulator(width, "tokens", 1, torch.device("cpu"))
+    accumulator.add(x, mask, 0)
+    accumulator.add(x[:2], mask[:2], 0)
+    rows = torch.cat([x[mask], x[:2][mask[:2]]]).double()
+    (total,) = accumulator.totals()
+    assert len(accumulator.blocks) == (1 if width < 384 else min(8, max(2, round(width / 512))))
+    assert torch.equal(total, total.T) and relative(total, rows.T @ rows) <= 1e-6
+    assert accumulator.counts == [int(mask.sum()) + int(mask[:2].sum())]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eigenvalues_below_damping_are_counted_by_inertia(seed):
+    """The LDLᵀ inertia count equals the count of eigenvalues (Bunch–Kaufman's 2×2 pivots included)."""
+    generator = torch.Generator().manual_seed(seed)
+    width, tokens = 60 + 37 * seed, 20 + 29 * seed
+    scales = torch.logspace(0, -4, width, dtype=torch.float64)
+    x = torch.randn(tokens, width, generator=generator, dtype=torch.float64) * scales
+    total = x.T @ x
+    for damping in (1e-4, 1e-2, 0.3):
+        expected = int((torch.linalg.eigvalsh(total) < damping * total.diagonal().mean()).sum())
+        assert eigenvalues_below_damping(total, damping) == expected
+    assert eigenvalues_below_damping(total, 1e-2) >= width - tokens  # rank-deficient: every missing direction
 
 
 def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
