@@ -386,6 +386,7 @@ def calibrate(
             if store is not None:
                 store.close()
             hidden.close()
+        barrier(ranks, "waiting for rank 0 to store the covariances")  # the others may read it next
         return out
 
 

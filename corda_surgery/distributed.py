@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +25,10 @@ from corda_surgery.errors import CordaSurgeryError
 
 log = logging.getLogger(__name__)
 
-# How long a rank waits in a collective for the others before giving up (a rank that died mid-run).
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CORDA_SURGERY_DIST_TIMEOUT_MIN", "30")))
+# How long a rank waits in a collective for the others before giving up. A rank that dies breaks its
+# connections, which the others notice at once; this bounds only a rank that hangs, or rank 0 planning CorDA++
+# ranks (hours on a 70B model) while the others wait for the plan.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CORDA_SURGERY_DIST_TIMEOUT_MIN", "720")))
 
 
 class DistributedError(CordaSurgeryError):
@@ -110,3 +115,58 @@ def barrier(ranks: Ranks, what: str) -> None:
     if ranks.world > 1:
         with _collective(what, ranks):
             dist.barrier()
+
+
+def _wire_device() -> torch.device:
+    """Where tensors must be to travel: the GPU for nccl, host memory for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class ResultSender:
+    """Sends results (a JSON-able record and tensors) to rank 0 in the order it will take them, up to
+    LOOKAHEAD results ahead of it (each held until taken), so this rank keeps decomposing meanwhile."""
+
+    LOOKAHEAD = 4
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self.pending: deque[tuple[list, list[torch.Tensor]]] = deque()
+
+    def send(self, record: dict, tensors: Sequence[torch.Tensor]) -> None:
+        payload = torch.frombuffer(bytearray(json.dumps(record).encode()), dtype=torch.uint8)
+        parts = [torch.tensor([payload.numel()], dtype=torch.int64), payload]
+        parts += [t.contiguous().view(-1).view(torch.uint8) for t in tensors]  # bytes: any dtype travels
+        device = _wire_device()
+        parts = [part.to(device) for part in parts]
+        with _collective("sending a result to rank 0", self.ranks):
+            self.pending.append(([dist.isend(part, dst=0) for part in parts], parts))
+            while len(self.pending) > self.LOOKAHEAD:
+                self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        works, _parts = self.pending.popleft()
+        for work in works:
+            work.wait()
+
+    def close(self) -> None:
+        with _collective("sending the last results to rank 0", self.ranks):
+            while self.pending:
+                self._wait_oldest()
+
+
+def receive_result(source: int, specs: Sequence[tuple[Sequence[int], torch.dtype]], ranks: Ranks) -> tuple:
+    """Rank 0 takes ``source``'s next result: its tensors (``specs``: shape and dtype of each), then the record."""
+    device = _wire_device()
+    with _collective(f"receiving a result from rank {source}", ranks):
+        header = torch.empty(1, dtype=torch.int64, device=device)
+        dist.recv(header, src=source)
+        payload = torch.empty(int(header.item()), dtype=torch.uint8, device=device)
+        dist.recv(payload, src=source)
+        tensors = []
+        for shape, dtype in specs:
+            raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8, device=device)
+            dist.recv(raw, src=source)
+            tensors.append(raw.cpu().view(dtype).reshape(tuple(shape)))
+    return (*tensors, json.loads(payload.cpu().numpy().tobytes()))

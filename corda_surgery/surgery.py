@@ -36,6 +36,7 @@ from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
 from corda_surgery.decompose import CovarianceSource, DampedCovariance, damped_covariance, decompose_weight
+from corda_surgery.distributed import ALONE, Ranks, ResultSender, broadcast_object, receive_result
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
@@ -286,10 +287,11 @@ class SharedInputs:
 
     def __init__(self, stores: Sequence[CovarianceStore], targets: list[Target], plan: Mapping[str, LayerPlan]):
         self.stores, self.plan = stores, plan
-        self.readers = Counter(self._key(t.name) for t in targets if plan[t.name].store is not None)
+        self.readers = Counter(self.key(t.name) for t in targets if plan[t.name].store is not None)
         self.prepared: dict[tuple, DampedCovariance] = {}
 
-    def _key(self, name: str) -> tuple:
+    def key(self, name: str) -> tuple:
+        """(store, stored input, round): targets with the same key read the same covariance."""
         layer = self.plan[name]
         assert layer.store is not None
         return layer.store, self.stores[layer.store].by_linear[name].name, layer.round
@@ -297,7 +299,7 @@ class SharedInputs:
     def source(self, target: Target, covariance: CovarianceSource, options: SurgeryOptions,
                device: torch.device) -> CovarianceSource | DampedCovariance:  # fmt: skip
         """What ``target`` decomposes with: the prepared shared covariance, or ``covariance`` if it reads alone."""
-        key = self._key(target.name)
+        key = self.key(target.name)
         if self.readers[key] == 1 and key not in self.prepared:
             return covariance
         if key not in self.prepared:
@@ -305,6 +307,50 @@ class SharedInputs:
             self.prepared[key] = _on_device_or_host(prepare, device, target.name)
         self.readers[key] -= 1
         return self.prepared.pop(key) if self.readers[key] == 0 else self.prepared[key]
+
+
+class Initialiser:
+    """What one target gets (factors, residual, surgery.json record) from its plan, store and options; the
+    same on every rank, so a target decomposed elsewhere is what rank 0 would have made of it."""
+
+    def __init__(self, stores: Sequence[CovarianceStore], targets: list[Target], plan: Mapping[str, LayerPlan],
+                 plus_records: Mapping[str, dict], options: SurgeryOptions, device: torch.device):  # fmt: skip
+        self.stores, self.plan, self.plus_records = stores, plan, plus_records
+        self.options, self.device = options, device
+        self.shared = SharedInputs(stores, targets, plan)
+        self.seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
+
+    def __call__(self, weight: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        layer, options = self.plan[target.name], self.options
+        covariance: CovarianceSource | DampedCovariance | None = None
+        record: dict = {}
+        if layer.store is not None:
+            store = self.stores[layer.store]
+            covariance = self.shared.source(
+                target, functools.partial(store.covariance, target.name, round_index=layer.round), options, self.device
+            )
+            below = store.by_linear[target.name].below_damping
+            if below is not None and layer.round is None and store.below_damping_level == options.damping:
+                record["covariance_eigenvalues_below_damping"] = below
+            if target.parameter is not None:
+                entry = store.by_linear[target.name]
+                record["tokens"] = entry.count if layer.round is None else entry.round_counts[layer.round]
+            if target.parameter is not None and record["tokens"] < layer.rank:
+                covariance = None  # an expert (almost) no token was routed to cannot rank r directions
+                record["covariance"] = "none: fewer routed tokens than the rank, plain SVD of the weight"
+        lora_a, lora_b, residual, initial = _initialise(
+            weight, covariance, target.name, layer, options, transposed=target.transposed,
+            seed=next(self.seeds), device=self.device,
+        )  # fmt: skip
+        return lora_a, lora_b, residual, initial | record | self.plus_records.get(target.name, {})
+
+
+def _damping_decided(layers: Mapping[str, dict], options: SurgeryOptions) -> list[str]:
+    """KPM targets whose r smallest covariance directions all lie below the damping level."""
+    if options.mode is not Mode.KPM:
+        return []
+    return [name for name, record in layers.items()
+            if record.get("covariance_eigenvalues_below_damping", -1) >= record.get("rank", math.inf)]  # fmt: skip
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -389,11 +435,12 @@ def decompose_checkpoint(
     The adapter names ``options.base_name`` (default ``out``) as its base model; ``bundle_store`` places
     the one store in ``out/covariances.h5``. Decompositions run on ``compute``'s device (float64), each
     weight falling back to the CPU where the device runs out of memory. ``plan``: print the memory plan and
-    refuse a run that cannot fit. Under torch.distributed, rank 0 alone decomposes and writes (the other ranks
-    return at once: the decompositions are not split across ranks).
+    refuse a run that cannot fit. Under torch.distributed the linears are shared out among the ranks
+    (``share_of_work``); each sends its results to rank 0, which alone writes (its output is what one process
+    writes).
     """
-    if not current_ranks().writer:
-        return Path(out).resolve()
+    ranks = current_ranks()
+    progress = progress and ranks.writer
     method = options.method
     if method.uses_covariance and not stores:
         raise OptionsError(f"--method {method.value} needs a covariance store (--covariances)")
@@ -414,11 +461,88 @@ def decompose_checkpoint(
         chosen = chosen_targets(view, options, opened, fingerprint)
         if plan:
             announce(plan_run(view, compute, Path(out), options=options, targets=_shapes(chosen.targets)), progress)
+        if not ranks.writer:
+            _decompose_share(view, chosen.targets, opened, options, compute, ranks)
+            return Path(out).resolve()
         with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
             out = Path(out).resolve()
             _write_surgery(view, chosen, opened, options, staging, out, fingerprint, bundle_store, progress,
-                           compute)  # fmt: skip
+                           compute, ranks)  # fmt: skip
     return out
+
+
+def _layer_plan(
+    view: ModelView,
+    stores: Sequence[CovarianceStore],
+    targets: list[Target],
+    options: SurgeryOptions,
+    *,
+    progress: bool,
+    device: torch.device,
+    ranks: Ranks,
+) -> tuple[dict[str, LayerPlan], dict[str, dict]]:
+    """Every target's rank and covariance (CorDA++: planned by rank 0, shared with the others), and the
+    CorDA++ records for surgery.json."""
+    plan: dict[str, LayerPlan] = {}
+    plus_records: dict[str, dict] = {}
+    if options.method is Method.CORDA_PLUS:
+        if ranks.writer:
+            plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress, device=device)
+        plan, plus_records = broadcast_object((plan, plus_records), ranks, "sharing the CorDA++ plan")
+    store_index = 0 if stores else None
+    return {t.name: plan.get(t.name, LayerPlan(options.rank, store_index)) for t in targets}, plus_records
+
+
+def _cost(target: Target) -> int:
+    """A decomposition's arithmetic, roughly: W·C plus the eigen-decomposition of the smaller side."""
+    return target.out_dim * target.in_dim**2 + min(target.out_dim, target.in_dim) ** 3
+
+
+def share_of_work(
+    targets: list[Target], plan: Mapping[str, LayerPlan], shared: SharedInputs, options: SurgeryOptions, ranks: Ranks
+) -> dict[str, int]:
+    """The rank that decomposes each linear: each input group (one shared factorisation) whole to the least
+    loaded rank, costliest first. Experts' slices and LoRA's random init (seeded in writing order) stay on
+    rank 0, which also reads and writes everything."""
+    if ranks.world == 1 or options.mode is None:
+        return {}
+    groups: dict[tuple, list[Target]] = {}
+    for target in targets:
+        if target.parameter is None:
+            key = shared.key(target.name) if plan[target.name].store is not None else (target.name,)
+            groups.setdefault(key, []).append(target)
+    load = [0] * ranks.world
+    owners: dict[str, int] = {}
+    for members in sorted(groups.values(), key=lambda group: -sum(map(_cost, group))):
+        rank = min(range(ranks.world), key=lambda r: (load[r], r))
+        load[rank] += sum(map(_cost, members))
+        owners.update(dict.fromkeys((t.name for t in members), rank))
+    return owners
+
+
+def _decompose_share(
+    view: ModelView,
+    targets: list[Target],
+    stores: Sequence[CovarianceStore],
+    options: SurgeryOptions,
+    compute: ComputeOptions,
+    ranks: Ranks,
+) -> None:
+    """A rank other than 0: decompose its share, in the order rank 0 writes, and send each result there."""
+    plan, plus_records = _layer_plan(view, stores, targets, options, progress=False, device=compute.torch_device,
+                                     ranks=ranks)  # fmt: skip
+    initialise = Initialiser(stores, targets, plan, plus_records, options, compute.torch_device)
+    owners = share_of_work(targets, plan, initialise.shared, options, ranks)
+    mine = {t.key: t for t in targets if owners.get(t.name) == ranks.rank}
+    sender = ResultSender(ranks)
+    for key in view.reader.locations:
+        target = mine.get(key)
+        if target is not None:
+            weight = view.reader.get(key).clone()
+            view.reader.release()
+            lora_a, lora_b, residual, record = initialise(weight, target)
+            sender.send(record, [lora_a, lora_b, residual])
+    sender.close()
 
 
 def _write_surgery(
@@ -432,17 +556,12 @@ def _write_surgery(
     bundle_store: bool,
     progress: bool,
     compute: ComputeOptions,
+    ranks: Ranks = ALONE,
 ) -> None:
     reader = view.reader
     device = compute.torch_device
     targets = chosen.targets
-    if options.method is Method.CORDA_PLUS:
-        plan, plus_records, _ = corda_plus_plan(view, stores, targets, options, progress=progress, device=device)
-    else:
-        plus_records = {}
-        plan = {}
-    store_index = 0 if stores else None
-    plan = {t.name: plan.get(t.name, LayerPlan(options.rank, store_index)) for t in targets}
+    plan, plus_records = _layer_plan(view, stores, targets, options, progress=progress, device=device, ranks=ranks)
     linears = {t.key: t for t in targets if t.key is not None}
     slices: dict[str, list[Target]] = {}
     for target in targets:
@@ -456,36 +575,9 @@ def _write_surgery(
         task_type="CAUSAL_LM" if view.model.can_generate() else None, base_model_name_or_path=base_name,
     )  # fmt: skip
     layers: dict[str, dict] = {}
-    damping_decided: list[str] = []  # KPM targets whose r smallest covariance directions are below the damping
-    shared = SharedInputs(stores, targets, plan)
-    seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
+    initialise = Initialiser(stores, targets, plan, plus_records, options, device)
+    owners = share_of_work(targets, plan, initialise.shared, options, ranks)
     bar = tqdm(total=len(reader.locations), desc="tensors", unit="tensor", disable=not progress)
-
-    def initialise(weight: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        layer = plan[target.name]
-        covariance: CovarianceSource | DampedCovariance | None = None
-        record: dict = {}
-        if layer.store is not None:
-            store = stores[layer.store]
-            covariance = shared.source(
-                target, functools.partial(store.covariance, target.name, round_index=layer.round), options, device
-            )
-            below = store.by_linear[target.name].below_damping
-            if below is not None and layer.round is None and store.below_damping_level == options.damping:
-                record["covariance_eigenvalues_below_damping"] = below
-                if options.mode is Mode.KPM and below >= layer.rank:
-                    damping_decided.append(target.name)
-            if target.parameter is not None:
-                entry = store.by_linear[target.name]
-                record["tokens"] = entry.count if layer.round is None else entry.round_counts[layer.round]
-            if target.parameter is not None and record["tokens"] < layer.rank:
-                covariance = None  # an expert (almost) no token was routed to cannot rank r directions
-                record["covariance"] = "none: fewer routed tokens than the rank, plain SVD of the weight"
-        lora_a, lora_b, residual, initial = _initialise(
-            weight, covariance, target.name, layer, options, transposed=target.transposed,
-            seed=next(seeds), device=device,
-        )  # fmt: skip
-        return lora_a, lora_b, residual, initial | record | plus_records.get(target.name, {})
 
     def fused_residual(parameter: str) -> torch.Tensor:
         """All experts of one fused parameter: factors side by side as PEFT's ParamWrapper keeps them."""
@@ -512,13 +604,21 @@ def _write_surgery(
         piece = residuals.take(key)
         if piece is not None:
             return piece
-        weight = reader.get(key).clone()
-        reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
         target = linears.get(key)
-        if target is None:
-            return weight
+        if target is not None and owners.get(target.name, 0) != 0:
+            layer = plan[target.name]
+            lora_a, lora_b, residual, layers[target.name] = receive_result(
+                owners[target.name], [((layer.rank, target.in_dim), options.torch_factor_dtype),
+                                      ((target.out_dim, layer.rank), options.torch_factor_dtype), reader.spec(key)],
+                ranks,
+            )  # fmt: skip
+        else:
+            weight = reader.get(key).clone()
+            reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
+            if target is None:
+                return weight
+            lora_a, lora_b, residual, layers[target.name] = initialise(weight, target)
         layer = plan[target.name]
-        lora_a, lora_b, residual, layers[target.name] = initialise(weight, target)
         adapter.lora_A[target.name], adapter.lora_B[target.name] = lora_a, lora_b
         if layer.rank != options.rank:
             adapter.rank_pattern[target.name] = layer.rank
@@ -528,6 +628,7 @@ def _write_surgery(
     with bar:
         specs = {key: reader.spec(key) for key in reader.locations}
         write_sharded_weights(staging, specs, produce, max_shard_size=options.max_shard_size)
+    damping_decided = _damping_decided(layers, options)
     if damping_decided:
         log.warning("%d of %d KPM targets (e.g. %s) have at least as many covariance eigenvalues below the "
                     "damping level as their rank: their adapter's directions are chosen by the damping, not the data; "
@@ -604,7 +705,7 @@ def convert_checkpoint(
 
     Everything the config and the options decide is checked before calibration starts; the store is
     calibrated beside ``out`` (resumable there with ``resume``) and moved inside when the surgery is done.
-    Under torch.distributed every rank calibrates its share; rank 0 alone decomposes and writes.
+    Under torch.distributed every rank calibrates and decomposes its share; rank 0 alone writes.
     """
     ranks = current_ranks()
     progress = progress and ranks.writer
@@ -617,11 +718,9 @@ def convert_checkpoint(
         store = out.with_name(f".{out.name}.covariances.h5")
         stores.append(calibrate(model_dir, spec, store, compute=compute, resume=resume, overwrite=True,
                                 progress=progress, plan=False))  # fmt: skip
-    if not ranks.writer:
-        return out
     decompose_checkpoint(model_dir, out, options, stores=stores, compute=compute, overwrite=overwrite,
                          bundle_store=bool(stores), progress=progress, plan=False)  # fmt: skip
-    for store in stores:
+    for store in stores if ranks.writer else []:
         store.unlink()  # out/covariances.h5 is now its only name
     return out
 

@@ -3,6 +3,7 @@ would start them) write the store one process writes, and a rank that dies leave
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -19,6 +20,7 @@ from tests.families import save_family_model
 from tests.helpers import relative, tensors
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=24, batch_size=2, rounds=2)
+OPTIONS = {"corda": SurgeryOptions(rank=4), "corda++": SurgeryOptions(method="corda++", rank=4, rank_budget=4)}
 
 
 def _free_port() -> int:
@@ -28,7 +30,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec: CalibrationSpec, die_at: int,
-               convert: bool) -> None:  # fmt: skip
+               convert: str | None) -> None:  # fmt: skip
     """One rank, with the environment torchrun gives it; rank 1 exits abruptly at block ``die_at`` (≥ 0)."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CORDA_SURGERY_DIST_TIMEOUT_MIN="2")  # fmt: skip
@@ -48,7 +50,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
         stream._reduce_over_ranks = dying
     try:
         if convert:
-            convert_checkpoint(model_dir, out, spec, SurgeryOptions(rank=4), progress=False)
+            convert_checkpoint(model_dir, out, spec, OPTIONS[convert], progress=False)
         else:
             calibrate(model_dir, spec, out, progress=False)
     finally:
@@ -58,7 +60,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
             dist.destroy_process_group()
 
 
-def _run_ranks(model_dir, out, spec=SPEC, die_at: int = -1, convert: bool = False) -> list[int]:
+def _run_ranks(model_dir, out, spec=SPEC, die_at: int = -1, convert: str | None = None) -> list[int]:
     context = mp.get_context("spawn")
     port = _free_port()
     arguments = (2, port, str(model_dir), str(out), spec, die_at, convert)
@@ -106,16 +108,46 @@ def test_a_rank_that_dies_leaves_a_store_that_resume_completes(tmp_path, caplog)
     _assert_same_store(out, reference)
 
 
-def test_convert_on_two_ranks_writes_what_one_process_writes(tmp_path):
-    """Rank 0 decomposes from the all-reduced store: every tensor as one process writes it, within what the
-    covariances' different summation order (≤ 1e-12 relative) moves a float64 decomposition."""
+@pytest.mark.parametrize("method", ["corda", "corda++"])
+def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
+    """Both ranks calibrate and decompose their shares, rank 0 writes: every tensor as one process writes it
+    (bit for bit here; the covariances' summation order and each rank's thread count may move a float64
+    decomposition by rounding, hence the 1e-7 bound), the same files and the same surgery.json."""
     model_dir = save_family_model(tmp_path / "llama", "llama")
-    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, SurgeryOptions(rank=4), progress=False)
-    assert _run_ranks(model_dir, tmp_path / "two", convert=True) == [0, 0]
+    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, OPTIONS[method], progress=False)
+    assert _run_ranks(model_dir, tmp_path / "two", convert=method) == [0, 0]
+    two = tmp_path / "two"
     for folder in ("", "adapter"):
-        expected, got = tensors(one / folder), tensors(tmp_path / "two" / folder)
+        expected, got = tensors(one / folder), tensors(two / folder)
         assert sorted(got) == sorted(expected)
         worst = max(relative(got[key], expected[key]) for key in expected)
-        print(f"{folder or 'residual'}: worst relative difference {worst:.1e}")
         assert worst <= 1e-7, (folder, worst)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    reports = [json.loads((folder / "surgery.json").read_text()) for folder in (one, two)]
+    for report in reports:
+        del report["base_name"], report["covariance_stores"][0]["path"]  # the output's own path
+    assert reports[0]["layers"] == reports[1]["layers"] and reports[0] == reports[1]
+
+
+def test_work_is_shared_by_input_group_and_balanced(tmp_path):
+    """Linears that read one input go to one rank (one shared factorisation); the ranks' loads differ by at
+    most the costliest group."""
+    from corda_surgery.calib.model_view import ModelView
+    from corda_surgery.calib.store import CovarianceStore
+    from corda_surgery.distributed import Ranks
+    from corda_surgery.surgery import LayerPlan, SharedInputs, _cost, plan_targets, share_of_work
+
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    store = calibrate(model_dir, SPEC, tmp_path / "c.h5", progress=False)
+    targets = plan_targets(ModelView(model_dir), SurgeryOptions(rank=4)).targets
+    plan = {t.name: LayerPlan(4, 0) for t in targets}
+    with CovarianceStore(store) as opened:
+        shared = SharedInputs([opened], targets, plan)
+        owners = share_of_work(targets, plan, shared, SurgeryOptions(rank=4), Ranks(1, 2))
+        groups = {}
+        for target in targets:
+            groups.setdefault(shared.key(target.name), set()).add(owners[target.name])
+    assert all(len(ranks) == 1 for ranks in groups.values()) and set(owners.values()) == {0, 1}
+    loads = [sum(_cost(t) for t in targets if owners[t.name] == r) for r in (0, 1)]
+    assert abs(loads[0] - loads[1]) <= max(_cost(t) for t in targets) * 3
+    assert share_of_work(targets, plan, shared, SurgeryOptions(method="lora", rank=4), Ranks(1, 2)) == {}
