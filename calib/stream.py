@@ -13,8 +13,10 @@ the tokens routed to it (``calib.experts``), each with its own token count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +45,7 @@ from corda_surgery.distributed import (
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory_plan import announce, plan_run
-from corda_surgery.numerics import all_finite
+from corda_surgery.numerics import all_finite, product_blocks
 from corda_surgery.outputs import STAGING_MARK, claimed, refuse_existing
 
 log = logging.getLogger(__name__)
@@ -74,20 +76,16 @@ class _BlockInputRecorder(nn.Module):
 class _Accumulator:
     """Float64 running sums (one per sampling round) of per-batch float32 XᵀX over real tokens.
 
-    XᵀX is symmetric, so only the blocks on and above the diagonal of a ``k × k`` block grid are
-    multiplied (10 of 16 for k = 4: 37.5% fewer FLOPs than one full GEMM); ``totals`` mirrors them.
-    Blocks about TILE wide, at least two from 384 on, at most MAX_BLOCKS: measured on 2 cores (4096 tokens),
-    576 wide 9.8 → 7.4 ms with 2 blocks, 1536 72 → 49 ms with 3, 4096 (1024 tokens) 107 ms with 4 → 77 with 8.
+    XᵀX is symmetric, so only the blocks on and above the diagonal of a ``k × k`` block grid
+    (``product_blocks``) are multiplied (10 of 16 for k = 4: 37.5% fewer FLOPs than one full GEMM);
+    ``totals`` mirrors them.
     """
-
-    TILE = 512  # much narrower blocks make GEMMs less efficient than the FLOPs they save
-    MAX_BLOCKS = 8
 
     def __init__(self, dim: int, normalisation: str, rounds: int, device: torch.device):
         self.sums = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(rounds)]
         self.counts = [0] * rounds
         self.normalisation = normalisation
-        blocks = 1 if dim < 384 else min(self.MAX_BLOCKS, max(2, round(dim / self.TILE)))
+        blocks = product_blocks(dim)
         edges = [dim * i // blocks for i in range(blocks + 1)]
         self.blocks = [slice(a, b) for a, b in itertools.pairwise(edges)]
 
@@ -352,8 +350,9 @@ def calibrate(
             raise UnsupportedArchitecture(f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} "
                                           "see routed tokens: use --covariance-norm tokens")  # fmt: skip
         budget = compute.activation_budget()  # once: the default depends on the memory free now
-        if plan:
-            announce(plan_run(view, compute, out, spec=spec, activation_budget=budget), progress)
+        if plan:  # per rank: its share of the samples
+            share = dataclasses.replace(spec, samples=math.ceil(spec.samples / ranks.world))
+            announce(plan_run(view, compute, out, spec=share, activation_budget=budget), progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
         except (OSError, ValueError) as exc:

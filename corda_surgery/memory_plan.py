@@ -38,6 +38,7 @@ from corda_surgery.calib.model_view import ModelView, is_linear
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decompose import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.numerics import product_blocks
 from corda_surgery.options import Solver, SurgeryOptions
 
 GIB = 1 << 30
@@ -228,7 +229,7 @@ def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[st
     widths = _input_widths(block)
     widest = max(widths)
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
-    product_block = widest // max(1, min(4, widest // 512))  # the accumulator's blocked XᵀX
+    product_block = math.ceil(widest / product_blocks(widest))  # the accumulator's blocked XᵀX
     return {
         "block weights": _bytes(block, size) + _loading(view, block),
         "hidden states": min(tokens * hidden * size, budget + batch_tokens * hidden * size),

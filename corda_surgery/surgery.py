@@ -9,6 +9,7 @@ so a mistake costs seconds, not a calibration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -747,4 +748,6 @@ def estimate_run(
         check_budget(targets, options)
     if options is not None and not options.method.uses_covariance:
         spec = None  # pissa, milora and lora calibrate nothing
+    if spec is not None:  # per rank under torch.distributed: its share of the samples
+        spec = dataclasses.replace(spec, samples=math.ceil(spec.samples / current_ranks().world))
     return plan_run(view, compute, Path(out), spec=spec, options=options, targets=_shapes(targets))

@@ -49,7 +49,7 @@ def test_block_triangle_products_equal_the_full_product(width):
     accumulator.add(x[:2], mask[:2], 0)
     rows = torch.cat([x[mask], x[:2][mask[:2]]]).double()
     (total,) = accumulator.totals()
-    assert len(accumulator.blocks) == (1 if width < 384 else min(8, max(2, round(width / 512))))
+    assert len(accumulator.blocks) == (1 if width < 384 else min(8, max(2, round(width / 512))))  # product_blocks
     assert torch.equal(total, total.T) and relative(total, rows.T @ rows) <= 1e-6
     assert accumulator.counts == [int(mask.sum()) + int(mask[:2].sum())]
 
