@@ -27,17 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+from vs_peft import matmul_gflops  # bench/ is on the path when this script runs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def linear_shapes(config: dict) -> list[tuple[str, int, int]]:
