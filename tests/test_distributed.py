@@ -37,7 +37,19 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
     import torch
 
     torch.set_num_threads(1)
-    if rank == 1 and die_at >= 0:
+    if rank == 1 and die_at >= 0 and convert:
+        from corda_surgery import surgery
+
+        initialise, calls = surgery.Initialiser.__call__, []
+
+        def dying_decomposition(self, weight, target):
+            calls.append(target.name)
+            if len(calls) > die_at:
+                os._exit(3)
+            return initialise(self, weight, target)
+
+        surgery.Initialiser.__call__ = dying_decomposition
+    elif rank == 1 and die_at >= 0:
         from corda_surgery.calib import stream
 
         reduce = stream._reduce_over_ranks
@@ -151,3 +163,11 @@ def test_work_is_shared_by_input_group_and_balanced(tmp_path):
     loads = [sum(_cost(t) for t in targets if owners[t.name] == r) for r in (0, 1)]
     assert abs(loads[0] - loads[1]) <= max(_cost(t) for t in targets) * 3
     assert share_of_work(targets, plan, shared, SurgeryOptions(method="lora", rank=4), Ranks(1, 2)) == {}
+
+
+def test_a_rank_that_dies_while_decomposing_leaves_no_output(tmp_path):
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    out = tmp_path / "two"
+    codes = _run_ranks(model_dir, out, convert="corda", die_at=2)
+    assert codes[1] == 3 and codes[0] != 0
+    assert not out.exists() and not list(tmp_path.glob(".two.partial-*"))  # nothing under the name, no half folder
