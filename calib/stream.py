@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +40,8 @@ from corda_surgery.distributed import (
     barrier,
     broadcast_object,
     gather_objects,
+    local_world,
+    samples_share,
 )
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
@@ -267,7 +268,8 @@ def stream_covariances(
             view.free_block(index)
         if handles:
             _reduce_over_ranks(groups, ranks, prefix)
-            writer.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
+            if ranks.writer:
+                writer.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
 
 
 def _reduce_over_ranks(groups: _InputGroups, ranks: Ranks, prefix: str) -> None:
@@ -350,8 +352,10 @@ def calibrate(
             raise UnsupportedArchitecture(f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} "
                                           "see routed tokens: use --covariance-norm tokens")  # fmt: skip
         budget = compute.activation_budget()  # once: the default depends on the memory free now
+        if view.device.type == "cpu":
+            budget //= local_world()  # the ranks on this machine share its RAM
         if plan:  # per rank: its share of the samples
-            share = dataclasses.replace(spec, samples=math.ceil(spec.samples / ranks.world))
+            share = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, ranks))
             announce(plan_run(view, compute, out, spec=share, activation_budget=budget), progress)
         try:
             tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)

@@ -55,6 +55,17 @@ class Ranks:
 ALONE = Ranks()  # one process, no process group
 
 
+def local_world() -> int:
+    """How many ranks share this machine (torchrun's LOCAL_WORLD_SIZE): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def samples_share(samples: int, batch_size: int, ranks: Ranks) -> int:
+    """The most samples any rank runs: batches are dealt round robin, rank 0 gets the most."""
+    batches = math.ceil(samples / batch_size)
+    return min(samples, math.ceil(batches / ranks.world) * batch_size)
+
+
 def current() -> Ranks:
     """This process's ranks, joining the process group torchrun describes (gloo on CPUs, nccl when this
     rank has a CUDA device) the first time it is asked for."""
@@ -62,9 +73,10 @@ def current() -> Ranks:
         return ALONE
     if not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        backend = "nccl" if torch.cuda.is_available() and local < torch.cuda.device_count() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"  # host tensors (and every result sent to rank 0) travel by gloo
+        if torch.cuda.is_available() and local < torch.cuda.device_count():
             torch.cuda.set_device(local)
+            backend = "cpu:gloo,cuda:nccl"  # covariance sums kept on the GPU are all-reduced by nccl
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return Ranks(dist.get_rank(), dist.get_world_size())
@@ -117,13 +129,6 @@ def barrier(ranks: Ranks, what: str) -> None:
             dist.barrier()
 
 
-def _wire_device() -> torch.device:
-    """Where tensors must be to travel: the GPU for nccl, host memory for gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class ResultSender:
     """Sends results (a JSON-able record and tensors) to rank 0 in the order it will take them, up to
     LOOKAHEAD results ahead of it (each held until taken), so this rank keeps decomposing meanwhile."""
@@ -137,9 +142,7 @@ class ResultSender:
     def send(self, record: dict, tensors: Sequence[torch.Tensor]) -> None:
         payload = torch.frombuffer(bytearray(json.dumps(record).encode()), dtype=torch.uint8)
         parts = [torch.tensor([payload.numel()], dtype=torch.int64), payload]
-        parts += [t.contiguous().view(-1).view(torch.uint8) for t in tensors]  # bytes: any dtype travels
-        device = _wire_device()
-        parts = [part.to(device) for part in parts]
+        parts += [t.cpu().contiguous().view(-1).view(torch.uint8) for t in tensors]  # bytes: any dtype travels
         with _collective("sending a result to rank 0", self.ranks):
             self.pending.append(([dist.isend(part, dst=0) for part in parts], parts))
             while len(self.pending) > self.LOOKAHEAD:
@@ -158,15 +161,14 @@ class ResultSender:
 
 def receive_result(source: int, specs: Sequence[tuple[Sequence[int], torch.dtype]], ranks: Ranks) -> tuple:
     """Rank 0 takes ``source``'s next result: its tensors (``specs``: shape and dtype of each), then the record."""
-    device = _wire_device()
     with _collective(f"receiving a result from rank {source}", ranks):
-        header = torch.empty(1, dtype=torch.int64, device=device)
+        header = torch.empty(1, dtype=torch.int64)
         dist.recv(header, src=source)
-        payload = torch.empty(int(header.item()), dtype=torch.uint8, device=device)
+        payload = torch.empty(int(header.item()), dtype=torch.uint8)
         dist.recv(payload, src=source)
         tensors = []
         for shape, dtype in specs:
-            raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8, device=device)
+            raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
             dist.recv(raw, src=source)
-            tensors.append(raw.cpu().view(dtype).reshape(tuple(shape)))
-    return (*tensors, json.loads(payload.cpu().numpy().tobytes()))
+            tensors.append(raw.view(dtype).reshape(tuple(shape)))
+    return (*tensors, json.loads(payload.numpy().tobytes()))

@@ -37,10 +37,19 @@ from corda_surgery.calib.weights import CheckpointReader
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.corda_plus import allocate_ranks, context_spectrum, energy_compactness, select_candidate
 from corda_surgery.decompose import CovarianceSource, DampedCovariance, damped_covariance, decompose_weight
-from corda_surgery.distributed import ALONE, Ranks, ResultSender, broadcast_object, receive_result
+from corda_surgery.distributed import (
+    ALONE,
+    DistributedError,
+    Ranks,
+    ResultSender,
+    barrier,
+    broadcast_object,
+    receive_result,
+    samples_share,
+)
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
+from corda_surgery.export.checkpoint_writer import copy_model_files, write_order, write_sharded_weights
 from corda_surgery.export.peft_adapter import LoraAdapter, parameter_paths, peft_retargeted, write_adapter
 from corda_surgery.memory_plan import MemoryPlan, announce, plan_run
 from corda_surgery.options import ALL_LINEAR, Method, Mode, OptionsError, SurgeryOptions
@@ -464,12 +473,12 @@ def decompose_checkpoint(
             announce(plan_run(view, compute, Path(out), options=options, targets=_shapes(chosen.targets)), progress)
         if not ranks.writer:
             _decompose_share(view, chosen.targets, opened, options, compute, ranks)
-            return Path(out).resolve()
-        with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
-            out = Path(out).resolve()
-            _write_surgery(view, chosen, opened, options, staging, out, fingerprint, bundle_store, progress,
-                           compute, ranks)  # fmt: skip
-    return out
+        else:
+            with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
+                _write_surgery(view, chosen, opened, options, staging, Path(out).resolve(), fingerprint,
+                               bundle_store, progress, compute, ranks)  # fmt: skip
+    barrier(ranks, "waiting for rank 0 to write the output")  # every result taken before any rank leaves
+    return Path(out).resolve()
 
 
 def _layer_plan(
@@ -513,6 +522,7 @@ def share_of_work(
             key = shared.key(target.name) if plan[target.name].store is not None else (target.name,)
             groups.setdefault(key, []).append(target)
     load = [0] * ranks.world
+    load[0] = sum(_cost(t) for t in targets if t.parameter is not None)  # experts' slices stay on rank 0
     owners: dict[str, int] = {}
     for members in sorted(groups.values(), key=lambda group: -sum(map(_cost, group))):
         rank = min(range(ranks.world), key=lambda r: (load[r], r))
@@ -536,13 +546,14 @@ def _decompose_share(
     owners = share_of_work(targets, plan, initialise.shared, options, ranks)
     mine = {t.key: t for t in targets if owners.get(t.name) == ranks.rank}
     sender = ResultSender(ranks)
-    for key in view.reader.locations:
+    specs = {key: view.reader.spec(key) for key in view.reader.locations}
+    for key in write_order(specs, options.max_shard_size):
         target = mine.get(key)
         if target is not None:
             weight = view.reader.get(key).clone()
             view.reader.release()
             lora_a, lora_b, residual, record = initialise(weight, target)
-            sender.send(record, [lora_a, lora_b, residual])
+            sender.send({"target": target.name, "record": record}, [lora_a, lora_b, residual])
     sender.close()
 
 
@@ -608,11 +619,15 @@ def _write_surgery(
         target = linears.get(key)
         if target is not None and owners.get(target.name, 0) != 0:
             layer = plan[target.name]
-            lora_a, lora_b, residual, layers[target.name] = receive_result(
+            lora_a, lora_b, residual, sent = receive_result(
                 owners[target.name], [((layer.rank, target.in_dim), options.torch_factor_dtype),
                                       ((target.out_dim, layer.rank), options.torch_factor_dtype), reader.spec(key)],
                 ranks,
             )  # fmt: skip
+            if sent["target"] != target.name:
+                raise DistributedError(f"rank {owners[target.name]} sent {sent['target']} where rank 0 writes "
+                                       f"{target.name}: the ranks disagree on the writing order")  # fmt: skip
+            layers[target.name] = sent["record"]
         else:
             weight = reader.get(key).clone()
             reader.release()  # read pages stay resident while mapped: unmap so memory stays one tensor
@@ -749,5 +764,5 @@ def estimate_run(
     if options is not None and not options.method.uses_covariance:
         spec = None  # pissa, milora and lora calibrate nothing
     if spec is not None:  # per rank under torch.distributed: its share of the samples
-        spec = dataclasses.replace(spec, samples=math.ceil(spec.samples / current_ranks().world))
+        spec = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, current_ranks()))
     return plan_run(view, compute, Path(out), spec=spec, options=options, targets=_shapes(targets))

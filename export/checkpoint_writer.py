@@ -88,6 +88,19 @@ def _stream_tensors(path: Path, encoded_header: bytes, specs, produce) -> None:
         os.fsync(handle.fileno())
 
 
+def _shard_plan(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: int | str):
+    meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in specs.items()}
+    return split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+
+
+def write_order(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> list[str]:
+    """The order ``write_sharded_weights`` asks for tensors in (shards may reorder them: a tensor larger than
+    a shard gets its own, placed before the shard being filled)."""
+    return [name for names in _shard_plan(specs, max_shard_size).filename_to_tensors.values() for name in names]
+
+
 def write_sharded_weights(
     folder: Path,
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -96,8 +109,7 @@ def write_sharded_weights(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> list[str]:
     """Write ``specs`` (name → shape, dtype) as sharded safetensors plus index; returns the shard names."""
-    meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in specs.items()}
-    plan = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    plan = _shard_plan(specs, max_shard_size)
     for filename, names in plan.filename_to_tensors.items():
         _write_safetensors(folder / filename, {name: specs[name] for name in names}, produce)
     if plan.is_sharded:

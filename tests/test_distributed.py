@@ -20,7 +20,12 @@ from tests.families import save_family_model
 from tests.helpers import relative, tensors
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=24, batch_size=2, rounds=2)
-OPTIONS = {"corda": SurgeryOptions(rank=4), "corda++": SurgeryOptions(method="corda++", rank=4, rank_budget=4)}
+OPTIONS = {
+    "corda": SurgeryOptions(rank=4),
+    "corda++": SurgeryOptions(method="corda++", rank=4, rank_budget=4),
+    # shards smaller than the largest weights: those get shards of their own, written out of the stored order
+    "small shards": SurgeryOptions(rank=4, max_shard_size=20_000),
+}
 
 
 def _free_port() -> int:
@@ -120,7 +125,7 @@ def test_a_rank_that_dies_leaves_a_store_that_resume_completes(tmp_path, caplog)
     _assert_same_store(out, reference)
 
 
-@pytest.mark.parametrize("method", ["corda", "corda++"])
+@pytest.mark.parametrize("method", ["corda", "corda++", "small shards"])
 def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
     """Both ranks calibrate and decompose their shares, rank 0 writes: every tensor as one process writes it
     (bit for bit here; the covariances' summation order and each rank's thread count may move a float64
@@ -171,3 +176,24 @@ def test_a_rank_that_dies_while_decomposing_leaves_no_output(tmp_path):
     codes = _run_ranks(model_dir, out, convert="corda", die_at=2)
     assert codes[1] == 3 and codes[0] != 0
     assert not out.exists() and not list(tmp_path.glob(".two.partial-*"))  # nothing under the name, no half folder
+
+
+@pytest.mark.parametrize("max_shard_size", [20_000, 10**9])
+def test_workers_send_in_the_order_rank_0_writes(tmp_path, max_shard_size):
+    """Workers send their results in ``write_order``: exactly the order in which rank 0's shard writer asks for
+    tensors, also where small shards put the larger weights ahead of smaller ones stored before them."""
+    from corda_surgery.calib.weights import CheckpointReader
+    from corda_surgery.export.checkpoint_writer import write_order, write_sharded_weights
+
+    reader = CheckpointReader(save_family_model(tmp_path / "llama", "llama"))
+    specs = {key: reader.spec(key) for key in reader.locations}
+    asked: list[str] = []
+
+    def produce(key):
+        asked.append(key)
+        return reader.get(key)
+
+    (tmp_path / "out").mkdir()
+    write_sharded_weights(tmp_path / "out", specs, produce, max_shard_size=max_shard_size)
+    assert asked == write_order(specs, max_shard_size)
+    assert (asked != list(specs)) == (max_shard_size == 20_000)  # the small shards do reorder
