@@ -15,7 +15,9 @@ PEFT's own CorDA (`preprocess_corda`) sees exactly the same token windows as our
 
 Each (method, learning rate, seed) run is appended to OUT/runs.jsonl as it finishes, with its trained
 adapter under OUT/runs/; a stopped study resumes where it stopped. `--report` (also run at the end)
-writes OUT/summary.csv, OUT/table.md, OUT/pareto.png and OUT/loss_curves.png from what is there.
+writes OUT/summary.csv, OUT/table.md, OUT/pareto.png and OUT/loss_curves.png from what is there. The default
+study mirrors its runs and tables into bench/results/fidelity2/ (committed), and a new checkout's first run
+continues from there.
 
     python bench/fidelity.py --quick                    # harness check, < 10 min
     python bench/fidelity.py                            # the study (several sittings; resumes)
@@ -55,6 +57,10 @@ EVAL_FILES = {
     "nq_open/NQ-open.efficientqa.test.1.1.jsonl": "EfficientQA test, same repository (CC BY-SA 3.0)",
     "wikitext2_raw/wiki.test.raw": "WikiText-2 raw test split, wiki.test.raw (CC BY-SA 3.0)",
 }
+# The study's small state and its tables are mirrored here (committed), so a new checkout resumes it.
+PUBLISHED = REPO / "bench" / "results" / "fidelity2"
+STATE_FILES = ("runs.jsonl", "before.json")
+REPORT_FILES = ("settings.json", "summary.csv", "table.md", "pareto.png", "loss_curves.png")
 RESERVED_NQ_DEV = 500  # NQ-open dev items 0..499 are evaluation only; calibration may use the rest
 SHOTS = 3  # QA exemplars for exact match: NQ-open dev items 497..499, TriviaQA dev 8000..8002 (never evaluated)
 GSM8K_TRAIN_FROM = 1024  # training items start here; IPM calibration uses items 0..calib_prompts-1
@@ -535,7 +541,15 @@ def steps_to_reach(losses: list[float], target: float, window: int = 4) -> int |
     return None
 
 
-def report(out: Path) -> None:
+def publish(out: Path, names: tuple[str, ...]) -> None:
+    """Copy the named files of OUT that exist into PUBLISHED (the default study only)."""
+    PUBLISHED.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (out / name).is_file():
+            shutil.copy2(out / name, PUBLISHED / name)
+
+
+def report(out: Path, published: bool) -> None:
     import csv
 
     runs = (
@@ -574,6 +588,8 @@ def report(out: Path) -> None:
     (out / "table.md").write_text(table)
     print(table)
     plots(rows, runs, out)
+    if published:
+        publish(out, STATE_FILES + REPORT_FILES)
 
 
 def markdown_table(rows: list[dict], before: dict) -> str:
@@ -721,8 +737,9 @@ def main() -> None:
         help=f"folder with the evaluation sets [default: ${DATA_ENV}, else shared/data beside the repository]",
     )
     settings = parser.parse_args()
+    published = settings.out == parser.get_default("out") and not settings.quick  # others stay private
     if settings.report:
-        report(settings.out)
+        report(settings.out, published)
         return
     settings.data_dir = evaluation_data(settings.data_dir)
     if settings.quick:
@@ -744,6 +761,9 @@ def main() -> None:
     settings.compute = ComputeOptions(device=settings.device)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
+    for name in STATE_FILES if published and not (out / "runs.jsonl").exists() else ():
+        if (PUBLISHED / name).is_file():  # a new checkout: continue the committed study
+            shutil.copy2(PUBLISHED / name, out / name)
     plan = planned_runs(settings)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     recorded = {k: str(v) for k, v in vars(settings).items() if k != "compute"} | {"commit": commit.strip()}
@@ -770,9 +790,11 @@ def main() -> None:
         result = run_one(name, lr, seed, base, calibration, items, settings)
         with (out / "runs.jsonl").open("a") as handle:
             handle.write(json.dumps(result) + "\n")
+        if published:
+            publish(out, STATE_FILES)
         print(f"  trained {result['train_seconds']:.0f} s, evaluated {result['eval_seconds']:.0f} s", flush=True)
     print(f"study part done in {(time.time() - started) / 60:.1f} min", flush=True)
-    report(out)
+    report(out, published)
 
 
 if __name__ == "__main__":
