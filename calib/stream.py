@@ -211,29 +211,21 @@ def capture_block_inputs(view: ModelView, batches: list[TokenBatch], hidden: Act
     return arguments
 
 
-class _OnlyRankZeroWrites:
-    """What a rank other than 0 holds instead of the store writer: how far rank 0's store got, no file."""
-
-    def __init__(self, layers_done: int):
-        self.layers_done = layers_done
-
-    def write_layer(self, layer: int, entries) -> None:
-        pass
-
-
 @torch.no_grad()
 def stream_covariances(
     view: ModelView,
     batches: list[TokenBatch],
-    writer: StoreWriter | _OnlyRankZeroWrites,
+    store: StoreWriter | None,
     hidden: Activations,
     *,
+    layers_done: int = 0,
     normalisation: str = "tokens",
     rounds: int = 1,
     progress: bool = True,
     ranks: Ranks = ALONE,
 ) -> None:
-    """Run every block over this rank's batches and write each block's input covariances to ``writer``.
+    """Run every block over this rank's batches and write each block's input covariances to ``store`` (rank 0;
+    None on the others), skipping the ``layers_done`` it already holds (their forward still runs).
 
     ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
@@ -248,7 +240,7 @@ def stream_covariances(
         prefix = view.block_name(index)
         groups = _InputGroups(lambda width: _Accumulator(width, normalisation, rounds, view.device))
         handles = []
-        if index >= writer.layers_done:
+        if index >= layers_done:
             handles = [block.get_submodule(name).register_forward_pre_hook(groups.hook(name))
                        for name in view.linears[index]]  # fmt: skip
             handles += [block.get_submodule(name).register_forward_pre_hook(groups.experts_hook(experts),
@@ -268,8 +260,8 @@ def stream_covariances(
             view.free_block(index)
         if handles:
             _reduce_over_ranks(groups, ranks, prefix)
-            if ranks.writer:
-                writer.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
+            if store is not None:
+                store.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
 
 
 def _reduce_over_ranks(groups: _InputGroups, ranks: Ranks, prefix: str) -> None:
@@ -376,12 +368,11 @@ def calibrate(
                 resume=resume,
             )
         done = broadcast_object(store.layers_done if store else 0, ranks, "agreeing on the layers already stored")
-        writer = store or _OnlyRankZeroWrites(done)
         hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-",
                              view.device)  # fmt: skip
         try:
-            stream_covariances(view, batches, writer, hidden, normalisation=spec.normalisation, rounds=spec.rounds,
-                               progress=progress, ranks=ranks)  # fmt: skip
+            stream_covariances(view, batches, store, hidden, layers_done=done, normalisation=spec.normalisation,
+                               rounds=spec.rounds, progress=progress, ranks=ranks)  # fmt: skip
             if store is not None:
                 out = store.finish()
                 _warn_rank_deficient(out)
