@@ -38,7 +38,7 @@ from corda_surgery.calib.model_view import ModelView, is_linear
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decompose import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import product_blocks
+from corda_surgery.numerics import symmetric_tiles
 from corda_surgery.options import Solver, SurgeryOptions
 
 GIB = 1 << 30
@@ -229,7 +229,7 @@ def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[st
     widths = _input_widths(block)
     widest = max(widths)
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
-    product_block = math.ceil(widest / product_blocks(widest))  # the accumulator's blocked XᵀX
+    product_tile = max((r.stop - r.start) * (c.stop - c.start) for r, c in symmetric_tiles(widest))  # XᵀX tile
     return {
         "block weights": _bytes(block, size) + _loading(view, block),
         "hidden states": min(tokens * hidden * size, budget + batch_tokens * hidden * size),
@@ -237,7 +237,7 @@ def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[st
         + (widest * widest * F64 if spec.rounds > 1 else 0),  # the rounds' total, formed when written
         "forward": batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
         + batch * heads * spec.seq_len**2 * F32  # attention scores
-        + product_block**2 * F32,
+        + product_tile * F32,
     }
 
 

@@ -10,6 +10,7 @@ from corda_surgery.calib.data import CalibrationSpec, token_batches
 from corda_surgery.calib.model_view import ModelView
 from corda_surgery.calib.store import CovarianceStore, eigenvalues_below_damping, partial_path
 from corda_surgery.calib.stream import _Accumulator, calibrate
+from corda_surgery.numerics import MAX_TILE_SIDE, SYMMETRIC_LEAF, symmetric_tiles
 from tests.helpers import datasets, reference_covariances, relative
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=48, batch_size=4)
@@ -49,9 +50,24 @@ def test_block_triangle_products_equal_the_full_product(width):
     accumulator.add(x[:2], mask[:2], 0)
     rows = torch.cat([x[mask], x[:2][mask[:2]]]).double()
     (total,) = accumulator.totals()
-    assert len(accumulator.blocks) == (1 if width < 384 else min(8, max(2, round(width / 512))))  # product_blocks
     assert torch.equal(total, total.T) and relative(total, rows.T @ rows) <= 1e-6
     assert accumulator.counts == [int(mask.sum()) + int(mask[:2].sum())]
+
+
+@pytest.mark.parametrize("width", [1, 100, 256, 257, 576, 1536, 4100, 9000])
+def test_symmetric_tiles_cover_the_matrix_once_with_their_mirrors(width):
+    """Tiles plus the mirrors of the off-diagonal ones cover every entry exactly once; leaves and tiles stay
+    within their limits."""
+    covered = torch.zeros(width, width, dtype=torch.int32)
+    for rows, columns in symmetric_tiles(width):
+        covered[rows, columns] += 1
+        if rows != columns:
+            assert rows.stop <= columns.start  # above the diagonal
+            assert max(rows.stop - rows.start, columns.stop - columns.start) <= MAX_TILE_SIDE
+            covered[columns, rows] += 1
+        else:
+            assert rows.stop - rows.start <= SYMMETRIC_LEAF
+    assert bool((covered == 1).all())
 
 
 @pytest.mark.parametrize("seed", range(6))
