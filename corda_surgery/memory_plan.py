@@ -8,7 +8,8 @@ follows what the code holds at its peaks (``bench/big_layer.py`` compares it wit
   batch's forward temporaries (every linear's output, the attention scores, the float32 copies the
   covariance product reads);
 - decomposition, per weight: the float64 covariance (damped and factorised in place), the float64
-  product W·C, the Gram matrix with its eigenvectors and the eigen-solver's workspace, and the weight;
+  product W·C, the SVD's workspace (what any solver falls back to where the cut is beyond the Gram
+  matrix's resolution), and the weight;
   plus, for an input several linears read, its damped covariance and factor, kept for all of them.
 
 Which linears share an input is only observed while calibrating; the plan assumes that linears in one
@@ -39,7 +40,7 @@ from corda_surgery.compute import ComputeOptions, available_host_memory, availab
 from corda_surgery.decompose import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import symmetric_tiles
-from corda_surgery.options import Solver, SurgeryOptions
+from corda_surgery.options import SurgeryOptions
 
 GIB = 1 << 30
 F32, F64 = 4, 8
@@ -251,9 +252,7 @@ def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, i
     }
 
 
-def _decomposition(
-    shapes: list[tuple[int, int]], stored_size: int, solver: Solver, shared_width: int
-) -> dict[str, int]:
+def _decomposition(shapes: list[tuple[int, int]], stored_size: int, shared_width: int) -> dict[str, int]:
     """The decomposition phase's peak parts for its most demanding weight (out, in): while the singular pairs
     are found, the covariance (its Cholesky factor by then), W·C, and the eigen-solver's or the Cholesky's
     temporaries are alive; the residual is formed after W·C and the factor are freed. A shared input's damped
@@ -264,13 +263,10 @@ def _decomposition(
         return {
             "covariance": in_dim * in_dim * F64,
             "W·C": out_dim * in_dim * F64 + 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64,  # + a row block
-            # gram: Gram matrix, eigenvectors and LAPACK's syevd workspace (2n²); svd: a copy of W·C, U, Vᵀ and
-            # gesdd's workspace; or two Cholesky panels
-            "solver": max(
-                4 * small * small if solver is not Solver.SVD else 3 * out_dim * in_dim + 4 * small * small,
-                2 * in_dim * CHOLESKY_PANEL,
-            )
-            * F64,
+            # The SVD's copy of W·C, U, Vᵀ and gesdd's workspace (measured 2.6–5.1 n² besides the 3 out·in), or
+            # two Cholesky panels. Not less for gram or subspace: where they cannot resolve the cut they free
+            # their Gram matrix (4 n² with syevd's workspace) and take the SVD (KPM on SmolLM2: 16 of 210 linears).
+            "solver": max(3 * out_dim * in_dim + 5 * small * small, 2 * in_dim * CHOLESKY_PANEL) * F64,
             "weight": out_dim * in_dim * stored_size,
         }
 
@@ -303,7 +299,7 @@ def plan_run(
         stored_size = view.stored_dtype.itemsize
         if options.method.uses_covariance or options.mode is not None:
             shared_width = _shared_width(view) if options.method.uses_covariance else 0
-            plan.phases["decomposition"] = _decomposition(list(targets), stored_size, options.solver, shared_width)
+            plan.phases["decomposition"] = _decomposition(list(targets), stored_size, shared_width)
             if _largest_fused(view):
                 plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
         plan.disk["residual model"] = sum(
