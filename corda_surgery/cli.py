@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import click
 
 from corda_surgery import __version__
+from corda_surgery.distributed import launched
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import resolve_model
@@ -38,7 +40,11 @@ def _fail_cleanly(command):
         except (CordaSurgeryError, OSError) as exc:
             if debug:
                 raise
-            click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            message = " ".join(str(exc).split())
+            ranks = launched()
+            if ranks.world > 1 and not message.startswith("rank "):
+                message = f"rank {ranks.rank} of {ranks.world}: {message}"
+            click.echo(f"error: {message}", err=True)
             sys.exit(1)
         except Exception:
             traceback.print_exc()
@@ -208,6 +214,8 @@ def main(debug: bool, verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     release_large_frees_to_os()
+    if not launched().writer:  # under torchrun rank 0 reports for all; the others print only their errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
 
 @main.command()

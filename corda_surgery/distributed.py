@@ -66,10 +66,16 @@ def samples_share(samples: int, batch_size: int, ranks: Ranks) -> int:
     return min(samples, math.ceil(batches / ranks.world) * batch_size)
 
 
+def launched() -> Ranks:
+    """The rank and world torchrun's environment gives this process, without joining the group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Ranks(int(os.environ.get("RANK", "0")), world) if world > 1 else ALONE
+
+
 def current() -> Ranks:
     """This process's ranks, joining the process group torchrun describes (gloo on CPUs, nccl when this
     rank has a CUDA device) the first time it is asked for."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched().world == 1:
         return ALONE
     if not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -197,3 +199,31 @@ def test_workers_send_in_the_order_rank_0_writes(tmp_path, max_shard_size):
     write_sharded_weights(tmp_path / "out", specs, produce, max_shard_size=max_shard_size)
     assert asked == write_order(specs, max_shard_size)
     assert (asked != list(specs)) == (max_shard_size == 20_000)  # the small shards do reorder
+
+
+def test_under_torchrun_rank_0_alone_reports(tiny_llama, tmp_path):
+    """`python -m corda_surgery convert` as torchrun starts it on two ranks: rank 0 prints where the outputs
+    are, rank 1 nothing on stdout; a bad option fails on every rank, each error naming its rank."""
+    port = _free_port()
+
+    def ranks(*options: str) -> list[subprocess.CompletedProcess]:
+        command = [sys.executable, "-m", "corda_surgery", "convert", str(tiny_llama), "--data", "gsm8k",
+                   "--samples", "8", "--seq-len", "16", "--batch-size", "2", "--rank", "2", *options]  # fmt: skip
+        started = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {
+                "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CORDA_SURGERY_DIST_TIMEOUT_MIN": "2"})
+            for r in range(2)
+        ]  # fmt: skip
+        outputs = [p.communicate(timeout=300) for p in started]  # reads both pipes while waiting
+        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(started, outputs)]
+
+    first, second = ranks("--out", str(tmp_path / "out"))
+    assert first.returncode == second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])
+    assert f"residual model: {tmp_path / 'out'}" in first.stdout
+    assert second.stdout == ""
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    failed = ranks("--out", str(tmp_path / "again"), "--seq-len", "0")
+    for rank, done in enumerate(failed):
+        assert done.returncode != 0 and done.stdout == ""
+        assert f"rank {rank} of 2: " in done.stderr and "seq" in done.stderr.lower(), done.stderr[-2000:]
