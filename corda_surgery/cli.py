@@ -42,7 +42,7 @@ def _fail_cleanly(command):
                 raise
             message = " ".join(str(exc).split())
             ranks = launched()
-            if ranks.world > 1 and not message.startswith("rank "):
+            if ranks.world > 1 and not message.startswith(f"rank {ranks.rank} of {ranks.world}:"):
                 message = f"rank {ranks.rank} of {ranks.world}: {message}"
             click.echo(f"error: {message}", err=True)
             sys.exit(1)
@@ -212,9 +212,11 @@ def main(debug: bool, verbose: bool) -> None:
     corda++ experts keep --rank, the budget goes to the linears). Inputs are only read: an output
     that is, contains or lies inside an input is refused.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    ranks = launched()
+    where = f"rank {ranks.rank} of {ranks.world}: " if ranks.world > 1 else ""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=f"%(levelname)s: {where}%(message)s")
     release_large_frees_to_os()
-    if not launched().writer:  # under torchrun rank 0 reports for all; the others print only their errors
+    if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only their errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
 

@@ -238,7 +238,7 @@ def _calibration(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[st
         + (widest * widest * F64 if spec.rounds > 1 else 0),  # the rounds' total, formed when written
         "forward": batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
         + batch * heads * spec.seq_len**2 * F32  # attention scores
-        + product_tile * F32,
+        + product_tile * (F32 + F64),  # a tile's product, and its float64 copy where it is added on
     }
 
 
@@ -254,16 +254,17 @@ def _capture(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, i
 
 def _decomposition(shapes: list[tuple[int, int]], stored_size: int, shared_width: int) -> dict[str, int]:
     """The decomposition phase's peak parts for its most demanding weight (out, in): while the singular pairs
-    are found, the covariance (its Cholesky factor by then), W·C, and the eigen-solver's or the Cholesky's
-    temporaries are alive; the residual is formed after W·C and the factor are freed. A shared input's damped
-    covariance and factor (``shared_width`` wide) may be held meanwhile, for the rest of its readers."""
+    are found, the covariance (its Cholesky factor by then), W·C, and the SVD's (the fallback of every solver)
+    or the Cholesky's temporaries are alive; the residual is formed after W·C and the factor are freed. A
+    shared input's damped covariance and factor (``shared_width`` wide) may be held meanwhile, for the rest of
+    its readers."""
 
     def parts(out_dim: int, in_dim: int) -> dict[str, int]:
         small = min(out_dim, in_dim)
         return {
             "covariance": in_dim * in_dim * F64,
             "W·C": out_dim * in_dim * F64 + 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64,  # + a row block
-            # The SVD's copy of W·C, U, Vᵀ and gesdd's workspace (measured 2.6–5.1 n² besides the 3 out·in), or
+            # The SVD's copy of W·C, U, Vᵀ and gesdd's workspace (measured 2.7–4.2 n² besides the 3 out·in), or
             # two Cholesky panels. Not less for gram or subspace: where they cannot resolve the cut they free
             # their Gram matrix (4 n² with syevd's workspace) and take the SVD (KPM on SmolLM2: 16 of 210 linears).
             "solver": max(3 * out_dim * in_dim + 5 * small * small, 2 * in_dim * CHOLESKY_PANEL) * F64,

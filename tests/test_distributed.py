@@ -204,26 +204,33 @@ def test_workers_send_in_the_order_rank_0_writes(tmp_path, max_shard_size):
 def test_under_torchrun_rank_0_alone_reports(tiny_llama, tmp_path):
     """`python -m corda_surgery convert` as torchrun starts it on two ranks: rank 0 prints where the outputs
     are, rank 1 nothing on stdout; a bad option fails on every rank, each error naming its rank."""
-    port = _free_port()
 
-    def ranks(*options: str) -> list[subprocess.CompletedProcess]:
+    def ranks(tag: str, *options: str) -> list[subprocess.CompletedProcess]:
         command = [sys.executable, "-m", "corda_surgery", "convert", str(tiny_llama), "--data", "gsm8k",
                    "--samples", "8", "--seq-len", "16", "--batch-size", "2", "--rank", "2", *options]  # fmt: skip
-        started = [
-            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {
-                "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CORDA_SURGERY_DIST_TIMEOUT_MIN": "2"})
-            for r in range(2)
-        ]  # fmt: skip
-        outputs = [p.communicate(timeout=300) for p in started]  # reads both pipes while waiting
-        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(started, outputs)]
+        port = str(_free_port())
+        environment = os.environ | {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                    "MASTER_PORT": port, "CORDA_SURGERY_DIST_TIMEOUT_MIN": "2"}  # fmt: skip
+        logs = [(tmp_path / f"{tag}.{r}.out", tmp_path / f"{tag}.{r}.err") for r in range(2)]
+        started = []
+        try:  # output to files: a rank blocked on a full pipe would stall the other in a collective
+            for r, (out, err) in enumerate(logs):
+                with out.open("w") as stdout, err.open("w") as stderr:
+                    rank = {"RANK": str(r), "LOCAL_RANK": str(r)}
+                    started.append(subprocess.Popen(command, stdout=stdout, stderr=stderr, env=environment | rank))
+            codes = [process.wait(timeout=300) for process in started]
+        finally:
+            for process in started:
+                process.kill()
+        return [subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+                for code, (out, err) in zip(codes, logs)]  # fmt: skip
 
-    first, second = ranks("--out", str(tmp_path / "out"))
+    first, second = ranks("convert", "--out", str(tmp_path / "out"))
     assert first.returncode == second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])
     assert f"residual model: {tmp_path / 'out'}" in first.stdout
     assert second.stdout == ""
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
-    failed = ranks("--out", str(tmp_path / "again"), "--seq-len", "0")
+    failed = ranks("refused", "--out", str(tmp_path / "again"), "--seq-len", "0")
     for rank, done in enumerate(failed):
         assert done.returncode != 0 and done.stdout == ""
         assert f"rank {rank} of 2: " in done.stderr and "seq" in done.stderr.lower(), done.stderr[-2000:]

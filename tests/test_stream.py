@@ -38,9 +38,9 @@ def test_streamed_equals_whole_model_hooks(fixture, auto_class, request, tmp_pat
 
 
 @pytest.mark.parametrize("width", [100, 384, 576, 1536, 4100])
-def test_block_triangle_products_equal_the_full_product(width):
-    """Wide inputs are multiplied block by block above the diagonal and mirrored: the same sums as XᵀX over
-    the real tokens (padding left out), to float32 products' rounding."""
+def test_tiled_products_equal_the_full_product(width):
+    """XᵀX is multiplied tile by tile on and above the diagonal and mirrored: the same sums as XᵀX over the
+    real tokens (padding left out), to float32 products' rounding."""
     generator = torch.Generator().manual_seed(width)
     x = torch.randn(3, 40, width, generator=generator)
     mask = torch.ones(3, 40, dtype=torch.bool)
