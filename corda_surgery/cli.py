@@ -40,11 +40,7 @@ def _fail_cleanly(command):
         except (CordaSurgeryError, OSError) as exc:
             if debug:
                 raise
-            message = " ".join(str(exc).split())
-            ranks = launched()
-            if ranks.world > 1 and not message.startswith(f"rank {ranks.rank} of {ranks.world}:"):
-                message = f"rank {ranks.rank} of {ranks.world}: {message}"
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {launched().label}{' '.join(str(exc).split())}", err=True)
             sys.exit(1)
         except Exception:
             traceback.print_exc()
@@ -213,8 +209,9 @@ def main(debug: bool, verbose: bool) -> None:
     that is, contains or lies inside an input is refused.
     """
     ranks = launched()
-    where = f"rank {ranks.rank} of {ranks.world}: " if ranks.world > 1 else ""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=f"%(levelname)s: {where}%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format=f"%(levelname)s: {ranks.label}%(message)s"
+    )
     release_large_frees_to_os()
     if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only their errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process

@@ -32,7 +32,7 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CORDA_SURGER
 
 
 class DistributedError(CordaSurgeryError):
-    """Another rank stopped, or the ranks disagree; the message says which rank saw it."""
+    """Another rank stopped, or the ranks disagree (the CLI prefixes every rank's messages with its label)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class Ranks:
     def writer(self) -> bool:
         """Rank 0 writes every output; the others compute their share and hand it over."""
         return self.rank == 0
+
+    @property
+    def label(self) -> str:
+        """The prefix of this rank's messages: ``rank r of N: `` with several ranks, nothing with one."""
+        return f"rank {self.rank} of {self.world}: " if self.world > 1 else ""
 
     def share(self, count: int) -> list[int]:
         """Indices of ``count`` work items that are this rank's, dealt round robin."""
@@ -84,19 +89,19 @@ def current() -> Ranks:
             torch.cuda.set_device(local)
             backend = "cpu:gloo,cuda:nccl"  # covariance sums kept on the GPU are all-reduced by nccl
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
-        log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
+        log.info("joined the process group (%s)", backend)
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
 @contextlib.contextmanager
-def _collective(what: str, ranks: Ranks) -> Iterator[None]:
+def _collective(what: str) -> Iterator[None]:
     """A collective's failure (a peer that died, a timeout: RuntimeError from gloo / nccl) as a message saying so."""
     try:
         yield
     except RuntimeError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DistributedError(
-            f"rank {ranks.rank} of {ranks.world}: {what} failed, another rank has probably stopped ({first_line}); "
+            f"{what} failed, another rank has probably stopped ({first_line}); "
             "a calibration store written so far continues with --resume"
         ) from error
 
@@ -105,7 +110,7 @@ def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks, what: str) -> None:
     """Sum ``tensor`` over the ranks, in place (nothing to do for one process)."""
     if ranks.world == 1:
         return
-    with _collective(what, ranks):
+    with _collective(what):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
@@ -114,7 +119,7 @@ def gather_objects(value, ranks: Ranks, what: str) -> list:
     if ranks.world == 1:
         return [value]
     gathered: list = [None] * ranks.world
-    with _collective(what, ranks):
+    with _collective(what):
         dist.all_gather_object(gathered, value)
     return gathered
 
@@ -124,14 +129,14 @@ def broadcast_object(value, ranks: Ranks, what: str):
     if ranks.world == 1:
         return value
     box = [value if ranks.writer else None]
-    with _collective(what, ranks):
+    with _collective(what):
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def barrier(ranks: Ranks, what: str) -> None:
     if ranks.world > 1:
-        with _collective(what, ranks):
+        with _collective(what):
             dist.barrier()
 
 
@@ -149,7 +154,7 @@ class ResultSender:
         payload = torch.frombuffer(bytearray(json.dumps(record).encode()), dtype=torch.uint8)
         parts = [torch.tensor([payload.numel()], dtype=torch.int64), payload]
         parts += [t.cpu().contiguous().view(-1).view(torch.uint8) for t in tensors]  # bytes: any dtype travels
-        with _collective("sending a result to rank 0", self.ranks):
+        with _collective("sending a result to rank 0"):
             self.pending.append(([dist.isend(part, dst=0) for part in parts], parts))
             while len(self.pending) > self.LOOKAHEAD:
                 self._wait_oldest()
@@ -160,14 +165,14 @@ class ResultSender:
             work.wait()
 
     def close(self) -> None:
-        with _collective("sending the last results to rank 0", self.ranks):
+        with _collective("sending the last results to rank 0"):
             while self.pending:
                 self._wait_oldest()
 
 
 def receive_result(source: int, specs: Sequence[tuple[Sequence[int], torch.dtype]], ranks: Ranks) -> tuple:
     """Rank 0 takes ``source``'s next result: its tensors (``specs``: shape and dtype of each), then the record."""
-    with _collective(f"receiving a result from rank {source}", ranks):
+    with _collective(f"receiving a result from rank {source}"):
         header = torch.empty(1, dtype=torch.int64)
         dist.recv(header, src=source)
         payload = torch.empty(int(header.item()), dtype=torch.uint8)

@@ -233,4 +233,6 @@ def test_under_torchrun_rank_0_alone_reports(tiny_llama, tmp_path):
     failed = ranks("refused", "--out", str(tmp_path / "again"), "--seq-len", "0")
     for rank, done in enumerate(failed):
         assert done.returncode != 0 and done.stdout == ""
-        assert f"rank {rank} of 2: " in done.stderr and "seq" in done.stderr.lower(), done.stderr[-2000:]
+        error = next(line for line in done.stderr.splitlines() if line.startswith("error: "))
+        assert error.startswith(f"error: rank {rank} of 2: ") and error.count(" of 2: ") == 1, done.stderr[-2000:]
+        assert "--seq-len" in error, error
