@@ -213,20 +213,23 @@ def stream_covariances(
     store: StoreWriter | None,
     hidden: Activations,
     *,
-    layers_done: int = 0,
+    layers_done: int | None = None,
     normalisation: str = "tokens",
     rounds: int = 1,
     progress: bool = True,
     ranks: Ranks = ALONE,
 ) -> None:
     """Run every block over this rank's batches and write each block's input covariances to ``store`` (rank 0;
-    None on the others), skipping the ``layers_done`` it already holds (their forward still runs).
+    None on the others), skipping the ``layers_done`` it already holds (their forward still runs; None: the
+    store's own count, which the other ranks learn from rank 0).
 
     ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
     gets its own covariance besides their sum (candidates for CorDA++'s covariance selection). Under
     torch.distributed each rank runs every ``ranks.world``-th batch and the sums are all-reduced per block.
     """
+    if layers_done is None:
+        layers_done = store.layers_done if store is not None else 0
     mine = ranks.share(len(batches))
     arguments = capture_block_inputs(view, [batches[b] for b in mine], hidden)
     masks = [batches[b].attention_mask.bool().to(view.device) for b in mine]
