@@ -1,6 +1,9 @@
-"""Checks over large tensors that allocate no temporaries near their size."""
+"""Work over large matrices in pieces: finiteness checks without temporaries near the tensor's size, and the
+tiles of a symmetric product."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -30,15 +33,17 @@ def symmetric_tiles(width: int) -> list[tuple[slice, slice]]:
     a grid of ~512-wide blocks (narrower leaves lose more to small products than they save).
     """
 
+    def cuts(low: int, high: int) -> list[slice]:
+        """``low:high`` in the fewest equal parts of at most MAX_TILE_SIDE (no thin remainder)."""
+        parts = -(-(high - low) // MAX_TILE_SIDE)
+        edges = [low + (high - low) * k // parts for k in range(parts + 1)]
+        return [slice(start, stop) for start, stop in itertools.pairwise(edges)]
+
     def cover(low: int, high: int) -> list[tuple[slice, slice]]:
         if high - low <= SYMMETRIC_LEAF:
             return [(slice(low, high), slice(low, high))]
         middle = (low + high) // 2
-        square = [
-            (slice(r, min(r + MAX_TILE_SIDE, middle)), slice(c, min(c + MAX_TILE_SIDE, high)))
-            for r in range(low, middle, MAX_TILE_SIDE)
-            for c in range(middle, high, MAX_TILE_SIDE)
-        ]
+        square = [(rows, columns) for rows in cuts(low, middle) for columns in cuts(middle, high)]
         return cover(low, middle) + square + cover(middle, high)
 
     return cover(0, width)
