@@ -766,7 +766,8 @@ def main() -> None:
             shutil.copy2(PUBLISHED / name, out / name)
     plan = planned_runs(settings)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    recorded = {k: str(v) for k, v in vars(settings).items() if k != "compute"} | {"commit": commit.strip()}
+    recorded = {k: os.path.relpath(v, REPO) if isinstance(v, Path) else v for k, v in vars(settings).items()
+                if k != "compute"} | {"commit": commit.strip()}  # fmt: skip
     (out / "settings.json").write_text(json.dumps(recorded, indent=2))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

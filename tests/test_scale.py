@@ -123,7 +123,7 @@ def test_decomposition_plan_holds_the_svd_fallback():
     done = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout.splitlines()[-1])
     assert measured["solver"] == "svd (gram could not resolve the cut)"
-    assert measured["used"] <= measured["plan"], measured
+    assert 0.6 * measured["plan"] <= measured["used"] <= measured["plan"], measured  # holds it, not wildly above
 
 
 def test_memory_plan_counts_the_store_the_run_writes(tiny_llama, tiny_gpt2, tmp_path):
