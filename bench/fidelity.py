@@ -706,6 +706,21 @@ def planned_runs(settings) -> list[tuple[str, float, int]]:
     return [(n, lr, s) for lr, s in groups for n in names]
 
 
+def finished_runs(out: Path) -> set[tuple[str, float, int]]:
+    runs = out / "runs.jsonl"
+    lines = runs.read_text().splitlines() if runs.is_file() else []
+    return {(r["method"], r["lr"], r["seed"]) for r in map(json.loads, lines)}
+
+
+def append_line(path: Path, line: str) -> None:
+    """One write call with O_APPEND, so parts of the study running side by side never interleave their lines."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (line + "\n").encode())
+    finally:
+        os.close(descriptor)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "fidelity2")
@@ -728,6 +743,13 @@ def main() -> None:
     parser.add_argument("--gsm8k-new-tokens", type=int, default=160)
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads [default: all cores]; parts of the study side by side (disjoint --only, sharing no "
+        "calibration store) with one thread each keep the cores busier: evaluation runs on about one core",
+    )
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from OUT")
     parser.add_argument("--quick", action="store_true", help="harness check: 2 steps, small sets, one lr and seed")
     parser.add_argument(
@@ -757,7 +779,7 @@ def main() -> None:
     # ~400 MB of logits and activations every micro-batch, and returning each to the OS costs a fresh mmap and
     # page faults: 23.4 s a step with the commands' settings against 17.1 s without (measured, 2 steps each).
     if settings.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     settings.compute = ComputeOptions(device=settings.device)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
@@ -778,19 +800,13 @@ def main() -> None:
     if not (out / "before.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(base).to(settings.device)
         (out / "before.json").write_text(json.dumps(evaluate(model, tokenizer, items, settings)))
-    done = set()
-    if (out / "runs.jsonl").is_file():
-        done = {
-            (r["method"], r["lr"], r["seed"]) for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())
-        }
     started = time.time()
     for name, lr, seed in plan:
-        if (name, lr, seed) in done:
+        if (name, lr, seed) in finished_runs(out):  # read afresh: another part of the study may have run it
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} lr {lr:g} seed {seed}", flush=True)
         result = run_one(name, lr, seed, base, calibration, items, settings)
-        with (out / "runs.jsonl").open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
+        append_line(out / "runs.jsonl", json.dumps(result))
         if published:
             publish(out, STATE_FILES)
         print(f"  trained {result['train_seconds']:.0f} s, evaluated {result['eval_seconds']:.0f} s", flush=True)
