@@ -45,7 +45,8 @@ def _fail_cleanly(command):
         except Exception:
             traceback.print_exc()
             click.echo(
-                f"error: this is a bug in corda-surgery {__version__}; please report it with the traceback above",
+                f"error: {launched().label}this is a bug in corda-surgery {__version__}; please report it with the "
+                "traceback above",
                 err=True,
             )
             sys.exit(BUG_EXIT)
