@@ -214,7 +214,7 @@ def main(debug: bool, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING, format=f"%(levelname)s: {ranks.label}%(message)s"
     )
     release_large_frees_to_os()
-    if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only their errors
+    if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only warnings and errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
 
