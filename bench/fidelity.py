@@ -28,6 +28,7 @@ continues from there.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -38,6 +39,8 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +91,22 @@ METHODS = {
 }
 PAPERS_LR = 2e-5
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear on SmolLM2
+
+
+@contextmanager
+def locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on PATH for the block (yields False at once if another holds it and not WAIT).
+
+    Parts of the study side by side may share methods: the lock keeps them from doing one run, conversion or
+    calibration twice, and the OS releases it when a part dies, so a stopped study leaves no stale lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def evaluation_data(option: Path | None) -> Path:
@@ -205,7 +224,9 @@ def ours_store(base: Path, tokens_file: Path, settings) -> Path:
     from corda_surgery.calib.stream import calibrate
 
     store = tokens_file.with_suffix(".h5")
-    if not store.is_file():
+    with locked(store.with_suffix(".lock")):
+        if store.is_file():
+            return store
         windows = calibration_tokens(tokens_file)
         spec = CalibrationSpec(
             str(tokens_file),
@@ -257,13 +278,18 @@ def peft_corda(base: Path, tokens_file: Path, mode: str, settings, out: Path) ->
 
 def initialise(name: str, base: Path, calibration: dict[str, Path], settings) -> Path:
     """The method's residual model with adapter/ (converted once, reused by every learning rate and seed)."""
+    converted = settings.out / "models" / name
+    with locked(settings.out / "locks" / f"convert-{name}"):
+        if not (converted / "adapter" / "adapter_config.json").is_file():
+            convert(name, base, calibration, settings, converted)
+    return converted
+
+
+def convert(name: str, base: Path, calibration: dict[str, Path], settings, converted: Path) -> None:
     from corda_surgery.options import SurgeryOptions
     from corda_surgery.surgery import decompose_checkpoint
 
     method = METHODS[name]
-    converted = settings.out / "models" / name
-    if (converted / "adapter" / "adapter_config.json").is_file():
-        return converted
     started = time.time()
     if method.surgery == "peft-corda":
         peft_corda(base, calibration[method.calibration], method.mode, settings, converted)
@@ -284,7 +310,6 @@ def initialise(name: str, base: Path, calibration: dict[str, Path], settings) ->
         )
         decompose_checkpoint(base, converted, options, stores=stores, compute=settings.compute, progress=False)
     print(f"  initialised {name} in {time.time() - started:.0f} s", flush=True)
-    return converted
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -450,8 +475,9 @@ def train(model, tokenizer, items, settings, lr: float, seed: int, work: Path) -
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+@torch.no_grad()
 def adapter_product(model) -> dict[str, torch.Tensor]:
-    """s·B·A of every LoRA module (float64)."""
+    """s·B·A of every LoRA module (float64), detached: a figure, not part of training."""
     return {
         name: m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double() * m.scaling["default"]
         for name, m in model.named_modules()
@@ -544,9 +570,12 @@ def steps_to_reach(losses: list[float], target: float, window: int = 4) -> int |
 def publish(out: Path, names: tuple[str, ...]) -> None:
     """Copy the named files of OUT that exist into PUBLISHED (the default study only)."""
     PUBLISHED.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (out / name).is_file():
-            shutil.copy2(out / name, PUBLISHED / name)
+    with locked(out / "locks" / "publish"):  # the last copy holds every part's runs
+        for name in names:
+            if (out / name).is_file():
+                staging = PUBLISHED / f".{name}.partial"
+                shutil.copy2(out / name, staging)
+                staging.replace(PUBLISHED / name)
 
 
 def report(out: Path, published: bool) -> None:
@@ -747,8 +776,9 @@ def main() -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads [default: all cores]; parts of the study side by side (disjoint --only, sharing no "
-        "calibration store) with one thread each keep the cores busier: evaluation runs on about one core",
+        help="CPU threads [default: all cores]; parts of the study side by side with one thread each keep the "
+        "cores busier (evaluation runs on about one core); they may share methods: locks under OUT/locks keep "
+        "any run, conversion or calibration from being done twice",
     )
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from OUT")
     parser.add_argument("--quick", action="store_true", help="harness check: 2 steps, small sets, one lr and seed")
@@ -783,9 +813,6 @@ def main() -> None:
     settings.compute = ComputeOptions(device=settings.device)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
-    for name in STATE_FILES if published and not (out / "runs.jsonl").exists() else ():
-        if (PUBLISHED / name).is_file():  # a new checkout: continue the committed study
-            shutil.copy2(PUBLISHED / name, out / name)
     plan = planned_runs(settings)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     recorded = {k: os.path.relpath(v, REPO) if isinstance(v, Path) else v for k, v in vars(settings).items()
@@ -796,17 +823,22 @@ def main() -> None:
     base = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
     items = evaluation_items(settings)
-    calibration = calibration_windows(settings, tokenizer, out)
-    if not (out / "before.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(base).to(settings.device)
-        (out / "before.json").write_text(json.dumps(evaluate(model, tokenizer, items, settings)))
+    with locked(out / "locks" / "setup"):  # the first part prepares what every part shares
+        for name in STATE_FILES if published and not (out / "runs.jsonl").exists() else ():
+            if (PUBLISHED / name).is_file():  # a new checkout: continue the committed study
+                shutil.copy2(PUBLISHED / name, out / name)
+        calibration = calibration_windows(settings, tokenizer, out)
+        if not (out / "before.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(base).to(settings.device)
+            (out / "before.json").write_text(json.dumps(evaluate(model, tokenizer, items, settings)))
     started = time.time()
     for name, lr, seed in plan:
-        if (name, lr, seed) in finished_runs(out):  # read afresh: another part of the study may have run it
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {name} lr {lr:g} seed {seed}", flush=True)
-        result = run_one(name, lr, seed, base, calibration, items, settings)
-        append_line(out / "runs.jsonl", json.dumps(result))
+        with locked(out / "locks" / f"run-{name}_lr{lr:g}_seed{seed}", wait=False) as ours:
+            if not ours or (name, lr, seed) in finished_runs(out):  # another part runs it, or has run it
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {name} lr {lr:g} seed {seed}", flush=True)
+            result = run_one(name, lr, seed, base, calibration, items, settings)
+            append_line(out / "runs.jsonl", json.dumps(result))
         if published:
             publish(out, STATE_FILES)
         print(f"  trained {result['train_seconds']:.0f} s, evaluated {result['eval_seconds']:.0f} s", flush=True)
