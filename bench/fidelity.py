@@ -600,6 +600,9 @@ def report(out: Path, published: bool) -> None:
             em_lora = lora["nq_open_em"] + lora["triviaqa_em"]
             low, high = bootstrap_interval(em_run, em_lora)
             row["em_vs_lora_ci95"] = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+            nll_run = run["nq_open_nll"] + run["triviaqa_nll"]
+            low, high = bootstrap_interval(lora["nq_open_nll"] + lora["triviaqa_nll"], nll_run)  # > 0: keeps more
+            row["loglik_vs_lora_ci95"] = f"[{low:+.3f}, {high:+.3f}]"
         low, high = bootstrap_interval(
             run["nq_open_em"] + run["triviaqa_em"], before["nq_open_em"] + before["triviaqa_em"]
         )
@@ -646,8 +649,8 @@ def markdown_table(rows: list[dict], before: dict) -> str:
         "",
         "| lr | method | seeds | "
         + " | ".join(title for _, title, _ in columns)
-        + " | EM Δ vs LoRA, 95 % CI | steps to LoRA's final loss |",
-        "|---" * (len(columns) + 5) + "|",
+        + " | EM Δ vs LoRA, 95 % CI | log-lik Δ (Q:/A:) vs LoRA, 95 % CI | steps to LoRA's final loss |",
+        "|---" * (len(columns) + 6) + "|",
     ]
     for (lr, method), group in sorted(groups.items(), key=lambda item: (item[0][0], list(METHODS).index(item[0][1]))):
         cells = []
@@ -657,9 +660,11 @@ def markdown_table(rows: list[dict], before: dict) -> str:
             if len(values) > 1:
                 cell += " ± " + fmt.format((max(values) - min(values)) / 2).lstrip("+")
             cells.append(cell)
-        ci = group[0].get("em_vs_lora_ci95", "") if method != "lora" else ""
+        intervals = [
+            group[0].get(key, "") if method != "lora" else "" for key in ("em_vs_lora_ci95", "loglik_vs_lora_ci95")
+        ]
         steps = ", ".join(str(g.get("steps_to_lora_final_loss") or "not reached") for g in group)
-        lines.append(f"| {lr:g} | {method} | {len(group)} | " + " | ".join(cells) + f" | {ci} | {steps} |")
+        lines.append(f"| {lr:g} | {method} | {len(group)} | " + " | ".join(cells + intervals) + f" | {steps} |")
     return "\n".join(lines) + "\n"
 
 
