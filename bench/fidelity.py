@@ -224,7 +224,7 @@ def ours_store(base: Path, tokens_file: Path, settings) -> Path:
     from corda_surgery.calib.stream import calibrate
 
     store = tokens_file.with_suffix(".h5")
-    with locked(store.with_suffix(".lock")):
+    with locked(store.parent / "locks" / f"calibrate-{store.stem}"):
         if store.is_file():
             return store
         windows = calibration_tokens(tokens_file)
