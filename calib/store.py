@@ -19,7 +19,7 @@ import torch
 
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import CHECK_BLOCK_ELEMENTS
+from corda_surgery.numerics import CHECK_BLOCK_ELEMENTS, all_finite
 from corda_surgery.options import DEFAULT_DAMPING
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
@@ -82,10 +82,12 @@ def _check_covariance(data: torch.Tensor, what: str) -> None:
     scale = asymmetry = 0.0
     for start in range(0, width, step):
         rows = data[start : start + step]
-        if not torch.isfinite(rows).all():
+        if not all_finite(rows):
             raise StoreError(f"{what} contains NaN or Inf")
-        scale = max(scale, float(rows.abs().max()))
-        asymmetry = max(asymmetry, float((rows - data[:, start : start + step].T).abs().max()))
+        low, high = torch.aminmax(rows)  # one pass each, no absolute-value temporaries
+        scale = max(scale, -float(low), float(high))
+        low, high = torch.aminmax(rows - data[:, start : start + step].T)
+        asymmetry = max(asymmetry, -float(low), float(high))
     if asymmetry > SYMMETRY_TOLERANCE * scale:
         raise StoreError(f"{what} is not symmetric (tolerance {SYMMETRY_TOLERANCE:g})")
     if bool((data.diagonal() < 0).any()):

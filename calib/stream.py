@@ -45,7 +45,7 @@ from corda_surgery.distributed import (
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory_plan import announce, plan_run
-from corda_surgery.numerics import all_finite, symmetric_tiles
+from corda_surgery.numerics import all_finite, mirror_tiles, symmetric_tiles
 from corda_surgery.outputs import STAGING_MARK, claimed, refuse_existing
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,7 @@ class _Accumulator:
     def totals(self) -> list[torch.Tensor]:
         """The sums with their lower triangle filled in from the upper one's tiles, in host memory."""
         for total in self.sums:
-            for tile_rows, tile_columns in self.tiles:
-                if tile_rows != tile_columns:
-                    total[tile_columns, tile_rows] = total[tile_rows, tile_columns].T
+            mirror_tiles(total, self.tiles)
         return [total.cpu() for total in self.sums]
 
 

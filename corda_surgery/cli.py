@@ -106,12 +106,12 @@ _decomposition_options = _options(
     click.option("--targets", default="all-linear", show_default=True,
                  help="Comma-separated linear names (e.g. q_proj,v_proj), fused expert weights "
                       "(e.g. experts.down_proj), or all-linear (every linear and expert weight)."),
-    click.option("--solver", type=click.Choice(["gram", "subspace", "svd"]), default="gram", show_default=True,
-                 help="How the singular pairs of the float64 product W·C are found. gram: full eigen-decomposition "
-                      "of its Gram matrix, a layer whose cut that cannot resolve taking svd; subspace: only the r "
-                      "kept pairs, by block subspace iteration on that Gram matrix, each checked by its residual, "
-                      "falling back to gram per layer (recorded in surgery.json; faster only where the kept pairs "
-                      "stand apart, see the README); svd: LAPACK's full float64 SVD (reference, ~2x slower)."),
+    click.option("--solver", type=click.Choice(["subspace", "gram", "svd"]), default="subspace", show_default=True,
+                 help="How the singular pairs of the float64 product W·C are found. subspace: only the r kept "
+                      "pairs, by block subspace iteration on its Gram matrix, each checked by its residual, where "
+                      "the spectrum at the cut makes that cheaper than gram, else gram (per layer, recorded in "
+                      "surgery.json); gram: full eigen-decomposition of that Gram matrix, a layer whose cut it "
+                      "cannot resolve taking svd; svd: LAPACK's full float64 SVD (reference, ~2x slower)."),
     click.option("--balance", is_flag=True,
                  help="Rescale each rank-one component so that A's row and B's column have equal norms (B·A, the "
                       "residual and the handoff unchanged). KPM's A is far larger than its B, so at one learning "

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from corda_surgery.eigenpairs import extreme_eigenpairs
+from corda_surgery.eigenpairs import extreme_eigenpairs, largest_eigenvalue
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import all_finite
+from corda_surgery.numerics import all_finite, symmetric_product
 from corda_surgery.options import DEFAULT_DAMPING
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,6 @@ def context_product(
     return product, damped, lam
 
 
-def _gram(tall: torch.Tensor) -> torch.Tensor:
-    return tall.T @ tall
-
-
 def singular_values(matrix: torch.Tensor, *, solver: str = "gram") -> torch.Tensor:
     """All singular values of a float64 ``matrix``, descending.
 
@@ -231,7 +227,7 @@ def singular_values(matrix: torch.Tensor, *, solver: str = "gram") -> torch.Tens
     if solver == "svd":
         return torch.linalg.svdvals(matrix)
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
-    return torch.linalg.eigvalsh(_gram(tall)).clamp_min(0).sqrt().flip(0)
+    return torch.linalg.eigvalsh(symmetric_product(tall)).clamp_min(0).sqrt().flip(0)
 
 
 @dataclass(frozen=True)
@@ -267,25 +263,45 @@ def kept_pairs(matrix: torch.Tensor, rank: int, mode: str, *, solver: str) -> Ke
 
 def _gram_pairs(matrix: torch.Tensor, rank: int, mode: str, solver: str) -> KeptPairs:
     """The kept pairs of a tall ``matrix`` from its Gram matrix; where the cut lies below what the Gram matrix
-    resolves, only the name of the SVD fallback (``solver`` says why) and no vectors."""
+    resolves, only the name of the SVD fallback and no vectors.
+
+    ``subspace`` results are kept where their own bounds (λ₁ by power iteration, the gap by the next Ritz
+    value less its residual) show the cut resolved; otherwise the full eigen-decomposition measures the gap.
+    """
     n = matrix.shape[1]
-    gram = _gram(matrix)
+    gram = symmetric_product(matrix)
+    total_energy = float(gram.diagonal().sum())
     found = extreme_eigenpairs(gram, rank, largest=mode == "ipm") if solver == "subspace" else None
     if found is not None:
-        v_r, spectrum, used = found[1], None, "subspace"
-    else:
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-        spectrum, used = eigenvalues.clamp_min(0).sqrt().flip(0), "gram"
-        chosen = torch.arange(n - 1, n - 1 - rank, -1) if mode == "ipm" else torch.arange(rank - 1, -1, -1)
-        v_r = eigenvectors[:, chosen]  # descending σ order: no flipped copy of all vectors
+        at_cut = float(found.values[-1] if mode == "ipm" else found.values[0])  # the next lies ≥ neighbour away
+        beyond = max(at_cut - found.neighbour, 0.0) ** 0.5 if mode == "ipm" else (at_cut + found.neighbour) ** 0.5
+        first = float(found.values[0] if mode == "ipm" else largest_eigenvalue(gram)) ** 0.5
+        image = matrix @ found.vectors
+        s_r = image.norm(dim=0)
+        if _gram_error(_at_cut(s_r, mode), first, beyond) <= GRAM_RESOLUTION:
+            return _pairs(image, s_r, found.vectors, total_energy, None, "subspace")
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    del gram
+    spectrum = eigenvalues.clamp_min(0).sqrt().flip(0)
+    chosen = torch.arange(n - 1, n - 1 - rank, -1) if mode == "ipm" else torch.arange(rank - 1, -1, -1)
+    v_r = eigenvectors[:, chosen]  # descending σ order: no flipped copy of all vectors
     image = matrix @ v_r
     s_r = image.norm(dim=0)
-    total_energy = float(gram.diagonal().sum())
-    if _gram_error(s_r, spectrum, total_energy, rank, mode) > GRAM_RESOLUTION:
+    beyond = float(spectrum[min(rank, n - 1)] if mode == "ipm" else spectrum[max(n - rank - 1, 0)])
+    if rank < n and _gram_error(_at_cut(s_r, mode), float(spectrum[0]), beyond) > GRAM_RESOLUTION:
         empty = torch.empty(0)
-        return KeptPairs(empty, empty, empty, total_energy, None, f"svd ({used} could not resolve the cut)")
+        return KeptPairs(empty, empty, empty, total_energy, None, "svd (gram could not resolve the cut)")
+    return _pairs(image, s_r, v_r, total_energy, spectrum, "gram")
+
+
+def _at_cut(s_r: torch.Tensor, mode: str) -> float:
+    """The kept singular value next to the cut (σ = ‖M·v‖, descending order: no root of a tiny eigenvalue)."""
+    return float(s_r[-1] if mode == "ipm" else s_r[0])
+
+
+def _pairs(image: torch.Tensor, s_r: torch.Tensor, v_r: torch.Tensor, energy: float, spectrum, used: str) -> KeptPairs:
     u_r = image / torch.where(s_r > 0, s_r, 1)  # σ = 0: u is arbitrary, B = u·√σ is zero anyway
-    return KeptPairs(u_r, s_r, v_r.T, total_energy, spectrum, used)
+    return KeptPairs(u_r, s_r, v_r.T, energy, spectrum, used)
 
 
 # The Gram route resolves a singular pair only to about ε·(σ₁/σ)² over the relative gap at the cut, so KPM's
@@ -296,20 +312,13 @@ def _gram_pairs(matrix: torch.Tensor, rank: int, mode: str, solver: str) -> Kept
 GRAM_RESOLUTION = 1e-3
 
 
-def _gram_error(kept: torch.Tensor, spectrum: torch.Tensor | None, total_energy: float, rank: int, mode: str) -> float:
-    """The Gram route's error estimate on the kept subspace, ε·(σ₁/σ_cut)²/gap: from the full spectrum where the
-    solver found it, else with ‖M‖_F for σ₁ and an assumed 1 % gap (the kept pairs alone say nothing of it)."""
-    cut = float(kept.min() if mode == "ipm" else kept.max())
-    if spectrum is not None and rank >= spectrum.numel():
-        return 0.0  # every pair kept: no cut, the adapter is the whole product
+def _gram_error(cut: float, first: float, beyond: float) -> float:
+    """The Gram route's error estimate on the kept subspace, ε·(σ₁/σ_cut)²/gap, from the singular values at the
+    cut, the first one (or a bound on it) and the next one beyond the cut (or a bound closer to the cut)."""
     if cut <= 0:
         return float("inf")
-    if spectrum is None:
-        first, gap = total_energy**0.5, 1e-2
-    else:
-        neighbour = float(spectrum[rank] if mode == "ipm" else spectrum[spectrum.numel() - rank - 1])
-        first, gap = float(spectrum[0]), abs(cut - neighbour) / cut
-    return torch.finfo(torch.float64).eps * (first / cut) ** 2 / max(gap, torch.finfo(torch.float64).eps)
+    eps = torch.finfo(torch.float64).eps
+    return eps * (first / cut) ** 2 / max(abs(cut - beyond) / cut, eps)
 
 
 def _svd_pairs(matrix: torch.Tensor, rank: int, mode: str, solver: str) -> KeptPairs:
@@ -326,7 +335,7 @@ def decompose_weight(
     mode: str,
     alpha: float | None = None,
     damping: float = DEFAULT_DAMPING,
-    solver: str = "gram",
+    solver: str = "subspace",
     factor_dtype: torch.dtype = torch.float32,
     transposed: bool = False,
     name: str = "weight",
@@ -364,7 +373,7 @@ def decompose_weight(
     lora_b = lora_b.to("cpu", factor_dtype).contiguous()
     residual = torch.empty_like(weight, device="cpu")  # the weight's own layout: (in, out) for Conv1D
     _fill_residual(residual.T if transposed else residual, w, lora_a, lora_b, scaling, name, lam)
-    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+    if not (all_finite(lora_a) and all_finite(lora_b)):
         raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
     return Decomposition(
         lora_A=lora_a,
@@ -405,6 +414,6 @@ def _fill_residual(
     a = lora_a.double()
     for rows in _row_blocks(*w.shape):
         block = w[rows].double() - scaling * (lora_b[rows].double() @ a)
-        if not torch.isfinite(block).all():
+        if not all_finite(block):
             raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
         residual[rows] = block

@@ -1,5 +1,5 @@
-"""Work over large matrices in pieces: finiteness checks without temporaries near the tensor's size, and the
-tiles of a symmetric product."""
+"""Work over large matrices in pieces: finiteness checks without temporaries near the tensor's size, and
+symmetric products from the tiles of their upper triangle."""
 
 from __future__ import annotations
 
@@ -11,11 +11,20 @@ CHECK_BLOCK_ELEMENTS = 1 << 23  # elements checked at a time: 64 MB of float64
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in ``tensor``, checked a slice at a time: ``torch.isfinite`` on the whole tensor
-    allocates its absolute value as well as the mask (measured: +2.2 GB on a 1.6 GB covariance)."""
+    """No NaN or Inf in ``tensor``.
+
+    A sum is NaN or Inf wherever an element is (IEEE arithmetic propagates both), and it reads the tensor once
+    without writing anything: 11 ms against 188 ms for ``isfinite(...).all()`` on a 5632² float64 covariance.
+    Only a sum that overflowed on finite elements (huge half-precision tensors) needs the element check,
+    then a slice at a time: ``torch.isfinite`` on a whole tensor allocates its absolute value as well as
+    the mask (measured: +2.2 GB on a 1.6 GB covariance).
+    """
     if not tensor.is_contiguous() and tensor.dim() == 2 and tensor.T.is_contiguous():
         tensor = tensor.T  # a transposed view (Conv1D weights): the same elements, without a copy
     flat = tensor.reshape(-1)
+    wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(flat.sum(dtype=wide))):
+        return True
     return all(bool(torch.isfinite(flat[start : start + CHECK_BLOCK_ELEMENTS]).all())
                for start in range(0, flat.numel(), CHECK_BLOCK_ELEMENTS))  # fmt: skip
 
@@ -47,3 +56,23 @@ def symmetric_tiles(width: int) -> list[tuple[slice, slice]]:
         return cover(low, middle) + square + cover(middle, high)
 
     return cover(0, width)
+
+
+def symmetric_product(tall: torch.Tensor) -> torch.Tensor:
+    """``tallᵀ·tall`` from the tiles on and above the diagonal (``symmetric_tiles``), mirrored below it: the
+    Gram matrices of the decomposition at about half a full product's FLOPs (measured in float64 on 2 cores:
+    2048 wide from 2048 rows 163 → 112 ms, from 5632 rows 355 → 275 ms)."""
+    width = tall.shape[1]
+    product = torch.empty(width, width, dtype=tall.dtype, device=tall.device)
+    tiles = symmetric_tiles(width)
+    for rows, columns in tiles:
+        product[rows, columns] = tall[:, rows].T @ tall[:, columns]
+    mirror_tiles(product, tiles)
+    return product
+
+
+def mirror_tiles(matrix: torch.Tensor, tiles: list[tuple[slice, slice]]) -> None:
+    """Fill the lower triangle of a symmetric ``matrix`` from its upper ``tiles`` (``symmetric_tiles``)."""
+    for rows, columns in tiles:
+        if rows != columns:
+            matrix[columns, rows] = matrix[rows, columns].T

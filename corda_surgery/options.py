@@ -41,8 +41,8 @@ class Mode(str, Enum):
 
 
 class Solver(str, Enum):
-    GRAM = "gram"  # eigen-decomposition of the Gram matrix of the tall orientation (fast)
-    SUBSPACE = "subspace"  # only the kept pairs, by subspace iteration (falls back to gram)
+    GRAM = "gram"  # eigen-decomposition of the Gram matrix of the tall orientation
+    SUBSPACE = "subspace"  # only the kept pairs, by subspace iteration where it pays (else gram)
     SVD = "svd"  # LAPACK's full float64 SVD (the reference)
 
 
@@ -103,7 +103,7 @@ class SurgeryOptions:
     rank: int = 16
     alpha: float | None = None  # None: the rank (scaling 1)
     targets: tuple[str, ...] = ()  # linear or fused expert weight names (suffixes); (): all of them
-    solver: Solver = Solver.GRAM
+    solver: Solver = Solver.SUBSPACE
     factor_dtype: str = "float32"
     damping: float = DEFAULT_DAMPING
     rank_budget: float | None = None

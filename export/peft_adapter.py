@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
 
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.numerics import all_finite
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -151,7 +152,7 @@ def _check_factors(adapter: LoraAdapter, weights_path: Path) -> None:
                 f"but its config gives rank {rank}"
             )
         for factor, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise AdapterError(f"{weights_path}: {module}.{factor} contains NaN or Inf")
 
 

@@ -17,7 +17,7 @@ def cases(draw):
     tokens = draw(st.integers(1, 3 * in_dim))
     seed = draw(st.integers(0, 2**16))
     weight_dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    solver = draw(st.sampled_from(["gram", "svd"]))
+    solver = draw(st.sampled_from(["subspace", "gram", "svd"]))
     mode = draw(st.sampled_from(["kpm", "ipm"]))
     zero_covariance = draw(st.integers(0, 9)) == 0  # one case in ten: a layer that saw no tokens
     return out_dim, in_dim, rank, log_condition, tokens, seed, weight_dtype, solver, mode, zero_covariance

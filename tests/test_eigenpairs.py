@@ -4,11 +4,19 @@ where the cut has a gap, and, wherever it has none, a fallback that still rebuil
 import pytest
 import torch
 
+from corda_surgery import eigenpairs
 from corda_surgery.decompose import decompose_weight, kept_pairs
-from corda_surgery.eigenpairs import extreme_eigenpairs
+from corda_surgery.eigenpairs import extreme_eigenpairs, largest_eigenvalue
 from tests.helpers import relative
 
 RANK = 8
+
+
+@pytest.fixture
+def iterate_whatever_it_costs(monkeypatch):
+    """At these sizes the full eigen-decomposition is cheaper than iterating, and the solver says so; the
+    accuracy tests lift that budget so that the iteration itself runs."""
+    monkeypatch.setattr(eigenpairs, "STEPS_PER_WIDTH_OVER_BLOCK", 1e9)
 
 
 def _with_spectrum(rows: int, columns: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -36,6 +44,7 @@ def _gapped(columns: int, mode: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 @pytest.mark.parametrize("shape", [(400, 200), (200, 400)])
+@pytest.mark.usefixtures("iterate_whatever_it_costs")
 def test_kept_pairs_agree_with_the_full_svd_where_the_cut_has_a_gap(mode, shape):
     rows, columns = shape
     matrix = _with_spectrum(max(shape), min(shape), _gapped(min(shape), mode))
@@ -56,6 +65,7 @@ def test_kept_pairs_agree_with_the_full_svd_where_the_cut_has_a_gap(mode, shape)
 
 
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.usefixtures("iterate_whatever_it_costs")
 def test_factors_agree_with_the_float64_svd_path(mode):
     g = torch.Generator().manual_seed(1)
     weight = _with_spectrum(300, 160, _gapped(160, mode), seed=2)
@@ -70,16 +80,18 @@ def test_factors_agree_with_the_float64_svd_path(mode):
 
 
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.usefixtures("iterate_whatever_it_costs")
 def test_a_cut_inside_a_cluster_falls_back_and_still_rebuilds_the_weight(mode):
-    """Equal singular values around the cut: whichever r of them are kept (iteration may converge on any, or
-    fall back to the full eigen-decomposition), residual + adapter still give W."""
+    """Equal singular values around the cut: whichever r of them are kept (iteration may converge on any, fall
+    back to the full eigen-decomposition, or, with no gap to resolve the cut by, to the SVD), residual + adapter
+    still give W."""
     s = torch.logspace(0, -3, 200, dtype=torch.float64)
     middle = RANK if mode == "ipm" else 200 - RANK
     cluster = slice(middle - 8, min(200, middle + 16))
     s[cluster] = s[middle] * (1 + 1e-13 * torch.arange(cluster.stop - cluster.start, dtype=torch.float64))
     weight = _with_spectrum(300, 200, s.sort(descending=True).values, seed=3)
     result = decompose_weight(weight, None, rank=RANK, mode=mode, solver="subspace", factor_dtype=torch.float64)
-    assert result.solver in ("subspace", "gram")
+    assert result.solver in ("subspace", "gram", "svd (gram could not resolve the cut)")
     assert relative(result.residual + result.lora_B @ result.lora_A, weight) <= 1e-14
 
 
@@ -98,5 +110,36 @@ def test_a_cut_below_the_gram_resolution_takes_the_svd(solver):
     weight = _with_spectrum(300, 200, s, seed=5)
     found = decompose_weight(weight, None, rank=RANK, mode="kpm", solver=solver, factor_dtype=torch.float64)
     exact = decompose_weight(weight, None, rank=RANK, mode="kpm", solver="svd", factor_dtype=torch.float64)
-    assert found.solver == f"svd ({solver} could not resolve the cut)"
+    assert found.solver == "svd (gram could not resolve the cut)"  # subspace: the full eigh measured the gap
     assert relative(found.lora_B @ found.lora_A, exact.lora_B @ exact.lora_A) <= 1e-12
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_iteration_runs_where_it_pays_and_declines_a_dense_cut(largest):
+    """With the production budget: a 10× gap at the cut converges (and matches eigh); the smallest pairs of a
+    random Gram matrix (a dense Marchenko–Pastur edge: ρ near 1) are declined, for the full eigen-decomposition."""
+    n = 600
+    s = torch.logspace(0, -2, n, dtype=torch.float64)
+    if largest:
+        s[RANK:] /= 10
+    else:
+        s[: n - RANK] *= 10
+    gapped = _with_spectrum(n, n, s.sort(descending=True).values, seed=6)
+    gram = gapped.T @ gapped
+    found = extreme_eigenpairs(gram, RANK, largest=largest)
+    assert found is not None and found.iterations <= eigenpairs.STEPS_PER_WIDTH_OVER_BLOCK * n / (RANK + 37)
+    values, vectors = torch.linalg.eigh(gram)
+    wanted = slice(n - RANK, n) if largest else slice(0, RANK)
+    assert _sine_of_largest_angle(found.vectors, vectors[:, wanted]) <= 1e-6
+    assert relative(found.values.sort().values, values[wanted]) <= 1e-10
+    if not largest:
+        random = torch.randn(2 * n, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        assert extreme_eigenpairs(random.T @ random, RANK, largest=False) is None
+
+
+def test_largest_eigenvalue_is_within_a_few_per_cent():
+    for seed, spectrum in enumerate([torch.logspace(0, -3, 500), torch.ones(500) + torch.rand(500) * 1e-2]):
+        matrix = _with_spectrum(500, 500, spectrum.double().sort(descending=True).values, seed=seed)
+        estimate = largest_eigenvalue(matrix.T @ matrix)
+        top = float(spectrum.max()) ** 2
+        assert 0.95 * top <= estimate <= top * (1 + 1e-12)

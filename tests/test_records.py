@@ -30,7 +30,7 @@ def test_convert_into_a_new_folder_records_what_is_on_disk(tiny_llama, tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "surgery.json").read_text())
     assert (report["method"], report["mode"], report["rank"], report["alpha"]) == ("corda", "kpm", 4, 8.0)
-    assert (report["solver"], report["factor_dtype"], report["damping"]) == ("gram", "float32", 0.01)
+    assert (report["solver"], report["factor_dtype"], report["damping"]) == ("subspace", "float32", 0.01)
     assert report["model_fingerprint"] == CheckpointReader(tiny_llama).fingerprint()
     assert report["versions"]["corda_surgery"] == corda_surgery.__version__
     assert report["versions"]["torch"] == torch.__version__
