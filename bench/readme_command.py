@@ -4,11 +4,12 @@ Runs `corda-surgery convert --out OUT` (the embedded SmolLM2-135M, its default c
 would, timed by /usr/bin/time, after one untimed run that fills the GGUF cache (a new user pays that once:
 it is reported separately). The floor is the GEMM work any CorDA implementation must do, at this machine's
 measured float32 / float64 matrix-multiply rates:
-- forward: 2 · (parameters of the linears of every block) · tokens (float32);
+- forward: 2 · (parameters of the linears of every block) · tokens, and attention's two products over the
+  causal half of each window, 2 · hidden · window · tokens per block (float32);
 - covariance: one symmetric XᵀX per distinct input, width² · tokens (float32: half a GEMM);
-- decomposition (float64): per linear W·C (2·out·in²), the Gram matrix of its tall side (2·m·n², n the
-  smaller side) and a symmetric eigen-decomposition with vectors of it (10/3·n³); per shared input one
-  Cholesky factor (in³/3).
+- decomposition (float64): per linear W·C (2·out·in²), the symmetric Gram matrix of its tall side (m·n², n
+  the smaller side: half a GEMM) and a symmetric eigen-decomposition with vectors of it (10/3·n³); per shared
+  input one Cholesky factor (in³/3).
 Start-up, reading and writing have no floor: they count against the ratio.
 
     python bench/readme_command.py [--out DIR]
@@ -39,14 +40,14 @@ def linear_shapes(config: dict) -> list[tuple[str, int, int]]:
     return [("q", h, h), ("k", kv, h), ("v", kv, h), ("o", h, h), ("gate", i, h), ("up", i, h), ("down", h, i)]
 
 
-def floor_seconds(config: dict, tokens: int, rate32: float, rate64: float) -> dict[str, float]:
+def floor_seconds(config: dict, tokens: int, window: int, rate32: float, rate64: float) -> dict[str, float]:
     layers = config["num_hidden_layers"]
     shapes = linear_shapes(config)
     h, i = config["hidden_size"], config["intermediate_size"]
-    forward = 2 * sum(o * n for _, o, n in shapes) * tokens * layers
+    forward = (2 * sum(o * n for _, o, n in shapes) + 2 * h * window) * tokens * layers
     covariance = (3 * h * h + i * i) * tokens * layers  # distinct inputs: q/k/v, o, gate/up, down
     decomposition = layers * (
-        sum(2 * o * n * n + 2 * max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3 for _, o, n in shapes)
+        sum(2 * o * n * n + max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3 for _, o, n in shapes)
         + (3 * h**3 + i**3) / 3
     )
     return {
@@ -72,10 +73,11 @@ def main() -> None:
     wall = time.perf_counter() - started
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1)) / 1024
     report = json.loads((out / "surgery.json").read_text())
-    tokens = report["covariance_stores"][0]["calibration"]["tokens"]
+    calibration = report["covariance_stores"][0]["calibration"]
+    tokens, window = calibration["tokens"], calibration["seq_len"]
     config = json.loads((out / "config.json").read_text())
     rate32, rate64 = matmul_gflops(torch.float32), matmul_gflops(torch.float64)
-    floor = floor_seconds(config, tokens, rate32, rate64)
+    floor = floor_seconds(config, tokens, window, rate32, rate64)
     total = sum(floor.values())
     print(json.dumps({
         "command": "corda-surgery convert --out OUT", "tokens": tokens, "wall_s": round(wall, 1),

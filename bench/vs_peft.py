@@ -153,19 +153,20 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def flop_floor(model_dir: Path, tokens: int, float64_cost: float) -> dict:
-    """FLOPs of the work itself, in float32-equivalents: block forward (2·params·tokens), one symmetric
-    XᵀX per distinct input (in²·tokens), and per linear W·C (2·out·in²), the float64 Gram matrix of its
-    tall side (2·m·n²) and its symmetric eigen-decomposition with vectors (≥ 10/3·n³: tridiagonal
+def flop_floor(model_dir: Path, tokens: int, window: int, float64_cost: float) -> dict:
+    """FLOPs of the work itself, in float32-equivalents: block forward (2·params·tokens, and attention's two
+    products over the causal half of each window, 2·hidden·window·tokens), one symmetric XᵀX per distinct
+    input (in²·tokens), and per linear W·C (2·out·in²), the float64 symmetric Gram matrix of its tall side
+    (m·n²: half a GEMM) and its symmetric eigen-decomposition with vectors (≥ 10/3·n³: tridiagonal
     reduction and back-transformation); ``float64_cost`` = float32 / float64 matmul rate."""
     config = json.loads((model_dir / "config.json").read_text())
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     block_params = 4 * h * h + 3 * h * i
-    forward = 2 * block_params * layers * tokens
+    forward = (2 * block_params + 2 * h * window) * layers * tokens
     covariance = (3 * h * h + i * i) * layers * tokens
     shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
     decomposition = layers * sum(
-        2 * o * n * n + float64_cost * (2 * max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3) for o, n in shapes
+        2 * o * n * n + float64_cost * (max(o, n) * min(o, n) ** 2 + 10 / 3 * min(o, n) ** 3) for o, n in shapes
     )
     return {"forward": forward, "covariance": covariance, "decomposition": decomposition}
 
@@ -334,7 +335,7 @@ def main() -> None:
     size_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
     rate, rate64 = matmul_gflops(), matmul_gflops(torch.float64)
     tokens = sum(len(json.loads(line)["input_ids"]) for line in token_file.read_text().splitlines())
-    floor = flop_floor(model_dir, tokens, rate / rate64)
+    floor = flop_floor(model_dir, tokens, args.seq_len, rate / rate64)
     floor_s = sum(floor.values()) / (rate * 1e9)
     print(
         f"\nmodel {tag}: {size_mb:.0f} MB float32; {args.samples} samples, {tokens} tokens; "
