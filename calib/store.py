@@ -19,7 +19,7 @@ import torch
 
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import CHECK_BLOCK_ELEMENTS, all_finite
+from corda_surgery.numerics import all_finite
 from corda_surgery.options import DEFAULT_DAMPING
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
@@ -28,6 +28,7 @@ ROUND_SEPARATOR = "@round"
 # |C − Cᵀ| allowed, relative to max |C|: the writer stores exactly symmetric sums; a store made elsewhere
 # may carry rounding of this order, anything larger is not a covariance.
 SYMMETRY_TOLERANCE = 1e-6  # dataset "<input>@round<k>" holds sampling round k of "<input>"
+SYMMETRY_TILE = 256  # the symmetry check compares this-wide tiles with their mirror images
 # Each input's count of covariance eigenvalues below the default damping level λ·mean(diag C): directions
 # the damping decides, not the data (KPM's cut lives there when they are as many as the rank). One float64
 # eigvalsh per input, so only for inputs up to this width and not for experts' slices (hundreds per layer).
@@ -75,19 +76,20 @@ def partial_path(path: Path) -> Path:
 
 
 def _check_covariance(data: torch.Tensor, what: str) -> None:
-    """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry, non-negative diagonal; checked in
-    row blocks so that no temporary approaches the covariance's size (6.6 GB at width 28672)."""
-    width = data.shape[0]
-    step = max(1, CHECK_BLOCK_ELEMENTS // width)
-    scale = asymmetry = 0.0
-    for start in range(0, width, step):
-        rows = data[start : start + step]
-        if not all_finite(rows):
-            raise StoreError(f"{what} contains NaN or Inf")
-        low, high = torch.aminmax(rows)  # one pass each, no absolute-value temporaries
-        scale = max(scale, -float(low), float(high))
-        low, high = torch.aminmax(rows - data[:, start : start + step].T)
-        asymmetry = max(asymmetry, -float(low), float(high))
+    """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry, non-negative diagonal. Reductions over
+    the whole matrix and mirrored pairs of SYMMETRY_TILE-wide tiles (both in cache: 5632 wide 344 → 57 ms
+    against comparing row blocks with column blocks), so no temporary approaches the covariance's size
+    (6.6 GB at width 28672)."""
+    if not all_finite(data):
+        raise StoreError(f"{what} contains NaN or Inf")
+    low, high = torch.aminmax(data)
+    scale, asymmetry, width = max(-float(low), float(high)), 0.0, data.shape[0]
+    for start in range(0, width, SYMMETRY_TILE):
+        rows = slice(start, start + SYMMETRY_TILE)
+        for column in range(start, width, SYMMETRY_TILE):
+            columns = slice(column, column + SYMMETRY_TILE)
+            low, high = torch.aminmax(data[rows, columns] - data[columns, rows].T)
+            asymmetry = max(asymmetry, -float(low), float(high))
     if asymmetry > SYMMETRY_TOLERANCE * scale:
         raise StoreError(f"{what} is not symmetric (tolerance {SYMMETRY_TOLERANCE:g})")
     if bool((data.diagonal() < 0).any()):
@@ -97,12 +99,16 @@ def _check_covariance(data: torch.Tensor, what: str) -> None:
 def eigenvalues_below_damping(total: torch.Tensor, damping: float = DEFAULT_DAMPING) -> int | None:
     """How many eigenvalues of the covariance (any positive multiple of it) lie below damping·mean(diag):
     the negative inertia of C − level·I (Sylvester), from its LDLᵀ factorisation — 4× faster than eigenvalues
-    (1536 wide: 43 against 163 ms on 2 cores). None for a covariance without positive diagonal (no tokens)."""
+    (1536 wide: 43 against 163 ms on 2 cores), after a Cholesky factorisation that settles the common case of
+    none at two thirds of its cost (5632 wide: 0.87 against 1.33 s). None for a covariance without positive
+    diagonal (no tokens)."""
     mean_diagonal = float(total.diagonal().mean())
     if not mean_diagonal > 0:
         return None
     shifted = total.double().clone()
     shifted.diagonal().sub_(damping * mean_diagonal)
+    if not int(torch.linalg.cholesky_ex(shifted).info):
+        return 0  # positive definite: no eigenvalue at or below the level
     factors, pivots, _ = torch.linalg.ldl_factor_ex(shifted)  # an exactly zero pivot is an eigenvalue at the level
     diagonal, below, pivots = factors.diagonal().tolist(), factors.diagonal(-1).tolist(), pivots.tolist()
     negative, k = 0, 0

@@ -87,6 +87,12 @@ def test_eigenvalues_below_damping_are_counted_by_inertia(seed):
         expected = int((torch.linalg.eigvalsh(total) < damping * total.diagonal().mean()).sum())
         assert eigenvalues_below_damping(total, damping) == expected
     assert eigenvalues_below_damping(total, 1e-2) >= width - tokens  # rank-deficient: every missing direction
+    full_rank = torch.randn(4 * width, width, generator=generator, dtype=torch.float64)
+    total = full_rank.T @ full_rank
+    for damping in (1e-2, 0.9):  # none below (settled by Cholesky), and some (by the inertia)
+        expected = int((torch.linalg.eigvalsh(total) < damping * total.diagonal().mean()).sum())
+        assert eigenvalues_below_damping(total, damping) == expected
+        assert (expected == 0) == (damping == 1e-2)
 
 
 def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
