@@ -31,7 +31,7 @@ SYMMETRY_TOLERANCE = 1e-6  # dataset "<input>@round<k>" holds sampling round k o
 SYMMETRY_TILE = 256  # the symmetry check compares this-wide tiles with their mirror images
 # Each input's count of covariance eigenvalues below the default damping level λ·mean(diag C): directions
 # the damping decides, not the data (KPM's cut lives there when they are as many as the rank). One float64
-# eigvalsh per input, so only for inputs up to this width and not for experts' slices (hundreds per layer).
+# factorisation per input, so only for inputs up to this width and not for experts' slices (hundreds per layer).
 BELOW_DAMPING_MAX_WIDTH = 8192
 
 

@@ -37,7 +37,8 @@ FIRST_PREDICTION = 2  # Ritz values of the first step say little about ρ
 
 @dataclass(frozen=True)
 class ExtremePairs:
-    """The wanted pairs, most extreme first for the largest, descending eigenvalue order for both."""
+    """The wanted pairs in descending eigenvalue order (the largest: most extreme first; the smallest: the
+    cut's first)."""
 
     values: torch.Tensor  # (r,) descending
     vectors: torch.Tensor  # (n, r), the same order
