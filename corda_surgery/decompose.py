@@ -15,7 +15,7 @@ import torch
 
 from corda_surgery.eigenpairs import extreme_eigenpairs, largest_eigenvalue
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import all_finite, symmetric_product
+from corda_surgery.numerics import all_finite, cholesky_solve, symmetric_product
 from corda_surgery.options import DEFAULT_DAMPING
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ def decompose_weight(
     u_r, s_r, vh_r = pairs.u, pairs.s, pairs.vh
     if chol is not None:
         # Vᵣᵀ C⁻¹ through the Cholesky factor, on the r kept rows only (no full inverse).
-        vh_r = torch.cholesky_solve(vh_r.T, chol).T
+        vh_r = cholesky_solve(chol, vh_r.T).T
     del chol
 
     root = (s_r / scaling).sqrt()

@@ -76,3 +76,9 @@ def mirror_tiles(matrix: torch.Tensor, tiles: list[tuple[slice, slice]]) -> None
     for rows, columns in tiles:
         if rows != columns:
             matrix[columns, rows] = matrix[rows, columns].T
+
+
+def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(L·Lᵀ)⁻¹·rhs`` for a lower Cholesky ``factor`` L, by two triangular solves: ``torch.cholesky_solve``
+    (LAPACK's potrs) took 2–3× longer (float64, 2048 wide, 64 columns, 2 cores: 47–74 against 18–24 ms)."""
+    return torch.linalg.solve_triangular(factor.T, torch.linalg.solve_triangular(factor, rhs, upper=False), upper=True)

@@ -202,7 +202,8 @@ def test_covariance_read_again_when_damping_must_grow():
     assert torch.equal(covariance, torch.diag(torch.tensor([1.0, 1.0, -0.5, 1.0], dtype=torch.float64)))
 
 
-def test_store_checks_find_asymmetry_in_any_row_block(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("entry", [(-1, -3), (0, -1)])  # inside the last diagonal tile; a mirrored pair of tiles
+def test_store_checks_find_asymmetry_in_any_tile(tiny_llama, tmp_path, monkeypatch, entry):
     import h5py
 
     import corda_surgery.calib.store as store_module
@@ -211,9 +212,9 @@ def test_store_checks_find_asymmetry_in_any_row_block(tiny_llama, tmp_path, monk
     with h5py.File(store, "r+") as f:
         name = "model.layers.2.mlp.down_proj"
         data = f[name][()]
-        data[-1, -3] *= 2  # the last row block only
+        data[entry] *= 2
         f[name][...] = data
-    monkeypatch.setattr(store_module, "CHECK_BLOCK_ELEMENTS", 128 * 8)  # 8 rows per block
+    monkeypatch.setattr(store_module, "SYMMETRY_TILE", 8)
     with CovarianceStore(store) as opened, pytest.raises(StoreError, match="down_proj is not symmetric"):
         opened.covariance(name)
 
