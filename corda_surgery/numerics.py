@@ -30,7 +30,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 SYMMETRIC_LEAF = 256  # diagonal tiles of XᵀX at most this wide are multiplied whole
-MAX_TILE_SIDE = 2048  # off-diagonal tiles are cut to this, so a product's temporary stays ≤ 16 MB of float32
+MAX_TILE_SIDE = 2048  # off-diagonal tiles are cut to this: a product's temporary ≤ 16 MB of float32, 32 MB of float64
 
 
 def symmetric_tiles(width: int) -> list[tuple[slice, slice]]:
