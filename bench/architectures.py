@@ -6,7 +6,7 @@ the same checks as tests/test_families.py, each step's exception caught and reco
 
 - build: save the checkpoint and run the original model once (a failure here is "could not build a tiny
   config" or a transformers-side problem, not the converter's);
-- calibrate: ``calib.stream.calibrate``;
+- calibrate: ``corda_surgery.surgery.calibration.calibrate``;
 - covariance: streamed covariances vs whole-model hooks (``tests.helpers.reference_covariances``, ≤ 1e-5);
 - handoff: KPM rank-4 surgery, PEFT adapter on the residual model reproduces the original logits (≤ 1e-4);
 - onnx: merge → ONNX export → ``verify_onnx`` (max |Δlogit| ≤ 1e-4, greedy tokens equal).
@@ -39,15 +39,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-from corda_surgery.calib.data import CalibrationSpec, token_batches
-from corda_surgery.calib.model_view import ModelView
-from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import calibrate
-from corda_surgery.export.merge import merge_adapter
-from corda_surgery.export.onnx_export import export_onnx
-from corda_surgery.export.verify import verify_onnx
-from corda_surgery.options import Mode, SurgeryOptions
-from corda_surgery.surgery import decompose_checkpoint
+from calib.data import CalibrationSpec, token_batches
+from calib.store import CovarianceStore
+from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import Mode, SurgeryOptions
+from corda_surgery.surgery.run import decompose_checkpoint
+from export.merge import merge_adapter
+from export.onnx_export import export_onnx
+from export.verify import verify_onnx
 from tests.families import FAMILIES, HIDDEN, LAYERS, SLIDING, save_family_model
 from tests.helpers import logits, reference_covariances, relative
 

@@ -168,7 +168,7 @@ def evaluation_items(settings) -> dict[str, list]:
 
 def calibration_windows(settings, tokenizer, out: Path) -> dict[str, Path]:
     """Token windows, written once as pre-tokenised records that both our calibration and PEFT's read."""
-    from corda_surgery.calib.data import CalibrationSpec, token_batches
+    from calib.data import CalibrationSpec, token_batches
 
     files = {}
     data = settings.data_dir
@@ -220,8 +220,8 @@ def calibration_tokens(path: Path) -> list[list[int]]:
 
 
 def ours_store(base: Path, tokens_file: Path, settings) -> Path:
-    from corda_surgery.calib.data import CalibrationSpec
-    from corda_surgery.calib.stream import calibrate
+    from calib.data import CalibrationSpec
+    from corda_surgery.surgery.calibration import calibrate
 
     store = tokens_file.with_suffix(".h5")
     with locked(store.parent / "locks" / f"calibrate-{store.stem}"):
@@ -286,8 +286,8 @@ def initialise(name: str, base: Path, calibration: dict[str, Path], settings) ->
 
 
 def convert(name: str, base: Path, calibration: dict[str, Path], settings, converted: Path) -> None:
-    from corda_surgery.options import SurgeryOptions
-    from corda_surgery.surgery import decompose_checkpoint
+    from corda_surgery.surgery.options import SurgeryOptions
+    from corda_surgery.surgery.run import decompose_checkpoint
 
     method = METHODS[name]
     started = time.time()

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.model_view import ModelView
-from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import calibrate
+from calib.data import CalibrationSpec
+from calib.store import CovarianceStore
+from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
-from corda_surgery.decompose import decompose_weight
+from corda_surgery.decomposition.decompose import decompose_weight
 from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import embedded_model_dir
+from corda_surgery.surgery.calibration import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward_dtype.json"
 RANK = 16

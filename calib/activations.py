@@ -16,6 +16,18 @@ from pathlib import Path
 
 import torch
 
+from corda_surgery.compute import ComputeOptions
+from corda_surgery.distributed import local_world
+
+
+def rank_activation_budget(compute: ComputeOptions) -> int:
+    """Bytes of hidden states this process keeps in memory: ``compute``'s budget, shared by the ranks on this
+    machine where that is RAM. Take it once per run: its default depends on the memory free at the time."""
+    budget = compute.activation_budget()
+    if compute.torch_device.type == "cpu":
+        budget //= local_world()
+    return budget
+
 
 class Activations:
     """A list of per-batch tensors: the first ones in memory while they fit ``budget`` bytes, the rest on disk."""

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.options import OptionsError
+from corda_surgery.errors import CordaSurgeryError, OptionsError
 
 log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -174,8 +173,12 @@ def _jsonl_token_lists(
         if isinstance(item, list):  # pre-tokenised: checked when read
             ids = item
         else:  # the tokenizer may know more ids than the model's embedding
-            ids = _token_ids(tokenizer(item, add_special_tokens=not chat_template)["input_ids"][: spec.seq_len],
-                             path, number, vocab_size)  # fmt: skip
+            ids = _token_ids(
+                tokenizer(item, add_special_tokens=not chat_template)["input_ids"][: spec.seq_len],
+                path,
+                number,
+                vocab_size,
+            )
         if ids:
             token_lists.append(ids)
     return token_lists, skipped

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +20,14 @@ import torch
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
-from corda_surgery.options import DEFAULT_DAMPING
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
 FORMAT_VERSION = 2
-ROUND_SEPARATOR = "@round"
+ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k of "<input>"
 # |C − Cᵀ| allowed, relative to max |C|: the writer stores exactly symmetric sums; a store made elsewhere
 # may carry rounding of this order, anything larger is not a covariance.
-SYMMETRY_TOLERANCE = 1e-6  # dataset "<input>@round<k>" holds sampling round k of "<input>"
+SYMMETRY_TOLERANCE = 1e-6
 SYMMETRY_TILE = 256  # the symmetry check compares this-wide tiles with their mirror images
-# Each input's count of covariance eigenvalues below the default damping level λ·mean(diag C): directions
-# the damping decides, not the data (KPM's cut lives there when they are as many as the rank). One float64
-# factorisation per input, so only for inputs up to this width and not for experts' slices (hundreds per layer).
-BELOW_DAMPING_MAX_WIDTH = 8192
 
 
 class StoreError(CordaSurgeryError):
@@ -48,7 +43,7 @@ class CovarianceEntry:
     linears: tuple[str, ...]
     count: int
     round_counts: tuple[int, ...] = ()  # one count per sampling round, when the run had several
-    below_damping: int | None = None  # eigenvalues of C under DEFAULT_DAMPING·mean(diag C); None: not counted
+    below_damping: int | None = None  # eigenvalues of C under the store's level·mean(diag C); None: not counted
 
     def round_name(self, index: int) -> str:
         return f"{self.name}{ROUND_SEPARATOR}{index}"
@@ -77,9 +72,8 @@ def partial_path(path: Path) -> Path:
 
 def _check_covariance(data: torch.Tensor, what: str) -> None:
     """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry, non-negative diagonal. Reductions over
-    the whole matrix and mirrored pairs of SYMMETRY_TILE-wide tiles (both in cache: 5632 wide 344 → 57 ms
-    against comparing row blocks with column blocks), so no temporary approaches the covariance's size
-    (6.6 GB at width 28672)."""
+    the whole matrix and mirrored pairs of SYMMETRY_TILE-wide tiles (both fit in cache), so no temporary
+    approaches the covariance's size."""
     if not all_finite(data):
         raise StoreError(f"{what} contains NaN or Inf")
     low, high = torch.aminmax(data)
@@ -96,40 +90,33 @@ def _check_covariance(data: torch.Tensor, what: str) -> None:
         raise StoreError(f"{what} has negative entries on its diagonal")
 
 
-def eigenvalues_below_damping(total: torch.Tensor, damping: float = DEFAULT_DAMPING) -> int | None:
-    """How many eigenvalues of the covariance (any positive multiple of it) lie below damping·mean(diag):
-    the negative inertia of C − level·I (Sylvester), from its LDLᵀ factorisation — 4× faster than eigenvalues
-    (1536 wide: 43 against 163 ms on 2 cores), after a Cholesky factorisation that settles the common case of
-    none at two thirds of its cost (5632 wide: 0.87 against 1.33 s). None for a covariance without positive
-    diagonal (no tokens)."""
-    mean_diagonal = float(total.diagonal().mean())
-    if not mean_diagonal > 0:
-        return None
-    shifted = total.double().clone()
-    shifted.diagonal().sub_(damping * mean_diagonal)
-    if not int(torch.linalg.cholesky_ex(shifted).info):
-        return 0  # positive definite: no eigenvalue at or below the level
-    factors, pivots, _ = torch.linalg.ldl_factor_ex(shifted)  # an exactly zero pivot is an eigenvalue at the level
-    diagonal, below, pivots = factors.diagonal().tolist(), factors.diagonal(-1).tolist(), pivots.tolist()
-    negative, k = 0, 0
-    while k < len(pivots):
-        if pivots[k] > 0:  # a 1×1 block of D
-            negative, k = negative + (diagonal[k] < 0), k + 1
-            continue
-        a, b, c = diagonal[k], below[k], diagonal[k + 1]  # a 2×2 block of D (LAPACK marks both rows negative)
-        determinant = a * c - b * b
-        negative, k = negative + (1 if determinant < 0 else 2 if a + c < 0 else 0), k + 2
-    return negative
-
-
-def _counted(entry: CovarianceEntry, width: int) -> bool:
-    return width <= BELOW_DAMPING_MAX_WIDTH and "[" not in entry.name
+def round_total(round_sums: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum over the sampling rounds, as the store holds it (the one sum itself when there is one round)."""
+    if len(round_sums) == 1:
+        return round_sums[0]
+    total = round_sums[0].clone()
+    for round_sum in round_sums[1:]:
+        total.add_(round_sum)
+    return total
 
 
 class StoreWriter:
-    """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it."""
+    """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it.
 
-    def __init__(self, path: str | Path, *, fingerprint: str, calibration: dict, num_layers: int, resume: bool):
+    ``below_damping_level``: the level its entries' ``below_damping`` counts were taken at (recorded; None:
+    no counts), by whoever computed them, since the store does no linear algebra.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fingerprint: str,
+        calibration: dict,
+        num_layers: int,
+        resume: bool,
+        below_damping_level: float | None = None,
+    ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.fingerprint = fingerprint
@@ -144,7 +131,8 @@ class StoreWriter:
             attrs["calibration"] = json.dumps(calibration, sort_keys=True)
             attrs["num_layers"] = num_layers
             attrs["layers_done"] = 0
-            attrs["below_damping_level"] = DEFAULT_DAMPING
+            if below_damping_level is not None:
+                attrs["below_damping_level"] = below_damping_level
             attrs["complete"] = False
             self.file.flush()
 
@@ -177,20 +165,16 @@ class StoreWriter:
         return int(self.file.attrs["layers_done"])
 
     def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
-        """Write every input of one layer (its sum, and each round's when there are several), then mark
-        the layer done and flush."""
+        """Write every input of one layer (its sum, each round's when there are several, and the entry's
+        attributes), then mark the layer done and flush."""
         for entry, round_sums in entries:
-            total = round_sums[0] if len(round_sums) == 1 else round_sums[0].clone()
-            for round_sum in round_sums[1:]:
-                total.add_(round_sum)
-            data = self.file.create_dataset(entry.name, data=total.numpy())
+            data = self.file.create_dataset(entry.name, data=round_total(round_sums).numpy())
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
             data.attrs["round_counts"] = json.dumps(list(entry.round_counts))
-            below = eigenvalues_below_damping(total) if _counted(entry, total.shape[0]) else None
-            if below is not None:
-                data.attrs["below_damping"] = below
+            if entry.below_damping is not None:
+                data.attrs["below_damping"] = entry.below_damping
             for index, round_sum in enumerate(round_sums if entry.round_counts else []):
                 part = self.file.create_dataset(entry.round_name(index), data=round_sum.numpy())
                 part.attrs["layer"] = entry.layer

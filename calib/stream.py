@@ -1,22 +1,20 @@
 """Layer-by-layer streaming engine: input covariances of every linear, one block in memory.
 
-The model is a skeleton on the ``meta`` device (``calib.model_view``). The stem (embeddings, rotary
-tables) is materialised to record, for every calibration batch, the hidden states entering block 0 and
-the arguments each block receives (its own masks and position embeddings: sliding-window and global
+The model is a skeleton on the ``meta`` device (``corda_surgery.checkpoint.view``). The stem (embeddings,
+rotary tables) is materialised to record, for every calibration batch, the hidden states entering block 0
+and the arguments each block receives (its own masks and position embeddings: sliding-window and global
 layers differ); then each block in turn is loaded from the safetensors shards, run over all batches with
-pre-hooks on all its linears summing XᵀX over real tokens, written to the store, and freed. Linears whose
-hooks receive the same tensor in a forward (q/k/v, gate/up, whatever the model shares) form one input
-group with one covariance, computed once. Each expert of a fused-experts module gets the covariances of
-the tokens routed to it (``calib.experts``), each with its own token count.
+pre-hooks on all its linears summing XᵀX over real tokens (``calib.accumulate``), handed to the sink
+(``calib.sink``: the store on rank 0), and freed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,12 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from corda_surgery.calib.activations import Activations
-from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
-from corda_surgery.calib.experts import DOWN, FusedExperts, experts_arguments, routed_inputs, slice_name
-from corda_surgery.calib.model_view import ModelView, UnsupportedArchitecture
-from corda_surgery.calib.store import CovarianceEntry, CovarianceStore, StoreWriter
-from corda_surgery.calib.weights import CheckpointError
+from calib.accumulate import Accumulator, InputGroups, expert_slices
+from calib.activations import Activations, rank_activation_budget
+from calib.data import CalibrationSpec, TokenBatch, token_batches
+from calib.sink import CovarianceSink, rank_output
+from calib.store import CovarianceEntry, round_total
+from corda_surgery.checkpoint.reader import CheckpointError
+from corda_surgery.checkpoint.view import ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.distributed import (
     ALONE,
@@ -39,20 +38,27 @@ from corda_surgery.distributed import (
     barrier,
     broadcast_object,
     gather_objects,
-    local_world,
-    samples_share,
 )
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.memory_plan import announce, plan_run
-from corda_surgery.numerics import all_finite, mirror_tiles, symmetric_tiles
-from corda_surgery.outputs import STAGING_MARK, claimed, refuse_existing
+from corda_surgery.numerics import all_finite
+from corda_surgery.outputs import STAGING_MARK
 
 log = logging.getLogger(__name__)
 
 
 class CalibrationError(CordaSurgeryError):
     """Calibration produced unusable activations (NaN/Inf); names the layer."""
+
+
+@dataclass(frozen=True)
+class BelowDamping:
+    """How each input's covariance eigenvalues below ``level``·mean(diag C) are counted (``count`` of a sum:
+    None where not counted); the decomposition owns that arithmetic, so calibration is handed it, and the
+    store records the level with the counts. Experts' slices are never counted: hundreds per layer."""
+
+    level: float
+    count: Callable[[torch.Tensor], int | None]
 
 
 class _StopForward(Exception):
@@ -73,114 +79,6 @@ class _BlockInputRecorder(nn.Module):
         return hidden_states
 
 
-class _Accumulator:
-    """Float64 running sums (one per sampling round) of per-batch float32 XᵀX over real tokens.
-
-    XᵀX is symmetric, so only tiles on and above the diagonal are multiplied (``symmetric_tiles``: 62.5 % of
-    a full product's FLOPs at 576 wide, approaching half for wide inputs); ``totals`` mirrors the off-diagonal ones.
-    """
-
-    def __init__(self, dim: int, normalisation: str, rounds: int, device: torch.device):
-        self.sums = [torch.zeros(dim, dim, dtype=torch.float64, device=device) for _ in range(rounds)]
-        self.counts = [0] * rounds
-        self.normalisation = normalisation
-        self.tiles = symmetric_tiles(dim)
-
-    def add(self, x: torch.Tensor, mask: torch.Tensor, round_index: int, *, routed: bool = False) -> None:
-        """``x``: (batch, sequence, width) activations or the same flattened (``mask`` marks real tokens), or,
-        ``routed``, the rows routed to one expert, all counted (also assumed of any other flattened input
-        whose row count is not the batch's token count: an expert kept as a linear of its own, whose rows
-        may include padding the model routed)."""
-        x = x.float()
-        if x.dim() == 2 and x.shape[0] != mask.numel():
-            routed = True
-        if routed:
-            if self.normalisation == "peft":
-                raise UnsupportedArchitecture("--covariance-norm peft needs per-sample inputs; experts get routed rows")
-            mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-            x = x[:, None, :]
-        elif x.dim() == 2:
-            x = x.reshape(*mask.shape, -1)
-        dense = bool(mask.all())  # no padding: use the activations in place instead of gathering rows
-        if self.normalisation == "peft":  # PEFT's rule: each sample scaled by |max| over its real tokens
-            real = x if dense else x.masked_fill(~mask[..., None], float("-inf"))
-            x = x / real.amax(dim=(1, 2)).abs()[:, None, None]
-        rows = x.reshape(-1, x.shape[-1]) if dense else x[mask]
-        total = self.sums[round_index]
-        for tile_rows, tile_columns in self.tiles:
-            total[tile_rows, tile_columns] += rows[:, tile_rows].T @ rows[:, tile_columns]
-        self.counts[round_index] += rows.shape[0] if self.normalisation == "tokens" else x.shape[0]
-
-    def totals(self) -> list[torch.Tensor]:
-        """The sums with their lower triangle filled in from the upper one's tiles, in host memory."""
-        for total in self.sums:
-            mirror_tiles(total, self.tiles)
-        return [total.cpu() for total in self.sums]
-
-
-def _tokens_last(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
-    """A linear's input as (batch, sequence, width) where it has extra axes of size one (DeepSeek's latent
-    attention reads (batch, 1, sequence, width)); inputs of two or fewer axes unchanged."""
-    if x.dim() <= 3:
-        return x
-    if x.shape[0] != mask.shape[0] or sorted(x.shape[1:-1]) != [1] * (x.dim() - 3) + [mask.shape[1]]:
-        raise UnsupportedArchitecture(
-            f"{name} reads a {tuple(x.shape)} input: cannot tell its tokens apart for a batch of {tuple(mask.shape)}"
-        )
-    return x.reshape(mask.shape[0], mask.shape[1], x.shape[-1])
-
-
-class _InputGroups:
-    """Pre-hooks on all linears of one block: linears that read the same tensor in a forward share one
-    accumulator, filled once by the first of them (the group's leader)."""
-
-    def __init__(self, make: Callable[[int], _Accumulator]):
-        self.make = make
-        self.leader_of: dict[str, str] = {}  # linear → the linear whose accumulator holds its input
-        self.accumulators: dict[str, _Accumulator] = {}
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) → (leader, the tensor, kept alive)
-        self.mask, self.round = torch.ones(1, 1, dtype=torch.bool), 0
-
-    def start_batch(self, mask: torch.Tensor, round_index: int) -> None:
-        self._seen.clear()
-        self.mask, self.round = mask, round_index
-
-    def hook(self, name: str):
-        def pre_hook(_module, inputs):
-            x = inputs[0]
-            seen = self._seen.get(id(x))
-            leader = seen[0] if seen is not None and seen[1] is x else name
-            if self.leader_of.setdefault(name, leader) != leader:
-                raise UnsupportedArchitecture(
-                    f"{name} reads the input of {self.leader_of[name]} in one batch and of {leader} in another"
-                )
-            if leader == name:
-                self._seen[id(x)] = (name, x)
-                if name not in self.accumulators:
-                    self.accumulators[name] = self.make(x.shape[-1])
-                self.accumulators[name].add(_tokens_last(x, self.mask, name), self.mask, self.round)
-
-        return pre_hook
-
-    def experts_hook(self, experts: FusedExperts):
-        """A pre-hook (with keyword arguments) on a fused-experts module: one input per expert and projection."""
-
-        def pre_hook(module, args, kwargs):
-            hidden, top_k_index = experts_arguments(module, args, kwargs)
-            for expert, up_rows, down_rows in routed_inputs(module, experts, hidden, top_k_index, self.mask):
-                for parameter, rows in ((experts.up, up_rows), (DOWN, down_rows)):
-                    name = slice_name(f"{experts.module}.{parameter}", expert)
-                    self.leader_of[name] = name
-                    if name not in self.accumulators:
-                        self.accumulators[name] = self.make(rows.shape[-1])
-                    self.accumulators[name].add(rows, self.mask, self.round, routed=True)
-
-        return pre_hook
-
-    def members(self, leader: str) -> tuple[str, ...]:
-        return tuple(name for name, of in self.leader_of.items() if of == leader)
-
-
 @torch.no_grad()
 def capture_block_inputs(view: ModelView, batches: list[TokenBatch], hidden: Activations) -> list[list]:
     """Append the hidden states entering block 0 to ``hidden``; return each block's other arguments per batch."""
@@ -193,8 +91,11 @@ def capture_block_inputs(view: ModelView, batches: list[TokenBatch], hidden: Act
             for i in range(view.num_blocks):
                 view.blocks[i] = _BlockInputRecorder(i, sink, last=i == view.num_blocks - 1)
             with contextlib.suppress(_StopForward):
-                view.runner(input_ids=batch.input_ids.to(view.device),
-                            attention_mask=batch.attention_mask.to(view.device), use_cache=False)  # fmt: skip
+                view.runner(
+                    input_ids=batch.input_ids.to(view.device),
+                    attention_mask=batch.attention_mask.to(view.device),
+                    use_cache=False,
+                )
             hidden.append(sink[0][1])
             arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
     finally:
@@ -208,7 +109,7 @@ def capture_block_inputs(view: ModelView, batches: list[TokenBatch], hidden: Act
 def stream_covariances(
     view: ModelView,
     batches: list[TokenBatch],
-    store: StoreWriter | None,
+    sink: CovarianceSink,
     hidden: Activations,
     *,
     layers_done: int | None = None,
@@ -216,10 +117,10 @@ def stream_covariances(
     rounds: int = 1,
     progress: bool = True,
     ranks: Ranks = ALONE,
+    below_damping: BelowDamping | None = None,
 ) -> None:
-    """Run every block over this rank's batches and write each block's input covariances to ``store`` (rank 0;
-    None on the others), skipping the ``layers_done`` it already holds (their forward still runs; None: the
-    store's own count, which the other ranks learn from rank 0).
+    """Run every block over this rank's batches and hand each block's input covariances to ``sink``, skipping
+    the ``layers_done`` it already holds (their forward still runs; None: the sink's own count).
 
     ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
@@ -227,24 +128,16 @@ def stream_covariances(
     torch.distributed each rank runs every ``ranks.world``-th batch and the sums are all-reduced per block.
     """
     if layers_done is None:
-        layers_done = store.layers_done if store is not None else 0
+        layers_done = sink.layers_done
     mine = ranks.share(len(batches))
     arguments = capture_block_inputs(view, [batches[b] for b in mine], hidden)
     masks = [batches[b].attention_mask.bool().to(view.device) for b in mine]
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
-        prefix = view.block_name(index)
-        groups = _InputGroups(lambda width: _Accumulator(width, normalisation, rounds, view.device))
-        handles = []
-        if index >= layers_done:
-            handles = [block.get_submodule(name).register_forward_pre_hook(groups.hook(name))
-                       for name in view.linears[index]]  # fmt: skip
-            handles += [block.get_submodule(name).register_forward_pre_hook(groups.experts_hook(experts),
-                                                                            with_kwargs=True)
-                        for name, experts in view.experts[index].items()]  # fmt: skip
+        groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device))
+        handles = _hook(view, index, block, groups) if index >= layers_done else []
         try:
-            batch_bar = tqdm(range(len(mine)), desc=f"block {index}", leave=False, disable=not progress)
-            for b in batch_bar:
+            for b in tqdm(range(len(mine)), desc=f"block {index}", leave=False, disable=not progress):
                 groups.start_batch(masks[b], mine[b] * rounds // len(batches))
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
@@ -255,12 +148,20 @@ def stream_covariances(
                 handle.remove()
             view.free_block(index)
         if handles:
-            _reduce_over_ranks(groups, ranks, prefix)
-            if store is not None:
-                store.write_layer(index, _entries(groups, prefix, index, view.linears[index], rounds))
+            _reduce_over_ranks(groups, ranks, view.block_name(index))
+            sink.write_layer(index, _entries(groups, view, index, rounds, below_damping))
 
 
-def _reduce_over_ranks(groups: _InputGroups, ranks: Ranks, prefix: str) -> None:
+def _hook(view: ModelView, index: int, block: nn.Module, groups: InputGroups) -> list:
+    """Pre-hooks of ``groups`` on block ``index``'s linears and fused-experts modules; their handles."""
+    handles = [block.get_submodule(name).register_forward_pre_hook(groups.hook(name)) for name in view.linears[index]]
+    for name, experts in view.experts[index].items():
+        module = block.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(groups.experts_hook(experts), with_kwargs=True))
+    return handles
+
+
+def _reduce_over_ranks(groups: InputGroups, ranks: Ranks, prefix: str) -> None:
     """Give every rank the same accumulators, summed over the ranks (a rank may never have seen an input
     another did: an expert no token of its batches was routed to)."""
     if ranks.world == 1:
@@ -270,8 +171,7 @@ def _reduce_over_ranks(groups: _InputGroups, ranks: Ranks, prefix: str) -> None:
     for rank, seen in enumerate(gather_objects(mine, ranks, f"{prefix}: gathering the inputs seen")):
         for leader, found in seen.items():
             if union.setdefault(leader, found) != found:
-                raise DistributedError(f"{prefix}.{leader}: rank {rank} saw it as {found}, another as "
-                                       f"{union[leader]}")  # fmt: skip
+                raise DistributedError(f"{prefix}.{leader}: rank {rank} saw it as {found}, another as {union[leader]}")
     for leader in sorted(union):
         width, members = union[leader]
         if leader not in groups.accumulators:
@@ -286,22 +186,34 @@ def _reduce_over_ranks(groups: _InputGroups, ranks: Ranks, prefix: str) -> None:
 
 
 def _entries(
-    groups: _InputGroups, prefix: str, index: int, linears: dict[str, bool], rounds: int
-) -> list[tuple[CovarianceEntry, list[torch.Tensor]]]:
-    unseen = [name for name in linears if name not in groups.leader_of]
+    groups: InputGroups, view: ModelView, index: int, rounds: int, below_damping: BelowDamping | None
+) -> Iterator[tuple[CovarianceEntry, list[torch.Tensor]]]:
+    """Block ``index``'s inputs with their sums (one per round), made when the sink first asks for them (a
+    discarding sink never does) and all checked before the first is handed over."""
+    prefix = view.block_name(index)
+    unseen = [name for name in view.linears[index] if name not in groups.leader_of]
     if unseen:
         log.warning("%s: %s never ran on the calibration data; no covariance for them", prefix, ", ".join(unseen))
+    uncounted = expert_slices(view.experts[index])
     entries = []
     for leader, accumulator in groups.accumulators.items():
         name = f"{prefix}.{leader}"
         sums = accumulator.totals()
         if not all(all_finite(s) for s in sums):
             raise CalibrationError(f"{name}: input activations contain NaN or Inf")
-        linears_ = tuple(f"{prefix}.{member}" for member in groups.members(leader))
-        entry = CovarianceEntry(name=name, layer=index, linears=linears_, count=sum(accumulator.counts),
-                                round_counts=tuple(accumulator.counts) if rounds > 1 else ())  # fmt: skip
+        below = None
+        if below_damping is not None and leader not in uncounted:
+            below = below_damping.count(round_total(sums))
+        entry = CovarianceEntry(
+            name=name,
+            layer=index,
+            linears=tuple(f"{prefix}.{member}" for member in groups.members(leader)),
+            count=sum(accumulator.counts),
+            round_counts=tuple(accumulator.counts) if rounds > 1 else (),
+            below_damping=below,
+        )
         entries.append((entry, sums))
-    return entries
+    yield from entries
 
 
 def open_view(model_dir: str | Path, compute: ComputeOptions) -> ModelView:
@@ -320,89 +232,86 @@ def calibrate(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    plan: bool = True,
+    activation_budget: int | None = None,
+    below_damping: BelowDamping | None = None,
+    before_work: Callable[[ModelView, Path], None] | None = None,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``.
 
-    Hidden states past ``compute``'s activation budget spill to a temporary folder beside ``out``.
-    ``plan``: print the memory plan and refuse a run that cannot fit (``convert`` does that for both phases).
+    Hidden states past ``activation_budget`` bytes (None: ``rank_activation_budget``) spill to a temporary
+    folder beside ``out``. ``below_damping``: count each input's small eigenvalues into the store
+    (None: not counted). ``before_work`` is called with the open view and the claimed output before any work
+    (the command's memory plan, which may refuse the run). Under torch.distributed every rank runs its share
+    of the batches and rank 0 writes.
     """
     ranks = current_ranks()
     progress = progress and ranks.writer
-    held = claimed(out, [Path(model_dir), *spec.input_files()]) if ranks.writer else _unclaimed(out)
-    with held as out:
-        if ranks.writer:
-            refuse_existing(out, overwrite)
+    output = rank_output(ranks)
+    with output.claim(out, [Path(model_dir), *spec.input_files()], overwrite) as out:
         barrier(ranks, "waiting for rank 0 to claim the output")
         view = open_view(model_dir, compute)
-        fused = [f"{view.block_name(i)}.{name}" for i, found in enumerate(view.experts) for name in found]
-        if spec.normalisation == "peft" and fused:
-            raise UnsupportedArchitecture(f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} "
-                                          "see routed tokens: use --covariance-norm tokens")  # fmt: skip
-        budget = compute.activation_budget()  # once: the default depends on the memory free now
-        if view.device.type == "cpu":
-            budget //= local_world()  # the ranks on this machine share its RAM
-        if plan:  # per rank: its share of the samples
-            share = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, ranks))
-            announce(plan_run(view, compute, out, spec=share, activation_budget=budget), progress)
+        _check_normalisation(view, spec)
+        budget = rank_activation_budget(compute) if activation_budget is None else activation_budget
+        if before_work is not None:
+            before_work(view, out)
+        batches, description = _token_batches(view, spec, model_dir, progress)
+        level = below_damping.level if below_damping is not None else None
+        sink = output.sink(out, view, description, resume=resume, below_damping_level=level)
+        done = broadcast_object(sink.layers_done, ranks, "agreeing on the layers already stored")
+        hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-", view.device)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
-        vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
-        batches, description = token_batches(spec, tokenizer, vocab_size)
-        if progress:
-            tqdm.write(_calibration_summary(description), file=sys.stderr)
-        description["forward_dtype"] = str(view.dtype).removeprefix("torch.")  # changes the sums: resume checks it
-        store = None
-        if ranks.writer:
-            store = StoreWriter(
-                out,
-                fingerprint=view.reader.fingerprint(),
-                calibration=description,
-                num_layers=view.num_blocks,
-                resume=resume,
+            stream_covariances(
+                view,
+                batches,
+                sink,
+                hidden,
+                layers_done=done,
+                normalisation=spec.normalisation,
+                rounds=spec.rounds,
+                progress=progress,
+                ranks=ranks,
+                below_damping=below_damping,
             )
-        done = broadcast_object(store.layers_done if store else 0, ranks, "agreeing on the layers already stored")
-        hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-",
-                             view.device)  # fmt: skip
-        try:
-            stream_covariances(view, batches, store, hidden, layers_done=done, normalisation=spec.normalisation,
-                               rounds=spec.rounds, progress=progress, ranks=ranks)  # fmt: skip
-            if store is not None:
-                out = store.finish()
-                _warn_rank_deficient(out)
+            sink.finish()
         finally:
-            if store is not None:
-                store.close()
+            sink.close()
             hidden.close()
         barrier(ranks, "waiting for rank 0 to store the covariances")  # the others may read it next
         return out
 
 
-@contextlib.contextmanager
-def _unclaimed(out: str | Path) -> Iterator[Path]:
-    """A rank other than 0 writes nothing under ``out``: rank 0 holds it (and its lock)."""
-    yield Path(out).resolve()
+def _check_normalisation(view: ModelView, spec: CalibrationSpec) -> None:
+    """Refuse PEFT's per-sample scaling where fused experts see routed tokens, not samples."""
+    fused = [f"{view.block_name(i)}.{name}" for i, found in enumerate(view.experts) for name in found]
+    if spec.normalisation == "peft" and fused:
+        raise UnsupportedArchitecture(
+            f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} see routed tokens: "
+            "use --covariance-norm tokens"
+        )
+
+
+def _token_batches(
+    view: ModelView, spec: CalibrationSpec, model_dir: str | Path, progress: bool
+) -> tuple[list[TokenBatch], dict]:
+    """The calibration batches and their description for the store (which records the forward dtype too: it
+    changes the sums, so resume checks it)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
+    vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
+    batches, description = token_batches(spec, tokenizer, vocab_size)
+    if progress:
+        tqdm.write(_calibration_summary(description), file=sys.stderr)
+    description["forward_dtype"] = str(view.dtype).removeprefix("torch.")
+    return batches, description
 
 
 def _calibration_summary(description: dict) -> str:
-    """One line on what the covariances will be computed from (tokens matter: see _warn_rank_deficient)."""
+    """One line on what the covariances will be computed from (tokens matter: see ``warn_rank_deficient``)."""
     how = "packed into full windows" if description["pack"] else "one record per sample"
     field = f", field {description['text_field']!r}" if description["text_field"] else ""
-    return (f"calibration: {description['samples_used']} samples of up to {description['seq_len']} tokens, "
-            f"{description['tokens']:,} tokens ({description['source']}, {how}{field})")  # fmt: skip
-
-
-def _warn_rank_deficient(path: Path) -> None:
-    """Name the inputs that saw fewer tokens than they are wide: their covariances are rank-deficient, so the
-    smallest directions (KPM's cut) are set by damping there, not by data."""
-    with CovarianceStore(path) as store:
-        short = [(name, entry.count, store.dimension(name)) for name, entry in store.entries.items()
-                 if entry.count < store.dimension(name)]  # fmt: skip
-        total = len(store.entries)
-    if short:
-        name, count, width = short[0]
-        log.warning("%d of %d inputs saw fewer calibration tokens than they are wide (e.g. %s: %d tokens for %d "
-                    "inputs): their smallest covariance directions come from damping, not data; calibrate on more "
-                    "tokens (--samples, --seq-len, --pack)", len(short), total, name, count, width)  # fmt: skip
+    return (
+        f"calibration: {description['samples_used']} samples of up to {description['seq_len']} tokens, "
+        f"{description['tokens']:,} tokens ({description['source']}, {how}{field})"
+    )

@@ -18,12 +18,21 @@ from pathlib import Path
 import click
 
 from corda_surgery import __version__
+from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.cli_options import (
+    calibration_options,
+    damping_option,
+    decomposition_options,
+    device_option,
+    dry_run_option,
+    forward_options,
+)
 from corda_surgery.distributed import launched
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import resolve_model
-from corda_surgery.options import DEFAULT_DAMPING, DEFAULT_MAX_SHARD_SIZE, Method, SurgeryOptions
 from corda_surgery.outputs import check_disjoint
+from corda_surgery.surgery.options import Method, SurgeryOptions
 
 BUG_EXIT = 2
 
@@ -54,110 +63,6 @@ def _fail_cleanly(command):
     return wrapper
 
 
-def _options(*options):
-    def apply(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return apply
-
-
-_calibration_options = _options(
-    click.option("--data", "source", default="nq_open", show_default=True,
-                 help="Built-in set (nq_open, triviaqa, gsm8k, code_alpaca, alpaca) or a .jsonl/.txt file."),
-    click.option("--samples", default=128, show_default=True, help="Number of calibration samples."),
-    click.option("--seq-len", default=512, show_default=True, help="Maximum tokens per sample."),
-    click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch."),
-    click.option("--seed", default=0, show_default=True, help="Seed for sampling the calibration set."),
-    click.option("--text-field", default=None,
-                 help="Field of .jsonl records to use as text (default: prompt/response pairs, then 'text')."),
-    click.option("--chat-template/--no-chat-template", default=None,
-                 help="Format prompt/response pairs with the tokenizer's chat template [default: if it has one]."),
-    click.option("--covariance-norm", "normalisation", type=click.Choice(["tokens", "peft"]), default="tokens",
-                 show_default=True,
-                 help="'tokens': XᵀX / number of real tokens. 'peft': PEFT's rule (each sample scaled by its "
-                      "|max|, divided by the number of samples), for like-for-like comparisons."),
-    click.option("--pack/--no-pack", default=None,
-                 help="Join .jsonl records (their text, no chat template) with blank lines and cut the stream into "
-                      "full --seq-len windows: --samples × --seq-len tokens, as the CorDA papers calibrate on "
-                      "NQ-open (with --text-field prompt: the questions alone) [default: on for the built-in "
-                      "knowledge sets nq_open and triviaqa, their questions alone; off otherwise]."),
-    click.option("--rounds", default=1, show_default=True,
-                 help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
-)  # fmt: skip
-
-_damping_option = click.option(
-    "--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
-    help="Covariance damping λ ≥ 0: C + λ·mean(diag C)·I. Raised (with a warning) up to 1024× where C is not "
-         "positive definite; a covariance that needs more is refused as unusable.",
-)  # fmt: skip
-
-_decomposition_options = _options(
-    click.option("--method", type=click.Choice([m.value for m in Method]), default="corda", show_default=True,
-                 help="corda: context-oriented SVD (needs covariances). corda++: per-layer covariance choice and "
-                      "ranks. pissa / milora: largest / smallest plain-SVD components (no data). lora: PEFT's "
-                      "default random init, for reference."),
-    click.option("--mode", type=click.Choice(["kpm", "ipm"]), default=None,
-                 help="kpm: the r smallest components train (keep knowledge); ipm: the r largest train (learn the "
-                      "task) [default: kpm; pissa and milora imply theirs, lora has none]."),
-    click.option("--rank", default=16, show_default=True, help="LoRA rank r per target linear."),
-    click.option("--alpha", type=float, default=None, help="LoRA alpha; scaling is alpha/r [default: r]."),
-    click.option("--targets", default="all-linear", show_default=True,
-                 help="Comma-separated linear names (e.g. q_proj,v_proj), fused expert weights "
-                      "(e.g. experts.down_proj), or all-linear (every linear and expert weight)."),
-    click.option("--solver", type=click.Choice(["subspace", "gram", "svd"]), default="subspace", show_default=True,
-                 help="How the singular pairs of the float64 product W·C are found. subspace: only the r kept "
-                      "pairs, by block subspace iteration on its Gram matrix, each checked by its residual, where "
-                      "the spectrum at the cut makes that cheaper than gram, else gram (per layer, recorded in "
-                      "surgery.json); gram: full eigen-decomposition of that Gram matrix, a layer whose cut it "
-                      "cannot resolve taking svd; svd: LAPACK's full float64 SVD (reference, ~2x slower)."),
-    click.option("--balance", is_flag=True,
-                 help="Rescale each rank-one component so that A's row and B's column have equal norms (B·A, the "
-                      "residual and the handoff unchanged). KPM's A is far larger than its B, so at one learning "
-                      "rate Adam moves its weights much more than PiSSA's or LoRA's; this evens the split."),
-    click.option("--dtype", "factor_dtype", type=click.Choice(["float32", "float64"]), default="float32",
-                 show_default=True, help="dtype of the stored adapter factors (the math is float64 either way)."),
-    click.option("--base-name", default=None,
-                 help="What the adapter names as its base model: where the residual will live (a path or a hub "
-                      "repo id) [default: the output folder]. corda-surgery's own commands do not need it."),
-    _damping_option,
-    click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
-                 help="Largest output shard (e.g. 500MB, 2GB, 4GiB)."),
-    click.option("--rank-budget", type=float, default=None,
-                 help="corda++: spread ranks across layers for this average rank (Σ(in+out)·r budget)."),
-    click.option("--param-budget", type=int, default=None,
-                 help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget."),
-    click.option("--min-rank", default=1, show_default=True, help="corda++: smallest rank a layer gets."),
-    click.option("--max-rank", type=int, default=None, help="corda++: largest rank a layer gets."),
-)  # fmt: skip
-
-
-_device_option = click.option(
-    "--device", default="auto", show_default=True,
-    help="Where blocks, covariance sums and decompositions run: auto (CUDA if present, else cpu), cpu, cuda, "
-         "cuda:N. A weight whose decomposition does not fit the GPU falls back to the CPU.",
-)  # fmt: skip
-_dry_run_option = click.option(
-    "--dry-run", is_flag=True,
-    help="Print the memory plan (estimated peak RAM / GPU memory and the disk the outputs need), check it "
-         "against what is free, and stop. Every run prints the plan first and refuses one that cannot fit.",
-)  # fmt: skip
-_forward_options = _options(
-    _device_option,
-    click.option("--forward-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                 show_default=True,
-                 help="dtype of the calibration forward pass. auto: the checkpoint's own (as PEFT runs it), except "
-                      "float32 on CPUs without bfloat16/float16 units, where half precision is ~7x slower. "
-                      "Covariances are summed in float32 per batch and float64 across batches either way."),
-    click.option("--max-memory", default=None,
-                 help="Memory for the hidden states kept between layers (e.g. 512MB, 8GiB); past it they spill "
-                      "to a temporary folder beside the output, removed afterwards [default: a quarter of the "
-                      "RAM / GPU memory available]."),
-    _dry_run_option,
-)  # fmt: skip
-
-
 def _compute(kwargs: dict):
     from corda_surgery.compute import ComputeOptions
 
@@ -177,7 +82,7 @@ def _split(kwargs: dict, kind: type) -> dict:
 
 
 def _spec(kwargs: dict):
-    from corda_surgery.calib.data import CalibrationSpec
+    from calib.data import CalibrationSpec
 
     return CalibrationSpec(**_split(kwargs, CalibrationSpec))
 
@@ -220,8 +125,8 @@ def main(debug: bool, verbose: bool) -> None:
 
 @main.command()
 @click.argument("model_dir", required=False)
-@_calibration_options
-@_forward_options
+@calibration_options
+@forward_options
 @click.option("--out", type=click.Path(path_type=Path), default=Path("covariances.h5"), show_default=True,
               help="HDF5 covariance store to write.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
@@ -234,12 +139,12 @@ def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
     calibration activations). Linears that read the same input (q/k/v, gate/up) share one
     covariance. An interrupted run resumes with --resume.
     """
-    from corda_surgery.calib.stream import calibrate as run_calibration
+    from corda_surgery.surgery.calibration import calibrate as run_calibration
 
     spec, compute = _spec(calibration), _compute(calibration)
     model = resolve_model(model_dir)
     if dry_run:
-        from corda_surgery.surgery import estimate_run
+        from corda_surgery.surgery.run import estimate_run
 
         return _show_plan(estimate_run(model, compute, out, spec=spec))
     path = run_calibration(model, spec, out, compute=compute, resume=resume, overwrite=overwrite)
@@ -264,9 +169,9 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
 @click.argument("model_dir", required=False)
 @click.option("--covariances", "stores", multiple=True, type=click.Path(path_type=Path),
               help="HDF5 store(s) from `calibrate` (not for pissa/milora/lora).")  # fmt: skip
-@_decomposition_options
-@_device_option
-@_dry_run_option
+@decomposition_options
+@device_option
+@dry_run_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
@@ -278,7 +183,7 @@ def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
     With --method corda++ several --covariances (or a store calibrated with --rounds) are
     candidates: each layer takes the most compact one, and --rank-budget spreads ranks.
     """
-    from corda_surgery.surgery import decompose_checkpoint, estimate_run
+    from corda_surgery.surgery.run import decompose_checkpoint, estimate_run
 
     compute, options = _compute(surgery), SurgeryOptions(**surgery)
     model = resolve_model(model_dir)
@@ -290,9 +195,9 @@ def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
 
 @main.command()
 @click.argument("model_dir", required=False)
-@_calibration_options
-@_decomposition_options
-@_forward_options
+@calibration_options
+@decomposition_options
+@forward_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -304,7 +209,7 @@ def convert(model_dir, out, resume, overwrite, dry_run, **settings):
     the checkpoint's tensors, an existing output) is checked before calibration starts.
     The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
     """
-    from corda_surgery.surgery import convert_checkpoint, estimate_run
+    from corda_surgery.surgery.run import convert_checkpoint, estimate_run
 
     spec, compute = _spec(settings), _compute(settings)
     options = SurgeryOptions(**settings)
@@ -329,7 +234,7 @@ def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
     The adapter must belong to SURGERY_DIR (modules, ranks, the base it names) and BASE must be
     the model the surgery started from.
     """
-    from corda_surgery.to_lora import convert_to_lora
+    from export.to_lora import convert_to_lora
 
     path = convert_to_lora(surgery_dir, trained_adapter, resolve_model(base), out, overwrite=overwrite)
     click.echo(f"LoRA for {base} written to {path}")
@@ -349,9 +254,9 @@ def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
     The adapter is checked against SURGERY_DIR first (modules, ranks against its config and the
     surgery, the base it names, finite values, the residual unchanged since the surgery).
     """
-    from corda_surgery.export.merge import merge_adapter
-    from corda_surgery.handoff import checked_adapter
-    from corda_surgery.options import parse_size
+    from corda_surgery.sizes import parse_size
+    from export.handoff import checked_adapter
+    from export.merge import merge_adapter
 
     adapter_dir = adapter_dir or surgery_dir / "adapter"
     shard_size = parse_size(max_shard_size, "--max-shard-size")
@@ -380,7 +285,7 @@ def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
     logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker;
     the exporter's warnings are recorded in onnx_export.json (and logged with -v).
     """
-    from corda_surgery.export.onnx_export import export_onnx as run_export
+    from export.onnx_export import export_onnx as run_export
 
     path = run_export(
         merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter, overwrite=overwrite
@@ -401,7 +306,7 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
     Runs on CUDAExecutionProvider when it loads, else on the CPU; prints the provider used.
     Exits with status 1 if the greedy tokens differ.
     """
-    from corda_surgery.export.verify import verify_onnx as run_verify
+    from export.verify import verify_onnx as run_verify
 
     report = run_verify(onnx_dir, reference, new_tokens=new_tokens, repeats=repeats)
     click.echo(f"provider:            {report.provider}")
@@ -431,14 +336,14 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
 @click.option("--min-rank", default=1, show_default=True)
 @click.option("--max-rank", type=int, default=None)
 @click.option("--targets", default="all-linear", show_default=True)
-@_damping_option
-@_device_option
+@damping_option
+@device_option
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write spectra.png and ranks.png into this folder (needs matplotlib).")  # fmt: skip
 @_fail_cleanly
 def inspect(stores, model_dir, plot_dir, **surgery):
     """Per layer: compactness, chosen covariance candidate and allocated rank (CorDA++)."""
-    from corda_surgery.inspection import inspect_stores, plot_inspection
+    from corda_surgery.surgery.inspection import inspect_stores, plot_inspection
 
     compute = _compute(surgery)
     options = SurgeryOptions(method=Method.CORDA_PLUS, **surgery)
@@ -448,8 +353,10 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     rows, spectra = inspect_stores(model, list(stores), options, compute)
     rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
-    click.echo(f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
-               f"{'uniform r=' + str(rank):>12}")  # fmt: skip
+    click.echo(
+        f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
+        f"{'uniform r=' + str(rank):>12}"
+    )
     for row in rows:
         round_label = "-" if row["round"] is None else str(row["round"])
         click.echo(
@@ -458,8 +365,10 @@ def inspect(stores, model_dir, plot_dir, **surgery):
         )
     mean = sum(r["compactness"] for r in rows) / len(rows)
     mean_base = sum(r["compactness_at_base_rank"] for r in rows) / len(rows)
-    click.echo(f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
-               f"(1 − c = {1 - mean_base:.3e})")  # fmt: skip
+    click.echo(
+        f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
+        f"(1 − c = {1 - mean_base:.3e})"
+    )
     if plot_dir is not None:
         for path in plot_inspection(rows, spectra, plot_dir, options.mode.value.upper() if options.mode else ""):
             click.echo(f"plot written to {path}")

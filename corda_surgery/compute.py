@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from corda_surgery.options import OptionsError, parse_size
+from corda_surgery.errors import OptionsError
+from corda_surgery.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def available_memory(device: torch.device) -> int:
 def native_half_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` in hardware (AVX512-BF16 / AMX / AVX512-FP16 through oneDNN).
 
-    Without it a bfloat16 ``nn.Linear`` runs ~7× slower than float32 (measured on an AVX2 CPU: 18 against
-    156 GFLOP/s), so ``auto`` keeps float32 there.
+    Without it a bfloat16 ``nn.Linear`` runs several times slower than float32 (``bench/forward_dtype.py``),
+    so ``auto`` keeps float32 there.
     """
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

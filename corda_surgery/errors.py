@@ -12,3 +12,7 @@ class CordaSurgeryError(Exception):
 class UnsupportedArchitecture(CordaSurgeryError):
     """The checkpoint's layout cannot be streamed block by block (no block list, blocks that cannot be rebuilt,
     inputs whose tokens cannot be told apart)."""
+
+
+class OptionsError(CordaSurgeryError):
+    """An option's value is invalid or does not go with another option; names the option."""

@@ -1,5 +1,5 @@
 """The console entry point, free of heavy imports: the huge-page restart (``memory.py``) re-executes the
-process, so torch and transformers are imported once, after it, not twice (about 1.5 s on 2 cores)."""
+process, so torch and transformers are imported once, after it, not twice."""
 
 from corda_surgery.memory import restart_with_huge_pages
 

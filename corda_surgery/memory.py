@@ -2,7 +2,7 @@
 
 glibc raises its mmap threshold after large blocks are freed, so later per-layer buffers (activations,
 covariances) come from the heap, fragment it, and resident memory grows with depth although every
-layer's tensors are freed (measured: +28 MB per SmolLM2 layer). A fixed threshold keeps large blocks
+layer's tensors are freed. A fixed threshold keeps large blocks
 mmap-backed and returned to the OS on free, so peak memory stays that of one layer.
 """
 

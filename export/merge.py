@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from corda_surgery.calib.experts import FusedExperts
-from corda_surgery.calib.model_view import ModelView, StoredPieces
-from corda_surgery.calib.weights import CheckpointError
-from corda_surgery.export.checkpoint_writer import copy_model_files, write_sharded_weights
-from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter
-from corda_surgery.options import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.checkpoint.experts import FusedExperts
+from corda_surgery.checkpoint.reader import CheckpointError
+from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
+from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from corda_surgery.outputs import check_disjoint, staged_folder
+from export.peft_adapter import AdapterError, LoraAdapter, expert_factors, read_adapter
 
 
 def merge_adapter(
@@ -29,9 +28,50 @@ def merge_adapter(
     model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
     check_disjoint(Path(out), [model_dir, adapter_dir])
     view = ModelView(model_dir)  # module names (the adapter's) → stored keys, whatever the checkpoint's layout
-    reader = view.reader
     adapter: LoraAdapter = read_adapter(adapter_dir, view.fused_parameters())
+    key_of, fused = _adapted_keys(view, adapter, adapter_dir, model_dir)
     layouts = view.fused_weights()
+
+    def merged_fused(parameter: str) -> torch.Tensor:
+        """W + s·B·A expert by expert, in place on the fused weight (never a float32 copy of all experts)."""
+        weight = view.writable(parameter)
+        scaling = adapter.scaling(parameter)
+        lora_a, lora_b = expert_factors(
+            adapter.lora_A[parameter], adapter.lora_B[parameter], adapter.rank_of(parameter)
+        )
+        for expert, (a, b) in enumerate(zip(lora_a, lora_b)):
+            delta = scaling * (b.float() @ a.float())
+            merged = weight[expert].float() + (delta.T if layouts[parameter].transposed else delta)
+            weight[expert] = merged.to(weight.dtype)
+        return weight
+
+    def merged(key: str) -> torch.Tensor | None:
+        module = key_of.get(key)
+        if module is None:
+            return None
+        weight = view.reader.copy(key)
+        delta = adapter.delta(module)
+        return (weight.float() + (delta.T if adapter.fan_in_fan_out else delta)).to(weight.dtype)
+
+    with staged_folder(out, overwrite=overwrite, inputs=[model_dir, adapter_dir]) as staging:
+        rewrite_checkpoint(
+            view,
+            staging,
+            merged,
+            fused=fused,
+            transform_fused=merged_fused,
+            max_shard_size=max_shard_size,
+            desc="merging",
+            progress=progress,
+        )
+    return Path(out).resolve()
+
+
+def _adapted_keys(
+    view: ModelView, adapter: LoraAdapter, adapter_dir: Path, model_dir: Path
+) -> tuple[dict[str, str], list[str]]:
+    """Stored key → adapted module for the linears, and the adapted fused parameters, each checked to fit."""
+    reader, layouts = view.reader, view.fused_weights()
     key_of, fused = {}, []
     for module in adapter.lora_A:
         if module in adapter.parameter_paths:
@@ -51,44 +91,7 @@ def merge_adapter(
                 f"{key} as {'×'.join(map(str, reader.spec(key)[0]))}"
             )
         key_of[key] = module
-    bar = tqdm(total=len(reader.locations), desc="merging", unit="tensor", disable=not progress)
-
-    def merged_fused(parameter: str) -> torch.Tensor:
-        """W + s·B·A expert by expert, in place on the fused weight (never a float32 copy of all experts)."""
-        weight = view.writable(parameter)
-        rank, scaling = adapter.rank_of(parameter), adapter.scaling(parameter)
-        lora_a, lora_b = adapter.lora_A[parameter], adapter.lora_B[parameter]
-        experts = lora_a.shape[0] // rank
-        for expert in range(experts):
-            a = lora_a[expert * rank : (expert + 1) * rank].float()
-            b = lora_b[:, expert::experts].float()  # PEFT keeps expert e's columns at k·E + e
-            delta = scaling * (b @ a)
-            weight[expert] = (weight[expert].float() + (delta.T if layouts[parameter].transposed else delta)).to(
-                weight.dtype
-            )
-        return weight
-
-    merged = StoredPieces(view, fused, merged_fused)
-
-    def produce(key: str) -> torch.Tensor:
-        bar.update()
-        piece = merged.take(key)
-        if piece is not None:
-            return piece
-        weight = reader.get(key).clone()
-        reader.release()  # unmap: pages read so far would otherwise stay resident
-        module = key_of.get(key)
-        if module is None:
-            return weight
-        delta = adapter.delta(module)
-        return (weight.float() + (delta.T if adapter.fan_in_fan_out else delta)).to(weight.dtype)
-
-    with staged_folder(out, overwrite=overwrite, inputs=[model_dir, adapter_dir]) as staging:
-        specs = {key: reader.spec(key) for key in reader.locations}
-        write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
-        bar.close()
-        copy_model_files(reader.model_dir, staging)
-    return Path(out).resolve()
+    return key_of, fused
 
 
 def _check_fused(

@@ -35,11 +35,10 @@ from torch import nn
 from torch.export import Dim
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from corda_surgery.calib.experts import find_fused_experts
-from corda_surgery.calib.weights import CheckpointReader
-from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.export.checkpoint_writer import copy_model_files
-from corda_surgery.options import OptionsError
+from corda_surgery.checkpoint.experts import find_fused_experts
+from corda_surgery.checkpoint.reader import CheckpointReader
+from corda_surgery.checkpoint.writer import copy_model_files
+from corda_surgery.errors import CordaSurgeryError, OptionsError
 from corda_surgery.outputs import check_disjoint, staged_folder
 
 log = logging.getLogger(__name__)
@@ -187,8 +186,11 @@ def export_onnx(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
     if find_fused_experts(model):
         model.set_experts_implementation("batched_mm")
-        log.warning("%s: fused experts exported with gathered per-token expert weights (batched_mm): prefill "
-                    "memory grows with tokens × top-k × expert size", model_dir)  # fmt: skip
+        log.warning(
+            "%s: fused experts exported with gathered per-token expert weights (batched_mm): prefill "
+            "memory grows with tokens × top-k × expert size",
+            model_dir,
+        )
     if exporter == "auto":
         exporter = "torchscript" if model.config.model_type in TORCHSCRIPT_FAMILIES else "dynamo"
     layers, heads, head_dim = cache_geometry(model.config)
@@ -197,31 +199,61 @@ def export_onnx(
     input_names, output_names = io_names(layers, with_past)  # or the exporter specialises that axis
     with staged_folder(out, overwrite=overwrite, inputs=[model_dir]) as staging:
         path = staging / ONNX_NAME
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if exporter == "dynamo":
-                    torch.onnx.export(
-                        module, args, str(path), dynamo=True, dynamic_shapes=_dynamic_shapes(layers, with_past),
-                        input_names=input_names, output_names=output_names, external_data=True, opset_version=opset,
-                    )  # fmt: skip
-                else:
-                    _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
-        except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
-            raise ExportError(f"{model_dir}: ONNX export failed: {_export_failure(exc)}") from exc
-        exporter_warnings = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)
-        for message, count in exporter_warnings.items():
-            log.info("exporter warning (%d×) %s", count, message)
+        exporter_warnings = _run_exporter(exporter, module, args, path, layers, with_past, opset, model_dir)
         onnx.checker.check_model(str(path))
         _check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter)
         copy_model_files(model_dir, staging)
         info = {
-            "dtype": dtype, "with_past": with_past, "num_layers": layers, "num_kv_heads": heads, "head_dim": head_dim,
-            "inputs": input_names, "outputs": output_names, "opset": graph_opset(path), "exporter": exporter,
+            "dtype": dtype,
+            "with_past": with_past,
+            "num_layers": layers,
+            "num_kv_heads": heads,
+            "head_dim": head_dim,
+            "inputs": input_names,
+            "outputs": output_names,
+            "opset": graph_opset(path),
+            "exporter": exporter,
             "exporter_warnings": dict(exporter_warnings),
-        }  # fmt: skip
+        }
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return Path(out).resolve()
+
+
+def _run_exporter(
+    exporter: str,
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    layers: int,
+    with_past: bool,
+    opset: int | None,
+    model_dir: Path,
+) -> Counter[str]:
+    """Export ``module`` to ``path``; the exporter's warnings, counted (logged with -v)."""
+    input_names, output_names = io_names(layers, with_past)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if exporter == "dynamo":
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(path),
+                    dynamo=True,
+                    dynamic_shapes=_dynamic_shapes(layers, with_past),
+                    input_names=input_names,
+                    output_names=output_names,
+                    external_data=True,
+                    opset_version=opset,
+                )
+            else:
+                _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
+    except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
+        raise ExportError(f"{model_dir}: ONNX export failed: {_export_failure(exc)}") from exc
+    counted = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)
+    for message, count in counted.items():
+        log.info("exporter warning (%d×) %s", count, message)
+    return counted
 
 
 def _example_inputs(model: PreTrainedModel, *, batch: int, sequence: int, past_length: int | None) -> tuple:
@@ -270,8 +302,12 @@ def _check_other_shapes(
     feeds = {name: tensor.numpy() for name, tensor in zip(input_names, flat)}
     # float32 runs on the CPU everywhere; fp16 only where the CUDA provider is (the CPU lacks fp16 kernels)
     if model.dtype != torch.float32 and "CUDAExecutionProvider" not in ort.get_available_providers():
-        log.warning("%s: a %s graph is not checked at other shapes without onnxruntime's CUDA provider; run "
-                    "verify-onnx where it is", model_dir, model.dtype)  # fmt: skip
+        log.warning(
+            "%s: a %s graph is not checked at other shapes without onnxruntime's CUDA provider; run "
+            "verify-onnx where it is",
+            model_dir,
+            model.dtype,
+        )
         return
     wanted = ["CPUExecutionProvider"] if model.dtype == torch.float32 else ["CUDAExecutionProvider"]
     ort.set_default_logger_severity(4)
@@ -287,8 +323,11 @@ def _check_other_shapes(
     error = float(np.abs(logits - expected).max()) if logits.shape == expected.shape else float("inf")
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if not error <= tolerance:
-        hint = "it baked shapes into the graph; use --exporter dynamo" if exporter == "torchscript" else (
-            "the graph does not compute what the model does there")  # fmt: skip
+        hint = (
+            "it baked shapes into the graph; use --exporter dynamo"
+            if exporter == "torchscript"
+            else ("the graph does not compute what the model does there")
+        )
         raise ExportError(
             f"{model_dir}: the {exporter} export gives wrong logits at shapes other than the example's (max |Δ| "
             f"{error:.2g} at batch 3, sequence 5, one row padded): {hint}"

@@ -66,10 +66,25 @@ class LoraAdapter:
         """s·B·A in float32, in the (out, in) layout of nn.Linear; (experts, out, in) for a fused parameter."""
         lora_a, lora_b = self.lora_A[module].float(), self.lora_B[module].float()
         if module in self.parameter_paths:
-            experts = lora_a.shape[0] // self.rank_of(module)
-            lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # (experts, r, in)
-            lora_b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # (experts, out, r)
+            lora_a, lora_b = expert_factors(lora_a, lora_b, self.rank_of(module))
         return self.scaling(module) * (lora_b @ lora_a)
+
+
+# PEFT's layout of a fused experts parameter's factors (its ParamWrapper): one rank r for all E experts,
+# expert e's A rows at e·r … e·r+r-1 of A (E·r, in) and its B columns at k·E+e of B (out, r·E).
+def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of fused factors per expert: A as (experts, r, in), B as (experts, out, r)."""
+    experts = lora_a.shape[0] // rank
+    return lora_a.reshape(experts, rank, lora_a.shape[-1]), lora_b.reshape(lora_b.shape[0], rank, experts).permute(
+        2, 0, 1
+    )
+
+
+def fused_factors(
+    factors_a: Sequence[torch.Tensor], factors_b: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert A (r, in) and B (out, r), expert by expert, in PEFT's fused layout."""
+    return torch.cat(list(factors_a)), torch.stack(list(factors_b), dim=-1).flatten(1)
 
 
 # The names PEFT (0.21) re-targets when it loads any LoRA config on transformers 5 for a model type that
@@ -162,8 +177,9 @@ def _parameter_paths(config_path: Path, config: dict, fused: Mapping[str, Sequen
     everywhere = [parameter for parameters in fused.values() for parameter in parameters]
     for pattern in patterns:
         if not any(p == pattern or p.endswith("." + pattern) for p in everywhere):
-            raise AdapterError(f"{config_path}: target_parameters names {pattern}, which is no fused expert "
-                               "parameter of the model")  # fmt: skip
+            raise AdapterError(
+                f"{config_path}: target_parameters names {pattern}, which is no fused expert parameter of the model"
+            )
     targeted = {p for p in everywhere if any(p == t or p.endswith("." + t) for t in patterns)}
     return parameter_paths(fused, targeted)
 

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors import safe_open
 
-from corda_surgery.calib.experts import experts_arguments, find_fused_experts, routed_inputs
-from corda_surgery.calib.model_view import is_linear
+from corda_surgery.checkpoint.experts import experts_arguments, find_fused_experts, routed_inputs
+from corda_surgery.checkpoint.view import is_linear
 from corda_surgery.cli import main
 
 PROMPTS = [

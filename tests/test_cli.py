@@ -118,12 +118,12 @@ def test_console_entry_restarts_itself_with_huge_page_malloc():
 
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(tiny_llama, tmp_path, monkeypatch):
-    import corda_surgery.surgery
+    import corda_surgery.surgery.run
 
     def broken(*args, **kwargs):
         raise RuntimeError("internal failure")
 
-    monkeypatch.setattr(corda_surgery.surgery, "decompose_checkpoint", broken)
+    monkeypatch.setattr(corda_surgery.surgery.run, "decompose_checkpoint", broken)
     result = CliRunner().invoke(main, ["decompose", str(tiny_llama), "--method", "pissa", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "RuntimeError: internal failure" in result.stderr

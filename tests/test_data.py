@@ -5,10 +5,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from corda_surgery.calib.data import MAX_CHARS_PER_TOKEN, CalibrationDataError, CalibrationSpec, token_batches
-from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import calibrate
-from corda_surgery.options import OptionsError
+from calib.data import MAX_CHARS_PER_TOKEN, CalibrationDataError, CalibrationSpec, token_batches
+from calib.store import CovarianceStore
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import OptionsError
 
 
 def test_skipped_records_are_counted_and_reported(tiny_llama, tmp_path, caplog):
@@ -16,8 +16,9 @@ def test_skipped_records_are_counted_and_reported(tiny_llama, tmp_path, caplog):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     with caplog.at_level("WARNING"):
-        store = calibrate(tiny_llama, CalibrationSpec(str(data), samples=8, seq_len=16), tmp_path / "c.h5",
-                          progress=False)  # fmt: skip
+        store = calibrate(
+            tiny_llama, CalibrationSpec(str(data), samples=8, seq_len=16), tmp_path / "c.h5", progress=False
+        )
     assert "skipped 2 record(s) without usable text (line 2, 3)" in caplog.text
     with CovarianceStore(store) as opened:
         assert opened.calibration["records_skipped"] == 2
@@ -60,8 +61,9 @@ def test_pack_joins_records_into_full_windows(tiny_llama, tmp_path):
     assert description["tokens"] == 6 * 48 and description["pack"] and not description["chat_template"]
     text = tokenizer.decode(batches[0].input_ids[0])
     assert "\n\n" in text and "?" in text  # several questions in one window
-    unpacked, _ = token_batches(CalibrationSpec("nq_open", samples=6, seq_len=48, text_field="prompt", pack=False),
-                                tokenizer, len(tokenizer))  # fmt: skip
+    unpacked, _ = token_batches(
+        CalibrationSpec("nq_open", samples=6, seq_len=48, text_field="prompt", pack=False), tokenizer, len(tokenizer)
+    )
     assert sum(int(b.attention_mask.sum()) for b in unpacked) < 6 * 48  # one question per sample instead
 
 
@@ -76,8 +78,9 @@ def test_pack_refuses_chat_templates_and_pretokenised_records(tmp_path, tiny_lla
 
 def test_inputs_with_fewer_tokens_than_their_width_are_named(tiny_llama, tmp_path, caplog):
     with caplog.at_level("WARNING"):
-        calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=16, batch_size=2), tmp_path / "c.h5",
-                  progress=False)  # fmt: skip
+        calibrate(
+            tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=16, batch_size=2), tmp_path / "c.h5", progress=False
+        )
     # 2 × 16 tokens against inputs 64 (attention, gate/up) and 128 (down_proj) wide, in every layer
     assert (
         "12 of 12 inputs saw fewer calibration tokens than they are wide (e.g. model.layers.0.mlp.down_proj: "

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from corda_surgery.decompose import DecompositionError, damped_covariance, decompose_weight
-from corda_surgery.options import OptionsError, SurgeryOptions
+from corda_surgery.decomposition.decompose import DecompositionError, damped_covariance, decompose_weight
+from corda_surgery.decomposition.kinds import Mode, Solver
+from corda_surgery.surgery.options import OptionsError, SurgeryOptions
 from tests.helpers import relative
 
 
@@ -27,8 +28,8 @@ COVARIANCES = {
 
 
 @pytest.mark.parametrize("kind", sorted(COVARIANCES))
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
-@pytest.mark.parametrize("solver", ["subspace", "gram", "svd"])
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("solver", list(Solver))
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
 def test_reconstruction(kind, mode, solver, factor_dtype):
     weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
@@ -43,7 +44,7 @@ def test_reconstruction(kind, mode, solver, factor_dtype):
     assert d.scaling == 2.0
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("mode", list(Mode))
 def test_conv1d_transposed_weight(mode):
     conv_weight = torch.randn(48, 40)  # GPT-2 Conv1D stores (in, out)
     d = decompose_weight(conv_weight, _covariance(48, 300), rank=4, mode=mode, transposed=True, name="c_attn")
@@ -53,15 +54,15 @@ def test_conv1d_transposed_weight(mode):
     assert relative(rebuilt, conv_weight.T) < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("mode", list(Mode))
 def test_mode_picks_smallest_or_largest_components(mode):
     weight = torch.randn(40, 48, dtype=torch.float64)
     cov = _covariance(48, 500)
     rank = 6
-    d = decompose_weight(weight, cov, rank=rank, mode=mode, solver="svd", factor_dtype=torch.float64)
+    d = decompose_weight(weight, cov, rank=rank, mode=mode, solver=Solver.SVD, factor_dtype=torch.float64)
     damped = cov + 0.01 * cov.diagonal().mean() * torch.eye(48, dtype=torch.float64)
     u, s, vh = torch.linalg.svd(weight @ damped, full_matrices=False)
-    cut = slice(0, rank) if mode == "ipm" else slice(len(s) - rank, len(s))
+    cut = slice(0, rank) if mode is Mode.IPM else slice(len(s) - rank, len(s))
     expected = u[:, cut] @ torch.diag(s[cut]) @ vh[cut] @ torch.linalg.inv(damped)
     assert relative(d.scaling * d.lora_B @ d.lora_A, expected) < 1e-10
     assert d.spectrum is not None and torch.allclose(d.spectrum, s) and torch.allclose(d.kept, s[cut])
@@ -72,15 +73,15 @@ def test_mode_picks_smallest_or_largest_components(mode):
 def test_plain_svd_without_covariance_is_pissa_or_milora():
     weight = torch.randn(30, 20, dtype=torch.float64)
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    pissa = decompose_weight(weight, None, rank=3, mode="ipm", solver="svd", factor_dtype=torch.float64)
-    milora = decompose_weight(weight, None, rank=3, mode="kpm", solver="svd", factor_dtype=torch.float64)
+    pissa = decompose_weight(weight, None, rank=3, mode=Mode.IPM, solver=Solver.SVD, factor_dtype=torch.float64)
+    milora = decompose_weight(weight, None, rank=3, mode=Mode.KPM, solver=Solver.SVD, factor_dtype=torch.float64)
     assert torch.allclose(pissa.lora_B @ pissa.lora_A, u[:, :3] @ torch.diag(s[:3]) @ vh[:3])
     assert torch.allclose(milora.lora_B @ milora.lora_A, u[:, -3:] @ torch.diag(s[-3:]) @ vh[-3:])
 
 
 def test_damping_grows_when_not_definite(caplog):
     cov = torch.diag(torch.tensor([1.0, 1.0, -0.5, 1.0], dtype=torch.float64))  # indefinite
-    d = decompose_weight(torch.randn(4, 4), cov, rank=2, mode="ipm", name="layers.0.q_proj")
+    d = decompose_weight(torch.randn(4, 4), cov, rank=2, mode=Mode.IPM, name="layers.0.q_proj")
     assert d.damping > 0.01
     assert "layers.0.q_proj" in caplog.text
 
@@ -99,11 +100,11 @@ def test_damping_grows_when_not_definite(caplog):
 )
 def test_bad_input_names_the_layer(weight, cov, rank, message):
     with pytest.raises(DecompositionError, match=r"model\.layers\.3\.mlp\.up_proj") as error:
-        decompose_weight(weight, cov, rank=rank, mode="kpm", name="model.layers.3.mlp.up_proj")
+        decompose_weight(weight, cov, rank=rank, mode=Mode.KPM, name="model.layers.3.mlp.up_proj")
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("damping", [0.01, 0.0])
 def test_a_shared_damped_covariance_gives_the_same_factors_bit_for_bit(mode, damping, caplog):
     """q/k/v read one input: damping and factorising it once must change nothing. Damping 0 on a rank-deficient
@@ -128,15 +129,24 @@ def test_a_shared_damped_covariance_gives_the_same_factors_bit_for_bit(mode, dam
 def test_never_definite_is_an_error_not_a_loop():
     cov = torch.tensor([[1.0, 1e9], [1e9, 1.0]], dtype=torch.float64)  # mean diag 1, eigenvalue −1e9
     with pytest.raises(DecompositionError, match="not positive definite even with damping"):
-        decompose_weight(torch.randn(2, 2), cov, rank=1, mode="ipm", name="w")
+        decompose_weight(torch.randn(2, 2), cov, rank=1, mode=Mode.IPM, name="w")
 
 
-def test_unknown_mode():
-    with pytest.raises(DecompositionError, match="mode must be one of"):
-        decompose_weight(torch.randn(3, 3), torch.eye(3), rank=1, mode="big", name="w")
+@pytest.mark.parametrize("field", ["mode", "solver"])
+def test_a_value_outside_the_enum_is_named(field):
+    chosen = {"mode": Mode.KPM, "solver": Solver.GRAM} | {field: "big"}
+    with pytest.raises(DecompositionError, match=f"w: {field} must be one of .*, got 'big'"):
+        decompose_weight(torch.randn(3, 3), torch.eye(3), rank=1, name="w", **chosen)
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_the_solver_is_a_member_and_its_label_is_what_surgery_json_records():
+    weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(2))
+    d = decompose_weight(weight, _covariance(48, 500), rank=4, mode=Mode.IPM, solver=Solver.GRAM)
+    assert d.solver is Solver.GRAM and not d.fell_back and d.solver_label == "gram"
+    assert decompose_weight(weight, None, rank=4, mode="kpm", solver="svd").solver is Solver.SVD  # values accepted
+
+
+@pytest.mark.parametrize("mode", list(Mode))
 def test_balanced_components_have_equal_norms_and_the_same_product(mode):
     weight = torch.randn(40, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     covariance = _covariance(48, 500)

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corda_surgery.decompose import DecompositionError, decompose_weight
+from corda_surgery.decomposition.decompose import DecompositionError, decompose_weight
+from corda_surgery.decomposition.kinds import Mode, Solver
 
 
 @st.composite
@@ -17,8 +18,8 @@ def cases(draw):
     tokens = draw(st.integers(1, 3 * in_dim))
     seed = draw(st.integers(0, 2**16))
     weight_dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    solver = draw(st.sampled_from(["subspace", "gram", "svd"]))
-    mode = draw(st.sampled_from(["kpm", "ipm"]))
+    solver = draw(st.sampled_from(list(Solver)))
+    mode = draw(st.sampled_from(list(Mode)))
     zero_covariance = draw(st.integers(0, 9)) == 0  # one case in ten: a layer that saw no tokens
     return out_dim, in_dim, rank, log_condition, tokens, seed, weight_dtype, solver, mode, zero_covariance
 

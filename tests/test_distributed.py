@@ -12,12 +12,13 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as mp
 
-from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.stream import calibrate
-from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import convert_checkpoint
+from calib.data import CalibrationSpec
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.run import convert_checkpoint
 from tests.families import save_family_model
 from tests.helpers import relative, tensors
 
@@ -45,7 +46,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
 
     torch.set_num_threads(1)
     if rank == 1 and die_at >= 0 and convert:
-        from corda_surgery import surgery
+        from corda_surgery.surgery import run as surgery
 
         initialise, calls = surgery.Initialiser.__call__, []
 
@@ -57,7 +58,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
 
         surgery.Initialiser.__call__ = dying_decomposition
     elif rank == 1 and die_at >= 0:
-        from corda_surgery.calib import stream
+        from calib import stream
 
         reduce = stream._reduce_over_ranks
 
@@ -151,25 +152,28 @@ def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
 def test_work_is_shared_by_input_group_and_balanced(tmp_path):
     """Linears that read one input go to one rank (one shared factorisation); the ranks' loads differ by at
     most the costliest group."""
-    from corda_surgery.calib.model_view import ModelView
-    from corda_surgery.calib.store import CovarianceStore
+    from calib.store import CovarianceStore
+    from corda_surgery.checkpoint.view import ModelView
     from corda_surgery.distributed import Ranks
-    from corda_surgery.surgery import LayerPlan, SharedInputs, _cost, plan_targets, share_of_work
+    from corda_surgery.surgery.initialise import Initialiser
+    from corda_surgery.surgery.targets import LayerPlan, plan_targets
+    from corda_surgery.surgery.work import _cost, share_of_work
 
     model_dir = save_family_model(tmp_path / "llama", "llama")
     store = calibrate(model_dir, SPEC, tmp_path / "c.h5", progress=False)
     targets = plan_targets(ModelView(model_dir), SurgeryOptions(rank=4)).targets
     plan = {t.name: LayerPlan(4, 0) for t in targets}
     with CovarianceStore(store) as opened:
-        shared = SharedInputs([opened], targets, plan)
-        owners = share_of_work(targets, plan, shared, SurgeryOptions(rank=4), Ranks(1, 2))
+        initialise = Initialiser([opened], targets, plan, {}, SurgeryOptions(rank=4), torch.device("cpu"))
+        shared = initialise.shared
+        owners = share_of_work(targets, plan, initialise, SurgeryOptions(rank=4), Ranks(1, 2))
         groups = {}
         for target in targets:
             groups.setdefault(shared.key(target.name), set()).add(owners[target.name])
     assert all(len(ranks) == 1 for ranks in groups.values()) and set(owners.values()) == {0, 1}
     loads = [sum(_cost(t) for t in targets if owners[t.name] == r) for r in (0, 1)]
     assert abs(loads[0] - loads[1]) <= max(_cost(t) for t in targets) * 3
-    assert share_of_work(targets, plan, shared, SurgeryOptions(method="lora", rank=4), Ranks(1, 2)) == {}
+    assert share_of_work(targets, plan, initialise, SurgeryOptions(method="lora", rank=4), Ranks(1, 2)) == {}
 
 
 def test_a_rank_that_dies_while_decomposing_leaves_no_output(tmp_path):
@@ -184,8 +188,8 @@ def test_a_rank_that_dies_while_decomposing_leaves_no_output(tmp_path):
 def test_workers_send_in_the_order_rank_0_writes(tmp_path, max_shard_size):
     """Workers send their results in ``write_order``: exactly the order in which rank 0's shard writer asks for
     tensors, also where small shards put the larger weights ahead of smaller ones stored before them."""
-    from corda_surgery.calib.weights import CheckpointReader
-    from corda_surgery.export.checkpoint_writer import write_order, write_sharded_weights
+    from corda_surgery.checkpoint.reader import CheckpointReader
+    from corda_surgery.checkpoint.writer import write_order, write_sharded_weights
 
     reader = CheckpointReader(save_family_model(tmp_path / "llama", "llama"))
     specs = {key: reader.spec(key) for key in reader.locations}

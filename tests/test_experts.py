@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from corda_surgery.calib.data import CalibrationSpec, token_batches
-from corda_surgery.calib.model_view import ModelView
-from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import calibrate
+from calib.data import CalibrationSpec, token_batches
+from calib.store import CovarianceStore
+from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.errors import UnsupportedArchitecture
-from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import decompose_checkpoint
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.run import decompose_checkpoint
 from tests.families import save_family_model
 from tests.helpers import PROMPTS, cli_error, logits, reference_covariances, relative, run_cli, tensors
 from tests.models import make_tokenizer

@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.store import CovarianceStore
-from corda_surgery.calib.stream import calibrate
-from corda_surgery.decompose import decompose_weight
+from calib.data import CalibrationSpec
+from calib.store import CovarianceStore
+from corda_surgery.decomposition.decompose import decompose_weight
+from corda_surgery.decomposition.kinds import Mode, Solver
+from corda_surgery.surgery.calibration import calibrate
 from tests.helpers import relative
 
 pytest.importorskip("peft", reason="peft is a test extra")
@@ -31,13 +32,13 @@ def covariances(tiny_llama, tmp_path_factory):
         return {linear: store.covariance(linear).float() for linear in store.by_linear}
 
 
-def _cut_gaps(spectrum: torch.Tensor, mode: str) -> tuple[float, float]:
-    i = RANK - 1 if mode == "ipm" else spectrum.numel() - RANK - 1
+def _cut_gaps(spectrum: torch.Tensor, mode: Mode) -> tuple[float, float]:
+    i = RANK - 1 if mode is Mode.IPM else spectrum.numel() - RANK - 1
     gap = float(spectrum[i] - spectrum[i + 1])
     return gap / float(spectrum[i]), gap / float(spectrum[0])
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("mode", list(Mode))
 def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
     covariance_file = tmp_path / "peft_cov.pt"
     torch.save(covariances, covariance_file)  # PEFT's own input format, written and read by this test only
@@ -48,7 +49,7 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
         lora_alpha=ALPHA,
         target_modules=TARGETS,
         init_lora_weights="corda",
-        corda_config=CordaConfig(covariance_file=str(covariance_file), corda_method=mode),
+        corda_config=CordaConfig(covariance_file=str(covariance_file), corda_method=mode.value),
     )
     preprocess_corda(model, config)
     peft_model = get_peft_model(model, config)
@@ -60,7 +61,7 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
         theirs_delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
         ours_delta = ours.scaling * ours.lora_B @ ours.lora_A
         exact = decompose_weight(
-            weight, covariances[name], rank=RANK, mode=mode, alpha=ALPHA, solver="svd", factor_dtype=torch.float64
+            weight, covariances[name], rank=RANK, mode=mode, alpha=ALPHA, solver=Solver.SVD, factor_dtype=torch.float64
         )
         assert exact.spectrum is not None
         relative_gap, gap_over_sigma1 = _cut_gaps(exact.spectrum, mode)
@@ -79,7 +80,7 @@ def test_matches_peft_corda(tiny_llama, covariances, tmp_path, mode):
     worst_delta = max(e[0] for e in errors.values())
     worst_residual = max(e[1] for e in errors.values())
     print(
-        f"\n{mode}: {len(errors)}/{len(originals)} layers compared; worst relative error s·B·A "
+        f"\n{mode.value}: {len(errors)}/{len(originals)} layers compared; worst relative error s·B·A "
         f"{worst_delta:.2e}, residual {worst_residual:.2e}; excluded: {excluded}"
     )
     assert len(errors) >= 0.8 * len(originals)
@@ -91,7 +92,7 @@ def test_peft_covariance_normalisation_matches_peft_hooks(tiny_llama, tmp_path):
     """--covariance-norm peft with batches of padded samples equals PEFT's own batch-1 hook."""
     from transformers import AutoTokenizer
 
-    from corda_surgery.calib.data import token_batches
+    from calib.data import token_batches
 
     spec = CalibrationSpec("gsm8k", samples=8, seq_len=40, batch_size=4, normalisation="peft")
     ours = calibrate(tiny_llama, spec, tmp_path / "ours.h5", progress=False)

@@ -11,13 +11,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import corda_surgery
-from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.store import FORMAT_VERSION, CovarianceStore, StoreError
-from corda_surgery.calib.stream import calibrate
-from corda_surgery.calib.weights import CheckpointReader
-from corda_surgery.decompose import decompose_weight
-from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import decompose_checkpoint
+from calib.data import CalibrationSpec
+from calib.store import FORMAT_VERSION, CovarianceStore, StoreError
+from corda_surgery.checkpoint.reader import CheckpointReader
+from corda_surgery.decomposition.decompose import decompose_weight
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.run import decompose_checkpoint
 from tests.helpers import cli_error, relative, run_cli, tensors
 
 SPEC = CalibrationSpec("nq_open", samples=8, seq_len=32, batch_size=4)

@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.stream import calibrate
+from calib.data import CalibrationSpec
 from corda_surgery.cli import main
-from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import decompose_checkpoint
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.run import decompose_checkpoint
 from tests.helpers import cli_error, datasets
 from tests.models import save_tiny_model
 
@@ -36,7 +36,7 @@ def _run_killed(patch: str, body: str) -> subprocess.CompletedProcess:
 
 KILL_POINTS = {
     "before block 2 is collected": textwrap.dedent("""
-        from corda_surgery.calib.model_view import ModelView
+        from corda_surgery.checkpoint.view import ModelView
         load = ModelView.load_block
         def patched(self, index):
             if index == 2: die()
@@ -44,7 +44,7 @@ KILL_POINTS = {
         ModelView.load_block = patched
     """),
     "while block 1 is being written": textwrap.dedent("""
-        from corda_surgery.calib.store import StoreWriter
+        from calib.store import StoreWriter
         write = StoreWriter.write_layer
         def patched(self, layer, entries):
             entries = list(entries)
@@ -56,7 +56,7 @@ KILL_POINTS = {
         StoreWriter.write_layer = patched
     """),
     "just before the final rename": textwrap.dedent("""
-        from corda_surgery.calib.store import StoreWriter
+        from calib.store import StoreWriter
         StoreWriter.finish = lambda self: die()
     """),
 }
@@ -67,7 +67,7 @@ def test_sigkill_during_calibrate_then_resume(tiny_llama, tmp_path, point):
     reference = calibrate(tiny_llama, ROUNDS_SPEC, tmp_path / "reference.h5", progress=False)
     out = tmp_path / "cov.h5"
     body = (
-        f"from corda_surgery.calib.stream import calibrate\nfrom corda_surgery.calib.data import CalibrationSpec\n"
+        f"from corda_surgery.surgery.calibration import calibrate\nfrom calib.data import CalibrationSpec\n"
         f"calibrate({str(tiny_llama)!r}, CalibrationSpec(**{ROUNDS_SPEC.__dict__!r}), {str(out)!r}, "
         f"progress=False)"
     )
@@ -105,7 +105,7 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     out = tmp_path / "out"
     patch = textwrap.dedent("""
-        import corda_surgery.surgery as surgery
+        import corda_surgery.surgery.initialise as surgery
         decompose, calls = surgery.decompose_weight, []
         def patched(*args, **kwargs):
             calls.append(1)
@@ -114,8 +114,8 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
         surgery.decompose_weight = patched
     """)
     body = (
-        f"from corda_surgery.surgery import decompose_checkpoint\n"
-        f"from corda_surgery.options import SurgeryOptions\n"
+        f"from corda_surgery.surgery.run import decompose_checkpoint\n"
+        f"from corda_surgery.surgery.options import SurgeryOptions\n"
         f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, SurgeryOptions(), stores=[{str(store)!r}], "
         f"progress=False)"
     )
@@ -224,7 +224,7 @@ def test_nan_in_weights_and_in_activations(model_copy, tmp_path):
     assert "model.layers.1.mlp.down_proj" in message and "NaN" in message  # first input that sees it
     (tmp_path / "nan.h5.partial").unlink()
     # decompose with the clean store: the store no longer matches, so check the weight path in the library
-    from corda_surgery.decompose import DecompositionError, decompose_weight
+    from corda_surgery.decomposition.decompose import DecompositionError, decompose_weight
 
     with pytest.raises(DecompositionError, match=r"model\.layers\.1\.mlp\.up_proj: weight contains NaN"):
         decompose_weight(
@@ -242,7 +242,7 @@ def test_output_on_unwritable_location_and_full_disk(tiny_llama, tmp_path, monke
     message = cli_error("decompose", tiny_llama, "--covariances", store, "--out", "/proc/corda-surgery-out")
     assert "/proc/corda-surgery-out" in message
 
-    import corda_surgery.export.checkpoint_writer as writer
+    import corda_surgery.checkpoint.writer as writer
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -6,11 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+from calib.accumulate import Accumulator
+from calib.data import CalibrationSpec, token_batches
+from calib.store import CovarianceStore, partial_path
 from corda_surgery import numerics
-from corda_surgery.calib.data import CalibrationSpec, token_batches
-from corda_surgery.calib.model_view import ModelView
-from corda_surgery.calib.store import CovarianceStore, eigenvalues_below_damping, partial_path
-from corda_surgery.calib.stream import _Accumulator, calibrate
+from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.calibration import calibrate as calibrate_command
 from tests.helpers import datasets, reference_covariances, relative
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=48, batch_size=4)
@@ -45,7 +48,7 @@ def test_tiled_products_equal_the_full_product(width):
     x = torch.randn(3, 40, width, generator=generator)
     mask = torch.ones(3, 40, dtype=torch.bool)
     mask[1, 25:] = False
-    accumulator = _Accumulator(width, "tokens", 1, torch.device("cpu"))
+    accumulator = Accumulator(width, "tokens", 1, torch.device("cpu"))
     accumulator.add(x, mask, 0)
     accumulator.add(x[:2], mask[:2], 0)
     rows = torch.cat([x[mask], x[:2][mask[:2]]]).double()
@@ -95,6 +98,22 @@ def test_eigenvalues_below_damping_are_counted_by_inertia(seed):
         assert (expected == 0) == (damping == 1e-2)
 
 
+def test_eigenvalues_below_the_damping_come_from_the_caller(tiny_llama, tmp_path):
+    """The store does no linear algebra: the calibrate command passes the decomposition's count and its level
+    in; the engine alone writes the same sums without them."""
+    spec = CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2)
+    counted = calibrate_command(tiny_llama, spec, tmp_path / "counted.h5", progress=False)
+    plain = calibrate(tiny_llama, spec, tmp_path / "plain.h5", progress=False)
+    with CovarianceStore(counted) as a, CovarianceStore(plain) as b:
+        assert a.below_damping_level == 0.01 and b.below_damping_level is None
+        assert a.entries.keys() == b.entries.keys()
+        for name, entry in a.entries.items():
+            covariance = a.covariance(name)
+            expected = int((torch.linalg.eigvalsh(covariance) < 0.01 * covariance.diagonal().mean()).sum())
+            assert entry.below_damping == expected > 0 and b.entries[name].below_damping is None, name
+            assert torch.equal(covariance, b.covariance(name)), name
+
+
 def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
     out = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     with CovarianceStore(out) as store:
@@ -119,7 +138,7 @@ def test_batch_size_does_not_change_covariances(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("stop_after", [0, 2])
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, stop_after):
-    reference = calibrate(tiny_llama, SPEC, tmp_path / "ref.h5", progress=False)
+    reference = calibrate_command(tiny_llama, SPEC, tmp_path / "ref.h5", progress=False)
     out = tmp_path / "cov.h5"
     original_free = ModelView.free_block
 
@@ -130,18 +149,18 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_llama, tmp_path
 
     monkeypatch.setattr(ModelView, "free_block", failing_free)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(tiny_llama, SPEC, out, progress=False)
+        calibrate_command(tiny_llama, SPEC, out, progress=False)
     monkeypatch.undo()
     assert not out.exists() and partial_path(out).exists()
     with h5py.File(partial_path(out), "r") as f:
         assert f.attrs["layers_done"] == stop_after  # the block in progress was not marked done
-    calibrate(tiny_llama, SPEC, out, resume=True, progress=False)
+    calibrate_command(tiny_llama, SPEC, out, resume=True, progress=False)
     assert not partial_path(out).exists()
     got, want = datasets(out), datasets(reference)
     assert got.keys() == want.keys()
     for name in want:
         assert np.array_equal(got[name][0], want[name][0]), name
-        assert got[name][1] == want[name][1]
+        assert got[name][1] == want[name][1]  # counts, members and eigenvalues below the damping alike
 
 
 def test_only_one_block_is_materialised(tmp_path, monkeypatch):

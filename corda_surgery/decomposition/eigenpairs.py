@@ -27,12 +27,12 @@ from corda_surgery.numerics import cholesky_solve
 
 OVERSAMPLING = (16, 48)  # block = r + n/16 clamped to these: wider matrices take a wider, faster block
 RELATIVE_TOLERANCE = 1e-11  # residual against the eigenvalue itself
-# Residual against ε·‖G‖_F, where the smallest pairs' bound lies: at 8·ε·‖G‖_F·√n the benchmark's KPM o_proj
-# adapters were 1e-4 from the float64 SVD's; at this one 2–5e-7, closer than the full eigen-decomposition's 8–10e-7.
+# Residual against ε·‖G‖_F, where the smallest pairs' bound lies: a looser multiple lets KPM's adapters drift from
+# the float64 SVD's, at this one they are as close to it as the full eigen-decomposition's.
 ROUNDING_TOLERANCE = 1.0
 SMALLEST_FOR_ITERATION = 4  # blocks above n/this: the full eigen-decomposition is as fast
-# Steps that cost as much as LAPACK's syevd of the same matrix, per unit of n / block (measured on 2 cores,
-# float64: 2048 wide with a 64-wide block, 0.9 s against ~30 ms a step for the smallest pairs).
+# Steps that cost as much as LAPACK's syevd of the same matrix, per unit of n / block: past them iterating
+# does not pay (one step is a few matrix products, syevd a memory-bound tridiagonal reduction).
 STEPS_PER_WIDTH_OVER_BLOCK = 0.8
 FIRST_PREDICTION = 2  # Ritz values of the first step say little about ρ
 

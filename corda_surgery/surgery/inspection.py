@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from corda_surgery.calib.model_view import ModelView
-from corda_surgery.calib.store import CovarianceStore
+from calib.store import CovarianceStore
+from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
-from corda_surgery.options import SurgeryOptions
-from corda_surgery.surgery import chosen_targets, corda_plus_plan, plan_targets
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.ranks import corda_plus_plan
+from corda_surgery.surgery.targets import chosen_targets, plan_targets
 
 
 def inspect_stores(
@@ -29,15 +30,21 @@ def inspect_stores(
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
         targets = chosen_targets(view, options, opened, view.reader.fingerprint()).targets
-        plan, records, spectra = corda_plus_plan(view, opened, targets, options, progress=True,
-                                                 device=compute.torch_device)  # fmt: skip
+        plan, records, spectra = corda_plus_plan(
+            view, opened, targets, options, progress=True, device=compute.torch_device
+        )
     rows = [
-        {"layer": t.name, "rank": plan[t.name].rank, "store": plan[t.name].store, "round": plan[t.name].round,
-         "compactness": records[t.name]["compactness"],
-         "compactness_at_base_rank": max(records[t.name]["candidate_compactness"])}
+        {
+            "layer": t.name,
+            "rank": plan[t.name].rank,
+            "store": plan[t.name].store,
+            "round": plan[t.name].round,
+            "compactness": records[t.name].compactness,
+            "compactness_at_base_rank": max(records[t.name].candidate_compactness or [0.0]),
+        }
         for t in targets
         if t.parameter is None
-    ]  # fmt: skip
+    ]
     return rows, spectra
 
 

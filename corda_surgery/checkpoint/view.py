@@ -34,8 +34,8 @@ from transformers.core_model_loading import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from corda_surgery.calib.experts import FusedExperts, find_fused_experts
-from corda_surgery.calib.weights import CheckpointError, CheckpointReader
+from corda_surgery.checkpoint.experts import FusedExperts, find_fused_experts
+from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader
 from corda_surgery.errors import UnsupportedArchitecture
 
 
@@ -148,9 +148,14 @@ class ModelView:
         converter = next(c for c in self._converters if stored[0][0] in c.source_patterns)
         collected: dict = {p: [self.reader.get(k) for q, k in stored if q == p] for p in converter.source_patterns}
         for operation in converter.operations:
-            collected = operation.convert(collected, source_patterns=converter.source_patterns,
-                                          target_patterns=converter.target_patterns, full_layer_name=name,
-                                          model=self.model, config=self.config)  # fmt: skip
+            collected = operation.convert(
+                collected,
+                source_patterns=converter.source_patterns,
+                target_patterns=converter.target_patterns,
+                full_layer_name=name,
+                model=self.model,
+                config=self.config,
+            )
         [tensor] = collected.values()
         return tensor
 
@@ -260,9 +265,12 @@ class ModelView:
                 explained.add(name)
         ignored = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
         unexplained = sorted(
-            key for name, keys in self.sources.items() if name not in explained for _, key in keys
+            key
+            for name, keys in self.sources.items()
+            if name not in explained
+            for _, key in keys
             if not any(p.search(key) for p in ignored)
-        )  # fmt: skip
+        )
         if unexplained:
             raise CheckpointError(
                 f"{self.reader.model_dir}: tensor {unexplained[0]} is not explained by config.json "

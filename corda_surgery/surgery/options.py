@@ -6,21 +6,17 @@ Closed sets are enums; every value is checked here, before any work, and an erro
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
-from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, FACTOR_DTYPES, Mode, Solver
+from corda_surgery.errors import OptionsError
+from corda_surgery.sizes import parse_size
 
-DEFAULT_DAMPING = 0.01  # λ in C + λ·mean(diag C)·I
-DEFAULT_MAX_SHARD_SIZE = "2GB"
 ALL_LINEAR = "all-linear"
-
-
-class OptionsError(CordaSurgeryError):
-    """An option's value is invalid or does not go with another option; names the option."""
 
 
 class Method(str, Enum):
@@ -35,38 +31,9 @@ class Method(str, Enum):
         return self in (Method.CORDA, Method.CORDA_PLUS)
 
 
-class Mode(str, Enum):
-    KPM = "kpm"  # the r smallest components train: knowledge preserved
-    IPM = "ipm"  # the r largest components train: instruction previewed
-
-
-class Solver(str, Enum):
-    GRAM = "gram"  # eigen-decomposition of the Gram matrix of the tall orientation
-    SUBSPACE = "subspace"  # only the kept pairs, by subspace iteration where it pays (else gram)
-    SVD = "svd"  # LAPACK's full float64 SVD (the reference)
-
-
 # Methods whose mode is part of the method itself: PiSSA trains the largest plain-SVD components, MiLoRA
 # the smallest, LoRA has none.
 _IMPLIED_MODES = {Method.PISSA: Mode.IPM, Method.MILORA: Mode.KPM, Method.LORA: None}
-FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}  # fmt: skip
-
-
-def parse_size(value: int | str, option: str) -> int:
-    """Bytes from ``512MB``, ``8GiB``, ``2GB`` or a plain number of bytes; an error names ``option``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if match is None:
-            raise OptionsError(f"{option} {value!r}: not a size (e.g. 512MB, 8GiB, 2GB)")
-        size = int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
-    if size < 1:
-        raise OptionsError(f"{option} {value!r}: must be at least 1 byte")
-    return size
 
 
 def parse_targets(value: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -123,8 +90,11 @@ class SurgeryOptions:
         set_("method", method)
         if self.mode is not None and method in _IMPLIED_MODES:
             implied = _IMPLIED_MODES[method]
-            what = "has no mode (random init)" if implied is None else (
-                f"always trains the {'largest' if implied is Mode.IPM else 'smallest'} components")  # fmt: skip
+            what = (
+                "has no mode (random init)"
+                if implied is None
+                else (f"always trains the {'largest' if implied is Mode.IPM else 'smallest'} components")
+            )
             raise OptionsError(f"--mode does not go with --method {method.value}, which {what}")
         mode = _enum(Mode, self.mode, "--mode") if self.mode is not None else _IMPLIED_MODES.get(method, Mode.KPM)
         set_("mode", mode)
@@ -146,8 +116,11 @@ class SurgeryOptions:
                 _is_int(self.max_rank) and self.max_rank >= self.min_rank,
                 f"--max-rank {self.max_rank!r}: must be a whole number ≥ --min-rank ({self.min_rank})",
             )
-        budgets = [name for name, value in (("--rank-budget", self.rank_budget), ("--param-budget", self.param_budget))
-                   if value is not None]  # fmt: skip
+        budgets = [
+            name
+            for name, value in (("--rank-budget", self.rank_budget), ("--param-budget", self.param_budget))
+            if value is not None
+        ]
         _require(len(budgets) < 2, "--rank-budget and --param-budget are two ways to say one thing: give one")
         if budgets:
             _require(method is Method.CORDA_PLUS, f"{budgets[0]} needs --method corda++")
@@ -174,12 +147,20 @@ class SurgeryOptions:
     def record(self) -> dict:
         """The options as surgery.json records them."""
         return {
-            "method": self.method.value, "mode": self.mode.value if self.mode else None, "rank": self.rank,
-            "alpha": self.alpha, "targets": list(self.targets) or ALL_LINEAR, "solver": self.solver.value,
-            "factor_dtype": self.factor_dtype, "damping": self.damping, "rank_budget": self.rank_budget,
-            "param_budget": self.param_budget, "min_rank": self.min_rank, "max_rank": self.max_rank,
+            "method": self.method.value,
+            "mode": self.mode.value if self.mode else None,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "targets": list(self.targets) or ALL_LINEAR,
+            "solver": self.solver.value,
+            "factor_dtype": self.factor_dtype,
+            "damping": self.damping,
+            "rank_budget": self.rank_budget,
+            "param_budget": self.param_budget,
+            "min_rank": self.min_rank,
+            "max_rank": self.max_rank,
             "balance": self.balance,
-        }  # fmt: skip
+        }
 
 
 def _is_int(value) -> bool:

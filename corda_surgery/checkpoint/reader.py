@@ -179,6 +179,13 @@ class CheckpointReader:
         """Read one stored tensor by its exact key."""
         return self._handle(self.locations[key]).get_tensor(key)
 
+    def copy(self, key: str) -> torch.Tensor:
+        """A copy of the stored tensor, its file unmapped: pages read stay resident while mapped, so memory stays
+        one tensor."""
+        tensor = self.get(key).clone()
+        self.release()
+        return tensor
+
     def release(self) -> None:
         """Unmap the shards: pages read so far stop counting towards this process's resident memory."""
         self._handles.clear()

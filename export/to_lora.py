@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from corda_surgery.calib.weights import CheckpointReader
+from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter, write_adapter
-from corda_surgery.handoff import checked_adapter, fused_parameters
 from corda_surgery.outputs import check_disjoint, staged_folder
-from corda_surgery.surgery import ADAPTER_DIR
+from corda_surgery.surgery.report import ADAPTER_DIR
+from export.handoff import checked_adapter, fused_parameters
+from export.peft_adapter import AdapterError, LoraAdapter, expert_factors, fused_factors, read_adapter, write_adapter
 
 
 def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
@@ -30,11 +30,14 @@ def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:
         # One scaling s for both halves: fold each half's own scaling relative to s into its B.
         halves_a = [trained.lora_A[module].float(), initial.lora_A[module].float()]
         halves_b = [trained.lora_B[module].float(), -(s_initial / s_trained) * initial.lora_B[module].float()]
-        experts = halves_a[0].shape[0] // trained.rank_of(module) if module in initial.parameter_paths else 1
-        # A fused parameter keeps each expert's rows together in A ((experts, r, in)) and its columns
-        # interleaved in B ((out, r, experts)): concatenate within each expert.
-        lora_a[module] = torch.cat([a.reshape(experts, -1, a.shape[-1]) for a in halves_a], dim=1).flatten(0, 1)
-        lora_b[module] = torch.cat([b.reshape(b.shape[0], -1, experts) for b in halves_b], dim=1).flatten(1)
+        if module in initial.parameter_paths:  # concatenate within each expert
+            trained_a, trained_b = expert_factors(halves_a[0], halves_b[0], trained.rank_of(module))
+            initial_a, initial_b = expert_factors(halves_a[1], halves_b[1], initial.rank_of(module))
+            lora_a[module], lora_b[module] = fused_factors(
+                list(torch.cat([trained_a, initial_a], dim=1)), list(torch.cat([trained_b, initial_b], dim=2))
+            )
+        else:
+            lora_a[module], lora_b[module] = torch.cat(halves_a), torch.cat(halves_b, dim=1)
         rank_pattern[module] = rank
         alpha_pattern[module] = s_trained * rank
     base_rank = 2 * trained.rank
@@ -60,7 +63,7 @@ def convert_to_lora(
     check_disjoint(Path(out), [surgery_dir, trained_adapter, base])
     trained, report = checked_adapter(surgery_dir, trained_adapter)  # also proves the residual unchanged
     initial = read_adapter(surgery_dir / ADAPTER_DIR, fused_parameters(report))
-    if CheckpointReader(base).fingerprint() != report["model_fingerprint"]:
+    if CheckpointReader(base).fingerprint() != report.model_fingerprint:
         raise CordaSurgeryError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
     lora = to_plain_lora(initial, trained)
     lora.base_model_name_or_path = str(base.resolve())

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
-from corda_surgery.options import DEFAULT_MAX_SHARD_SIZE
 from corda_surgery.outputs import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "2GB"
 # Non-weight files of a checkpoint folder that travel with the weights.
 MODEL_FILE_PATTERNS = (
     "config.json",

@@ -1,0 +1,151 @@
+"""Where a calibration's covariances go, behind one interface on every rank, so that the engine reads the
+same in one process and under torch.distributed.
+
+Rank 0 (or the only process) claims the output and writes the store; every other rank claims nothing and
+discards each layer it is given, since its sums already reached rank 0 through the all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from calib.store import CovarianceEntry, CovarianceStore, StoreWriter
+from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.distributed import Ranks
+from corda_surgery.outputs import claimed, refuse_existing
+
+log = logging.getLogger(__name__)
+
+Entries = Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]
+
+
+class CovarianceSink(Protocol):
+    """Takes a run's layers in order; ``layers_done``: how many a resumed store already holds."""
+
+    @property
+    def layers_done(self) -> int: ...
+
+    def write_layer(self, layer: int, entries: Entries) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RankOutput(Protocol):
+    """This rank's part in the output: claiming it before the run, and the sink of its covariances."""
+
+    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> AbstractContextManager[Path]:
+        """Hold ``out`` for the run; yields its resolved path."""
+        ...
+
+    def sink(
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+    ) -> CovarianceSink: ...
+
+
+def rank_output(ranks: Ranks) -> RankOutput:
+    """This process's part: the writer's on rank 0 (or alone), the others' elsewhere."""
+    return _Writer() if ranks.writer else _OtherRank()
+
+
+class _Writer:
+    """Rank 0: claims ``out`` (disjoint from the inputs, locked, refused if it exists without ``overwrite``)
+    and writes the store there."""
+
+    @contextlib.contextmanager
+    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> Iterator[Path]:
+        with claimed(out, inputs) as path:
+            refuse_existing(path, overwrite)
+            yield path
+
+    def sink(
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+    ) -> CovarianceSink:
+        writer = StoreWriter(
+            out,
+            fingerprint=view.reader.fingerprint(),
+            calibration=calibration,
+            num_layers=view.num_blocks,
+            resume=resume,
+            below_damping_level=below_damping_level,
+        )
+        return _Store(writer)
+
+
+class _Store:
+    """The store being written; finishing it renames it into place and names its rank-deficient inputs."""
+
+    def __init__(self, writer: StoreWriter):
+        self.writer = writer
+
+    @property
+    def layers_done(self) -> int:
+        return self.writer.layers_done
+
+    def write_layer(self, layer: int, entries: Entries) -> None:
+        self.writer.write_layer(layer, entries)
+
+    def finish(self) -> None:
+        warn_rank_deficient(self.writer.finish())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _OtherRank:
+    """A rank other than 0: writes nothing under ``out`` (rank 0 holds it, and its lock)."""
+
+    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> AbstractContextManager[Path]:
+        return contextlib.nullcontext(Path(out).resolve())
+
+    def sink(
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+    ) -> CovarianceSink:
+        return _Discard()
+
+
+class _Discard:
+    """Takes each layer's entries without reading them, so none is computed on this rank."""
+
+    layers_done = 0  # rank 0's count reaches the other ranks by broadcast
+
+    def write_layer(self, layer: int, entries: Entries) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def warn_rank_deficient(path: Path) -> None:
+    """Name the inputs that saw fewer tokens than they are wide: their covariances are rank-deficient, so the
+    smallest directions (KPM's cut) are set by damping there, not by data."""
+    with CovarianceStore(path) as store:
+        short = [
+            (name, entry.count, store.dimension(name))
+            for name, entry in store.entries.items()
+            if entry.count < store.dimension(name)
+        ]
+        total = len(store.entries)
+    if short:
+        name, count, width = short[0]
+        log.warning(
+            "%d of %d inputs saw fewer calibration tokens than they are wide (e.g. %s: %d tokens for %d inputs): "
+            "their smallest covariance directions come from damping, not data; calibrate on more tokens "
+            "(--samples, --seq-len, --pack)",
+            len(short),
+            total,
+            name,
+            count,
+            width,
+        )

@@ -1,0 +1,69 @@
+"""The ``calibrate`` command's run: the calibration engine (``calib.stream``) with the memory plan printed and
+checked before any work, and the decomposition's diagnostic (covariance eigenvalues below the default damping
+level) recorded in the store, since calibration itself does no linear algebra."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from calib.activations import rank_activation_budget
+from calib.data import CalibrationSpec
+from calib.stream import BelowDamping
+from calib.stream import calibrate as collect_covariances
+from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
+from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, eigenvalues_below_damping
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING
+from corda_surgery.distributed import current as current_ranks
+from corda_surgery.distributed import samples_share
+from corda_surgery.surgery.plan import announce, plan_run
+
+
+def _below_default_damping(total: torch.Tensor) -> int | None:
+    """Counted for inputs up to BELOW_DAMPING_MAX_WIDTH wide: one float64 factorisation each."""
+    return eigenvalues_below_damping(total, DEFAULT_DAMPING) if total.shape[0] <= BELOW_DAMPING_MAX_WIDTH else None
+
+
+BELOW_DAMPING = BelowDamping(level=DEFAULT_DAMPING, count=_below_default_damping)
+
+
+def calibrate(
+    model_dir: str | Path,
+    spec: CalibrationSpec,
+    out: str | Path,
+    *,
+    compute: ComputeOptions = DEFAULT_COMPUTE,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    plan: bool = True,
+) -> Path:
+    """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``, with each
+    input's count of eigenvalues below the default damping level.
+
+    Hidden states past ``compute``'s activation budget spill to a temporary folder beside ``out``.
+    ``plan``: print the memory plan and refuse a run that cannot fit, once the output is claimed and before
+    any work (``convert`` plans both phases itself and passes False).
+    """
+    ranks = current_ranks()
+    budget = rank_activation_budget(compute)  # once, for the plan and the run: the default depends on free memory
+
+    def announce_plan(view: ModelView, claimed: Path) -> None:
+        share = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, ranks))  # per rank
+        announce(plan_run(view, compute, claimed, spec=share, activation_budget=budget), progress and ranks.writer)
+
+    return collect_covariances(
+        model_dir,
+        spec,
+        out,
+        compute=compute,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        activation_budget=budget,
+        below_damping=BELOW_DAMPING,
+        before_work=announce_plan if plan else None,
+    )

@@ -1,0 +1,170 @@
+"""What one target gets from its plan, store and options: LoRA factors, the frozen residual and its record.
+
+The same on every rank, so a target decomposed elsewhere is what rank 0 would have made of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from calib.store import CovarianceStore
+from corda_surgery.decomposition.decompose import (
+    CovarianceSource,
+    DampedCovariance,
+    damped_covariance,
+    decompose_weight,
+)
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.report import LayerRecord
+from corda_surgery.surgery.targets import LayerPlan, Target
+
+log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+T = TypeVar("T")
+
+
+@dataclass
+class Initialised:
+    """One target's LoRA A (r, in), B (out, r), residual weight (the input's layout and dtype) and record."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    residual: torch.Tensor
+    record: LayerRecord
+
+
+def lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's default LoRA init: A Kaiming-uniform (a=√5), B zero."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(weight_in)  # kaiming_uniform_ with a=√5 on fan_in gives ±1/√fan_in
+    lora_a = (torch.rand(rank, weight_in, generator=generator) * 2 - 1) * bound
+    return lora_a, torch.zeros(weight_out, rank)
+
+
+def on_device_or_host(work: Callable[..., T], device: torch.device, name: str) -> T:
+    """``work(device=device)``, run again in host memory where the accelerator runs out of memory for this weight."""
+    if device.type == "cpu":
+        return work(device=device)
+    try:
+        return work(device=device)
+    except torch.OutOfMemoryError:
+        pass  # retried outside the handler: its traceback would keep the failed attempt's tensors alive
+    torch.cuda.empty_cache()
+    log.warning("%s: out of memory on %s; decomposed on the CPU instead", name, device)
+    return work(device=CPU)
+
+
+class SharedInputs:
+    """Inputs read by several targets (q/k/v, gate/up of one layer): their covariance is read, checked, damped
+    and factorised once, kept until the last of them is decomposed, then freed."""
+
+    def __init__(self, stores: Sequence[CovarianceStore], targets: list[Target], plan: Mapping[str, LayerPlan]):
+        self.stores, self.plan = stores, plan
+        self.readers = Counter(self.key(t.name) for t in targets if plan[t.name].store is not None)
+        self.prepared: dict[tuple, DampedCovariance] = {}
+
+    def key(self, name: str) -> tuple:
+        """(store, stored input, round): targets with the same key read the same covariance."""
+        layer = self.plan[name]
+        assert layer.store is not None
+        return layer.store, self.stores[layer.store].by_linear[name].name, layer.round
+
+    def source(
+        self, target: Target, covariance: CovarianceSource, damping: float, device: torch.device
+    ) -> CovarianceSource | DampedCovariance:
+        """What ``target`` decomposes with: the prepared shared covariance, or ``covariance`` if it reads alone."""
+        key = self.key(target.name)
+        if self.readers[key] == 1 and key not in self.prepared:
+            return covariance
+        if key not in self.prepared:
+            prepare = functools.partial(damped_covariance, covariance, damping, target.in_dim, target.name)
+            self.prepared[key] = on_device_or_host(prepare, device, target.name)
+        self.readers[key] -= 1
+        return self.prepared.pop(key) if self.readers[key] == 0 else self.prepared[key]
+
+
+class Initialiser:
+    """Callable on (weight, target): the target's ``Initialised``, from its plan, its store and the options."""
+
+    def __init__(
+        self,
+        stores: Sequence[CovarianceStore],
+        targets: list[Target],
+        plan: Mapping[str, LayerPlan],
+        plus_records: Mapping[str, LayerRecord],
+        options: SurgeryOptions,
+        device: torch.device,
+    ):
+        self.stores, self.plan, self.plus_records = stores, plan, plus_records
+        self.options, self.device = options, device
+        self.shared = SharedInputs(stores, targets, plan)
+        self.seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
+
+    def __call__(self, weight: torch.Tensor, target: Target) -> Initialised:
+        layer, options = self.plan[target.name], self.options
+        record = LayerRecord(rank=layer.rank)
+        covariance: CovarianceSource | DampedCovariance | None = None
+        if layer.store is not None:
+            store = self.stores[layer.store]
+            entry = store.by_linear[target.name]
+            read = functools.partial(store.covariance, target.name, round_index=layer.round)
+            covariance = self.shared.source(target, read, options.damping, self.device)
+            if entry.below_damping is not None and layer.round is None and store.below_damping_level == options.damping:
+                record.covariance_eigenvalues_below_damping = entry.below_damping
+            if target.is_expert:
+                record.tokens = entry.count if layer.round is None else entry.round_counts[layer.round]
+                if record.tokens < layer.rank:  # an expert (almost) no token was routed to cannot rank r directions
+                    covariance = None
+                    record.covariance = "none: fewer routed tokens than the rank, plain SVD of the weight"
+        plus = self.plus_records.get(target.name)
+        if plus is not None:
+            record.candidate_compactness, record.compactness = plus.candidate_compactness, plus.compactness
+        return self._initialise(weight, covariance, target, layer, record, seed=next(self.seeds))
+
+    def _initialise(
+        self,
+        weight: torch.Tensor,
+        covariance: CovarianceSource | DampedCovariance | None,
+        target: Target,
+        layer: LayerPlan,
+        record: LayerRecord,
+        *,
+        seed: int,
+    ) -> Initialised:
+        options = self.options
+        dtype = options.torch_factor_dtype
+        if options.mode is None:  # lora: PEFT's random init, the weight unchanged
+            out_dim, in_dim = weight.T.shape if target.transposed else weight.shape
+            lora_a, lora_b = lora_default_init(out_dim, in_dim, layer.rank, seed)
+            return Initialised(lora_a.to(dtype), lora_b.to(dtype), weight, record)
+        work = functools.partial(
+            decompose_weight,
+            weight,
+            covariance,
+            rank=layer.rank,
+            mode=options.mode,
+            alpha=options.scaling * layer.rank,
+            damping=options.damping,
+            solver=options.solver,
+            factor_dtype=dtype,
+            transposed=target.transposed,
+            name=target.name,
+            balance=options.balance,
+        )
+        result = on_device_or_host(work, self.device, target.name)
+        record.damping, record.adapter_energy, record.solver = (
+            result.damping,
+            result.adapter_energy,
+            result.solver_label,
+        )
+        record.store, record.round = layer.store, layer.round
+        return Initialised(result.lora_A, result.lora_B, result.residual, record)

@@ -1,0 +1,185 @@
+"""The memory and disk a run will need, estimated from the config, token count and dtypes before any work.
+
+A run that cannot fit refuses up front with the arithmetic instead of failing hours in. Each phase owns its
+estimate of what the code holds at its peaks (``bench/big_layer.py`` compares them with measured peaks):
+capture and calibration in ``calib.memory``, the decomposition of one weight in
+``corda_surgery.decomposition.memory``; this plan adds them up, with what surgery itself holds (while the
+experts of a fused-experts module are decomposed, its fused weight and residual, split into the stored
+tensors, are held whole) and the output's size on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from calib.data import CalibrationSpec
+from calib.memory import calibration_disk, calibration_memory, capture_memory, shared_width
+from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
+from corda_surgery.decomposition.memory import decomposition_memory
+from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.surgery.options import SurgeryOptions
+
+GIB = 1 << 30
+
+
+CALIBRATION_PHASES = ["capture", "calibration"]
+HINTS = {
+    "capture": "lower --max-memory, --samples or --seq-len",
+    "calibration": "lower --max-memory, --batch-size or --seq-len",
+    "decomposition": "the largest target weight sets this (leave it out with --targets)",
+}
+
+
+class MemoryPlanError(CordaSurgeryError):
+    """The run would not fit the memory or the output disk; the message gives the arithmetic."""
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peaks in bytes, with the parts they add up from (for the printout)."""
+
+    device: torch.device
+    baseline: int  # what the process holds already (interpreter, torch, the model skeleton)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # phase → part → bytes, on the compute device
+    disk: dict[str, int] = field(default_factory=dict)
+    out: Path | None = None  # the output the disk figure is for
+    disk_folder: Path | None = None  # its nearest existing folder, whose free space counts
+
+    def peak(self, phase: str) -> int:
+        return sum(self.phases[phase].values())
+
+    def _peak_of(self, phases: list[str]) -> tuple[int, str | None]:
+        """The largest of ``phases`` (those this plan has) and its name."""
+        present = [p for p in phases if p in self.phases]
+        if not present:
+            return 0, None
+        phase = max(present, key=self.peak)
+        return self.peak(phase), phase
+
+    @property
+    def device_peak(self) -> int:
+        """On a GPU only calibration must fit: a decomposition that does not is done on the CPU."""
+        on_device = CALIBRATION_PHASES if self.device.type == "cuda" else list(self.phases)
+        return self._peak_of(on_device)[0]
+
+    @property
+    def host_peak(self) -> int:
+        """Peak resident memory of the process: the baseline plus its largest phase in host memory (on a GPU
+        the decomposition's: the covariance is read into RAM first, and a weight may fall back to the CPU)."""
+        return self.baseline + self._peak_of(self._host_phases)[0]
+
+    @property
+    def _host_phases(self) -> list[str]:
+        return list(self.phases) if self.device.type == "cpu" else ["decomposition"]
+
+    def describe(self) -> str:
+        lines = [f"memory plan ({'RAM' if self.device.type == 'cpu' else self.device}; estimates):"]
+        for phase, parts in self.phases.items():
+            detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items() if size)
+            lines.append(f"  {phase:<13} {self.peak(phase) / GIB:7.2f} GiB  ({detail})")
+        lines.append(
+            f"  peak RAM      {self.host_peak / GIB:7.2f} GiB  (with {self.baseline / GIB:.2f} GiB in use now)"
+        )
+        if self.device.type != "cpu":
+            lines.append(f"  peak {self.device}  {self.device_peak / GIB:7.2f} GiB")
+        if self.disk:
+            detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.disk.items() if size)
+            lines.append(f"  disk          {sum(self.disk.values()) / GIB:7.2f} GiB  ({detail}) in {self.disk_folder}")
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Refuse a run whose estimate exceeds the free memory of its device or the free disk of its output."""
+        checks = [
+            ("RAM", available_host_memory(), list(self.phases) if self.device.type == "cpu" else ["decomposition"])
+        ]
+        if self.device.type == "cuda":
+            checks.append((str(self.device), available_memory(self.device), CALIBRATION_PHASES))
+        for memory, free, phases in checks:
+            needed, phase = self._peak_of(phases)
+            if phase is not None and needed > free:
+                parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.phases[phase].items() if size)
+                raise MemoryPlanError(
+                    f"this run needs about {needed / GIB:.2f} GiB of {memory} ({phase}: {parts}) but "
+                    f"{free / GIB:.2f} GiB are free; {HINTS[phase]}, or use a machine with more memory"
+                )
+        if self.disk and self.disk_folder is not None:
+            free_disk = shutil.disk_usage(self.disk_folder).free
+            needed_disk = sum(self.disk.values())
+            if needed_disk > free_disk:
+                parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.disk.items() if size)
+                raise MemoryPlanError(
+                    f"{self.out}: the outputs need about {needed_disk / GIB:.2f} GiB ({parts}) but "
+                    f"{free_disk / GIB:.2f} GiB are free in {self.disk_folder}"
+                )
+
+
+def announce(plan: MemoryPlan, progress: bool) -> None:
+    """Print the plan first (with the progress bars, on stderr), then refuse the run if it cannot fit."""
+    if progress:
+        tqdm.write(plan.describe(), file=sys.stderr)
+    plan.check()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where it cannot be read)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _existing_folder(path: Path) -> Path:
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def _largest_fused(view: ModelView) -> int:
+    """Bytes of the largest fused expert parameter as stored."""
+    return max(
+        (p.numel() * view.stored_dtype.itemsize for block in view.blocks for p in block.parameters() if p.dim() == 3),
+        default=0,
+    )
+
+
+def plan_run(
+    view: ModelView,
+    compute: ComputeOptions,
+    out: Path,
+    *,
+    spec: CalibrationSpec | None = None,
+    options: SurgeryOptions | None = None,
+    targets: Sequence[tuple[int, int]] = (),
+    activation_budget: int | None = None,
+) -> MemoryPlan:
+    """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
+    or both (convert), writing to ``out``."""
+    plan = MemoryPlan(device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out))
+    if spec is not None:
+        budget = compute.activation_budget() if activation_budget is None else activation_budget
+        plan.phases["capture"] = capture_memory(view, spec, budget)
+        plan.phases["calibration"] = calibration_memory(view, spec, budget)
+        plan.disk.update(calibration_disk(view, spec, budget))
+    if options is not None and targets:
+        stored_size = view.stored_dtype.itemsize
+        if options.method.uses_covariance or options.mode is not None:
+            width = shared_width(view) if options.method.uses_covariance else 0
+            plan.phases["decomposition"] = decomposition_memory(list(targets), stored_size, width)
+            if _largest_fused(view):
+                plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
+        plan.disk["residual model"] = sum(
+            math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
+        )
+        plan.disk["adapter"] = sum((o + i) * options.rank for o, i in targets) * options.torch_factor_dtype.itemsize
+    return plan
