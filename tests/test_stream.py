@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from calib.accumulate import Accumulator
 from calib.data import CalibrationSpec, token_batches
 from calib.store import CovarianceStore, partial_path
+from calib.stream import calibrate
 from corda_surgery import numerics
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
-from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.calibration import calibrate as calibrate_command
 from tests.helpers import datasets, reference_covariances, relative
 
