@@ -62,11 +62,11 @@ class CalibrationSpec:
         for option in ("samples", "seq_len", "batch_size", "rounds"):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise OptionsError(f"--{option.replace('_', '-')} {value!r}: must be a whole number ≥ 1")
+                raise OptionsError(f"`{option}` {value!r}: must be a whole number ≥ 1")
         if self.normalisation not in NORMALISATIONS:
-            raise OptionsError(f"--covariance-norm {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
+            raise OptionsError(f"`normalisation` {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
         if self.pack and self.chat_template:
-            raise OptionsError("--pack joins plain record texts into windows: it does not go with --chat-template")
+            raise OptionsError("`pack` joins plain record texts into windows: it does not go with `chat_template`")
 
     def input_files(self) -> list[Path]:
         """The data file this spec reads, if it is not a built-in set."""
@@ -193,7 +193,7 @@ def _packed_token_lists(
     skipped: list[int] = []
     for number, record in _records(path):
         if isinstance(record.get("input_ids"), list):
-            raise CalibrationDataError(f"{path}:{number}: --pack joins texts; this record is pre-tokenised")
+            raise CalibrationDataError(f"{path}:{number}: `pack` joins texts; this record is pre-tokenised")
         text = _record_text(record, spec.text_field, tokenizer, chat_template=False)
         if text and text.strip():
             texts.append(text.strip())
@@ -260,7 +260,7 @@ def token_batches(spec: CalibrationSpec, tokenizer, vocab_size: int) -> tuple[li
         raise CalibrationDataError(f"{path}: no usable text{field}")
     batch_count = math.ceil(len(token_lists) / spec.batch_size)
     if spec.rounds > batch_count:
-        raise OptionsError(f"--rounds {spec.rounds}: more than the {batch_count} batches the calibration set gives")
+        raise OptionsError(f"`rounds` {spec.rounds}: more than the {batch_count} batches the calibration set gives")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [_pad(token_lists[i : i + spec.batch_size], pad_id) for i in range(0, len(token_lists), spec.batch_size)]
     description = asdict(spec) | {

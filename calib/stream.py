@@ -285,8 +285,8 @@ def _check_normalisation(view: ModelView, spec: CalibrationSpec) -> None:
     fused = [f"{view.block_name(i)}.{name}" for i, found in enumerate(view.experts) for name in found]
     if spec.normalisation == "peft" and fused:
         raise UnsupportedArchitecture(
-            f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} see routed tokens: "
-            "use --covariance-norm tokens"
+            f"`normalisation` peft scales whole samples, but the experts of {fused[0]} see routed tokens: "
+            "use `normalisation` tokens"
         )
 
 
