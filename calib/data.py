@@ -238,6 +238,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_source(spec: CalibrationSpec) -> None:
+    """The calibration file readable, parseable and holding some text, checked before any plan or model is
+    loaded, so a bad file is one line naming it and its line, not a failure after the memory plan."""
+    path = _source_path(spec.source)
+    if path.suffix == ".txt":
+        if not _decode(path.read_bytes(), path).strip():
+            raise CalibrationDataError(f"{path}: no text (only whitespace)")
+        return
+    usable = False
+    for number, record in _records(path):
+        if isinstance(record.get("input_ids"), list):
+            if spec.pack:
+                raise CalibrationDataError(f"{path}:{number}: `pack` joins texts; this record is pre-tokenised")
+            usable = True
+            continue
+        text = _record_text(record, spec.text_field, tokenizer=None, chat_template=False)
+        usable = usable or bool(text and text.strip())
+    if not usable:
+        field = f" in field {spec.text_field!r}" if spec.text_field else ""
+        raise CalibrationDataError(f"{path}: no usable text{field}")
+
+
 def token_batches(spec: CalibrationSpec, tokenizer, vocab_size: int) -> tuple[list[TokenBatch], dict]:
     """Tokenised, right-padded batches plus a description of the calibration set for the store."""
     path = _source_path(spec.source)

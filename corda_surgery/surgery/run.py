@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from calib.data import CalibrationSpec
+from calib.data import CalibrationSpec, check_source
 from calib.store import CovarianceStore
 from calib.stream import open_view
 from corda_surgery.checkpoint.view import ModelView
@@ -117,6 +117,7 @@ def convert_checkpoint(
     out, model_dir = Path(out).resolve(), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     refuse_existing(out, overwrite)
+    check_source(spec)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
     if options.method.uses_covariance:
@@ -161,5 +162,6 @@ def estimate_run(
     if options is not None and not options.method.uses_covariance:
         spec = None  # pissa, milora and lora calibrate nothing
     if spec is not None:  # per rank under torch.distributed: its share of the samples
+        check_source(spec)
         spec = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, current_ranks()))
     return plan_run(view, compute, Path(out), spec=spec, options=options, targets=shapes(targets))
