@@ -203,7 +203,7 @@ def run(model_type: str, root: Path, tracebacks: bool = False) -> dict:
     def handoff() -> None:
         from peft import PeftModel
 
-        out = decompose_checkpoint(state["dir"], root / "kpm", SurgeryOptions(mode=Mode.KPM, rank=4),
+        out = decompose_checkpoint(state["dir"], root / "kpm", SurgeryOptions.of(mode=Mode.KPM, rank=4),
                                    stores=[state["store"]], progress=False)  # fmt: skip
         state["out"] = out
         record["figures"]["adapted"] = len(json.loads((out / "surgery.json").read_text())["layers"])

@@ -300,7 +300,7 @@ def convert(name: str, base: Path, calibration: dict[str, Path], settings, conve
             if method.surgery == "corda++"
             else {}
         )
-        options = SurgeryOptions(
+        options = SurgeryOptions.of(
             method=method.surgery,
             mode=method.mode,
             rank=settings.rank,

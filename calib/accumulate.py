@@ -39,7 +39,7 @@ class Accumulator:
             routed = True
         if routed:
             if self.normalisation == "peft":
-                raise UnsupportedArchitecture("--covariance-norm peft needs per-sample inputs; experts get routed rows")
+                raise UnsupportedArchitecture("`normalisation` peft needs per-sample inputs; experts get routed rows")
             mask = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
             x = x[:, None, :]
         elif x.dim() == 2:

@@ -62,11 +62,11 @@ class CalibrationSpec:
         for option in ("samples", "seq_len", "batch_size", "rounds"):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise OptionsError(f"--{option.replace('_', '-')} {value!r}: must be a whole number ≥ 1")
+                raise OptionsError(f"`{option}` {value!r}: must be a whole number ≥ 1")
         if self.normalisation not in NORMALISATIONS:
-            raise OptionsError(f"--covariance-norm {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
+            raise OptionsError(f"`normalisation` {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
         if self.pack and self.chat_template:
-            raise OptionsError("--pack joins plain record texts into windows: it does not go with --chat-template")
+            raise OptionsError("`pack` joins plain record texts into windows: it does not go with `chat_template`")
 
     def input_files(self) -> list[Path]:
         """The data file this spec reads, if it is not a built-in set."""
@@ -193,7 +193,7 @@ def _packed_token_lists(
     skipped: list[int] = []
     for number, record in _records(path):
         if isinstance(record.get("input_ids"), list):
-            raise CalibrationDataError(f"{path}:{number}: --pack joins texts; this record is pre-tokenised")
+            raise CalibrationDataError(f"{path}:{number}: `pack` joins texts; this record is pre-tokenised")
         text = _record_text(record, spec.text_field, tokenizer, chat_template=False)
         if text and text.strip():
             texts.append(text.strip())
@@ -238,6 +238,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_source(spec: CalibrationSpec) -> None:
+    """The calibration file readable, parseable and holding some text, checked before any plan or model is
+    loaded, so a bad file is one line naming it and its line, not a failure after the memory plan."""
+    path = _source_path(spec.source)
+    if path.suffix == ".txt":
+        if not _decode(path.read_bytes(), path).strip():
+            raise CalibrationDataError(f"{path}: no text (only whitespace)")
+        return
+    usable = False
+    for number, record in _records(path):
+        if isinstance(record.get("input_ids"), list):
+            if spec.pack:
+                raise CalibrationDataError(f"{path}:{number}: `pack` joins texts; this record is pre-tokenised")
+            usable = True
+            continue
+        text = _record_text(record, spec.text_field, tokenizer=None, chat_template=False)
+        usable = usable or bool(text and text.strip())
+    if not usable:
+        field = f" in field {spec.text_field!r}" if spec.text_field else ""
+        raise CalibrationDataError(f"{path}: no usable text{field}")
+
+
 def token_batches(spec: CalibrationSpec, tokenizer, vocab_size: int) -> tuple[list[TokenBatch], dict]:
     """Tokenised, right-padded batches plus a description of the calibration set for the store."""
     path = _source_path(spec.source)
@@ -260,7 +282,7 @@ def token_batches(spec: CalibrationSpec, tokenizer, vocab_size: int) -> tuple[li
         raise CalibrationDataError(f"{path}: no usable text{field}")
     batch_count = math.ceil(len(token_lists) / spec.batch_size)
     if spec.rounds > batch_count:
-        raise OptionsError(f"--rounds {spec.rounds}: more than the {batch_count} batches the calibration set gives")
+        raise OptionsError(f"`rounds` {spec.rounds}: more than the {batch_count} batches the calibration set gives")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [_pad(token_lists[i : i + spec.batch_size], pad_id) for i in range(0, len(token_lists), spec.batch_size)]
     description = asdict(spec) | {

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from calib.store import CovarianceEntry, CovarianceStore, StoreWriter
+from calib.store import CovarianceEntry, CovarianceStore, StoreError, StoreWriter
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
@@ -27,10 +27,14 @@ Entries = Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]
 
 
 class CovarianceSink(Protocol):
-    """Takes a run's layers in order; ``layers_done``: how many a resumed store already holds."""
+    """Takes a run's layers in order; ``layers_done``: how many a resumed store already holds (all of them
+    where ``resume`` found the store finished)."""
 
     @property
     def layers_done(self) -> int: ...
+
+    @property
+    def finished(self) -> bool: ...
 
     def write_layer(self, layer: int, entries: Entries) -> None: ...
 
@@ -42,7 +46,9 @@ class CovarianceSink(Protocol):
 class RankOutput(Protocol):
     """This rank's part in the output: claiming it before the run, and the sink of its covariances."""
 
-    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> AbstractContextManager[Path]:
+    def claim(
+        self, out: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool
+    ) -> AbstractContextManager[Path]:
         """Hold ``out`` for the run; yields its resolved path."""
         ...
 
@@ -57,18 +63,20 @@ def rank_output(ranks: Ranks) -> RankOutput:
 
 
 class _Writer:
-    """Rank 0: claims ``out`` (disjoint from the inputs, locked, refused if it exists without ``overwrite``)
-    and writes the store there."""
+    """Rank 0: claims ``out`` (disjoint from the inputs, locked, refused if it exists without ``overwrite`` or
+    ``resume``) and writes the store there."""
 
     @contextlib.contextmanager
-    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> Iterator[Path]:
+    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> Iterator[Path]:
         with claimed(out, inputs) as path:
-            refuse_existing(path, overwrite)
+            refuse_existing(path, overwrite or resume)
             yield path
 
     def sink(
         self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
     ) -> CovarianceSink:
+        if resume and out.exists():
+            return _Finished(out, view, calibration)
         writer = StoreWriter(
             out,
             fingerprint=view.reader.fingerprint(),
@@ -82,6 +90,8 @@ class _Writer:
 
 class _Store:
     """The store being written; finishing it renames it into place and names its rank-deficient inputs."""
+
+    finished = False
 
     def __init__(self, writer: StoreWriter):
         self.writer = writer
@@ -100,10 +110,40 @@ class _Store:
         self.writer.close()
 
 
+class _Finished:
+    """A store that ``resume`` finds already written: checked to be this model's and these settings', then kept
+    as it is, so rerunning a command with ``resume`` until it succeeds succeeds once the work is done."""
+
+    def __init__(self, out: Path, view: ModelView, calibration: dict):
+        with CovarianceStore(out) as store:
+            if store.fingerprint != view.reader.fingerprint():
+                raise StoreError(f"{out}: a finished store of another model; remove it or drop `resume`")
+            if store.calibration != calibration:
+                keys = calibration.keys() | store.calibration.keys()
+                differing = sorted(key for key in keys if calibration.get(key) != store.calibration.get(key))
+                raise StoreError(
+                    f"{out}: a finished store with other calibration settings ({', '.join(differing)}); "
+                    "remove it or drop `resume`"
+                )
+        self.layers_done, self.finished = view.num_blocks, True
+        log.warning("%s: already complete; nothing to do (resume)", out)
+
+    def write_layer(self, layer: int, entries: Entries) -> None:
+        raise AssertionError("a finished store takes no layers")
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _OtherRank:
     """A rank other than 0: writes nothing under ``out`` (rank 0 holds it, and its lock)."""
 
-    def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> AbstractContextManager[Path]:
+    def claim(
+        self, out: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool
+    ) -> AbstractContextManager[Path]:
         return contextlib.nullcontext(Path(out).resolve())
 
     def sink(
@@ -115,7 +155,7 @@ class _OtherRank:
 class _Discard:
     """Takes each layer's entries without reading them, so none is computed on this rank."""
 
-    layers_done = 0  # rank 0's count reaches the other ranks by broadcast
+    layers_done, finished = 0, False  # rank 0's reach the other ranks by broadcast
 
     def write_layer(self, layer: int, entries: Entries) -> None:
         pass

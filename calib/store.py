@@ -148,11 +148,11 @@ class StoreWriter:
             raise
         if handle.attrs.get("model_fingerprint") != self.fingerprint:
             handle.close()
-            raise StoreError(f"{self.partial}: partial store is from another model; remove it or drop --resume")
+            raise StoreError(f"{self.partial}: partial store is from another model; remove it or drop `resume`")
         if json.loads(handle.attrs["calibration"]) != self.calibration:
             handle.close()
             raise StoreError(
-                f"{self.partial}: partial store used other calibration settings; remove it or drop --resume"
+                f"{self.partial}: partial store used other calibration settings; remove it or drop `resume`"
             )
         done = int(handle.attrs["layers_done"])
         for name in list(handle):  # drop datasets (sums and rounds) of the layer that was in progress
@@ -202,7 +202,7 @@ class CovarianceStore:
             raise StoreError(f"{self.path}: not a regular file")
         if not self.path.is_file():
             hint = (
-                " (an interrupted run left .partial: rerun with --resume)" if partial_path(self.path).exists() else ""
+                " (an interrupted run left .partial: rerun with `resume`)" if partial_path(self.path).exists() else ""
             )
             raise StoreError(f"{self.path}: covariance store not found{hint}")
         try:

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from calib.accumulate import Accumulator, InputGroups, expert_slices
 from calib.activations import Activations, rank_activation_budget
-from calib.data import CalibrationSpec, TokenBatch, token_batches
+from calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
 from calib.sink import CovarianceSink, rank_output
 from calib.store import CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
@@ -244,10 +244,11 @@ def calibrate(
     (the command's memory plan, which may refuse the run). Under torch.distributed every rank runs its share
     of the batches and rank 0 writes.
     """
+    check_source(spec)
     ranks = current_ranks()
     progress = progress and ranks.writer
     output = rank_output(ranks)
-    with output.claim(out, [Path(model_dir), *spec.input_files()], overwrite) as out:
+    with output.claim(out, [Path(model_dir), *spec.input_files()], overwrite, resume) as out:
         barrier(ranks, "waiting for rank 0 to claim the output")
         view = open_view(model_dir, compute)
         _check_normalisation(view, spec)
@@ -257,7 +258,10 @@ def calibrate(
         batches, description = _token_batches(view, spec, model_dir, progress)
         level = below_damping.level if below_damping is not None else None
         sink = output.sink(out, view, description, resume=resume, below_damping_level=level)
-        done = broadcast_object(sink.layers_done, ranks, "agreeing on the layers already stored")
+        done, finished = broadcast_object((sink.layers_done, sink.finished), ranks, "agreeing on the layers stored")
+        if finished:  # resume found the store written: no forward to run
+            sink.close()
+            return out
         hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-", view.device)
         try:
             stream_covariances(
@@ -285,8 +289,8 @@ def _check_normalisation(view: ModelView, spec: CalibrationSpec) -> None:
     fused = [f"{view.block_name(i)}.{name}" for i, found in enumerate(view.experts) for name in found]
     if spec.normalisation == "peft" and fused:
         raise UnsupportedArchitecture(
-            f"--covariance-norm peft scales whole samples, but the experts of {fused[0]} see routed tokens: "
-            "use --covariance-norm tokens"
+            f"`normalisation` peft scales whole samples, but the experts of {fused[0]} see routed tokens: "
+            "use `normalisation` tokens"
         )
 
 

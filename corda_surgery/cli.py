@@ -49,7 +49,8 @@ def _fail_cleanly(command):
         except (CordaSurgeryError, OSError) as exc:
             if debug:
                 raise
-            click.echo(f"error: {launched().label}{' '.join(str(exc).split())}", err=True)
+            message = exc.named(_flags(click.get_current_context())) if isinstance(exc, CordaSurgeryError) else str(exc)
+            click.echo(f"error: {launched().label}{' '.join(message.split())}", err=True)
             sys.exit(1)
         except Exception:
             traceback.print_exc()
@@ -61,6 +62,19 @@ def _fail_cleanly(command):
             sys.exit(BUG_EXIT)
 
     return wrapper
+
+
+def _flags(context: click.Context) -> dict[str, str]:
+    """Each option's field name → its flag: errors name fields, the command line shows flags (this command's
+    first, then any other command's)."""
+    root = context.find_root().command
+    commands = [*getattr(root, "commands", {}).values(), context.command]
+    return {
+        param.name: param.opts[0]
+        for command in commands
+        for param in command.params
+        if isinstance(param, click.Option) and param.name and param.opts[0].startswith("--")
+    }
 
 
 def _compute(kwargs: dict):
@@ -185,12 +199,12 @@ def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
     """
     from corda_surgery.surgery.run import decompose_checkpoint, estimate_run
 
-    compute, options = _compute(surgery), SurgeryOptions(**surgery)
+    compute, options = _compute(surgery), SurgeryOptions.of(**surgery)
     model = resolve_model(model_dir)
     if dry_run:
         return _show_plan(estimate_run(model, compute, out, options=options))
     out = decompose_checkpoint(model, out, options, stores=list(stores), compute=compute, overwrite=overwrite)
-    _print_next_steps(out, options.base_name)
+    _print_next_steps(out, options.output.base_name)
 
 
 @main.command()
@@ -212,12 +226,12 @@ def convert(model_dir, out, resume, overwrite, dry_run, **settings):
     from corda_surgery.surgery.run import convert_checkpoint, estimate_run
 
     spec, compute = _spec(settings), _compute(settings)
-    options = SurgeryOptions(**settings)
+    options = SurgeryOptions.of(**settings)
     model = resolve_model(model_dir)
     if dry_run:
         return _show_plan(estimate_run(model, compute, out, spec=spec, options=options))
     out = convert_checkpoint(model, out, spec, options, compute=compute, overwrite=overwrite, resume=resume)
-    _print_next_steps(out, options.base_name)
+    _print_next_steps(out, options.output.base_name)
 
 
 @main.command("to-lora")
@@ -346,7 +360,7 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     from corda_surgery.surgery.inspection import inspect_stores, plot_inspection
 
     compute = _compute(surgery)
-    options = SurgeryOptions(method=Method.CORDA_PLUS, **surgery)
+    options = SurgeryOptions.of(method=Method.CORDA_PLUS, **surgery)
     model = resolve_model(model_dir)
     if plot_dir is not None:
         check_disjoint(plot_dir, [*map(Path, stores), model])

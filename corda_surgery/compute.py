@@ -68,17 +68,17 @@ class ComputeOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
-            raise OptionsError(f"--device {self.device!r}: must be auto, cpu, cuda or cuda:N")
+            raise OptionsError(f"`device` {self.device!r}: must be auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise OptionsError(f"--device {self.device}: no CUDA device is available (torch {torch.__version__})")
+                raise OptionsError(f"`device` {self.device}: no CUDA device is available (torch {torch.__version__})")
             index = torch.device(self.device).index
             if index is not None and index >= torch.cuda.device_count():
-                raise OptionsError(f"--device {self.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+                raise OptionsError(f"`device` {self.device}: this machine has {torch.cuda.device_count()} GPU(s)")
         if self.forward_dtype != "auto" and self.forward_dtype not in FORWARD_DTYPES:
-            raise OptionsError(f"--forward-dtype {self.forward_dtype!r}: must be auto, {', '.join(FORWARD_DTYPES)}")
+            raise OptionsError(f"`forward_dtype` {self.forward_dtype!r}: must be auto, {', '.join(FORWARD_DTYPES)}")
         if self.max_memory is not None:
-            object.__setattr__(self, "max_memory", parse_size(self.max_memory, "--max-memory"))
+            object.__setattr__(self, "max_memory", parse_size(self.max_memory, "max_memory"))
 
     @property
     def torch_device(self) -> torch.device:

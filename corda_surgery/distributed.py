@@ -102,7 +102,7 @@ def _collective(what: str) -> Iterator[None]:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DistributedError(
             f"{what} failed, another rank has probably stopped ({first_line}); "
-            "a calibration store written so far continues with --resume"
+            "a calibration store written so far continues with `resume`"
         ) from error
 
 

@@ -140,7 +140,7 @@ def claimed(out: str | Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists (use --overwrite to replace it)")
+        raise OutputError(f"{out} already exists (use `overwrite` to replace it)")
 
 
 def _umask() -> int:

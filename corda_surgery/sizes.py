@@ -27,8 +27,8 @@ def parse_size(value: int | str, option: str) -> int:
     else:
         match = _SIZE.match(str(value))
         if match is None:
-            raise OptionsError(f"{option} {value!r}: not a size (e.g. 512MB, 8GiB, 2GB)")
+            raise OptionsError(f"`{option}` {value!r}: not a size (e.g. 512MB, 8GiB, 2GB)")
         size = int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
     if size < 1:
-        raise OptionsError(f"{option} {value!r}: must be at least 1 byte")
+        raise OptionsError(f"`{option}` {value!r}: must be at least 1 byte")
     return size

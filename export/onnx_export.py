@@ -177,9 +177,9 @@ def export_onnx(
 ) -> Path:
     """Write ``out/model.onnx`` (+ external data), the tokenizer/config files and ``onnx_export.json``."""
     if dtype not in DTYPES:
-        raise OptionsError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
+        raise OptionsError(f"`dtype` {dtype!r}: must be one of {', '.join(DTYPES)}")
     if exporter not in EXPORTERS:
-        raise OptionsError(f"--exporter {exporter!r}: must be one of {', '.join(EXPORTERS)}")
+        raise OptionsError(f"`exporter` {exporter!r}: must be one of {', '.join(EXPORTERS)}")
     model_dir = Path(model_dir)
     check_disjoint(Path(out), [model_dir])
     CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
@@ -324,7 +324,7 @@ def _check_other_shapes(
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if not error <= tolerance:
         hint = (
-            "it baked shapes into the graph; use --exporter dynamo"
+            "it baked shapes into the graph; use `exporter` dynamo"
             if exporter == "torchscript"
             else ("the graph does not compute what the model does there")
         )

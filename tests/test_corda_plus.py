@@ -193,7 +193,7 @@ def test_corda_plus_handoff_with_per_layer_ranks(tiny_llama, tmp_path, mode):
     out = decompose_checkpoint(
         tiny_llama,
         tmp_path / "out",
-        SurgeryOptions(method="corda++", mode=mode, rank=8, rank_budget=8, min_rank=2, max_rank=24),
+        SurgeryOptions.of(method="corda++", mode=mode, rank=8, rank_budget=8, min_rank=2, max_rank=24),
         stores=[qa, math],
         progress=False,
     )

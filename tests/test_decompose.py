@@ -158,5 +158,5 @@ def test_balanced_components_have_equal_norms_and_the_same_product(mode):
 
 
 def test_balance_is_refused_without_a_decomposition():
-    with pytest.raises(OptionsError, match="--balance needs a decomposition"):
-        SurgeryOptions(method="lora", balance=True)
+    with pytest.raises(OptionsError, match=r"^balance needs a decomposition"):
+        SurgeryOptions.of(method="lora", balance=True)

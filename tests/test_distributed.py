@@ -24,10 +24,10 @@ from tests.helpers import relative, tensors
 
 SPEC = CalibrationSpec("gsm8k", samples=12, seq_len=24, batch_size=2, rounds=2)
 OPTIONS = {
-    "corda": SurgeryOptions(rank=4),
-    "corda++": SurgeryOptions(method="corda++", rank=4, rank_budget=4),
+    "corda": SurgeryOptions.of(rank=4),
+    "corda++": SurgeryOptions.of(method="corda++", rank=4, rank_budget=4),
     # shards smaller than the largest weights: those get shards of their own, written out of the stored order
-    "small shards": SurgeryOptions(rank=4, max_shard_size=20_000),
+    "small shards": SurgeryOptions.of(rank=4, max_shard_size=20_000),
 }
 
 
@@ -166,19 +166,19 @@ def test_work_is_shared_by_input_group_and_balanced(tmp_path):
 
     model_dir = save_family_model(tmp_path / "llama", "llama")
     store = calibrate(model_dir, SPEC, tmp_path / "c.h5", progress=False)
-    targets = plan_targets(ModelView(model_dir), SurgeryOptions(rank=4)).targets
+    targets = plan_targets(ModelView(model_dir), SurgeryOptions.of(rank=4)).targets
     plan = {t.name: LayerPlan(4, 0) for t in targets}
     with CovarianceStore(store) as opened:
-        initialise = Initialiser([opened], targets, plan, {}, SurgeryOptions(rank=4), torch.device("cpu"))
+        initialise = Initialiser([opened], targets, plan, {}, SurgeryOptions.of(rank=4), torch.device("cpu"))
         shared = initialise.shared
-        owners = share_of_work(targets, plan, initialise, SurgeryOptions(rank=4), Ranks(1, 2))
+        owners = share_of_work(targets, plan, initialise, SurgeryOptions.of(rank=4), Ranks(1, 2))
         groups = {}
         for target in targets:
             groups.setdefault(shared.key(target.name), set()).add(owners[target.name])
     assert all(len(ranks) == 1 for ranks in groups.values()) and set(owners.values()) == {0, 1}
     loads = [sum(_cost(t) for t in targets if owners[t.name] == r) for r in (0, 1)]
     assert abs(loads[0] - loads[1]) <= max(_cost(t) for t in targets) * 3
-    assert share_of_work(targets, plan, initialise, SurgeryOptions(method="lora", rank=4), Ranks(1, 2)) == {}
+    assert share_of_work(targets, plan, initialise, SurgeryOptions.of(method="lora", rank=4), Ranks(1, 2)) == {}
 
 
 def test_a_rank_that_dies_while_decomposing_leaves_no_output(tmp_path):

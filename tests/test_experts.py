@@ -92,7 +92,7 @@ def test_trained_expert_adapter_merges_and_converts_to_lora_like_peft(mixtral, t
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     model_dir, store = mixtral
-    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=4), stores=[store],
                                progress=False)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
@@ -126,7 +126,7 @@ def test_experts_without_routed_tokens_are_named_and_initialised_from_their_weig
     spec = CalibrationSpec("gsm8k", samples=1, seq_len=4, batch_size=1)  # 8 token-expert pairs for 16 experts
     store = calibrate(model_dir, spec, tmp_path / "cov.h5", progress=False)
     with caplog.at_level(logging.WARNING):
-        out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=2), stores=[store],
+        out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=2), stores=[store],
                                    progress=False)  # fmt: skip
     report = json.loads((out / "surgery.json").read_text())
     for parameter in report["adapter_parameters"]:
@@ -143,7 +143,7 @@ def test_experts_without_routed_tokens_are_named_and_initialised_from_their_weig
 
 def test_corda_plus_plus_allocates_linears_and_gives_experts_the_base_rank(mixtral, tmp_path):
     model_dir, store = mixtral
-    options = SurgeryOptions(method="corda++", mode="ipm", rank=4, min_rank=2, max_rank=8, rank_budget=4)
+    options = SurgeryOptions.of(method="corda++", mode="ipm", rank=4, min_rank=2, max_rank=8, rank_budget=4)
     out = decompose_checkpoint(model_dir, tmp_path / "plus", options, stores=[store], progress=False)
     report = json.loads((out / "surgery.json").read_text())
     linears = {n: layer["rank"] for n, layer in report["layers"].items() if n not in report["adapter_parameters"]}
@@ -158,7 +158,7 @@ def test_corda_plus_plus_allocates_linears_and_gives_experts_the_base_rank(mixtr
 
 def test_targets_pick_one_fused_weight_and_the_rest_stays_frozen(mixtral, tmp_path):
     model_dir, store = mixtral
-    options = SurgeryOptions(mode="ipm", rank=4, targets=("experts.down_proj",))
+    options = SurgeryOptions.of(mode="ipm", rank=4, targets=("experts.down_proj",))
     out = decompose_checkpoint(model_dir, tmp_path / "down", options, stores=[store], progress=False)
     report = json.loads((out / "surgery.json").read_text())
     assert sorted(report["layers"]) == [f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]
@@ -175,7 +175,7 @@ def test_targets_pick_one_fused_weight_and_the_rest_stays_frozen(mixtral, tmp_pa
 
 def test_an_expert_adapter_that_does_not_fit_is_refused_naming_the_weight(mixtral, tmp_path):
     model_dir, store = mixtral
-    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=4), stores=[store],
                                progress=False)  # fmt: skip
     adapter = tmp_path / "adapter"
     shutil.copytree(out / "adapter", adapter)
@@ -216,7 +216,7 @@ def test_linears_peft_would_retarget_as_experts_are_left_out_or_refused(deepseek
     """PEFT rewrites gate/up/down_proj targets into fused-expert targets on DeepSeek-style models when it loads
     an adapter: all-linear leaves those linears out (and PEFT then loads the rest); naming one is refused."""
     store = calibrate(deepseek, SPEC, tmp_path / "cov.h5", progress=False)
-    out = decompose_checkpoint(deepseek, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+    out = decompose_checkpoint(deepseek, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=4), stores=[store],
                                progress=False)  # fmt: skip
     report = json.loads((out / "surgery.json").read_text())
     assert report["left_out"]["model.layers.1.mlp.shared_experts.gate_proj"].startswith("PEFT re-targets")
@@ -234,7 +234,7 @@ def test_a_linear_never_called_through_its_forward_is_left_out(tmp_path):
     AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", **config)).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     store = calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
-    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=4), stores=[store],
+    out = decompose_checkpoint(model_dir, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=4), stores=[store],
                                progress=False)  # fmt: skip
     report = json.loads((out / "surgery.json").read_text())
     assert report["left_out"]["backbone.layers.0.mixer.dt_proj"].startswith("never called through its forward")

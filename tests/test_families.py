@@ -67,7 +67,7 @@ def test_handoff_reproduces_the_original_logits(family, mode):
     auto = _auto(model_type)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reference = logits(auto.from_pretrained(model_dir).eval(), tokenizer)
-    out = decompose_checkpoint(model_dir, root / mode, SurgeryOptions(mode=mode, rank=4), stores=[store],
+    out = decompose_checkpoint(model_dir, root / mode, SurgeryOptions.of(mode=mode, rank=4), stores=[store],
                                overwrite=True, progress=False)  # fmt: skip
     model = PeftModel.from_pretrained(auto.from_pretrained(out), out / "adapter").eval()
     assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
@@ -89,7 +89,7 @@ def test_merge_and_onnx_match_pytorch(family):
     if model_type in MULTIMODAL:
         pytest.skip("ONNX export covers causal LMs; a multimodal checkpoint's language tower is converted, "
                     "its export needs the image inputs")  # fmt: skip
-    out = decompose_checkpoint(model_dir, root / "onnx-src", SurgeryOptions(rank=4), stores=[store], overwrite=True,
+    out = decompose_checkpoint(model_dir, root / "onnx-src", SurgeryOptions.of(rank=4), stores=[store], overwrite=True,
                                progress=False)  # fmt: skip
     merged = merge_adapter(out, out / "adapter", root / "merged", overwrite=True, progress=False)
     onnx_dir = export_onnx(merged, root / "onnx", overwrite=True)

@@ -53,7 +53,7 @@ def world(tmp_path_factory) -> World:
     other = save_tiny_model(root / "other", "llama", seed=7)
     store = calibrate(model, SPEC, root / "cov.h5", progress=False)
     other_store = calibrate(other, SPEC, root / "other.h5", progress=False)
-    options = SurgeryOptions(rank=4)
+    options = SurgeryOptions.of(rank=4)
     surgery = decompose_checkpoint(model, root / "surgery", options, stores=[store], progress=False)
     sibling = decompose_checkpoint(model, root / "sibling", options, stores=[store], progress=False)
     merged = merge_adapter(surgery, surgery / "adapter", root / "merged", progress=False)
@@ -419,7 +419,7 @@ def surgeries(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     for family in FAMILIES:
         model = save_tiny_model(root / family, family, layers=2)
         store = calibrate(model, SPEC, root / f"{family}.h5", progress=False)
-        out = decompose_checkpoint(model, root / f"{family}-out", SurgeryOptions(rank=4), stores=[store],
+        out = decompose_checkpoint(model, root / f"{family}-out", SurgeryOptions.of(rank=4), stores=[store],
                                    progress=False)  # fmt: skip
         made[family] = (model, out)
     return made

@@ -61,7 +61,7 @@ def test_exporter_warnings_are_recorded_not_silenced(exported):
 @pytest.mark.parametrize("with_past", [False, True])
 def test_a_trace_that_baked_shapes_into_the_graph_is_refused(tiny_gpt2, tmp_path, with_past):
     """GPT-2's TorchScript trace is wrong at other batch/sequence lengths: the export says so, writes nothing."""
-    with pytest.raises(ExportError, match="baked shapes into the graph; use --exporter dynamo"):
+    with pytest.raises(ExportError, match="baked shapes into the graph; use exporter dynamo"):
         export_onnx(tiny_gpt2, tmp_path / "out", exporter="torchscript", with_past=with_past)
     assert list(tmp_path.iterdir()) == []
 

@@ -60,7 +60,7 @@ def test_factor_dtype_and_base_name_reach_the_adapter(tiny_llama, tmp_path):
     out = decompose_checkpoint(
         tiny_llama,
         tmp_path / "out",
-        SurgeryOptions(rank=4, factor_dtype="float64", base_name="me/residual"),
+        SurgeryOptions.of(rank=4, factor_dtype="float64", base_name="me/residual"),
         stores=[store],
         progress=False,
     )
@@ -73,7 +73,7 @@ def test_factor_dtype_and_base_name_reach_the_adapter(tiny_llama, tmp_path):
 def test_decomposition_reads_the_covariance_in_float64(tiny_llama, tmp_path):
     """The product W·C is float64 only if C is: the stored float64 sum must reach it unrounded."""
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
-    out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions(rank=4), stores=[store], progress=False)
+    out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions.of(rank=4), stores=[store], progress=False)
     factors, weights = tensors(out / "adapter"), tensors(tiny_llama)
     name = "model.layers.1.self_attn.o_proj"
     with CovarianceStore(store) as opened:

@@ -116,7 +116,7 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
     body = (
         f"from corda_surgery.surgery.run import decompose_checkpoint\n"
         f"from corda_surgery.surgery.options import SurgeryOptions\n"
-        f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, SurgeryOptions(), stores=[{str(store)!r}], "
+        f"decompose_checkpoint({str(tiny_llama)!r}, {str(out)!r}, SurgeryOptions.of(), stores=[{str(store)!r}], "
         f"progress=False)"
     )
     killed = _run_killed(patch, body)
@@ -125,7 +125,7 @@ def test_sigkill_during_decompose_leaves_nothing_that_loads(tiny_llama, tmp_path
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert leftovers  # the killed run's staging folder, under a name no loader will pick up
     with caplog.at_level("WARNING"):  # the next run on the same output clears it, and says so
-        decompose_checkpoint(tiny_llama, out, SurgeryOptions(), stores=[store], progress=False)
+        decompose_checkpoint(tiny_llama, out, SurgeryOptions.of(), stores=[store], progress=False)
     assert not any(p.exists() for p in leftovers)
     assert f"removed {leftovers[0]}" in caplog.text and "left by an interrupted run" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cov.h5", "out"]

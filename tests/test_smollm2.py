@@ -71,7 +71,7 @@ def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
     float32 they agree to within twice the float32 model's own rounding error (~1e-4 for 36-unit logits)."""
     batch, logits, floor = reference
     out = decompose_checkpoint(
-        smollm2, tmp_path / mode, SurgeryOptions(mode=mode, rank=16), stores=[smollm2_store], progress=False
+        smollm2, tmp_path / mode, SurgeryOptions.of(mode=mode, rank=16), stores=[smollm2_store], progress=False
     )
     error64 = handoff_error(out, batch, logits, torch.float64)
     error32 = handoff_error(out, batch, logits, torch.float32)
@@ -92,7 +92,7 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     from export.verify import verify_onnx
 
     out = decompose_checkpoint(
-        smollm2, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=16), stores=[smollm2_store], progress=False
+        smollm2, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=16), stores=[smollm2_store], progress=False
     )
     merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
     original, rebuilt = load_file(smollm2 / "model.safetensors"), load_file(merged / "model.safetensors")
@@ -116,7 +116,7 @@ def test_corda_plus_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_pa
     out = decompose_checkpoint(
         smollm2,
         tmp_path / "plus",
-        SurgeryOptions(method="corda++", mode="ipm", rank=16, rank_budget=16, min_rank=4, max_rank=64),
+        SurgeryOptions.of(method="corda++", mode="ipm", rank=16, rank_budget=16, min_rank=4, max_rank=64),
         stores=[smollm2_store],
         progress=False,
     )

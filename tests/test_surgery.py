@@ -43,7 +43,7 @@ def _handoff_error(model_dir, out):
 def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_path):
     model_dir = request.getfixturevalue(f"tiny_{kind}")
     out = decompose_checkpoint(
-        model_dir, tmp_path / "out", SurgeryOptions(mode=mode, rank=8), stores=[stores[kind]], progress=False
+        model_dir, tmp_path / "out", SurgeryOptions.of(mode=mode, rank=8), stores=[stores[kind]], progress=False
     )
     assert _handoff_error(model_dir, out) <= 1e-4
     report = json.loads((out / "surgery.json").read_text())
@@ -63,7 +63,7 @@ def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path
         return original(self, linear, round_index)
 
     monkeypatch.setattr(CovarianceStore, "covariance", counted)
-    out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions(rank=8), stores=[stores["llama"]],
+    out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions.of(rank=8), stores=[stores["llama"]],
                                progress=False)  # fmt: skip
     assert len(reads) == 4 * 3  # per layer: q/k/v, o, gate/up, down
     assert _handoff_error(tiny_llama, out) <= 1e-4
@@ -85,7 +85,7 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
             expected = int((np.linalg.eigvalsh(c) < 0.01 * np.diag(c).mean()).sum())
             assert entry.below_damping == expected >= c.shape[0] - entry.count > 0, name
     with caplog.at_level("WARNING"):
-        out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions(rank=8), stores=[store],
+        out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions.of(rank=8), stores=[store],
                                    progress=False)  # fmt: skip
     layers = json.loads((out / "surgery.json").read_text())["layers"]
     assert all(layer["covariance_eigenvalues_below_damping"] >= 8 for layer in layers.values())
@@ -93,9 +93,9 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
 
 
 def test_balanced_factors_keep_the_handoff_and_even_out_the_norms(tiny_llama, stores, tmp_path):
-    plain = decompose_checkpoint(tiny_llama, tmp_path / "plain", SurgeryOptions(rank=8), stores=[stores["llama"]],
+    plain = decompose_checkpoint(tiny_llama, tmp_path / "plain", SurgeryOptions.of(rank=8), stores=[stores["llama"]],
                                  progress=False)  # fmt: skip
-    even = decompose_checkpoint(tiny_llama, tmp_path / "even", SurgeryOptions(rank=8, balance=True),
+    even = decompose_checkpoint(tiny_llama, tmp_path / "even", SurgeryOptions.of(rank=8, balance=True),
                                 stores=[stores["llama"]], progress=False)  # fmt: skip
     assert _handoff_error(tiny_llama, even) <= 1e-4
     before, after = tensors(plain / "adapter"), tensors(even / "adapter")
@@ -112,7 +112,7 @@ def test_only_targets_change_and_ties_stay(tiny_qwen2, stores, tmp_path):
     out = decompose_checkpoint(
         tiny_qwen2,
         tmp_path / "out",
-        SurgeryOptions(rank=4, targets="q_proj,down_proj", max_shard_size=40_000),
+        SurgeryOptions.of(rank=4, targets="q_proj,down_proj", max_shard_size=40_000),
         stores=[stores["qwen2"]],
         progress=False,
     )
@@ -130,7 +130,7 @@ def test_only_targets_change_and_ties_stay(tiny_qwen2, stores, tmp_path):
 def test_unknown_target_pattern(tiny_llama, stores, tmp_path):
     with pytest.raises(TargetError, match="qproj matches no linear"):
         decompose_checkpoint(
-            tiny_llama, tmp_path / "out", SurgeryOptions(targets="qproj"), stores=[stores["llama"]], progress=False
+            tiny_llama, tmp_path / "out", SurgeryOptions.of(targets="qproj"), stores=[stores["llama"]], progress=False
         )
     assert not (tmp_path / "out").exists()
 
@@ -139,7 +139,7 @@ def test_training_changes_only_the_adapter_and_loss_falls(tiny_llama, stores, tm
     from transformers import Trainer, TrainingArguments
 
     out = decompose_checkpoint(
-        tiny_llama, tmp_path / "out", SurgeryOptions(mode="ipm", rank=8), stores=[stores["llama"]], progress=False
+        tiny_llama, tmp_path / "out", SurgeryOptions.of(mode="ipm", rank=8), stores=[stores["llama"]], progress=False
     )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -186,7 +186,7 @@ def test_training_changes_only_the_adapter_and_loss_falls(tiny_llama, stores, tm
 
 def test_to_lora_refuses_another_base(tiny_llama, tiny_gpt2, stores, tmp_path):
     out = decompose_checkpoint(
-        tiny_llama, tmp_path / "out", SurgeryOptions(rank=4), stores=[stores["llama"]], progress=False
+        tiny_llama, tmp_path / "out", SurgeryOptions.of(rank=4), stores=[stores["llama"]], progress=False
     )
     with pytest.raises(CordaSurgeryError, match="not the model"):
         convert_to_lora(out, out / "adapter", tiny_gpt2, tmp_path / "lora")

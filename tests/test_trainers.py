@@ -52,7 +52,7 @@ def test_trained_adapter_moved_elsewhere_merges_to_the_same_logits(make_trainer,
     store = calibrate(tiny_llama, CalibrationSpec("nq_open", samples=8, seq_len=32, batch_size=4), made / "cov.h5",
                       progress=False)  # fmt: skip
     # the adapter names the place the residual will live (--base-name), not where it is made
-    options = SurgeryOptions(mode="ipm", rank=4, base_name=str(moved / "out"))
+    options = SurgeryOptions.of(mode="ipm", rank=4, base_name=str(moved / "out"))
     out = decompose_checkpoint(tiny_llama, made / "out", options, stores=[store], progress=False)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter", is_trainable=True)

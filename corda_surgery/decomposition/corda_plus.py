@@ -88,7 +88,7 @@ def allocate_ranks(
         shares[name] = (energy / energy.sum()).tolist()
         limits[name] = min(len(shares[name]), max_rank or len(shares[name]))
         if min_rank > limits[name]:
-            raise BudgetError(f"{name}: --min-rank {min_rank} exceeds the layer's limit {limits[name]}")
+            raise BudgetError(f"{name}: `min_rank` {min_rank} exceeds the layer's limit {limits[name]}")
         ranks[name] = min_rank
     cost = {name: sum(dims[name]) for name in names}
     used = sum(cost[n] * ranks[n] for n in names)

@@ -162,7 +162,7 @@ def _definite(
         if raised > ceiling:
             raise DecompositionError(
                 f"{name}: covariance is unusable: not positive definite even with damping {ceiling:g} "
-                f"({MAX_DAMPING_RAISE}× the requested {damping:g}); calibrate with more tokens or raise --damping"
+                f"({MAX_DAMPING_RAISE}× the requested {damping:g}); calibrate with more tokens or raise `damping`"
             )
         raise_to(lam, raised)
         lam = raised

@@ -117,8 +117,12 @@ class Initialiser:
             store = self.stores[layer.store]
             entry = store.by_linear[target.name]
             read = functools.partial(store.covariance, target.name, round_index=layer.round)
-            covariance = self.shared.source(target, read, options.damping, self.device)
-            if entry.below_damping is not None and layer.round is None and store.below_damping_level == options.damping:
+            covariance = self.shared.source(target, read, options.decomposition.damping, self.device)
+            if (
+                entry.below_damping is not None
+                and layer.round is None
+                and store.below_damping_level == options.decomposition.damping
+            ):
                 record.covariance_eigenvalues_below_damping = entry.below_damping
             if target.is_expert:
                 record.tokens = entry.count if layer.round is None else entry.round_counts[layer.round]
@@ -141,7 +145,7 @@ class Initialiser:
         seed: int,
     ) -> Initialised:
         options = self.options
-        dtype = options.torch_factor_dtype
+        dtype = options.decomposition.torch_factor_dtype
         if options.mode is None:  # lora: PEFT's random init, the weight unchanged
             out_dim, in_dim = weight.T.shape if target.transposed else weight.shape
             lora_a, lora_b = lora_default_init(out_dim, in_dim, layer.rank, seed)
@@ -153,12 +157,12 @@ class Initialiser:
             rank=layer.rank,
             mode=options.mode,
             alpha=options.scaling * layer.rank,
-            damping=options.damping,
-            solver=options.solver,
+            damping=options.decomposition.damping,
+            solver=options.decomposition.solver,
             factor_dtype=dtype,
             transposed=target.transposed,
             name=target.name,
-            balance=options.balance,
+            balance=options.decomposition.balance,
         )
         result = on_device_or_host(work, self.device, target.name)
         record.damping, record.adapter_energy, record.solver = (

@@ -1,18 +1,18 @@
-"""The surgery's options: one frozen, validated object built once at the edge (the CLI) and passed whole.
-
-Closed sets are enums; every value is checked here, before any work, and an error names the option.
+"""The surgery's options, by concern: what to adapt (method, targets), how each weight is decomposed
+(``DecompositionOptions``), the ranks (``RankBudget``) and the output (``OutputOptions``). Each is frozen and
+validated once where it is built; an error names the field (`rank`), which the command line shows as its flag.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
-
-import torch
+from typing import Any
 
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, FACTOR_DTYPES, Mode, Solver
+from corda_surgery.decomposition.kinds import Mode
+from corda_surgery.decomposition.options import DecompositionOptions, member, require
 from corda_surgery.errors import OptionsError
 from corda_surgery.sizes import parse_size
 
@@ -40,99 +40,52 @@ def parse_targets(value: str | tuple[str, ...]) -> tuple[str, ...]:
     """``all-linear`` → (); ``q_proj, v_proj`` → ("q_proj", "v_proj")."""
     names = tuple(p.strip() for p in value.split(",")) if isinstance(value, str) else tuple(value)
     if any(not name for name in names) or not names:
-        raise OptionsError(f"--targets {value!r}: give comma-separated linear names or {ALL_LINEAR}")
+        raise OptionsError(f"`targets` {value!r}: give comma-separated linear names or {ALL_LINEAR}")
     return () if names == (ALL_LINEAR,) else names
 
 
-def _enum(kind: type[Enum], value, option: str):
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(str(member.value) for member in kind)
-        raise OptionsError(f"{option} {value!r}: must be one of {choices}") from None
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise OptionsError(message)
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
-class SurgeryOptions:
-    """How every target weight is split into a frozen residual and LoRA factors.
+class RankBudget:
+    """The rank every target gets, or CorDA++'s budget spread across the linears between the bounds."""
 
-    ``mode`` None means: KPM for corda / corda++, the method's own for pissa / milora, none for lora;
-    giving a mode to a method that implies one is an error, not silently overridden.
-    """
-
-    method: Method = Method.CORDA
-    mode: Mode | None = None
     rank: int = 16
     alpha: float | None = None  # None: the rank (scaling 1)
-    targets: tuple[str, ...] = ()  # linear or fused expert weight names (suffixes); (): all of them
-    solver: Solver = Solver.SUBSPACE
-    factor_dtype: str = "float32"
-    damping: float = DEFAULT_DAMPING
     rank_budget: float | None = None
     param_budget: int | None = None
     min_rank: int = 1
     max_rank: int | None = None
-    max_shard_size: int = field(default_factory=lambda: parse_size(DEFAULT_MAX_SHARD_SIZE, "--max-shard-size"))
-    base_name: str | None = None
-    seed: int = 0
-    balance: bool = False  # each rank-one component's A row and B column rescaled to equal norms
 
     def __post_init__(self) -> None:
-        def set_(name: str, value) -> None:
-            object.__setattr__(self, name, value)
-
-        method = _enum(Method, self.method, "--method")
-        set_("method", method)
-        if self.mode is not None and method in _IMPLIED_MODES:
-            implied = _IMPLIED_MODES[method]
-            what = (
-                "has no mode (random init)"
-                if implied is None
-                else (f"always trains the {'largest' if implied is Mode.IPM else 'smallest'} components")
-            )
-            raise OptionsError(f"--mode does not go with --method {method.value}, which {what}")
-        mode = _enum(Mode, self.mode, "--mode") if self.mode is not None else _IMPLIED_MODES.get(method, Mode.KPM)
-        set_("mode", mode)
-        set_("solver", _enum(Solver, self.solver, "--solver"))
-        set_("targets", parse_targets(self.targets) if self.targets else ())
-        set_("max_shard_size", parse_size(self.max_shard_size, "--max-shard-size"))
-        _require(self.factor_dtype in FACTOR_DTYPES, f"--dtype {self.factor_dtype!r}: must be float32 or float64")
-        _require(_is_int(self.rank) and self.rank >= 1, f"--rank {self.rank!r}: must be a whole number ≥ 1")
+        require(_is_int(self.rank) and self.rank >= 1, f"`rank` {self.rank!r}: must be a whole number ≥ 1")
         alpha = float(self.rank if self.alpha is None else self.alpha)
-        _require(math.isfinite(alpha) and alpha > 0, f"--alpha {self.alpha!r}: must be a finite number > 0")
-        set_("alpha", alpha)
-        _require(
-            isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0,
-            f"--damping {self.damping!r}: must be a finite number ≥ 0",
-        )
-        _require(_is_int(self.min_rank) and self.min_rank >= 1, f"--min-rank {self.min_rank!r}: must be ≥ 1")
+        require(math.isfinite(alpha) and alpha > 0, f"`alpha` {self.alpha!r}: must be a finite number > 0")
+        object.__setattr__(self, "alpha", alpha)
+        require(_is_int(self.min_rank) and self.min_rank >= 1, f"`min_rank` {self.min_rank!r}: must be ≥ 1")
         if self.max_rank is not None:
-            _require(
+            require(
                 _is_int(self.max_rank) and self.max_rank >= self.min_rank,
-                f"--max-rank {self.max_rank!r}: must be a whole number ≥ --min-rank ({self.min_rank})",
+                f"`max_rank` {self.max_rank!r}: must be a whole number ≥ `min_rank` ({self.min_rank})",
             )
-        budgets = [
-            name
-            for name, value in (("--rank-budget", self.rank_budget), ("--param-budget", self.param_budget))
-            if value is not None
-        ]
-        _require(len(budgets) < 2, "--rank-budget and --param-budget are two ways to say one thing: give one")
-        if budgets:
-            _require(method is Method.CORDA_PLUS, f"{budgets[0]} needs --method corda++")
-            budget = self.rank_budget if self.rank_budget is not None else self.param_budget
-            _require(
-                isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0,
-                f"{budgets[0]} {budget!r}: must be a finite number > 0",
-            )
-        if method is not Method.CORDA_PLUS:
-            for name, value, default in (("--min-rank", self.min_rank, 1), ("--max-rank", self.max_rank, None)):
-                _require(value == default, f"{name} needs --method corda++")
-        _require(not (self.balance and mode is None), "--balance needs a decomposition: LoRA's B starts at zero")
+        require(
+            self.rank_budget is None or self.param_budget is None,
+            "`rank_budget` and `param_budget` are two ways to say one thing: give one",
+        )
+        for name in ("rank_budget", "param_budget"):
+            value = getattr(self, name)
+            require(value is None or _positive(value), f"`{name}` {value!r}: must be a finite number > 0")
+
+    @property
+    def budgeted(self) -> str | None:
+        """The field of the budget given, if any."""
+        return "rank_budget" if self.rank_budget is not None else "param_budget" if self.param_budget else None
 
     @property
     def scaling(self) -> float:
@@ -140,28 +93,97 @@ class SurgeryOptions:
         assert self.alpha is not None  # set in __post_init__
         return self.alpha / self.rank
 
-    @property
-    def torch_factor_dtype(self) -> torch.dtype:
-        return FACTOR_DTYPES[self.factor_dtype]
 
-    def record(self) -> dict:
+@dataclass(frozen=True)
+class OutputOptions:
+    max_shard_size: int = field(default_factory=lambda: parse_size(DEFAULT_MAX_SHARD_SIZE, "max_shard_size"))
+    base_name: str | None = None  # where the residual will live, named by the adapter; None: the output folder
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size, "max_shard_size"))
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """How every target weight is split into a frozen residual and LoRA factors.
+
+    The decomposition's ``mode`` None means: KPM for corda / corda++, the method's own for pissa / milora,
+    none for lora; giving a mode to a method that implies one is an error, not silently overridden.
+    ``SurgeryOptions.of(method=..., rank=..., damping=...)`` builds one from flat fields.
+    """
+
+    method: Method = Method.CORDA
+    targets: tuple[str, ...] = ()  # linear or fused expert weight names (suffixes); (): all of them
+    seed: int = 0  # LoRA's random A
+    decomposition: DecompositionOptions = field(default_factory=DecompositionOptions)
+    ranks: RankBudget = field(default_factory=RankBudget)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    @classmethod
+    def of(cls, **flat: Any) -> SurgeryOptions:
+        """From flat fields (``rank=16, mode="ipm"``), each given to the concern that owns it."""
+
+        def part(kind: type) -> dict[str, Any]:
+            return {f.name: flat.pop(f.name) for f in fields(kind) if f.name in flat}
+
+        decomposition = DecompositionOptions(**part(DecompositionOptions))
+        ranks, output = RankBudget(**part(RankBudget)), OutputOptions(**part(OutputOptions))
+        return cls(**flat, decomposition=decomposition, ranks=ranks, output=output)
+
+    def __post_init__(self) -> None:
+        method = member(Method, self.method, "method")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "targets", parse_targets(self.targets) if self.targets else ())
+        decomposition = self.decomposition
+        if decomposition.mode is not None and method in _IMPLIED_MODES:
+            implied = _IMPLIED_MODES[method]
+            what = (
+                "has no mode (random init)"
+                if implied is None
+                else "always trains the " + ("largest components" if implied is Mode.IPM else "smallest components")
+            )
+            raise OptionsError(f"`mode` does not go with `method` {method.value}, which {what}")
+        if decomposition.mode is None:
+            decomposition = replace(decomposition, mode=_IMPLIED_MODES.get(method, Mode.KPM))
+            object.__setattr__(self, "decomposition", decomposition)
+        require(
+            not (decomposition.balance and method is Method.LORA),
+            "`balance` needs a decomposition: LoRA's B starts at zero",
+        )
+        budgeted = self.ranks.budgeted
+        require(budgeted is None or method is Method.CORDA_PLUS, f"`{budgeted}` needs `method` corda++")
+        if method is not Method.CORDA_PLUS:
+            for name, default in (("min_rank", 1), ("max_rank", None)):
+                require(getattr(self.ranks, name) == default, f"`{name}` needs `method` corda++")
+
+    # The fields every layer below reads, named once here.
+    @property
+    def mode(self) -> Mode | None:
+        return self.decomposition.mode
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
+    @property
+    def scaling(self) -> float:
+        return self.ranks.scaling
+
+    def record(self) -> dict[str, Any]:
         """The options as surgery.json records them."""
+        decomposition, ranks = self.decomposition, self.ranks
         return {
             "method": self.method.value,
-            "mode": self.mode.value if self.mode else None,
-            "rank": self.rank,
-            "alpha": self.alpha,
+            "mode": decomposition.mode.value if decomposition.mode else None,
+            "rank": ranks.rank,
+            "alpha": ranks.alpha,
             "targets": list(self.targets) or ALL_LINEAR,
-            "solver": self.solver.value,
-            "factor_dtype": self.factor_dtype,
-            "damping": self.damping,
-            "rank_budget": self.rank_budget,
-            "param_budget": self.param_budget,
-            "min_rank": self.min_rank,
-            "max_rank": self.max_rank,
-            "balance": self.balance,
+            "solver": decomposition.solver.value,
+            "factor_dtype": decomposition.factor_dtype,
+            "damping": decomposition.damping,
+            "rank_budget": ranks.rank_budget,
+            "param_budget": ranks.param_budget,
+            "min_rank": ranks.min_rank,
+            "max_rank": ranks.max_rank,
+            "balance": decomposition.balance,
         }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

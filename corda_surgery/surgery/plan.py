@@ -34,9 +34,9 @@ GIB = 1 << 30
 
 CALIBRATION_PHASES = ["capture", "calibration"]
 HINTS = {
-    "capture": "lower --max-memory, --samples or --seq-len",
-    "calibration": "lower --max-memory, --batch-size or --seq-len",
-    "decomposition": "the largest target weight sets this (leave it out with --targets)",
+    "capture": "lower `max_memory`, `samples` or `seq_len`",
+    "calibration": "lower `max_memory`, `batch_size` or `seq_len`",
+    "decomposition": "the largest target weight sets this (leave it out with `targets`)",
 }
 
 
@@ -181,5 +181,7 @@ def plan_run(
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )
-        plan.disk["adapter"] = sum((o + i) * options.rank for o, i in targets) * options.torch_factor_dtype.itemsize
+        plan.disk["adapter"] = (
+            sum((o + i) * options.rank for o, i in targets) * options.decomposition.torch_factor_dtype.itemsize
+        )
     return plan

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from calib.data import CalibrationSpec
+from calib.data import CalibrationSpec, check_source
 from calib.store import CovarianceStore
 from calib.stream import open_view
 from corda_surgery.checkpoint.view import ModelView
@@ -34,13 +34,13 @@ from corda_surgery.surgery.writer import SurgeryOutput, write_surgery
 def _check_stores_for_method(options: SurgeryOptions, stores: Sequence[str | Path], bundle_store: bool) -> None:
     method = options.method
     if method.uses_covariance and not stores:
-        raise OptionsError(f"--method {method.value} needs a covariance store (--covariances)")
+        raise OptionsError(f"`method` {method.value} needs a covariance store (`stores`)")
     if not method.uses_covariance and stores:
-        raise OptionsError(f"--method {method.value} uses no covariances: drop --covariances")
+        raise OptionsError(f"`method` {method.value} uses no covariances: drop `stores`")
     if method is Method.CORDA and len(stores) > 1:
-        raise OptionsError("several covariance stores are CorDA++'s covariance selection: use --method corda++")
+        raise OptionsError("several covariance stores are CorDA++'s covariance selection: use `method` corda++")
     if bundle_store and len(stores) != 1:
-        raise OptionsError("bundle_store needs exactly one covariance store")
+        raise OptionsError("`bundle_store` needs exactly one covariance store")
 
 
 def decompose_checkpoint(
@@ -59,7 +59,7 @@ def decompose_checkpoint(
 
     ``corda++`` picks each layer's most compact candidate covariance (every store, or every sampling
     round of a store that has several) and, with a rank or parameter budget, per-layer ranks.
-    The adapter names ``options.base_name`` (default ``out``) as its base model; ``bundle_store`` places
+    The adapter names ``options.output.base_name`` (default ``out``) as its base model; ``bundle_store`` places
     the one store in ``out/covariances.h5``. Decompositions run on ``compute``'s device (float64), each
     weight falling back to the CPU where the device runs out of memory. ``plan``: print the memory plan and
     refuse a run that cannot fit. Under torch.distributed the linears are shared out among the ranks
@@ -86,7 +86,7 @@ def decompose_checkpoint(
         owners = share_of_work(chosen.targets, targets_plan, initialise, options, ranks)
         work = WorkSource(view.reader, initialise, ranks, owners)
         if not ranks.writer:
-            serve_share(work, chosen.targets, options.max_shard_size)
+            serve_share(work, chosen.targets, options.output.max_shard_size)
         else:
             with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
                 output = SurgeryOutput(staging, out.resolve(), fingerprint, bundle_store, compute, progress)
@@ -117,6 +117,7 @@ def convert_checkpoint(
     out, model_dir = Path(out).resolve(), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     refuse_existing(out, overwrite)
+    check_source(spec)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
     if options.method.uses_covariance:
@@ -161,5 +162,6 @@ def estimate_run(
     if options is not None and not options.method.uses_covariance:
         spec = None  # pissa, milora and lora calibrate nothing
     if spec is not None:  # per rank under torch.distributed: its share of the samples
+        check_source(spec)
         spec = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, current_ranks()))
     return plan_run(view, compute, Path(out), spec=spec, options=options, targets=shapes(targets))

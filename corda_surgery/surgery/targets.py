@@ -99,7 +99,7 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> TargetPlan:
     unmatched = [p for p in options.targets if not any(_matches(n, p) for n in everywhere)]
     if unmatched:
         raise TargetError(
-            f"--targets {', '.join(unmatched)} matches no linear or fused expert weight of this model "
+            f"`targets` {', '.join(unmatched)} matches no linear or fused expert weight of this model "
             f"(available: {', '.join(everywhere)}, or {ALL_LINEAR}; fused expert weights by their path, "
             "e.g. experts.down_proj)"
         )
@@ -124,7 +124,7 @@ def _without_retargeted(plan: TargetPlan, view: ModelView, options: SurgeryOptio
         return plan
     if options.targets:
         raise TargetError(
-            f"--targets: PEFT re-targets linears named {', '.join(sorted(retargeted))} as fused experts on "
+            f"`targets`: PEFT re-targets linears named {', '.join(sorted(retargeted))} as fused experts on "
             f"{view.model_type} models when it loads an adapter (e.g. {renamed[0].name}): it could not load them"
         )
     log.warning(
@@ -142,10 +142,14 @@ def _without_retargeted(plan: TargetPlan, view: ModelView, options: SurgeryOptio
 def _without_narrow(plan: TargetPlan, options: SurgeryOptions) -> TargetPlan:
     """Linears narrower than the rank they would get: refused when named (or when all are), else left out."""
 
-    def needed(target: Target) -> tuple[str, int]:  # CorDA++ allocates linears only: experts take --rank
+    def needed(target: Target) -> tuple[str, int]:  # CorDA++ allocates linears only: experts take the rank
         if options.method is Method.CORDA_PLUS and not target.is_expert:
-            return "--min-rank", options.min_rank
-        return "--rank", options.rank
+            return "min_rank", options.ranks.min_rank
+        return "rank", options.rank
+
+    def flag(target: Target) -> str:  # as surgery.json and the log have always said it
+        option, rank = needed(target)
+        return f"--{option.replace('_', '-')} {rank}"
 
     targets = plan.targets
     narrow = [t for t in targets if min(t.out_dim, t.in_dim) < needed(t)[1]]
@@ -154,18 +158,18 @@ def _without_narrow(plan: TargetPlan, options: SurgeryOptions) -> TargetPlan:
     if options.targets or len(narrow) == len(targets):
         first, (option, rank) = narrow[0], needed(narrow[0])
         raise OptionsError(
-            f"{option} {rank} is too large: {first.name} is {first.out_dim}×{first.in_dim}, so ranks go up to "
+            f"`{option}` {rank} is too large: {first.name} is {first.out_dim}×{first.in_dim}, so ranks go up to "
             f"{min(first.out_dim, first.in_dim)}"
         )
     log.warning(  # all-linear: routers and gates narrower than the rank are left out, not an error
-        "%d linear(s) narrower than %s %d are left out, e.g. %s (%d×%d)",
+        "%d linear(s) narrower than %s are left out, e.g. %s (%d×%d)",
         len(narrow),
-        *needed(narrow[0]),
+        flag(narrow[0]),
         narrow[0].name,
         narrow[0].out_dim,
         narrow[0].in_dim,
     )
-    left_out = plan.left_out | {t.parameter or t.name: f"narrower than {needed(t)[0]} {needed(t)[1]}" for t in narrow}
+    left_out = plan.left_out | {t.parameter or t.name: f"narrower than {flag(t)}" for t in narrow}
     return TargetPlan(_without(targets, narrow), left_out)
 
 
@@ -176,13 +180,13 @@ def _without(targets: list[Target], dropped: list[Target]) -> list[Target]:
 
 def check_budget(targets: list[Target], options: SurgeryOptions) -> None:
     """A CorDA++ parameter budget covers --min-rank on every linear it allocates (experts take --rank)."""
-    if options.method is not Method.CORDA_PLUS or options.param_budget is None:
+    if options.method is not Method.CORDA_PLUS or options.ranks.param_budget is None:
         return
     linears = [t for t in targets if not t.is_expert]
-    floor = sum((t.out_dim + t.in_dim) * options.min_rank for t in linears)
-    if options.param_budget < floor:
+    floor = sum((t.out_dim + t.in_dim) * options.ranks.min_rank for t in linears)
+    if options.ranks.param_budget < floor:
         raise OptionsError(
-            f"--param-budget {options.param_budget} is below what --min-rank {options.min_rank} needs "
+            f"`param_budget` {options.ranks.param_budget} is below what `min_rank` {options.ranks.min_rank} needs "
             f"for {len(linears)} linears ({floor})"
         )
 

@@ -64,7 +64,7 @@ class WorkSource:
         return self._receive(target, owner)
 
     def _receive(self, target: Target, owner: int) -> Initialised:
-        layer, dtype = self.initialise.plan[target.name], self.initialise.options.torch_factor_dtype
+        layer, dtype = self.initialise.plan[target.name], self.initialise.options.decomposition.torch_factor_dtype
         assert target.key is not None
         specs = [
             ((layer.rank, target.in_dim), dtype),

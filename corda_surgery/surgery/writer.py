@@ -87,7 +87,7 @@ def write_surgery(
         residual,
         fused=slices,
         transform_fused=fused_residual,
-        max_shard_size=options.max_shard_size,
+        max_shard_size=options.output.max_shard_size,
         desc="tensors",
         progress=output.progress,
     )
@@ -112,13 +112,13 @@ def _empty_adapter(
     """The adapter's configuration, its factors to be gathered as the targets come."""
     return LoraAdapter(
         rank=options.rank,
-        alpha=options.alpha or options.rank,
+        alpha=options.ranks.alpha or options.rank,
         lora_A={},
         lora_B={},
         fan_in_fan_out=view.transposed,
         parameter_paths=parameter_paths(view.fused_parameters(), slices),
         task_type="CAUSAL_LM" if view.model.can_generate() else None,
-        base_model_name_or_path=options.base_name or str(out),
+        base_model_name_or_path=options.output.base_name or str(out),
     )
 
 
