@@ -35,6 +35,10 @@ from corda_surgery.outputs import check_disjoint
 from corda_surgery.surgery.options import Method, SurgeryOptions
 
 BUG_EXIT = 2
+RESUME_HELP = (
+    "Continue a run that was killed, from the decompositions it finished (and, for convert, its calibration); "
+    "the output is what an uninterrupted run writes. A finished output of the same run: nothing to do."
+)
 
 
 def _fail_cleanly(command):
@@ -187,9 +191,10 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
 @device_option
 @dry_run_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
-def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
+def decompose(model_dir, stores, out, resume, overwrite, dry_run, **surgery):
     """Rewrite target weights into a frozen residual model plus a PEFT adapter.
 
     Reads weights lazily tensor by tensor; writes OUT/ (residual model, sharded safetensors),
@@ -203,7 +208,9 @@ def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
     model = resolve_model(model_dir)
     if dry_run:
         return _show_plan(estimate_run(model, compute, out, options=options))
-    out = decompose_checkpoint(model, out, options, stores=list(stores), compute=compute, overwrite=overwrite)
+    out = decompose_checkpoint(
+        model, out, options, stores=list(stores), compute=compute, overwrite=overwrite, resume=resume
+    )
     _print_next_steps(out, options.output.base_name)
 
 
@@ -213,7 +220,7 @@ def decompose(model_dir, stores, out, overwrite, dry_run, **surgery):
 @decomposition_options
 @forward_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted calibration.")
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @_fail_cleanly
 def convert(model_dir, out, resume, overwrite, dry_run, **settings):

@@ -262,8 +262,7 @@ def decompose_weight(
     del product
     lora_a, lora_b = _factors(pairs, chol, scaling, balance, factor_dtype)
     del chol  # freed before the residual's row blocks
-    residual = torch.empty_like(weight, device="cpu")  # the weight's own layout: (in, out) for Conv1D
-    _fill_residual(residual.T if transposed else residual, w, lora_a, lora_b, scaling, name, lam)
+    residual = residual_of(weight, lora_a, lora_b, scaling, transposed=transposed, name=name, damping=lam)
     if not (all_finite(lora_a) and all_finite(lora_b)):
         raise DecompositionError(f"{name}: decomposition produced NaN or Inf (damping {lam:g})")
     return Decomposition(
@@ -302,6 +301,24 @@ def balanced(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, 
     a_norms, b_norms = lora_a.norm(dim=1), lora_b.norm(dim=0)
     factor = torch.where((a_norms > 0) & (b_norms > 0), (b_norms / a_norms).sqrt(), torch.ones_like(a_norms))
     return lora_a * factor[:, None], lora_b / factor[None, :]
+
+
+def residual_of(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    transposed: bool = False,
+    name: str = "weight",
+    damping: float = 0.0,
+) -> torch.Tensor:
+    """``W − s·B·A`` in the weight's own layout and dtype, from the factors as stored: what ``decompose_weight``
+    returns as the residual, so a resumed run rebuilds it from saved factors bit for bit."""
+    w = weight.T if transposed else weight
+    residual = torch.empty_like(weight, device="cpu")  # the weight's own layout: (in, out) for Conv1D
+    _fill_residual(residual.T if transposed else residual, w, lora_a, lora_b, scaling, name, damping)
+    return residual
 
 
 def _fill_residual(

@@ -65,12 +65,22 @@ def on_device_or_host(work: Callable[..., T], device: torch.device, name: str) -
 
 class SharedInputs:
     """Inputs read by several targets (q/k/v, gate/up of one layer): their covariance is read, checked, damped
-    and factorised once, kept until the last of them is decomposed, then freed."""
+    and factorised once, kept until the last of them is decomposed, then freed. Whether an input is shared
+    depends on all its readers, not on those left to decompose, so a resumed run decomposes as the first did."""
 
     def __init__(self, stores: Sequence[CovarianceStore], targets: list[Target], plan: Mapping[str, LayerPlan]):
         self.stores, self.plan = stores, plan
         self.readers = Counter(self.key(t.name) for t in targets if plan[t.name].store is not None)
+        self.remaining = Counter(self.readers)
         self.prepared: dict[tuple, DampedCovariance] = {}
+
+    def skip(self, name: str) -> None:
+        """``name`` was decomposed by an earlier run: one reader fewer to prepare for."""
+        if self.plan[name].store is not None:
+            key = self.key(name)
+            self.remaining[key] -= 1
+            if self.remaining[key] == 0:
+                self.prepared.pop(key, None)
 
     def key(self, name: str) -> tuple:
         """(store, stored input, round): targets with the same key read the same covariance."""
@@ -83,13 +93,13 @@ class SharedInputs:
     ) -> CovarianceSource | DampedCovariance:
         """What ``target`` decomposes with: the prepared shared covariance, or ``covariance`` if it reads alone."""
         key = self.key(target.name)
-        if self.readers[key] == 1 and key not in self.prepared:
+        if self.readers[key] == 1:
             return covariance
         if key not in self.prepared:
             prepare = functools.partial(damped_covariance, covariance, damping, target.in_dim, target.name)
             self.prepared[key] = on_device_or_host(prepare, device, target.name)
-        self.readers[key] -= 1
-        return self.prepared.pop(key) if self.readers[key] == 0 else self.prepared[key]
+        self.remaining[key] -= 1
+        return self.prepared.pop(key) if self.remaining[key] == 0 else self.prepared[key]
 
 
 class Initialiser:

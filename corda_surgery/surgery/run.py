@@ -17,7 +17,7 @@ from calib.store import CovarianceStore
 from calib.stream import open_view
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
-from corda_surgery.distributed import barrier, samples_share
+from corda_surgery.distributed import Ranks, barrier, broadcast_object, samples_share
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import OptionsError
 from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
@@ -26,7 +26,9 @@ from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import Method, SurgeryOptions
 from corda_surgery.surgery.plan import MemoryPlan, announce, plan_run
 from corda_surgery.surgery.ranks import layer_plan
-from corda_surgery.surgery.targets import check_budget, chosen_targets, plan_targets, shapes
+from corda_surgery.surgery.report import STORE_NAME
+from corda_surgery.surgery.resume import FinishedWork, ResumeError, check_finished_output, run_record
+from corda_surgery.surgery.targets import TargetPlan, check_budget, chosen_targets, plan_targets, shapes
 from corda_surgery.surgery.work import WorkSource, serve_share, share_of_work
 from corda_surgery.surgery.writer import SurgeryOutput, write_surgery
 
@@ -51,24 +53,24 @@ def decompose_checkpoint(
     stores: Sequence[str | Path] = (),
     compute: ComputeOptions = DEFAULT_COMPUTE,
     overwrite: bool = False,
+    resume: bool = False,
     bundle_store: bool = False,
     progress: bool = True,
     plan: bool = True,
 ) -> Path:
     """Write ``out``: residual model (sharded safetensors + config + tokenizer), ``adapter/`` and surgery.json.
 
-    ``corda++`` picks each layer's most compact candidate covariance (every store, or every sampling
-    round of a store that has several) and, with a rank or parameter budget, per-layer ranks.
-    The adapter names ``options.output.base_name`` (default ``out``) as its base model; ``bundle_store`` places
-    the one store in ``out/covariances.h5``. Decompositions run on ``compute``'s device (float64), each
-    weight falling back to the CPU where the device runs out of memory. ``plan``: print the memory plan and
-    refuse a run that cannot fit. Under torch.distributed the linears are shared out among the ranks
-    (``share_of_work``); rank 0 alone writes, and its output is what one process writes.
+    ``corda++`` picks each layer's most compact candidate covariance (every store, or every sampling round of a
+    store that has several) and, with a budget, per-layer ranks. ``bundle_store`` places the one store in
+    ``out/covariances.h5``. Decompositions run on ``compute``'s device (float64; the CPU for a weight the device
+    has no memory for). ``plan``: print the memory plan, refuse a run that cannot fit. ``resume``: go on from the
+    decompositions a killed run finished. Under torch.distributed the ranks share the linears (``share_of_work``)
+    and rank 0 alone writes what one process writes.
     """
     ranks = current_ranks()
     progress = progress and ranks.writer
     _check_stores_for_method(options, stores, bundle_store)
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = Path(model_dir), Path(out).resolve()
     check_disjoint(out, [model_dir, *map(Path, stores)])
     view = ModelView(model_dir, device=compute.torch_device)
     plan_targets(view, options)  # option mistakes first, before the fingerprint reads the weights
@@ -76,23 +78,54 @@ def decompose_checkpoint(
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
         chosen = chosen_targets(view, options, opened, fingerprint)
+        run = run_record(options, fingerprint, opened, compute)
+        if _finished_before(out, run, resume and not overwrite, ranks):
+            return out
         if plan:
             announce(plan_run(view, compute, out, options=options, targets=shapes(chosen.targets)), progress)
-        device = compute.torch_device
-        targets_plan, plus = layer_plan(
-            view, opened, chosen.targets, options, progress=progress, device=device, ranks=ranks
-        )
-        initialise = Initialiser(opened, chosen.targets, targets_plan, plus, options, device)
-        owners = share_of_work(chosen.targets, targets_plan, initialise, options, ranks)
-        work = WorkSource(view.reader, initialise, ranks, owners)
-        if not ranks.writer:
+        staged = staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)])
+        staging = closing.enter_context(staged) if ranks.writer else None
+        finished = FinishedWork(out, run, resume=resume) if staging else None
+        work = _work_source(view, opened, chosen, options, compute, ranks, finished, progress)
+        if staging is None:
             serve_share(work, chosen.targets, options.output.max_shard_size)
         else:
-            with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
-                output = SurgeryOutput(staging, out.resolve(), fingerprint, bundle_store, compute, progress)
-                write_surgery(view, chosen, opened, options, work, output)
+            output = SurgeryOutput(staging, out, fingerprint, bundle_store, compute, progress)
+            write_surgery(view, chosen, opened, options, work, output)
+    if work.finished is not None:
+        work.finished.remove()  # the output is published: nothing left to resume
     barrier(ranks, "waiting for rank 0 to write the output")  # every result taken before any rank leaves
-    return out.resolve()
+    return out
+
+
+def _finished_before(out: Path, run: dict, resume: bool, ranks: Ranks) -> bool:
+    """Whether ``resume`` finds ``out`` already written by this very run (checked by rank 0, told to all)."""
+    finished = resume and ranks.writer and out.exists()
+    if finished:
+        check_finished_output(out, run)
+    return bool(broadcast_object(finished, ranks, "agreeing on whether the output is finished"))
+
+
+def _work_source(
+    view: ModelView,
+    stores: list[CovarianceStore],
+    chosen: TargetPlan,
+    options: SurgeryOptions,
+    compute: ComputeOptions,
+    ranks: Ranks,
+    finished: FinishedWork | None,
+    progress: bool,
+) -> WorkSource:
+    """Each target's plan and initialiser, who decomposes it, and what an interrupted run already finished."""
+    device = compute.torch_device
+    targets_plan, plus = layer_plan(
+        view, stores, chosen.targets, options, progress=progress, device=device, ranks=ranks
+    )
+    initialise = Initialiser(stores, chosen.targets, targets_plan, plus, options, device)
+    owners = share_of_work(chosen.targets, targets_plan, initialise, options, ranks)
+    done = frozenset(finished.done) if finished is not None else frozenset()
+    done = broadcast_object(done, ranks, "agreeing on the decompositions already finished")
+    return WorkSource(view.reader, initialise, ranks, owners, finished, done)
 
 
 def convert_checkpoint(
@@ -116,8 +149,10 @@ def convert_checkpoint(
     progress = progress and ranks.writer
     out, model_dir = Path(out).resolve(), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
-    refuse_existing(out, overwrite)
     check_source(spec)
+    if _converted_before(out, model_dir, spec, options, compute, resume and not overwrite, ranks):
+        return out
+    refuse_existing(out, overwrite)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
     if options.method.uses_covariance:
@@ -134,6 +169,7 @@ def convert_checkpoint(
         stores=stores,
         compute=compute,
         overwrite=overwrite,
+        resume=resume,
         bundle_store=bool(stores),
         progress=progress,
         plan=False,
@@ -141,6 +177,34 @@ def convert_checkpoint(
     for store in stores if ranks.writer else []:
         store.unlink()  # out/covariances.h5 is now its only name
     return out
+
+
+def _converted_before(
+    out: Path,
+    model_dir: Path,
+    spec: CalibrationSpec,
+    options: SurgeryOptions,
+    compute: ComputeOptions,
+    resume: bool,
+    ranks: Ranks,
+) -> bool:
+    """Whether ``resume`` finds ``out`` already converted by this very run: the same model, options and device,
+    and a bundled store calibrated with these settings (checked by rank 0, told to all)."""
+    finished = resume and ranks.writer and out.exists()
+    if finished:
+        stores = [out / STORE_NAME] if options.method.uses_covariance else []
+        with contextlib.ExitStack() as closing:
+            opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
+            fingerprint = ModelView(model_dir).reader.fingerprint()
+            for store in opened:  # the store kept in ``out`` records the calibration it was made with
+                differing = [k for k, v in dataclasses.asdict(spec).items() if store.calibration.get(k) != v]
+                if differing:
+                    raise ResumeError(
+                        f"{out}: a finished output calibrated otherwise ({', '.join(differing)}); "
+                        "write elsewhere, or use `overwrite`"
+                    )
+            check_finished_output(out, run_record(options, fingerprint, opened, compute))
+    return bool(broadcast_object(finished, ranks, "agreeing on whether the output is finished"))
 
 
 def estimate_run(

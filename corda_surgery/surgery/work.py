@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.writer import write_order
+from corda_surgery.decomposition.decompose import residual_of
 from corda_surgery.distributed import DistributedError, Ranks, ResultSender, receive_result
 from corda_surgery.surgery.initialise import Initialised, Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import LayerRecord
+from corda_surgery.surgery.resume import FinishedWork
 from corda_surgery.surgery.targets import LayerPlan, Target
 
 
@@ -49,19 +53,54 @@ def share_of_work(
 
 @dataclass
 class WorkSource:
-    """Each target's ``Initialised``: made here from the stored weight, or received from the rank that owns it."""
+    """Each target's ``Initialised``: made here from the stored weight (an expert's: from its slice of the fused
+    weight), received from the rank that owns it, or rebuilt from what an interrupted run finished."""
 
     reader: CheckpointReader
     initialise: Initialiser
     ranks: Ranks
     owners: dict[str, int] = field(default_factory=dict)  # target → rank, where not this one
+    finished: FinishedWork | None = None  # rank 0: saves each decomposition, holds an earlier run's
+    done: frozenset[str] = frozenset()  # every rank: the targets an earlier run decomposed
 
-    def take(self, target: Target) -> Initialised:
+    def __post_init__(self) -> None:
+        for name in self.done:
+            self.initialise.shared.skip(name)
+
+    def take(self, target: Target, weight: torch.Tensor | None = None) -> Initialised:
+        if target.name in self.done:
+            return self._rebuilt(target, weight)
         owner = self.owners.get(target.name, self.ranks.rank)
         if owner == self.ranks.rank:
-            assert target.key is not None  # experts' slices are initialised from their fused weight
-            return self.initialise(self.reader.copy(target.key), target)
-        return self._receive(target, owner)
+            result = self.initialise(self._weight(target) if weight is None else weight, target)
+        else:
+            result = self._receive(target, owner)
+        if self.finished is not None and result.record.damping is not None:  # decomposed (LoRA's init is instant)
+            self.finished.keep(target.name, result.lora_a, result.lora_b, result.record)
+        return result
+
+    def _weight(self, target: Target) -> torch.Tensor:
+        assert target.key is not None  # experts' slices come with their weight
+        return self.reader.copy(target.key)
+
+    def _rebuilt(self, target: Target, weight: torch.Tensor | None) -> Initialised:
+        """An earlier run's factors and record, and the residual they leave, as ``decompose_weight`` forms it."""
+        assert self.finished is not None  # only rank 0 takes finished targets
+        saved = self.finished.take(target.name)
+        assert saved is not None
+        lora_a, lora_b, record = saved
+        rank = self.initialise.plan[target.name].rank
+        scaling = self.initialise.options.scaling * rank / rank  # decompose_weight's alpha / r, to the bit
+        residual = residual_of(
+            self._weight(target) if weight is None else weight,
+            lora_a,
+            lora_b,
+            scaling,
+            transposed=target.transposed,
+            name=target.name,
+            damping=record.damping or 0.0,
+        )
+        return Initialised(lora_a, lora_b, residual, record)
 
     def _receive(self, target: Target, owner: int) -> Initialised:
         layer, dtype = self.initialise.plan[target.name], self.initialise.options.decomposition.torch_factor_dtype
@@ -82,7 +121,7 @@ class WorkSource:
 
 def serve_share(source: WorkSource, targets: list[Target], max_shard_size: int) -> None:
     """A rank other than 0: initialise its share, in the order rank 0 writes, and send each result there."""
-    mine = {t.key: t for t in targets if source.owners.get(t.name) == source.ranks.rank}
+    mine = {t.key: t for t in targets if source.owners.get(t.name) == source.ranks.rank and t.name not in source.done}
     reader = source.reader
     sender = ResultSender(source.ranks)
     for key in write_order({key: reader.spec(key) for key in reader.locations}, max_shard_size):

@@ -20,7 +20,6 @@ from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.kinds import Mode
-from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import (
     ADAPTER_DIR,
@@ -77,7 +76,7 @@ def write_surgery(
         return result.residual
 
     def fused_residual(parameter: str) -> torch.Tensor:
-        fused, records = _fused_residual(view, parameter, slices[parameter], work.initialise, adapter, options)
+        fused, records = _fused_residual(view, parameter, slices[parameter], work, adapter, options)
         layers[parameter] = ExpertsRecord(options.rank, records)
         return fused
 
@@ -135,7 +134,7 @@ def _fused_residual(
     view: ModelView,
     parameter: str,
     slices: list[Target],
-    initialise: Initialiser,
+    work: WorkSource,
     adapter: LoraAdapter,
     options: SurgeryOptions,
 ) -> tuple[torch.Tensor, list[LayerRecord]]:
@@ -143,7 +142,7 @@ def _fused_residual(
     fused = view.writable(parameter)
     factors_a, factors_b, records = [], [], []
     for target in slices:
-        result = initialise(fused[target.expert], target)
+        result = work.take(target, fused[target.expert])
         fused[target.expert] = result.residual
         factors_a.append(result.lora_a)
         factors_b.append(result.lora_b)
