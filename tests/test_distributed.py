@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec: CalibrationSpec, die_at: int,
-               convert: str | None) -> None:  # fmt: skip
+               convert: str | None, resume: bool = False) -> None:  # fmt: skip
     """One rank, with the environment torchrun gives it; rank 1 exits abruptly at block ``die_at`` (≥ 0)."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CORDA_SURGERY_DIST_TIMEOUT_MIN="2")  # fmt: skip
@@ -70,7 +70,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
         stream._reduce_over_ranks = dying
     try:
         if convert:
-            convert_checkpoint(model_dir, out, spec, OPTIONS[convert], progress=False)
+            convert_checkpoint(model_dir, out, spec, OPTIONS[convert], progress=False, resume=resume)
         else:
             calibrate(model_dir, spec, out, progress=False)
     finally:
@@ -80,10 +80,12 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
             dist.destroy_process_group()
 
 
-def _run_ranks(model_dir, out, spec=SPEC, die_at: int = -1, convert: str | None = None) -> list[int]:
+def _run_ranks(
+    model_dir, out, spec=SPEC, die_at: int = -1, convert: str | None = None, resume: bool = False
+) -> list[int]:
     context = mp.get_context("spawn")
     port = _free_port()
-    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert)
+    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert, resume)
     processes = [context.Process(target=_rank_main, args=(r, *arguments)) for r in range(2)]
     for process in processes:
         process.start()
@@ -133,15 +135,7 @@ def test_a_rank_that_dies_leaves_a_store_that_resume_completes(tmp_path, caplog)
     _assert_same_store(out, reference)
 
 
-@pytest.mark.parametrize("method", ["corda", "corda++", "small shards"])
-def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
-    """Both ranks calibrate and decompose their shares, rank 0 writes: every tensor as one process writes it
-    (bit for bit here; the covariances' summation order and each rank's thread count may move a float64
-    decomposition by rounding, hence the 1e-7 bound), the same files and the same surgery.json."""
-    model_dir = save_family_model(tmp_path / "llama", "llama")
-    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, OPTIONS[method], progress=False)
-    assert _run_ranks(model_dir, tmp_path / "two", convert=method) == [0, 0]
-    two = tmp_path / "two"
+def _assert_same_output(one, two) -> None:
     for folder in ("", "adapter"):
         expected, got = tensors(one / folder), tensors(two / folder)
         assert sorted(got) == sorted(expected)
@@ -152,6 +146,31 @@ def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
     for report in reports:
         del report["base_name"], report["covariance_stores"][0]["path"]  # the output's own path
     assert reports[0]["layers"] == reports[1]["layers"] and reports[0] == reports[1]
+
+
+def test_a_convert_whose_rank_died_resumes_on_two_ranks(tmp_path, caplog):
+    """Rank 1 dies after two decompositions: rank 0 keeps every result it took; the resumed run decomposes the
+    rest on both ranks and writes what one process writes."""
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, OPTIONS["corda"], progress=False)
+    codes = _run_ranks(model_dir, tmp_path / "two", convert="corda", die_at=2)
+    assert codes[1] == 3 and codes[0] != 0 and not (tmp_path / "two").exists()
+    kept = list((tmp_path / ".two.resume").glob("*.safetensors"))
+    assert 2 <= len(kept) < 21, kept  # some, not all, of the 21 linears
+    assert _run_ranks(model_dir, tmp_path / "two", convert="corda", resume=True) == [0, 0]
+    _assert_same_output(one, tmp_path / "two")
+    assert not (tmp_path / ".two.resume").exists()
+
+
+@pytest.mark.parametrize("method", ["corda", "corda++", "small shards"])
+def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
+    """Both ranks calibrate and decompose their shares, rank 0 writes: every tensor as one process writes it
+    (bit for bit here; the covariances' summation order and each rank's thread count may move a float64
+    decomposition by rounding, hence the 1e-7 bound), the same files and the same surgery.json."""
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, OPTIONS[method], progress=False)
+    assert _run_ranks(model_dir, tmp_path / "two", convert=method) == [0, 0]
+    _assert_same_output(one, tmp_path / "two")
 
 
 def test_work_is_shared_by_input_group_and_balanced(tmp_path):
