@@ -1,0 +1,155 @@
+"""Files from strangers: a covariance store reads only itself, and a run that did nothing is no success.
+
+Each crafted store would, without its check, make ``decompose`` read another file's bytes (or inflate a
+compressed bomb) and exit 0; each is refused in one line naming the entry, before any dataset is read,
+with nothing written beside the output.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from calib.data import CalibrationSpec
+from calib.store import CovarianceStore, StoreError
+from corda_surgery.surgery.calibration import calibrate
+from tests.helpers import cli_error, run_cli, tree_hashes
+from tests.models import save_tiny_model
+
+SPEC = CalibrationSpec("gsm8k", samples=8, seq_len=32, batch_size=4)
+ENTRY = "model.layers.0.self_attn.o_proj"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("untrusted")
+    model = save_tiny_model(root / "model", "llama", layers=2)
+    return model, calibrate(model, SPEC, root / "cov.h5", progress=False)
+
+
+def _replace(handle: h5py.File, name: str, make) -> None:
+    """Replace dataset ``name`` by what ``make(handle, name, data)`` puts there, keeping its attributes."""
+    data, attrs = handle[name][()], dict(handle[name].attrs)
+    del handle[name]
+    make(handle, name, data)
+    handle[name].attrs.update(attrs)  # through a link: on its target, so only the check stands in the way
+
+
+def _external_storage(handle, name, data):
+    raw = Path(handle.filename).with_name("elsewhere.bin")
+    data.astype("<f8").tofile(raw)
+    handle.create_dataset(name, shape=data.shape, dtype="<f8", external=[(str(raw), 0, data.nbytes)])
+
+
+def _elsewhere(handle, data) -> str:
+    other = Path(handle.filename).with_name("elsewhere.h5")
+    with h5py.File(other, "w") as elsewhere:
+        elsewhere.create_dataset("x", data=data)
+    return str(other)
+
+
+def _external_link(handle, name, data):
+    handle[name] = h5py.ExternalLink(_elsewhere(handle, data), "/x")
+
+
+def _virtual(handle, name, data):
+    layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+    layout[:] = h5py.VirtualSource(_elsewhere(handle, data), "x", shape=data.shape)
+    handle.create_virtual_dataset(name, layout)
+
+
+def _soft_link(handle, name, data):
+    handle.create_dataset("hidden", data=data)
+    handle[name] = h5py.SoftLink("/hidden")
+
+
+def _unknown_filter(handle, name, data):
+    handle.create_dataset(name, data=data, chunks=data.shape, compression=32123, allow_unknown_filter=True)
+
+
+def _bomb(handle, name, data):
+    """gzip of zeros: a few kB on disk, 20 GB once read."""
+    handle.create_dataset(name, data=data)
+    handle.create_dataset("bomb", shape=(50_000, 50_000), dtype="f8", chunks=(1000, 1000), compression="gzip")
+    handle["bomb"][:1000, :1000] = 0.0
+    handle["bomb"].attrs.update(layer=0, linears='["unused"]', count=1)
+
+
+def _integers(handle, name, data):
+    handle.create_dataset(name, data=data.astype(np.int64))
+
+
+def _big_chunks(handle, name, data):
+    handle.create_dataset(name, data=data, chunks=(4096, 4096), maxshape=(None, None))
+
+
+CRAFTED = {
+    "external raw storage": (_external_storage, [ENTRY, "another file", "elsewhere.bin"]),
+    "external link": (_external_link, [ENTRY, "ExternalLink", "elsewhere.h5"]),
+    "virtual dataset": (_virtual, [ENTRY, "virtual dataset"]),
+    "soft link": (_soft_link, [ENTRY, "SoftLink"]),
+    "unknown filter": (_unknown_filter, [ENTRY, "filters this tool does not write"]),
+    "gzip bomb": (_bomb, ["bomb", "filters this tool does not write", "deflate"]),
+    "integer data": (_integers, [ENTRY, "int64"]),
+    "chunks larger than the data": (_big_chunks, [ENTRY, "chunks"]),
+}
+
+
+def _crafted(store: Path, folder: Path, make) -> Path:
+    copy = folder / "crafted.h5"
+    shutil.copy2(store, copy)
+    with h5py.File(copy, "a") as handle:
+        _replace(handle, ENTRY, make)
+    return copy
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_store_is_refused_before_any_data_is_read(case, inputs, tmp_path, monkeypatch):
+    model, store = inputs
+    make, culprits = CRAFTED[case]
+    crafted = _crafted(store, tmp_path, make)
+    reads: list[str] = []
+    original = h5py.Dataset.__getitem__
+
+    def spy(self, *args, **kwargs):
+        reads.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    before, listing = tree_hashes(tmp_path, model), sorted(p.name for p in tmp_path.iterdir())
+    message = cli_error("decompose", model, "--covariances", crafted, "--rank", "4", "--out", tmp_path / "out")
+    for culprit in culprits:
+        assert culprit in message, message
+    assert "refused before reading" in message
+    assert reads == []
+    assert tree_hashes(tmp_path, model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+@pytest.mark.parametrize("case", ["external raw storage", "external link"])
+def test_crafted_store_is_refused_by_inspect_and_the_library(case, inputs, tmp_path):
+    model, store = inputs
+    crafted = _crafted(store, tmp_path, CRAFTED[case][0])
+    assert ENTRY in cli_error("inspect", crafted, "--model", model)
+    with pytest.raises(StoreError, match=ENTRY):
+        CovarianceStore(crafted)
+
+
+def test_missing_sampling_round_is_refused_when_opened(inputs, tmp_path):
+    _, store = inputs
+    copy = tmp_path / "rounds.h5"
+    shutil.copy2(store, copy)
+    with h5py.File(copy, "a") as handle:
+        handle[ENTRY].attrs["round_counts"] = f"[{int(handle[ENTRY].attrs['count'])}]"
+    with pytest.raises(StoreError, match=f"{ENTRY}@round0 is missing"):
+        CovarianceStore(copy)
+
+
+def test_untouched_store_still_decomposes(inputs, tmp_path):
+    model, store = inputs
+    result = run_cli("decompose", model, "--covariances", store, "--rank", "4", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
