@@ -152,7 +152,10 @@ def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
 
 
 def _print_next_steps(out: Path, base_name: str | None) -> None:
+    from corda_surgery.surgery.report import read_report
+
     click.echo(f"residual model: {out}\nadapter:        {out / 'adapter'}\nreport:         {out / 'surgery.json'}")
+    click.echo(read_report(out).summary())
     click.echo(
         "\nTrain it like any PEFT adapter:\n"
         "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"

@@ -215,6 +215,8 @@ def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None =
                 factors[match["factor"]][named.get(match["module"], match["module"])] = handle.get_tensor(key)
     except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
         raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
+    if not factors["A"] and not factors["B"]:
+        raise AdapterError(f"{weights_path}: holds no LoRA factors (an adapter that adapts nothing)")
     unpaired = sorted(factors["A"].keys() ^ factors["B"].keys())
     if unpaired:
         raise AdapterError(f"{weights_path}: {unpaired[0]} has only one of lora_A and lora_B")

@@ -7,12 +7,14 @@ with nothing written beside the output.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from safetensors.torch import save_file
 
 from calib.data import CalibrationSpec
 from calib.store import CovarianceStore, StoreError
@@ -153,3 +155,60 @@ def test_untouched_store_still_decomposes(inputs, tmp_path):
     model, store = inputs
     result = run_cli("decompose", model, "--covariances", store, "--rank", "4", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
+
+
+# ---- a success means the work was done ----
+
+
+def _relabelled(store: Path, folder: Path, keep: int) -> Path:
+    """A copy whose entries after the first ``keep`` name linears this model does not have."""
+    copy = folder / "relabelled.h5"
+    shutil.copy2(store, copy)
+    with h5py.File(copy, "a") as handle:
+        for name in sorted(n for n in handle if "@round" not in n)[keep:]:
+            handle[name].attrs["linears"] = json.dumps([f"elsewhere.{name}"])
+    return copy
+
+
+def test_decompose_with_a_store_that_covers_no_target_fails(inputs, tmp_path):
+    model, store = inputs
+    relabelled = _relabelled(store, tmp_path, keep=0)
+    message = cli_error("decompose", model, "--covariances", relabelled, "--rank", "4", "--out", tmp_path / "out")
+    assert "relabelled.h5" in message and "no covariance for any" in message and "adapt nothing" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relabelled.h5"]
+
+
+def test_a_partial_surgery_says_so_in_its_summary(inputs, tmp_path):
+    model, store = inputs
+    relabelled = _relabelled(store, tmp_path, keep=3)
+    result = run_cli("decompose", model, "--covariances", relabelled, "--rank", "4", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("adapted:"))
+    assert "left out (e.g. model.layers." in summary and "never called" in summary, summary
+    complete = run_cli("decompose", model, "--covariances", store, "--rank", "4", "--out", tmp_path / "whole")
+    assert "adapted:        14 target(s)\n" in complete.stdout
+
+
+@pytest.mark.parametrize("command", ["calibrate", "convert"])
+def test_whitespace_only_text_is_refused_before_any_forward(command, inputs, tmp_path, monkeypatch):
+    import calib.stream
+
+    model, _ = inputs
+    data = tmp_path / "blank.txt"
+    data.write_text("  \n\t\n   \n" * 100)
+    forwards: list[int] = []
+    monkeypatch.setattr(calib.stream, "stream_covariances", lambda *args, **kwargs: forwards.append(1))
+    message = cli_error(command, model, "--data", data, "--out", tmp_path / "out")
+    assert "blank.txt" in message and "only whitespace" in message
+    assert forwards == [] and sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
+
+
+def test_an_adapter_without_factors_is_refused(inputs, tmp_path):
+    model, store = inputs
+    surgery = tmp_path / "surgery"
+    assert run_cli("decompose", model, "--covariances", store, "--rank", "4", "--out", surgery).exit_code == 0
+    empty = shutil.copytree(surgery / "adapter", tmp_path / "empty")
+    save_file({}, empty / "adapter_model.safetensors")
+    message = cli_error("merge", surgery, "--adapter", empty, "--out", tmp_path / "merged")
+    assert "adapter_model.safetensors" in message and "adapts nothing" in message
+    assert not (tmp_path / "merged").exists()
