@@ -20,6 +20,7 @@ from calib.store import CovarianceEntry, CovarianceStore, StoreWriter
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class _OtherRank:
     """A rank other than 0: writes nothing under ``out`` (rank 0 holds it, and its lock)."""
 
     def claim(self, out: str | Path, inputs: Sequence[Path], overwrite: bool) -> AbstractContextManager[Path]:
-        return contextlib.nullcontext(Path(out).resolve())
+        return contextlib.nullcontext(resolved(out))
 
     def sink(
         self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None

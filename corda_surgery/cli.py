@@ -32,6 +32,7 @@ from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import resolve_model
 from corda_surgery.outputs import check_disjoint
+from corda_surgery.paths import os_error_line
 from corda_surgery.surgery.options import Method, SurgeryOptions
 
 BUG_EXIT = 2
@@ -49,7 +50,8 @@ def _fail_cleanly(command):
         except (CordaSurgeryError, OSError) as exc:
             if debug:
                 raise
-            click.echo(f"error: {launched().label}{' '.join(str(exc).split())}", err=True)
+            line = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+            click.echo(f"error: {launched().label}{' '.join(line.split())}", err=True)
             sys.exit(1)
         except Exception:
             traceback.print_exc()

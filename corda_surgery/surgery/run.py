@@ -21,6 +21,7 @@ from corda_surgery.distributed import barrier, samples_share
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import OptionsError
 from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
+from corda_surgery.paths import resolved
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import Method, SurgeryOptions
@@ -89,10 +90,10 @@ def decompose_checkpoint(
             serve_share(work, chosen.targets, options.max_shard_size)
         else:
             with staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)]) as staging:
-                output = SurgeryOutput(staging, out.resolve(), fingerprint, bundle_store, compute, progress)
+                output = SurgeryOutput(staging, resolved(out), fingerprint, bundle_store, compute, progress)
                 write_surgery(view, chosen, opened, options, work, output)
     barrier(ranks, "waiting for rank 0 to write the output")  # every result taken before any rank leaves
-    return out.resolve()
+    return resolved(out)
 
 
 def convert_checkpoint(
@@ -114,7 +115,7 @@ def convert_checkpoint(
     """
     ranks = current_ranks()
     progress = progress and ranks.writer
-    out, model_dir = Path(out).resolve(), Path(model_dir)
+    out, model_dir = resolved(out), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     refuse_existing(out, overwrite)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
