@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from calib.data import CalibrationSpec
 from calib.store import CovarianceStore, StoreError
@@ -334,3 +334,14 @@ def test_permission_denied_is_one_line_naming_the_path(case, inputs, tmp_path):
     assert str(culprit.name) in lines[0] and ("Permission denied" in lines[0] or "not readable" in lines[0]), lines
     assert "bug" not in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_convert_that_refuses_a_weight_after_calibrating_leaves_nothing(inputs, tmp_path):
+    model, _ = inputs
+    copy = shutil.copytree(model, tmp_path / "model")
+    weights = load_file(copy / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")  # its output is no block's input
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    message = cli_error("convert", copy, "--samples", "4", "--seq-len", "16", "--rank", "4", "--out", tmp_path / "o")
+    assert "model.layers.1.mlp.down_proj" in message and "NaN" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -120,24 +120,36 @@ def convert_checkpoint(
     refuse_existing(out, overwrite)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
-    if options.method.uses_covariance:
-        store = out.with_name(f".{out.name}.covariances.h5")
-        stores.append(
-            calibrate(
-                model_dir, spec, store, compute=compute, resume=resume, overwrite=True, progress=progress, plan=False
+    try:
+        if options.method.uses_covariance:
+            store = out.with_name(f".{out.name}.covariances.h5")
+            stores.append(
+                calibrate(
+                    model_dir,
+                    spec,
+                    store,
+                    compute=compute,
+                    resume=resume,
+                    overwrite=True,
+                    progress=progress,
+                    plan=False,
+                )
             )
+        decompose_checkpoint(
+            model_dir,
+            out,
+            options,
+            stores=stores,
+            compute=compute,
+            overwrite=overwrite,
+            bundle_store=bool(stores),
+            progress=progress,
+            plan=False,
         )
-    decompose_checkpoint(
-        model_dir,
-        out,
-        options,
-        stores=stores,
-        compute=compute,
-        overwrite=overwrite,
-        bundle_store=bool(stores),
-        progress=progress,
-        plan=False,
-    )
+    except BaseException:
+        for store in stores if ranks.writer else []:
+            store.unlink(missing_ok=True)  # the hidden store this run calibrated: a failed convert leaves nothing
+        raise
     for store in stores if ranks.writer else []:
         store.unlink()  # out/covariances.h5 is now its only name
     return out
