@@ -290,7 +290,7 @@ class CovarianceStore:
                     )
                 self._check_rounds(entry)
                 self.entries[name] = entry
-        except (StoreError, OSError, KeyError, ValueError, TypeError) as exc:
+        except (StoreError, OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             self.file.close()
             if isinstance(exc, StoreError):
                 raise
@@ -339,7 +339,7 @@ class CovarianceStore:
             name, count = entry.round_name(round_index), entry.round_counts[round_index]
         try:
             data = torch.from_numpy(np.asarray(self.file[name][()], dtype=np.float64))
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from exc
         if count <= 0:
             raise StoreError(f"{self.path}: covariance {name} saw no tokens")
