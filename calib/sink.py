@@ -39,6 +39,10 @@ class CovarianceSink(Protocol):
 
     def close(self) -> None: ...
 
+    def discard(self) -> None:
+        """After an error: close, and remove what this run wrote."""
+        ...
+
 
 class RankOutput(Protocol):
     """This rank's part in the output: claiming it before the run, and the sink of its covariances."""
@@ -100,6 +104,9 @@ class _Store:
     def close(self) -> None:
         self.writer.close()
 
+    def discard(self) -> None:
+        self.writer.discard()
+
 
 class _OtherRank:
     """A rank other than 0: writes nothing under ``out`` (rank 0 holds it, and its lock)."""
@@ -125,6 +132,9 @@ class _Discard:
         pass
 
     def close(self) -> None:
+        pass
+
+    def discard(self) -> None:
         pass
 
 

@@ -169,8 +169,12 @@ class StoreWriter:
         self.fingerprint = fingerprint
         self.calibration = calibration
         reopened = self._reopen() if resume and self.partial.exists() else None
-        self.file: h5py.File = reopened if reopened is not None else h5py.File(self.partial, "w")
-        if reopened is None:
+        self.created = reopened is None  # this run made the partial file: an error removes it (see discard)
+        if reopened is not None:
+            self.file: h5py.File = reopened
+            return
+        try:
+            self.file = h5py.File(self.partial, "w")
             attrs = self.file.attrs
             attrs["format_version"] = FORMAT_VERSION
             attrs["tool_version"] = __version__
@@ -182,6 +186,9 @@ class StoreWriter:
                 attrs["below_damping_level"] = below_damping_level
             attrs["complete"] = False
             self.file.flush()
+        except BaseException:
+            self.discard()
+            raise
 
     def _reopen(self) -> h5py.File | None:
         try:
@@ -218,7 +225,13 @@ class StoreWriter:
 
     def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
         """Write every input of one layer (its sum, each round's when there are several, and the entry's
-        attributes), then mark the layer done and flush."""
+        attributes), then mark the layer done and flush; a write that fails (a full disk) names the file."""
+        try:
+            self._write_layer(layer, entries)
+        except OSError as exc:
+            raise StoreError(f"{self.partial}: cannot write layer {layer} ({exc.strerror or exc})") from exc
+
+    def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
         for entry, round_sums in entries:
             data = self.file.create_dataset(entry.name, data=round_total(round_sums).numpy())
             data.attrs["layer"] = entry.layer
@@ -241,8 +254,15 @@ class StoreWriter:
         return self.path
 
     def close(self) -> None:
-        if self.file.id.valid:
+        if getattr(self, "file", None) is not None and self.file.id.valid:
             self.file.close()
+
+    def discard(self) -> None:
+        """Close and remove the partial store if this run created it: a failed run leaves nothing behind. A
+        resumed run's partial predates it and stays, as does any partial a kill or a signal leaves (resumable)."""
+        self.close()
+        if self.created:
+            self.partial.unlink(missing_ok=True)
 
 
 class CovarianceStore:

@@ -273,6 +273,9 @@ def calibrate(
                 below_damping=below_damping,
             )
             sink.finish()
+        except Exception:
+            sink.discard()  # an error leaves no partial store; a signal or a kill leaves it for --resume
+            raise
         finally:
             sink.close()
             hidden.close()

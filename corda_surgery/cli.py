@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -63,6 +65,12 @@ def _fail_cleanly(command):
             sys.exit(BUG_EXIT)
 
     return wrapper
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: staging folders, spill files and locks are removed on the way out
+    (a calibration's partial store stays for --resume, as after a kill)."""
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def _compute(kwargs: dict):
@@ -121,6 +129,8 @@ def main(debug: bool, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING, format=f"%(levelname)s: {ranks.label}%(message)s"
     )
     release_large_frees_to_os()
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, _terminated)
     if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only warnings and errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
@@ -356,6 +366,8 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     if plot_dir is not None:
         check_disjoint(plot_dir, [*map(Path, stores), model])
     rows, spectra = inspect_stores(model, list(stores), options, compute)
+    title = options.mode.value.upper() if options.mode else ""
+    plots = plot_inspection(rows, spectra, plot_dir, title) if plot_dir is not None else []  # before any output
     rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
     click.echo(
@@ -374,6 +386,5 @@ def inspect(stores, model_dir, plot_dir, **surgery):
         f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
         f"(1 − c = {1 - mean_base:.3e})"
     )
-    if plot_dir is not None:
-        for path in plot_inspection(rows, spectra, plot_dir, options.mode.value.upper() if options.mode else ""):
-            click.echo(f"plot written to {path}")
+    for path in plots:
+        click.echo(f"plot written to {path}")

@@ -139,6 +139,33 @@ def claimed(out: str | Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def made_folder(folder: Path) -> Iterator[None]:
+    """``folder`` and its missing parents made for the block; if the block fails, those it made go again once
+    empty (a run of several steps, each claiming its own output inside, leaves no folder behind)."""
+    created = _create_parents(folder)
+    try:
+        yield
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+@contextlib.contextmanager
+def new_files(folder: Path) -> Iterator[list[Path]]:
+    """``folder`` (made with its missing parents) for files the block writes, each listed before it is written;
+    if the block fails, those files and the folders made for them go: the folder keeps only what it held."""
+    written: list[Path] = []
+    with made_folder(folder):
+        try:
+            yield written
+        except BaseException:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+
+
 def refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists (use --overwrite to replace it)")

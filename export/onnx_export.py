@@ -249,6 +249,8 @@ def _run_exporter(
                 )
             else:
                 _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
+    except OSError:
+        raise  # the disk, not the model: one line naming the file
     except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
         raise ExportError(f"{model_dir}: ONNX export failed: {_export_failure(exc)}") from exc
     counted = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)

@@ -20,7 +20,7 @@ from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.distributed import barrier, samples_share
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import OptionsError
-from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
+from corda_surgery.outputs import check_disjoint, made_folder, refuse_existing, staged_folder
 from corda_surgery.paths import resolved
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.initialise import Initialiser
@@ -120,36 +120,37 @@ def convert_checkpoint(
     refuse_existing(out, overwrite)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
-    try:
-        if options.method.uses_covariance:
-            store = out.with_name(f".{out.name}.covariances.h5")
-            stores.append(
-                calibrate(
-                    model_dir,
-                    spec,
-                    store,
-                    compute=compute,
-                    resume=resume,
-                    overwrite=True,
-                    progress=progress,
-                    plan=False,
+    with made_folder(out.parent):  # the hidden store's parents too: a failed convert leaves none
+        try:
+            if options.method.uses_covariance:
+                store = out.with_name(f".{out.name}.covariances.h5")
+                stores.append(
+                    calibrate(
+                        model_dir,
+                        spec,
+                        store,
+                        compute=compute,
+                        resume=resume,
+                        overwrite=True,
+                        progress=progress,
+                        plan=False,
+                    )
                 )
+            decompose_checkpoint(
+                model_dir,
+                out,
+                options,
+                stores=stores,
+                compute=compute,
+                overwrite=overwrite,
+                bundle_store=bool(stores),
+                progress=progress,
+                plan=False,
             )
-        decompose_checkpoint(
-            model_dir,
-            out,
-            options,
-            stores=stores,
-            compute=compute,
-            overwrite=overwrite,
-            bundle_store=bool(stores),
-            progress=progress,
-            plan=False,
-        )
-    except BaseException:
-        for store in stores if ranks.writer else []:
-            store.unlink(missing_ok=True)  # the hidden store this run calibrated: a failed convert leaves nothing
-        raise
+        except BaseException:
+            for store in stores if ranks.writer else []:
+                store.unlink(missing_ok=True)  # the hidden store this run calibrated: a failed convert leaves nothing
+            raise
     for store in stores if ranks.writer else []:
         store.unlink()  # out/covariances.h5 is now its only name
     return out
