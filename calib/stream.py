@@ -28,7 +28,7 @@ from calib.data import CalibrationSpec, TokenBatch, token_batches
 from calib.sink import CovarianceSink, rank_output
 from calib.store import CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
-from corda_surgery.checkpoint.view import ModelView, UnsupportedArchitecture
+from corda_surgery.checkpoint.view import REMOTE_CODE_REFUSED, ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.distributed import (
     ALONE,
@@ -299,8 +299,10 @@ def _token_batches(
     """The calibration batches and their description for the store (which records the forward dtype too: it
     changes the sums, so resume checks it)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise CheckpointError(f"{model_dir}: its tokenizer {REMOTE_CODE_REFUSED}") from exc
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
     vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
     batches, description = token_batches(spec, tokenizer, vocab_size)

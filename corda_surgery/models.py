@@ -42,8 +42,10 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     folder = _gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE, trust_remote_code=False)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=_GGUF_FILE, dtype=torch.float32, trust_remote_code=False
+    )
     model.hf_quantizer = None  # type: ignore[assignment]  # the dequantised weights are plain float32; saving refuses a quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

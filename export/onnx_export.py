@@ -184,7 +184,9 @@ def export_onnx(
     model_dir = Path(model_dir)
     check_disjoint(Path(out), [model_dir])
     CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[dtype], trust_remote_code=False, use_safetensors=True
+    ).eval()
     if find_fused_experts(model):
         model.set_experts_implementation("batched_mm")
         log.warning(

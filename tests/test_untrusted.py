@@ -17,16 +17,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from calib.data import CalibrationSpec
 from calib.store import CovarianceStore, StoreError
+from corda_surgery.cli import main
 from corda_surgery.surgery.calibration import calibrate
 from tests.helpers import cli_error, run_cli, tree_hashes
 from tests.models import save_tiny_model
 
 SPEC = CalibrationSpec("gsm8k", samples=8, seq_len=32, batch_size=4)
 ENTRY = "model.layers.0.self_attn.o_proj"
+FAST = ["--samples", "4", "--seq-len", "16"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -345,3 +348,87 @@ def test_convert_that_refuses_a_weight_after_calibrating_leaves_nothing(inputs, 
     message = cli_error("convert", copy, "--samples", "4", "--seq-len", "16", "--rank", "4", "--out", tmp_path / "o")
     assert "model.layers.1.mlp.down_proj" in message and "NaN" in message, message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---- the same care for every file read from a user: config and tokenizer code, ONNX folders ----
+
+
+def _with_code(model: Path, folder: Path, config_file: str) -> tuple[Path, Path]:
+    """A copy of ``model`` whose ``config_file`` asks, through auto_map, for Python code that leaves a mark."""
+    copy = shutil.copytree(model, folder / "model")
+    mark = folder / "code-ran"
+    (copy / "custom_code.py").write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    config = json.loads((copy / config_file).read_text())
+    if config_file == "config.json":
+        config["model_type"] = "custom_code"
+        config["auto_map"] = {"AutoConfig": "custom_code.Config", "AutoModelForCausalLM": "custom_code.Model"}
+    else:
+        config["auto_map"] = {"AutoTokenizer": ["custom_code.Tokenizer", None]}
+    (copy / config_file).write_text(json.dumps(config))
+    return copy, mark
+
+
+def test_a_config_asking_for_its_own_code_is_refused_and_never_run(inputs, tmp_path):
+    model, _ = inputs
+    copy, mark = _with_code(model, tmp_path, "config.json")
+    result = CliRunner().invoke(main, ["calibrate", str(copy), "--out", str(tmp_path / "c.h5")], input="y\n")
+    assert result.exit_code == 1 and "Do you wish to run" not in result.output, result.output
+    assert "config.json" in result.stderr and "never runs (no trust_remote_code)" in result.stderr
+    assert not mark.exists() and not (tmp_path / "c.h5").exists()
+
+
+def test_a_tokenizer_asking_for_its_own_code_never_runs_it(inputs, tmp_path):
+    model, _ = inputs
+    copy, mark = _with_code(model, tmp_path, "tokenizer_config.json")
+    CliRunner().invoke(main, ["calibrate", str(copy), *FAST, "--out", str(tmp_path / "c.h5")], input="y\n")
+    assert not mark.exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(inputs, tmp_path_factory) -> Path:
+    from corda_surgery.surgery.options import SurgeryOptions
+    from corda_surgery.surgery.run import decompose_checkpoint
+    from export.merge import merge_adapter
+    from export.onnx_export import export_onnx
+
+    model, store = inputs
+    root = tmp_path_factory.mktemp("onnx")
+    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions(rank=4), stores=[store], progress=False)
+    merged = merge_adapter(surgery, surgery / "adapter", root / "merged", progress=False)
+    return export_onnx(merged, root / "onnx")
+
+
+def _relocated(onnx_dir: Path, folder: Path, location: str) -> Path:
+    """A copy whose first externally stored tensor names ``location`` for its data."""
+    import onnx
+
+    copy = shutil.copytree(onnx_dir, folder / "onnx")
+    graph = onnx.load(str(copy / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(entry for entry in tensor.external_data if entry.key == "location").value = location
+    onnx.save(graph, str(copy / "model.onnx"))
+    return copy
+
+
+ONNX_CASES = {
+    "data outside the folder": lambda d, t: (_relocated(d, t, "../secret.bin"), ["secret.bin", "not a file inside"]),
+    "data at an absolute path": lambda d, t: (_relocated(d, t, str(t / "secret.bin")), ["not a file inside"]),
+    "graph that is no ONNX": lambda d, t: (_garbled(d, t, "model.onnx", b"\x08\xff" * 64), ["model.onnx"]),
+    "run info not JSON": lambda d, t: (_garbled(d, t, "onnx_export.json", b"{"), ["onnx_export.json"]),
+    "run info of another shape": lambda d, t: (_garbled(d, t, "onnx_export.json", b'{"dtype": 3}'), ["malformed"]),
+}
+
+
+def _garbled(onnx_dir: Path, folder: Path, name: str, data: bytes) -> Path:
+    copy = shutil.copytree(onnx_dir, folder / "onnx")
+    (copy / name).write_bytes(data)
+    return copy
+
+
+@pytest.mark.parametrize("case", sorted(ONNX_CASES))
+def test_a_strangers_onnx_folder_is_refused_in_one_line(case, onnx_folder, inputs, tmp_path):
+    (tmp_path / "secret.bin").write_bytes(bytes(1 << 20))
+    folder, culprits = ONNX_CASES[case](onnx_folder, tmp_path)
+    message = cli_error("verify-onnx", folder, "--reference", onnx_folder.parent / "merged", "--repeats", "1")
+    for culprit in culprits:
+        assert culprit in message, message
