@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from calib.data import CalibrationSpec
@@ -432,3 +433,16 @@ def test_a_strangers_onnx_folder_is_refused_in_one_line(case, onnx_folder, input
     message = cli_error("verify-onnx", folder, "--reference", onnx_folder.parent / "merged", "--repeats", "1")
     for culprit in culprits:
         assert culprit in message, message
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/hostname", "sub/model.safetensors"])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(shard, inputs, tmp_path):
+    model, _ = inputs
+    copy = shutil.copytree(model, tmp_path / "model")
+    shutil.copy2(copy / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    with safe_open(str(copy / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    weight_map = dict.fromkeys(names, "model.safetensors") | {names[0]: shard}
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    message = cli_error("calibrate", copy, "--out", tmp_path / "c.h5")
+    assert "model.safetensors.index.json" in message and repr(shard) in message, message

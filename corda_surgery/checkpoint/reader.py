@@ -147,13 +147,19 @@ class CheckpointReader:
         if not index.is_file():
             return None
         try:
-            return json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is not a JSON object")
+        return weight_map
 
     def _shard_files(self, weight_map: dict[str, str] | None) -> list[Path]:
         if weight_map is not None:
             index = self.model_dir / INDEX_NAME
+            outside = [name for name in weight_map.values() if not isinstance(name, str) or Path(name).name != name]
+            if outside:  # a shard is a file of the folder, never a path that leads out of it
+                raise CheckpointError(f"{index}: names shard {outside[0]!r}, which is no file name of this folder")
             shards = sorted({self.model_dir / name for name in weight_map.values()})
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
