@@ -167,7 +167,8 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
     from corda_surgery.surgery.report import read_report
 
     click.echo(f"residual model: {out}\nadapter:        {out / 'adapter'}\nreport:         {out / 'surgery.json'}")
-    click.echo(read_report(out).summary())
+    if launched().writer:  # other ranks print nothing, and may not see rank 0's folder (another node)
+        click.echo(read_report(out).summary())
     click.echo(
         "\nTrain it like any PEFT adapter:\n"
         "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
