@@ -273,6 +273,8 @@ def calibrate(
                 below_damping=below_damping,
             )
             sink.finish()
+        except DistributedError:
+            raise  # another rank stopped (a kill, a lost node): the partial store stays for --resume
         except Exception:
             sink.discard()  # an error leaves no partial store; a signal or a kill leaves it for --resume
             raise
