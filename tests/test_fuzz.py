@@ -33,7 +33,7 @@ from tests.models import save_tiny_model
 SPEC = CalibrationSpec("gsm8k", samples=4, seq_len=16, batch_size=4)
 HANG_SECONDS = 10
 FUZZ = settings(
-    max_examples=60,
+    max_examples=200,
     deadline=None,  # the alarm bounds each example; a deadline would flake on a busy machine
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     database=None,
