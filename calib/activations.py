@@ -18,6 +18,7 @@ import torch
 
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.distributed import local_world
+from corda_surgery.outputs import OutputError
 
 
 def rank_activation_budget(compute: ComputeOptions) -> int:
@@ -73,6 +74,13 @@ class Activations:
         return self._folder / f"batch-{index}.bin"
 
     def _write(self, index: int, tensor: torch.Tensor) -> None:
+        try:
+            self._spill(index, tensor)
+        except OSError as exc:
+            where = self._folder or self._spill_dir
+            raise OutputError(f"{where}: cannot spill hidden states ({exc.strerror or exc})") from exc
+
+    def _spill(self, index: int, tensor: torch.Tensor) -> None:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix=self._spill_prefix, dir=self._spill_dir))
         data = tensor.detach().to("cpu").contiguous()

@@ -213,7 +213,10 @@ def _packed_token_lists(
 
 def _txt_token_lists(path: Path, spec: CalibrationSpec, tokenizer, vocab_size: int) -> list[list[int]]:
     """Plain text is tokenised whole and cut into seq_len-token chunks, of which `samples` are drawn."""
-    ids = tokenizer(_decode(path.read_bytes(), path), add_special_tokens=False)["input_ids"]
+    text = _decode(path.read_bytes(), path)
+    if not text.strip():  # blank tokens would calibrate the model on nothing
+        raise CalibrationDataError(f"{path}: only whitespace, no usable text")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     chunks = [ids[i : i + spec.seq_len] for i in range(0, len(ids), spec.seq_len)]
     chunks = [c for c in chunks if c]
     random.Random(spec.seed).shuffle(chunks)

@@ -20,6 +20,7 @@ from calib.store import CovarianceEntry, CovarianceStore, StoreError, StoreWrite
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class CovarianceSink(Protocol):
     def finish(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def discard(self) -> None:
+        """After an error: close, and remove what this run wrote."""
+        ...
 
 
 class RankOutput(Protocol):
@@ -109,6 +114,9 @@ class _Store:
     def close(self) -> None:
         self.writer.close()
 
+    def discard(self) -> None:
+        self.writer.discard()
+
 
 class _Finished:
     """A store that ``resume`` finds already written: checked to be this model's and these settings', then kept
@@ -137,6 +145,9 @@ class _Finished:
     def close(self) -> None:
         pass
 
+    def discard(self) -> None:
+        pass  # a finished store is the user's, never this run's to remove
+
 
 class _OtherRank:
     """A rank other than 0: writes nothing under ``out`` (rank 0 holds it, and its lock)."""
@@ -144,7 +155,7 @@ class _OtherRank:
     def claim(
         self, out: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool
     ) -> AbstractContextManager[Path]:
-        return contextlib.nullcontext(Path(out).resolve())
+        return contextlib.nullcontext(resolved(out))
 
     def sink(
         self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
@@ -164,6 +175,9 @@ class _Discard:
         pass
 
     def close(self) -> None:
+        pass
+
+    def discard(self) -> None:
         pass
 
 

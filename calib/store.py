@@ -66,6 +66,53 @@ def check_format(path: Path, attrs) -> None:
         )
 
 
+# A store reads only itself: its datasets are hard-linked, contiguous or chunked in the file, unfiltered floats.
+_LAYOUTS = {h5py.h5d.CONTIGUOUS: "contiguous", h5py.h5d.CHUNKED: "chunked", h5py.h5d.COMPACT: "compact"}
+
+
+def _foreign_storage(dataset: h5py.Dataset) -> str | None:
+    """Why reading ``dataset`` would read outside the file or inflate data (None: it would not); metadata only."""
+    plist = dataset.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        return "is a virtual dataset (its data lives in other files)"
+    if plist.get_external_count():
+        return f"keeps its data in another file (HDF5 external storage: {plist.get_external(0)[0].decode()!r})"
+    if plist.get_layout() not in _LAYOUTS:
+        return f"has an unknown storage layout ({plist.get_layout()})"
+    if plist.get_nfilters():
+        names = ", ".join(plist.get_filter(i)[3].decode(errors="replace") for i in range(plist.get_nfilters()))
+        return f"is stored through filters this tool does not write ({names})"
+    return None
+
+
+def check_contained(handle: h5py.File, path: Path) -> None:
+    """Refuse, naming the entry, anything a store written by this tool never holds and that could make reading
+    it read another file or expand data: links other than hard links (external or soft), groups, virtual
+    datasets, external raw storage, filters (a compressed bomb), non-float or non-square data, chunks larger than
+    the data. Only metadata is read here, so a refused store's data is never touched."""
+    for name in handle:
+        link = handle.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            target = f" to {link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else ""
+            raise StoreError(
+                f"{path}: entry {name} is an HDF5 {type(link).__name__}{target}, not data of its own; refused before "
+                "reading it"
+            )
+        dataset = handle[name]
+        if not isinstance(dataset, h5py.Dataset):
+            raise StoreError(f"{path}: entry {name} is not a dataset; refused before reading it")
+        reason = _foreign_storage(dataset)
+        if reason is None and (dataset.dtype.kind != "f" or dataset.dtype.itemsize not in (4, 8)):
+            reason = f"has dtype {dataset.dtype}, not float32/float64"
+        shape = dataset.shape
+        if reason is None and (len(shape) != 2 or shape[0] != shape[1]):
+            reason = f"has shape {shape}, not square"
+        if reason is None and dataset.chunks is not None and any(c > s for c, s in zip(dataset.chunks, shape)):
+            reason = f"has chunks {dataset.chunks} larger than its shape {shape}"
+        if reason is not None:
+            raise StoreError(f"{path}: covariance {name} {reason}; refused before reading its data")
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -122,8 +169,12 @@ class StoreWriter:
         self.fingerprint = fingerprint
         self.calibration = calibration
         reopened = self._reopen() if resume and self.partial.exists() else None
-        self.file: h5py.File = reopened if reopened is not None else h5py.File(self.partial, "w")
-        if reopened is None:
+        self.created = reopened is None  # this run made the partial file: an error removes it (see discard)
+        if reopened is not None:
+            self.file: h5py.File = reopened
+            return
+        try:
+            self.file = h5py.File(self.partial, "w")
             attrs = self.file.attrs
             attrs["format_version"] = FORMAT_VERSION
             attrs["tool_version"] = __version__
@@ -135,6 +186,9 @@ class StoreWriter:
                 attrs["below_damping_level"] = below_damping_level
             attrs["complete"] = False
             self.file.flush()
+        except BaseException:
+            self.discard()
+            raise
 
     def _reopen(self) -> h5py.File | None:
         try:
@@ -154,6 +208,11 @@ class StoreWriter:
             raise StoreError(
                 f"{self.partial}: partial store used other calibration settings; remove it or drop `resume`"
             )
+        try:
+            check_contained(handle, self.partial)
+        except StoreError:
+            handle.close()
+            raise
         done = int(handle.attrs["layers_done"])
         for name in list(handle):  # drop datasets (sums and rounds) of the layer that was in progress
             if int(handle[name].attrs.get("layer", done)) >= done:  # no attribute: killed mid-write
@@ -166,7 +225,13 @@ class StoreWriter:
 
     def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
         """Write every input of one layer (its sum, each round's when there are several, and the entry's
-        attributes), then mark the layer done and flush."""
+        attributes), then mark the layer done and flush; a write that fails (a full disk) names the file."""
+        try:
+            self._write_layer(layer, entries)
+        except OSError as exc:
+            raise StoreError(f"{self.partial}: cannot write layer {layer} ({exc.strerror or exc})") from exc
+
+    def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
         for entry, round_sums in entries:
             data = self.file.create_dataset(entry.name, data=round_total(round_sums).numpy())
             data.attrs["layer"] = entry.layer
@@ -189,8 +254,15 @@ class StoreWriter:
         return self.path
 
     def close(self) -> None:
-        if self.file.id.valid:
+        if getattr(self, "file", None) is not None and self.file.id.valid:
             self.file.close()
+
+    def discard(self) -> None:
+        """Close and remove the partial store if this run created it: a failed run leaves nothing behind. A
+        resumed run's partial predates it and stays, as does any partial a kill or a signal leaves (resumable)."""
+        self.close()
+        if self.created:
+            self.partial.unlink(missing_ok=True)
 
 
 class CovarianceStore:
@@ -214,6 +286,7 @@ class CovarianceStore:
             check_format(self.path, attrs)
             if not attrs.get("complete", False):
                 raise StoreError(f"{self.path}: covariance store is incomplete")
+            check_contained(self.file, self.path)
             self.fingerprint = str(attrs["model_fingerprint"])
             self.calibration = json.loads(attrs["calibration"])
             self.below_damping_level = float(attrs["below_damping_level"]) if "below_damping_level" in attrs else None
@@ -230,21 +303,28 @@ class CovarianceStore:
                     round_counts=tuple(json.loads(dataset_attrs.get("round_counts", "[]"))),
                     below_damping=int(dataset_attrs["below_damping"]) if "below_damping" in dataset_attrs else None,
                 )
-                shape = self.file[name].shape
-                if len(shape) != 2 or shape[0] != shape[1]:
-                    raise StoreError(f"{self.path}: covariance {name} has shape {shape}, not square")
                 if entry.count < 0 or (entry.round_counts and sum(entry.round_counts) != entry.count):
                     raise StoreError(
                         f"{self.path}: counts of {name} do not add up (total {entry.count}, rounds "
                         f"{list(entry.round_counts)})"
                     )
+                self._check_rounds(entry)
                 self.entries[name] = entry
-        except (StoreError, OSError, KeyError, ValueError, TypeError) as exc:
+        except (StoreError, OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             self.file.close()
             if isinstance(exc, StoreError):
                 raise
             raise StoreError(f"{self.path}: corrupt or unreadable covariance store ({exc})") from exc
         self.by_linear = {linear: entry for entry in self.entries.values() for linear in entry.linears}
+
+    def _check_rounds(self, entry: CovarianceEntry) -> None:
+        """Each sampling round the entry counts is stored, with the sum's shape (read before any data)."""
+        shape = self.file[entry.name].shape
+        for index in range(len(entry.round_counts)):
+            part = self.file.get(entry.round_name(index))
+            if part is None or part.shape != shape:
+                found = "missing" if part is None else f"{part.shape}, not {shape}"
+                raise StoreError(f"{self.path}: sampling round {entry.round_name(index)} is {found}")
 
     def check_model(self, fingerprint: str, model_dir: Path) -> None:
         if fingerprint != self.fingerprint:
@@ -279,7 +359,7 @@ class CovarianceStore:
             name, count = entry.round_name(round_index), entry.round_counts[round_index]
         try:
             data = torch.from_numpy(np.asarray(self.file[name][()], dtype=np.float64))
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from exc
         if count <= 0:
             raise StoreError(f"{self.path}: covariance {name} saw no tokens")

@@ -28,7 +28,7 @@ from calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
 from calib.sink import CovarianceSink, rank_output
 from calib.store import CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
-from corda_surgery.checkpoint.view import ModelView, UnsupportedArchitecture
+from corda_surgery.checkpoint.view import REMOTE_CODE_REFUSED, ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.distributed import (
     ALONE,
@@ -236,14 +236,9 @@ def calibrate(
     below_damping: BelowDamping | None = None,
     before_work: Callable[[ModelView, Path], None] | None = None,
 ) -> Path:
-    """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``.
-
-    Hidden states past ``activation_budget`` bytes (None: ``rank_activation_budget``) spill to a temporary
-    folder beside ``out``. ``below_damping``: count each input's small eigenvalues into the store
-    (None: not counted). ``before_work`` is called with the open view and the claimed output before any work
-    (the command's memory plan, which may refuse the run). Under torch.distributed every rank runs its share
-    of the batches and rank 0 writes.
-    """
+    """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``: hidden states
+    past ``activation_budget`` spill beside it; ``below_damping`` counts small eigenvalues into it; ``before_work``
+    (the memory plan) sees the view and the claimed output first. Under torch.distributed rank 0 writes."""
     check_source(spec)
     ranks = current_ranks()
     progress = progress and ranks.writer
@@ -277,6 +272,11 @@ def calibrate(
                 below_damping=below_damping,
             )
             sink.finish()
+        except DistributedError:
+            raise  # another rank stopped (a kill, a lost node): the partial store stays for --resume
+        except Exception:
+            sink.discard()  # an error leaves no partial store; a signal or a kill leaves it for --resume
+            raise
         finally:
             sink.close()
             hidden.close()
@@ -300,8 +300,10 @@ def _token_batches(
     """The calibration batches and their description for the store (which records the forward dtype too: it
     changes the sums, so resume checks it)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(view.reader.model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise CheckpointError(f"{model_dir}: its tokenizer {REMOTE_CODE_REFUSED}") from exc
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({exc})") from exc
     vocab_size = getattr(view.config, "vocab_size", None) or len(tokenizer)
     batches, description = token_batches(spec, tokenizer, vocab_size)

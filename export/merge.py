@@ -12,6 +12,7 @@ from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from corda_surgery.outputs import check_disjoint, staged_folder
+from corda_surgery.paths import resolved
 from export.peft_adapter import AdapterError, LoraAdapter, expert_factors, read_adapter
 
 
@@ -64,7 +65,7 @@ def merge_adapter(
             desc="merging",
             progress=progress,
         )
-    return Path(out).resolve()
+    return resolved(out)
 
 
 def _adapted_keys(

@@ -40,6 +40,7 @@ from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.writer import copy_model_files
 from corda_surgery.errors import CordaSurgeryError, OptionsError
 from corda_surgery.outputs import check_disjoint, staged_folder
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
@@ -183,7 +184,9 @@ def export_onnx(
     model_dir = Path(model_dir)
     check_disjoint(Path(out), [model_dir])
     CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=DTYPES[dtype], trust_remote_code=False, use_safetensors=True
+    ).eval()
     if find_fused_experts(model):
         model.set_experts_implementation("batched_mm")
         log.warning(
@@ -216,7 +219,7 @@ def export_onnx(
             "exporter_warnings": dict(exporter_warnings),
         }
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-    return Path(out).resolve()
+    return resolved(out)
 
 
 def _run_exporter(
@@ -248,6 +251,8 @@ def _run_exporter(
                 )
             else:
                 _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
+    except OSError:
+        raise  # the disk, not the model: one line naming the file
     except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
         raise ExportError(f"{model_dir}: ONNX export failed: {_export_failure(exc)}") from exc
     counted = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)

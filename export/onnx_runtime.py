@@ -3,14 +3,78 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from export.onnx_export import EXPORT_INFO, ONNX_NAME
+from corda_surgery.paths import resolved
+from export.onnx_export import EXPORT_INFO, ONNX_NAME, ExportError
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# What the session reads from onnx_export.json, and each field's type.
+_INFO_FIELDS = {
+    "dtype": str,
+    "with_past": bool,
+    "num_layers": int,
+    "num_kv_heads": int,
+    "head_dim": int,
+    "inputs": list,
+}
+
+
+def _read_info(onnx_dir: Path) -> dict:
+    """onnx_export.json, its fields typed before use: a stranger's folder is refused in one line, never a crash."""
+    path = onnx_dir / EXPORT_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{onnx_dir}: no {EXPORT_INFO} (not an export-onnx output folder)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from exc
+    bad = [
+        name
+        for name, kind in _INFO_FIELDS.items()
+        if not isinstance(info, dict) or not isinstance(info.get(name), kind)
+    ]
+    if bad or info["dtype"] not in _NUMPY_DTYPES:
+        raise ExportError(f"{path}: malformed ({', '.join(bad) or 'dtype'}); not written by export-onnx")
+    return info
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph and its subgraphs: initializers, sparse values and node attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from ([attribute.t] if attribute.HasField("t") else [])
+            yield from attribute.tensors
+            for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+                yield from _tensors(subgraph)
+
+
+def check_external_data(onnx_dir: Path) -> None:
+    """Every tensor's external data lies in a regular file inside ``onnx_dir`` (links followed): a graph from a
+    stranger, whose locations could name any file on the machine, reads nothing but its own folder."""
+    path, root = onnx_dir / ONNX_NAME, resolved(onnx_dir)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own: all mean "no ONNX model"
+        raise ExportError(f"{path}: not a readable ONNX model ({exc})") from exc
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = resolved(root / location)
+        if Path(location).is_absolute() or root not in target.parents or not target.is_file():
+            raise ExportError(
+                f"{path}: tensor {tensor.name} keeps its data in {location!r}, not a file inside {onnx_dir}; refused"
+            )
 
 
 def preferred_providers() -> list[str]:
@@ -27,16 +91,17 @@ class OnnxCausalLM:
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None):
         onnx_dir = Path(onnx_dir)
-        info_path = onnx_dir / EXPORT_INFO
-        if not info_path.is_file():
-            raise FileNotFoundError(f"{onnx_dir}: no {EXPORT_INFO} (not an export-onnx output folder)")
-        self.info = json.loads(info_path.read_text())
+        self.info = _read_info(onnx_dir)
+        check_external_data(onnx_dir)
         ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported via `provider`
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(onnx_dir / ONNX_NAME), options, providers=providers or preferred_providers()
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(onnx_dir / ONNX_NAME), options, providers=providers or preferred_providers()
+            )
+        except Exception as exc:  # onnxruntime's own exception types: the graph does not load
+            raise ExportError(f"{onnx_dir / ONNX_NAME}: onnxruntime cannot load it ({exc})") from exc
         self.provider = self.session.get_providers()[0]
         self.float_type = _NUMPY_DTYPES[self.info["dtype"]]
 

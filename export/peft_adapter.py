@@ -10,6 +10,7 @@ per wrapper nested above it (PEFT wraps a module's targeted parameters in their 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
 
+from corda_surgery.checkpoint.reader import CheckpointError, read_safetensors_header
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
 
@@ -184,6 +186,85 @@ def _parameter_paths(config_path: Path, config: dict, fused: Mapping[str, Sequen
     return parameter_paths(fused, targeted)
 
 
+# The configuration's fields this reader uses, and the JSON types each may have (None aside).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "lora_alpha": (int, float),
+    "rank_pattern": (dict,),
+    "alpha_pattern": (dict,),
+    "fan_in_fan_out": (bool,),
+    "task_type": (str,),
+    "base_model_name_or_path": (str,),
+    "target_parameters": (list,),
+}
+_PATTERN_LENGTH = 512  # rank_pattern / alpha_pattern keys are regular expressions, matched against every module
+_QUANTIFIERS = re.compile(r"(?<!\\)(?:[*+?]|\{\d)")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_pattern(config_path: Path, key: object) -> None:
+    """A pattern key PEFT would match as a regular expression, refused where matching it could take
+    exponential time (a quantified group, many quantifiers) or where it does not compile."""
+    if not isinstance(key, str) or len(key) > _PATTERN_LENGTH:
+        raise AdapterError(f"{config_path}: pattern key {str(key)[:80]!r} is not a module pattern")
+    if re.search(r"\)[*+?{]", key) or len(_QUANTIFIERS.findall(key)) > 3:
+        raise AdapterError(f"{config_path}: pattern key {key[:80]!r} repeats too much to be matched safely")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise AdapterError(f"{config_path}: pattern key {key[:80]!r} is no regular expression ({exc})") from exc
+
+
+def _check_config(config_path: Path, config: dict) -> None:
+    """Every field this reader uses has its JSON type before any is used: a stranger's config is refused
+    naming the field, never a crash (tests/test_fuzz.py)."""
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise AdapterError(f"{config_path}: rsLoRA/DoRA adapters are not supported")
+    if not _whole(config.get("r")):
+        raise AdapterError(f"{config_path}: r {config.get('r')!r}: ranks must be whole numbers ≥ 1")
+    for name, kinds in _FIELD_TYPES.items():
+        value = config.get(name)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise AdapterError(f"{config_path}: {name} {str(value)[:80]!r} is not of type {kinds[0].__name__}")
+    if isinstance(config.get("lora_alpha"), float) and not math.isfinite(config["lora_alpha"]):
+        raise AdapterError(f"{config_path}: lora_alpha {config['lora_alpha']!r} is not a finite number")
+    for key, rank in (config.get("rank_pattern") or {}).items():
+        _check_pattern(config_path, key)
+        if not _whole(rank):
+            raise AdapterError(f"{config_path}: rank_pattern {key}: ranks must be whole numbers ≥ 1")
+    for key, alpha in (config.get("alpha_pattern") or {}).items():
+        _check_pattern(config_path, key)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise AdapterError(f"{config_path}: alpha_pattern {key}: {alpha!r} is not a finite number")
+    if not all(isinstance(name, str) for name in config.get("target_parameters") or []):
+        raise AdapterError(f"{config_path}: target_parameters must be a list of names")
+
+
+def _read_factors(weights_path: Path, named: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The A and B factors by module, after the header is validated as a checkpoint shard's is."""
+    factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
+    try:
+        read_safetensors_header(weights_path)  # offsets, dtypes, truncation; the OS's own error when unreadable
+    except CheckpointError as exc:
+        raise AdapterError(str(exc)) from exc
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                match = _KEY.match(key.replace(".default.", "."))
+                if match is None:
+                    raise AdapterError(f"{weights_path}: unexpected tensor {key} (only LoRA A/B weights are supported)")
+                factors[match["factor"]][named.get(match["module"], match["module"])] = handle.get_tensor(key)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
+        raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
+    if not factors["A"] and not factors["B"]:
+        raise AdapterError(f"{weights_path}: holds no LoRA factors (an adapter that adapts nothing)")
+    return factors
+
+
 def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None = None) -> LoraAdapter:
     """The adapter in ``folder``; ``fused`` (the model's fused-experts modules → their parameters, in order,
     see ``ModelView.fused_parameters``) resolves the factors of targeted parameters to their names."""
@@ -197,24 +278,10 @@ def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None =
         raise AdapterError(f"{config_path}: not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: not a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_rslora") or config.get("use_dora"):
-        raise AdapterError(f"{config_path}: rsLoRA/DoRA adapters are not supported")
-    if not isinstance(config.get("target_parameters") or [], list):
-        raise AdapterError(f"{config_path}: target_parameters is not a list")
+    _check_config(config_path, config)
     paths = _parameter_paths(config_path, config, fused or {})
     named = {path: parameter for parameter, path in paths.items()}
-    factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                match = _KEY.match(key.replace(".default.", "."))
-                if match is None:
-                    raise AdapterError(f"{weights_path}: unexpected tensor {key} (only LoRA A/B weights are supported)")
-                factors[match["factor"]][named.get(match["module"], match["module"])] = handle.get_tensor(key)
-    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
-        raise AdapterError(f"{weights_path}: unreadable ({exc})") from exc
+    factors = _read_factors(weights_path, named)
     unpaired = sorted(factors["A"].keys() ^ factors["B"].keys())
     if unpaired:
         raise AdapterError(f"{weights_path}: {unpaired[0]} has only one of lora_A and lora_B")

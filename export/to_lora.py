@@ -14,6 +14,7 @@ import torch
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.outputs import check_disjoint, staged_folder
+from corda_surgery.paths import resolved
 from corda_surgery.surgery.report import ADAPTER_DIR
 from export.handoff import checked_adapter, fused_parameters
 from export.peft_adapter import AdapterError, LoraAdapter, expert_factors, fused_factors, read_adapter, write_adapter
@@ -66,7 +67,7 @@ def convert_to_lora(
     if CheckpointReader(base).fingerprint() != report.model_fingerprint:
         raise CordaSurgeryError(f"{base}: not the model that {surgery_dir} was made from (fingerprint mismatch)")
     lora = to_plain_lora(initial, trained)
-    lora.base_model_name_or_path = str(base.resolve())
+    lora.base_model_name_or_path = str(resolved(base))
     with staged_folder(out, overwrite=overwrite, inputs=[surgery_dir, trained_adapter, base]) as staging:
         write_adapter(staging, lora)
-    return Path(out).resolve()
+    return resolved(out)

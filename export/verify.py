@@ -83,11 +83,13 @@ def verify_onnx(
     repeats: int = 5,
 ) -> VerifyReport:
     session = OnnxCausalLM(onnx_dir)
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        reference_dir, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+    ).eval()
     max_abs, max_rel, agreement = compare_logits(session, model, tokenizer, prompts)
     greedy_match = True
     for prompt in prompts:

@@ -78,3 +78,13 @@ def test_relative_links_lead_to_existing_files_and_headings(page):
         elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {', '.join(broken)}"
+
+
+def test_the_threat_model_names_tests_that_exist():
+    text = (DOCS / "reliability.md").read_text()
+    model = text[text.index("## Threat model") :]
+    cited = set(re.findall(r"`(tests/\w+\.py)(?:::(\w+))?`", model))
+    assert len(cited) >= 15
+    for path, name in cited:
+        source = (ROOT / path).read_text()
+        assert not name or f"def {name}(" in source, f"docs/reliability.md cites {path}::{name}, which does not exist"

@@ -17,6 +17,7 @@ LAYERS = [
     ("corda_surgery.errors", 0, "ground"),
     ("corda_surgery.numerics", 0, "ground"),
     ("corda_surgery.outputs", 0, "ground"),
+    ("corda_surgery.paths", 0, "ground"),
     ("corda_surgery.sizes", 0, "ground"),
     ("corda_surgery.compute", 0, "ground"),
     ("corda_surgery.distributed", 0, "ground"),
@@ -30,6 +31,7 @@ LAYERS = [
     ("export", 4, "adapters"),
     ("corda_surgery.cli", 5, "cli"),
     ("corda_surgery.cli_options", 5, "cli"),
+    ("corda_surgery.cli_errors", 5, "cli"),
     ("corda_surgery.launcher", 5, "cli"),
     ("corda_surgery.__main__", 5, "cli"),
     ("corda_surgery", 0, "ground"),  # the package's own __init__ (its version)

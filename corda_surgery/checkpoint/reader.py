@@ -75,7 +75,7 @@ def _header_entry(path: Path, name: str, entry, data_start: int) -> TensorLocati
     return TensorLocation(path, data_start + begin, data_start + end, dtype, shape)
 
 
-def _read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
+def read_safetensors_header(path: Path) -> dict[str, TensorLocation]:
     """Validate the header (entries, overlaps, file length: a truncated shard is caught here)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file")
@@ -132,7 +132,7 @@ class CheckpointReader:
         self.shards = self._shard_files(weight_map)
         self.layout: dict[str, TensorLocation] = {}
         for shard in self.shards:
-            self.layout.update(_read_safetensors_header(shard))
+            self.layout.update(read_safetensors_header(shard))
         self.locations: dict[str, Path] = {name: location.shard for name, location in self.layout.items()}
         for name, shard_name in (weight_map or {}).items():
             if self.locations.get(name) != self.model_dir / shard_name:
@@ -147,13 +147,19 @@ class CheckpointReader:
         if not index.is_file():
             return None
         try:
-            return json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is not a JSON object")
+        return weight_map
 
     def _shard_files(self, weight_map: dict[str, str] | None) -> list[Path]:
         if weight_map is not None:
             index = self.model_dir / INDEX_NAME
+            outside = [name for name in weight_map.values() if not isinstance(name, str) or Path(name).name != name]
+            if outside:  # a shard is a file of the folder, never a path that leads out of it
+                raise CheckpointError(f"{index}: names shard {outside[0]!r}, which is no file name of this folder")
             shards = sorted({self.model_dir / name for name in weight_map.values()})
             missing = [s.name for s in shards if not s.is_file()]
             if missing:

@@ -90,6 +90,12 @@ def _find_blocks(model: PreTrainedModel, config) -> tuple[str, nn.ModuleList]:
     return candidates[0]
 
 
+# Checkpoints are data: no file of one is ever run as code, whatever its config or tokenizer config asks.
+REMOTE_CODE_REFUSED = (
+    "needs the checkpoint's own Python code (auto_map), which corda-surgery never runs (no trust_remote_code)"
+)
+
+
 class ModelView:
     """A meta skeleton of a checkpoint whose blocks are materialised one at a time."""
 
@@ -99,8 +105,10 @@ class ModelView:
         config_path = self.reader.model_dir / "config.json"
         try:
             json.loads(config_path.read_text())["model_type"]  # invalid JSON, no model_type: our one-line error
-            self.config = AutoConfig.from_pretrained(self.reader.model_dir)
+            self.config = AutoConfig.from_pretrained(self.reader.model_dir, trust_remote_code=False)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            if "trust_remote_code" in str(exc):
+                raise CheckpointError(f"{config_path}: {REMOTE_CODE_REFUSED}") from exc
             raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
         self.dtype, self.device = dtype, torch.device(device)
         with init_empty_weights(include_buffers=False):  # parameters on meta, runtime buffers (rotary) real

@@ -11,6 +11,7 @@ import torch
 from calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
+from corda_surgery.outputs import new_files
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.ranks import corda_plus_plan
 from corda_surgery.surgery.targets import chosen_targets, plan_targets
@@ -55,13 +56,19 @@ def _kind_and_depth(name: str) -> tuple[str, int]:
 
 
 def plot_inspection(rows: list[dict], spectra: dict[str, torch.Tensor], out_dir: Path, title: str) -> list[Path]:
-    """spectra.png (cumulative σ² share per layer, by linear type) and ranks.png (rank by depth and type)."""
+    """spectra.png (cumulative σ² share per layer, by linear type) and ranks.png (rank by depth and type); a
+    failure removes the plots written so far and the folders made for them."""
+    with new_files(out_dir) as written:
+        _draw(rows, spectra, out_dir, title, written)
+    return written
+
+
+def _draw(rows: list[dict], spectra: dict[str, torch.Tensor], out_dir: Path, title: str, written: list[Path]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     by_kind: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for row in rows:
         kind, depth = _kind_and_depth(row["layer"])
@@ -80,6 +87,7 @@ def plot_inspection(rows: list[dict], spectra: dict[str, torch.Tensor], out_dir:
     fig.suptitle(f"{title}: context-oriented spectra (colour = depth)", fontsize=10)
     fig.tight_layout()
     spectra_path = out_dir / "spectra.png"
+    written.append(spectra_path)
     fig.savefig(spectra_path, dpi=120)
     plt.close(fig)
 
@@ -93,6 +101,6 @@ def plot_inspection(rows: list[dict], spectra: dict[str, torch.Tensor], out_dir:
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     ranks_path = out_dir / "ranks.png"
+    written.append(ranks_path)
     fig.savefig(ranks_path, dpi=120)
     plt.close(fig)
-    return [spectra_path, ranks_path]

@@ -27,6 +27,7 @@ from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decomposition.memory import decomposition_memory
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.paths import resolved
 from corda_surgery.surgery.options import SurgeryOptions
 
 GIB = 1 << 30
@@ -139,7 +140,7 @@ def resident_bytes() -> int:
 
 
 def _existing_folder(path: Path) -> Path:
-    folder = path.resolve().parent
+    folder = resolved(path).parent
     while not folder.exists():
         folder = folder.parent
     return folder

@@ -102,6 +102,14 @@ class SurgeryReport:
     def rank_of(self, name: str) -> int:
         return self.layers[name].rank
 
+    def summary(self) -> str:
+        """One line on what the surgery adapted, and what it left out (the details are in ``left_out``)."""
+        line = f"adapted:        {len(self.layers)} target(s)"
+        if self.left_out:
+            name, reason = next(iter(self.left_out.items()))
+            line += f"; {len(self.left_out)} left out (e.g. {name}: {reason}; all in {REPORT_NAME} left_out)"
+        return line
+
     def to_json(self) -> dict[str, Any]:
         return {
             **self.options,

@@ -4,7 +4,8 @@ Each decomposed target's factors and record are saved as soon as they exist (sma
 resumed run takes them instead of decomposing again and rebuilds the residual from them bit for bit
 (``residual_of``), then writes the output as an uninterrupted run would. The folder records what the run was
 (options, model, stores, device); a resume against anything else is refused naming what differs. It is removed
-when the output is published, and by a later run that does not resume.
+when the output is published, by an error in the run that made it, and by a later run that does not resume; a
+kill or a signal leaves it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class FinishedWork:
     def __init__(self, out: Path, run: dict[str, Any], *, resume: bool):
         self.folder, self.run = resume_folder(out), run
         self.done: dict[str, Path] = {}
-        if resume and (self.folder / HEADER).is_file():
+        self.created = not (resume and (self.folder / HEADER).is_file())  # else its work predates this run
+        if not self.created:
             self._reopen()
         else:
             if self.folder.exists():

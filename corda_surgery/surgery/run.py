@@ -17,10 +17,11 @@ from calib.store import CovarianceStore
 from calib.stream import open_view
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
-from corda_surgery.distributed import Ranks, barrier, broadcast_object, samples_share
+from corda_surgery.distributed import DistributedError, Ranks, barrier, broadcast_object, samples_share
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import OptionsError
-from corda_surgery.outputs import check_disjoint, refuse_existing, staged_folder
+from corda_surgery.outputs import check_disjoint, made_folder, refuse_existing, staged_folder
+from corda_surgery.paths import resolved
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import Method, SurgeryOptions
@@ -70,7 +71,7 @@ def decompose_checkpoint(
     ranks = current_ranks()
     progress = progress and ranks.writer
     _check_stores_for_method(options, stores, bundle_store)
-    model_dir, out = Path(model_dir), Path(out).resolve()
+    model_dir, out = Path(model_dir), resolved(out)
     check_disjoint(out, [model_dir, *map(Path, stores)])
     view = ModelView(model_dir, device=compute.torch_device)
     plan_targets(view, options)  # option mistakes first, before the fingerprint reads the weights
@@ -86,14 +87,21 @@ def decompose_checkpoint(
         staged = staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)])
         staging = closing.enter_context(staged) if ranks.writer else None
         finished = FinishedWork(out, run, resume=resume) if staging else None
-        work = _work_source(view, opened, chosen, options, compute, ranks, finished, progress)
-        if staging is None:
-            serve_share(work, chosen.targets, options.output.max_shard_size)
-        else:
-            output = SurgeryOutput(staging, out, fingerprint, bundle_store, compute, progress)
-            write_surgery(view, chosen, opened, options, work, output)
-    if work.finished is not None:
-        work.finished.remove()  # the output is published: nothing left to resume
+        try:
+            work = _work_source(view, opened, chosen, options, compute, ranks, finished, progress)
+            if staging is None:
+                serve_share(work, chosen.targets, options.output.max_shard_size)
+            else:
+                output = SurgeryOutput(staging, out, fingerprint, bundle_store, compute, progress)
+                write_surgery(view, chosen, opened, options, work, output)
+        except DistributedError:
+            raise  # another rank stopped (a kill, a lost node): the work stays for --resume
+        except Exception:
+            if finished is not None and finished.created:
+                finished.remove()  # an error leaves nothing; a kill or a signal leaves the work for --resume
+            raise
+    if finished is not None:
+        finished.remove()  # the output is published: nothing left to resume
     barrier(ranks, "waiting for rank 0 to write the output")  # every result taken before any rank leaves
     return out
 
@@ -139,15 +147,12 @@ def convert_checkpoint(
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Calibrate and decompose in one go, keeping the store as ``out/covariances.h5``.
-
-    Everything the config and the options decide is checked before calibration starts; the store is
-    calibrated beside ``out`` (resumable there with ``resume``) and moved inside when the surgery is done.
-    Under torch.distributed every rank calibrates and decomposes its share; rank 0 alone writes.
-    """
+    """Calibrate and decompose in one go, keeping the store as ``out/covariances.h5``: calibrated beside ``out``
+    once the config and options are checked, moved inside when done; an error removes it, a kill or a signal
+    leaves it (and the decompositions finished) for ``resume``. Under torch.distributed rank 0 alone writes."""
     ranks = current_ranks()
     progress = progress and ranks.writer
-    out, model_dir = Path(out).resolve(), Path(model_dir)
+    out, model_dir = resolved(out), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     check_source(spec)
     if _converted_before(out, model_dir, spec, options, compute, resume and not overwrite, ranks):
@@ -155,25 +160,39 @@ def convert_checkpoint(
     refuse_existing(out, overwrite)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
-    if options.method.uses_covariance:
-        store = out.with_name(f".{out.name}.covariances.h5")
-        stores.append(
-            calibrate(
-                model_dir, spec, store, compute=compute, resume=resume, overwrite=True, progress=progress, plan=False
+    with made_folder(out.parent):  # the hidden store's parents too: a failed convert leaves none
+        try:
+            if options.method.uses_covariance:
+                store = out.with_name(f".{out.name}.covariances.h5")
+                calibrated = calibrate(
+                    model_dir,
+                    spec,
+                    store,
+                    compute=compute,
+                    resume=resume,
+                    overwrite=True,
+                    progress=progress,
+                    plan=False,
+                )
+                stores.append(calibrated)
+            decompose_checkpoint(
+                model_dir,
+                out,
+                options,
+                stores=stores,
+                compute=compute,
+                overwrite=overwrite,
+                resume=resume,
+                bundle_store=bool(stores),
+                progress=progress,
+                plan=False,
             )
-        )
-    decompose_checkpoint(
-        model_dir,
-        out,
-        options,
-        stores=stores,
-        compute=compute,
-        overwrite=overwrite,
-        resume=resume,
-        bundle_store=bool(stores),
-        progress=progress,
-        plan=False,
-    )
+        except DistributedError:
+            raise  # another rank stopped (a kill, a lost node): the store and the work stay for --resume
+        except Exception:
+            for store in stores if ranks.writer else []:
+                store.unlink(missing_ok=True)  # the hidden store this run calibrated: a failed convert leaves nothing
+            raise
     for store in stores if ranks.writer else []:
         store.unlink()  # out/covariances.h5 is now its only name
     return out

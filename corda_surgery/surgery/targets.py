@@ -200,6 +200,9 @@ def chosen_targets(
     for store in stores:
         store.check_model(fingerprint, view.reader.model_dir)
     plan = _uncalibrated(stores, plan_targets(view, options), options)
+    if not plan.targets:
+        reasons = "; ".join(sorted(set(plan.left_out.values()))) or "none chosen"
+        raise TargetError(f"no target linear is left to adapt ({reasons}): the adapter would adapt nothing")
     check_stores(stores, plan.targets)
     check_budget(plan.targets, options)
     for parameter in dict.fromkeys(t.parameter for t in plan.targets if t.parameter is not None):
@@ -213,6 +216,12 @@ def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: 
     missing = [t for t in plan.targets if any(t.name not in store.by_linear for store in stores)]
     if not missing or options.targets:
         return plan  # check_stores names the first one
+    if len(missing) == len(plan.targets):
+        lacking = next(store for store in stores if missing[0].name not in store.by_linear)
+        raise StoreError(
+            f"{lacking.path}: holds no covariance for any of the {len(missing)} target linears of this model "
+            f"(e.g. {missing[0].name}): the adapter would adapt nothing"
+        )
     log.warning(
         "%d linear(s) left out: never called through their forward while calibrating, so no covariance (e.g. %s)",
         len(missing),
