@@ -12,7 +12,7 @@ from calib.store import CovarianceStore, partial_path
 from corda_surgery import numerics
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
-from corda_surgery.surgery.calibration import calibrate
+from calib.stream import calibrate
 from corda_surgery.surgery.calibration import calibrate as calibrate_command
 from tests.helpers import datasets, reference_covariances, relative
 
