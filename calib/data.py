@@ -53,6 +53,7 @@ class CalibrationSpec:
     rounds: int = 1  # disjoint sampling rounds stored separately too (CorDA++ candidates)
     pack: bool | None = None  # records joined by blank lines into full seq_len windows (the CorDA authors'
     # protocol); None: for PACKED_BY_DEFAULT (with text_field "prompt", the questions) unless a chat template is asked
+    store_dtype: str = "float64"  # float64: the raw sums; float32: the normalised covariances, half the disk
 
     def __post_init__(self) -> None:
         if self.pack is None:
@@ -65,6 +66,8 @@ class CalibrationSpec:
                 raise OptionsError(f"`{option}` {value!r}: must be a whole number ≥ 1")
         if self.normalisation not in NORMALISATIONS:
             raise OptionsError(f"`normalisation` {self.normalisation!r}: must be one of {', '.join(NORMALISATIONS)}")
+        if self.store_dtype not in ("float64", "float32"):
+            raise OptionsError(f"`store_dtype` {self.store_dtype!r}: must be float64 or float32")
         if self.pack and self.chat_template:
             raise OptionsError("`pack` joins plain record texts into windows: it does not go with `chat_template`")
 

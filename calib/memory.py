@@ -19,6 +19,7 @@ from collections import defaultdict
 import torch
 
 from calib.data import CalibrationSpec
+from calib.packing import packed_length
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.view import ModelView, is_linear
 from corda_surgery.numerics import symmetric_tiles
@@ -127,10 +128,12 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> d
 
 
 def calibration_disk(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
-    """Bytes written to disk: the store (every input's float64 sum, and each round's when there are several)
-    and the hidden states past ``budget``, the activation budget, spilled beside it."""
+    """Bytes written to disk: the store (every input's upper triangle in the store's dtype, and each round's when
+    there are several) and the hidden states past ``budget``, the activation budget, spilled beside it."""
     widths = [w for i in range(view.num_blocks) for w in input_widths(view.blocks[i])]
+    itemsize = F64 if spec.store_dtype == "float64" else F64 // 2
+    triangles = sum(packed_length(w) for w in widths)
     return {
-        "covariance store": sum(w * w * F64 for w in widths) * (1 + (spec.rounds if spec.rounds > 1 else 0)),
+        "covariance store": triangles * itemsize * (1 + (spec.rounds if spec.rounds > 1 else 0)),
         "spilled hidden states": max(0, _hidden_bytes(view, spec) - budget),
     }

@@ -1,6 +1,8 @@
-"""HDF5 covariance store: one dataset per distinct linear input, holding the raw sum XᵀX.
+"""HDF5 covariance store: one dataset per distinct linear input, holding XᵀX once (its upper triangle).
 
-The raw float64 sum and its count are stored (normalised only when read), so partial runs merge exactly.
+The raw float64 sum and its count are stored (normalised only when read), so partial runs merge exactly; or,
+for the disk's sake, the normalised covariance in float32 (``STORAGE_DTYPES``). Format 2 stores (full
+squares of raw float64 sums) are read as they are.
 A run writes ``<name>.partial`` next to the target, flushes after each layer, and renames when complete;
 ``layers_done`` says how far a stopped run got, so it can resume there.
 """
@@ -17,12 +19,16 @@ import h5py
 import numpy as np
 import torch
 
+from calib.packing import packed_width, read_packed, write_packed
 from corda_surgery import __version__
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
-FORMAT_VERSION = 2
+# 3: each covariance packed (its upper triangle), float64 sums or float32 normalised covariances.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)
+STORAGE_DTYPES = {"float64": np.float64, "float32": np.float32}
 ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k of "<input>"
 # |C − Cᵀ| allowed, relative to max |C|: the writer stores exactly symmetric sums; a store made elsewhere
 # may carry rounding of this order, anything larger is not a covariance.
@@ -59,7 +65,7 @@ def check_format(path: Path, attrs) -> None:
             f"{path}: store format {int(version)} was written by a newer corda-surgery "
             f"({attrs.get('tool_version', '?')}); this version {__version__} reads format {FORMAT_VERSION}: upgrade"
         )
-    if int(version) < FORMAT_VERSION:
+    if int(version) < min(READABLE_FORMATS):
         raise StoreError(
             f"{path}: store format {int(version)} (corda-surgery {attrs.get('tool_version', '?')}) identifies the "
             f"model by a weaker fingerprint than format {FORMAT_VERSION}; calibrate again"
@@ -105,7 +111,10 @@ def check_contained(handle: h5py.File, path: Path) -> None:
         if reason is None and (dataset.dtype.kind != "f" or dataset.dtype.itemsize not in (4, 8)):
             reason = f"has dtype {dataset.dtype}, not float32/float64"
         shape = dataset.shape
-        if reason is None and (len(shape) != 2 or shape[0] != shape[1]):
+        packed = int(handle.attrs.get("format_version", 0)) >= 3
+        if reason is None and packed and (len(shape) != 1 or packed_width(shape[0]) is None):
+            reason = f"has shape {shape}, not a packed triangle"
+        if reason is None and not packed and (len(shape) != 2 or shape[0] != shape[1]):
             reason = f"has shape {shape}, not square"
         if reason is None and dataset.chunks is not None and any(c > s for c, s in zip(dataset.chunks, shape)):
             reason = f"has chunks {dataset.chunks} larger than its shape {shape}"
@@ -117,12 +126,16 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _check_covariance(data: torch.Tensor, what: str) -> None:
-    """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry, non-negative diagonal. Reductions over
-    the whole matrix and mirrored pairs of SYMMETRY_TILE-wide tiles (both fit in cache), so no temporary
-    approaches the covariance's size."""
+def _check_covariance(data: torch.Tensor, what: str, *, symmetric: bool = False) -> None:
+    """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry (``symmetric``: known, as unpacked from a
+    triangle), non-negative diagonal. Reductions over the whole matrix and mirrored pairs of SYMMETRY_TILE-wide
+    tiles (both fit in cache), so no temporary approaches the covariance's size."""
     if not all_finite(data):
         raise StoreError(f"{what} contains NaN or Inf")
+    if bool((data.diagonal() < 0).any()):
+        raise StoreError(f"{what} has negative entries on its diagonal")
+    if symmetric:
+        return
     low, high = torch.aminmax(data)
     scale, asymmetry, width = max(-float(low), float(high)), 0.0, data.shape[0]
     for start in range(0, width, SYMMETRY_TILE):
@@ -133,8 +146,6 @@ def _check_covariance(data: torch.Tensor, what: str) -> None:
             asymmetry = max(asymmetry, -float(low), float(high))
     if asymmetry > SYMMETRY_TOLERANCE * scale:
         raise StoreError(f"{what} is not symmetric (tolerance {SYMMETRY_TOLERANCE:g})")
-    if bool((data.diagonal() < 0).any()):
-        raise StoreError(f"{what} has negative entries on its diagonal")
 
 
 def round_total(round_sums: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -168,6 +179,7 @@ class StoreWriter:
         self.partial = partial_path(self.path)
         self.fingerprint = fingerprint
         self.calibration = calibration
+        self.storage_dtype = str(calibration.get("store_dtype", "float64"))
         reopened = self._reopen() if resume and self.partial.exists() else None
         self.created = reopened is None  # this run made the partial file: an error removes it (see discard)
         if reopened is not None:
@@ -197,6 +209,11 @@ class StoreWriter:
             return None  # the crash left an unreadable file: start the run again
         try:
             check_format(self.partial, handle.attrs)
+            if int(handle.attrs["format_version"]) != FORMAT_VERSION:
+                raise StoreError(
+                    f"{self.partial}: a partial store in format {int(handle.attrs['format_version'])}; finish it with "
+                    "the version that started it, or drop --resume"
+                )
         except StoreError:
             handle.close()
             raise
@@ -233,7 +250,7 @@ class StoreWriter:
 
     def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
         for entry, round_sums in entries:
-            data = self.file.create_dataset(entry.name, data=round_total(round_sums).numpy())
+            data = self._write_sum(entry.name, round_total(round_sums), entry.count)
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
@@ -241,10 +258,17 @@ class StoreWriter:
             if entry.below_damping is not None:
                 data.attrs["below_damping"] = entry.below_damping
             for index, round_sum in enumerate(round_sums if entry.round_counts else []):
-                part = self.file.create_dataset(entry.round_name(index), data=round_sum.numpy())
+                part = self._write_sum(entry.round_name(index), round_sum, entry.round_counts[index])
                 part.attrs["layer"] = entry.layer
         self.file.attrs["layers_done"] = layer + 1
         self.file.flush()
+
+    def _write_sum(self, name: str, total: torch.Tensor, count: int) -> h5py.Dataset:
+        """The raw float64 sum, or in float32 the normalised covariance (a sum's large values would cost it
+        digits there), packed."""
+        if self.storage_dtype == "float64":
+            return write_packed(self.file, name, total, np.float64)
+        return write_packed(self.file, name, total / max(count, 1), np.float32)
 
     def finish(self) -> Path:
         """Mark complete and rename into place (atomic on one file system)."""
@@ -290,6 +314,8 @@ class CovarianceStore:
             self.fingerprint = str(attrs["model_fingerprint"])
             self.calibration = json.loads(attrs["calibration"])
             self.below_damping_level = float(attrs["below_damping_level"]) if "below_damping_level" in attrs else None
+            self.packed = int(attrs["format_version"]) >= 3
+            self.normalised = self.packed and self.calibration.get("store_dtype", "float64") == "float32"
             self.entries: dict[str, CovarianceEntry] = {}
             for name in self.file:
                 if ROUND_SEPARATOR in name:
@@ -339,7 +365,8 @@ class CovarianceStore:
 
     def dimension(self, linear: str) -> int:
         """Width of the input ``linear`` reads, from the dataset's shape (no data read)."""
-        return int(self.file[self._entry(linear).name].shape[0])
+        length = int(self.file[self._entry(linear).name].shape[0])
+        return packed_width(length) or 0 if self.packed else length
 
     def _entry(self, linear: str) -> CovarianceEntry:
         entry = self.by_linear.get(linear)
@@ -357,14 +384,18 @@ class CovarianceStore:
             if not 0 <= round_index < len(entry.round_counts):
                 raise StoreError(f"{self.path}: {entry.name} has no sampling round {round_index}")
             name, count = entry.round_name(round_index), entry.round_counts[round_index]
-        try:
-            data = torch.from_numpy(np.asarray(self.file[name][()], dtype=np.float64))
-        except (OSError, KeyError, ValueError, RuntimeError) as exc:
-            raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from exc
         if count <= 0:
             raise StoreError(f"{self.path}: covariance {name} saw no tokens")
-        _check_covariance(data, f"{self.path}: covariance {name}")
-        return data.div_(count)
+        try:
+            dataset = self.file[name]
+            if self.packed:
+                data = read_packed(dataset, packed_width(dataset.shape[0]) or 0)
+            else:
+                data = torch.from_numpy(np.asarray(dataset[()], dtype=np.float64))
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise StoreError(f"{self.path}: cannot read covariance {name} ({exc})") from exc
+        _check_covariance(data, f"{self.path}: covariance {name}", symmetric=self.packed)
+        return data if self.normalised else data.div_(count)
 
     def close(self) -> None:
         self.file.close()

@@ -43,6 +43,10 @@ calibration_options = grouped(
                       "knowledge sets nq_open and triviaqa, their questions alone; off otherwise]."),
     click.option("--rounds", default=1, show_default=True,
                  help="Also store the covariance of each of N disjoint sampling rounds (CorDA++ candidates)."),
+    click.option("--store-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+                 help="How the store keeps each covariance (its upper triangle only): float64 raw sums, or the "
+                      "normalised covariance in float32 at half the disk (what it changes in the adapters: "
+                      "docs/concepts.md)."),
 )  # fmt: skip
 
 damping_option = click.option(

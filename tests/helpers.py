@@ -121,3 +121,17 @@ def cli_error(*args) -> str:
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.output and not result.stdout.strip()
     return errors[0]
+
+
+def as_format_2(store: Path, out: Path) -> Path:
+    """A copy of a packed float64 store in format 2 (each covariance a full square), as earlier versions wrote."""
+    from calib.packing import packed_width, read_packed
+
+    with h5py.File(store, "r") as packed, h5py.File(out, "w") as square:
+        square.attrs.update(dict(packed.attrs))
+        square.attrs["format_version"] = 2
+        for name in packed:
+            source = packed[name]
+            square.create_dataset(name, data=read_packed(source, packed_width(source.shape[0])).numpy())
+            square[name].attrs.update(dict(source.attrs))
+    return out

@@ -94,7 +94,7 @@ def _integers(handle, name, data):
 
 
 def _big_chunks(handle, name, data):
-    handle.create_dataset(name, data=data, chunks=(4096, 4096), maxshape=(None, None))
+    handle.create_dataset(name, data=data, chunks=(1 << 20,) * data.ndim, maxshape=(None,) * data.ndim)
 
 
 CRAFTED = {

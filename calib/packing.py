@@ -1,0 +1,68 @@
+"""Symmetric matrices stored once: the upper triangle, row after row, in a 1-D dataset.
+
+A covariance sum is exactly symmetric (its lower triangle is the mirror of the upper, see
+``numerics.mirror_tiles``), so the packed form loses nothing and holds n(n+1)/2 numbers instead of n².
+Rows are written and read a segment of about SEGMENT_ELEMENTS at a time, so no temporary approaches the
+matrix's size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+SEGMENT_ELEMENTS = 1 << 22  # 32 MB of float64 read or written at a time
+MIRROR_TILE = 512  # the lower triangle is filled from the upper this many rows at a time
+
+
+def packed_length(width: int) -> int:
+    return width * (width + 1) // 2
+
+
+def packed_width(length: int) -> int | None:
+    """The width n with n(n+1)/2 == length, or None where ``length`` is no triangular number."""
+    width = (math.isqrt(8 * length + 1) - 1) // 2
+    return width if packed_length(width) == length else None
+
+
+def _segments(width: int) -> Iterator[tuple[int, int, int, int]]:
+    """(first row, end row, start, stop) of consecutive row spans in the packed order."""
+    row, start = 0, 0
+    while row < width:
+        end, stop = row, start
+        while end < width and (end == row or stop - start + width - end <= SEGMENT_ELEMENTS):
+            stop += width - end
+            end += 1
+        yield row, end, start, stop
+        row, start = end, stop
+
+
+def write_packed(group: h5py.Group, name: str, matrix: torch.Tensor, dtype: np.dtype) -> h5py.Dataset:
+    """``matrix``'s upper triangle as the 1-D dataset ``name`` of ``dtype``."""
+    width = matrix.shape[0]
+    dataset = group.create_dataset(name, shape=(packed_length(width),), dtype=dtype)
+    for row, end, start, stop in _segments(width):
+        tails = [matrix[i, i:].numpy() for i in range(row, end)]
+        dataset[start:stop] = np.concatenate(tails).astype(dtype, copy=False)
+    return dataset
+
+
+def read_packed(dataset: h5py.Dataset, width: int) -> torch.Tensor:
+    """The full symmetric float64 matrix a packed dataset holds."""
+    full = torch.empty(width, width, dtype=torch.float64)
+    for row, end, start, stop in _segments(width):
+        segment = torch.from_numpy(np.asarray(dataset[start:stop], dtype=np.float64))
+        offset = 0
+        for i in range(row, end):
+            full[i, i:] = segment[offset : offset + width - i]
+            offset += width - i
+    for start in range(0, width, MIRROR_TILE):
+        end = min(start + MIRROR_TILE, width)
+        block = full[start:end, start:end]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+        full[end:, start:end] = full[start:end, end:].T
+    return full
