@@ -41,7 +41,7 @@ def _segments(width: int) -> Iterator[tuple[int, int, int, int]]:
         row, start = end, stop
 
 
-def write_packed(group: h5py.Group, name: str, matrix: torch.Tensor, dtype: np.dtype) -> h5py.Dataset:
+def write_packed(group: h5py.Group, name: str, matrix: torch.Tensor, dtype: type[np.floating]) -> h5py.Dataset:
     """``matrix``'s upper triangle as the 1-D dataset ``name`` of ``dtype``."""
     width = matrix.shape[0]
     dataset = group.create_dataset(name, shape=(packed_length(width),), dtype=dtype)
