@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.models import resolve_model
 from corda_surgery.surgery import SurgeryOptions, calibrate, decompose_checkpoint
 

@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from calib.data import CalibrationSpec
-from calib.packing import packed_length
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.packing import packed_length
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.view import ModelView, is_linear
 from corda_surgery.numerics import symmetric_tiles

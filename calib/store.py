@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 import torch
 
-from calib.packing import packed_width, read_packed, write_packed
 from corda_surgery import __version__
+from corda_surgery.calib.packing import packed_width, read_packed, write_packed
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
 

@@ -4,8 +4,8 @@ The model is a skeleton on the ``meta`` device (``corda_surgery.checkpoint.view`
 rotary tables) is materialised to record, for every calibration batch, the hidden states entering block 0
 and the arguments each block receives (its own masks and position embeddings: sliding-window and global
 layers differ); then each block in turn is loaded from the safetensors shards, run over all batches with
-pre-hooks on all its linears summing XᵀX over real tokens (``calib.accumulate``), handed to the sink
-(``calib.sink``: the store on rank 0), and freed.
+pre-hooks on all its linears summing XᵀX over real tokens (``corda_surgery.calib.accumulate``), handed to the sink
+(``corda_surgery.calib.sink``: the store on rank 0), and freed.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from calib.accumulate import Accumulator, InputGroups, expert_slices
-from calib.activations import Activations, rank_activation_budget
-from calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
-from calib.sink import CovarianceSink, rank_output
-from calib.store import CovarianceEntry, round_total
+from corda_surgery.calib.accumulate import Accumulator, InputGroups, expert_slices
+from corda_surgery.calib.activations import Activations, rank_activation_budget
+from corda_surgery.calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
+from corda_surgery.calib.sink import CovarianceSink, rank_output
+from corda_surgery.calib.store import CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
 from corda_surgery.checkpoint.view import REMOTE_CODE_REFUSED, ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from corda_surgery.export.onnx_export import EXPORT_INFO, ONNX_NAME, ExportError
 from corda_surgery.paths import resolved
-from export.onnx_export import EXPORT_INFO, ONNX_NAME, ExportError
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # What the session reads from onnx_export.json, and each field's type.

@@ -125,7 +125,7 @@ def cli_error(*args) -> str:
 
 def as_format_2(store: Path, out: Path) -> Path:
     """A copy of a packed float64 store in format 2 (each covariance a full square), as earlier versions wrote."""
-    from calib.packing import packed_width, read_packed
+    from corda_surgery.calib.packing import packed_width, read_packed
 
     with h5py.File(store, "r") as packed, h5py.File(out, "w") as square:
         square.attrs.update(dict(packed.attrs))

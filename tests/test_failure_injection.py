@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.export.merge import merge_adapter
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
-from export.merge import merge_adapter
 from tests.helpers import cli_error
 from tests.models import save_tiny_model
 
@@ -75,26 +75,26 @@ COMMANDS: dict[str, Callable[[dict[str, Path], Path], list]] = {
 # (command, where the write fails, the n-th call that fails, a text the call's arguments must contain)
 POINTS: dict[str, tuple[str, str, int, str]] = {
     "calibrate: store created": ("calibrate", "h5py.File", 1, ""),
-    "calibrate: second layer written": ("calibrate", "calib.store.StoreWriter._write_layer", 2, ""),
-    "calibrate: hidden states spilled": ("calibrate", "calib.activations.Activations._spill", 3, ""),
+    "calibrate: second layer written": ("calibrate", "corda_surgery.calib.store.StoreWriter._write_layer", 2, ""),
+    "calibrate: hidden states spilled": ("calibrate", "corda_surgery.calib.activations.Activations._spill", 3, ""),
     "calibrate: final rename": ("calibrate", "os.replace", 1, "c.h5'"),
     "decompose: first shard": ("decompose", "corda_surgery.checkpoint.writer._stream_tensors", 1, ""),
     "decompose: a later shard": ("decompose", "corda_surgery.checkpoint.writer._stream_tensors", 3, ""),
     "decompose: tokenizer files": ("decompose", "shutil.copy2", 2, ""),
-    "decompose: adapter": ("decompose", "export.peft_adapter.save_file", 1, ""),
+    "decompose: adapter": ("decompose", "corda_surgery.export.peft_adapter.save_file", 1, ""),
     "decompose: report": ("decompose", "pathlib.Path.write_text", 1, "/surgery.json"),
     "decompose: adapter provenance": ("decompose", "pathlib.Path.write_text", 1, "corda_surgery.json"),
     "decompose: final rename": ("decompose", "os.replace", 1, "out'"),
-    "convert: second layer written": ("convert", "calib.store.StoreWriter._write_layer", 2, ""),
+    "convert: second layer written": ("convert", "corda_surgery.calib.store.StoreWriter._write_layer", 2, ""),
     "convert: first shard": ("convert", "corda_surgery.checkpoint.writer._stream_tensors", 1, ""),
     "convert: store bundled": ("convert", "corda_surgery.surgery.writer._link_or_copy", 1, ""),
     "convert: final rename": ("convert", "os.replace", 1, "out'"),
     "merge: first shard": ("merge", "corda_surgery.checkpoint.writer._stream_tensors", 1, ""),
     "merge: tokenizer files": ("merge", "shutil.copy2", 1, ""),
     "merge: final rename": ("merge", "os.replace", 1, "out'"),
-    "to-lora: adapter weights": ("to-lora", "export.peft_adapter.save_file", 1, ""),
+    "to-lora: adapter weights": ("to-lora", "corda_surgery.export.peft_adapter.save_file", 1, ""),
     "to-lora: final rename": ("to-lora", "os.replace", 1, "out'"),
-    "export-onnx: graph": ("export-onnx", "export.onnx_export._export_torchscript", 1, ""),
+    "export-onnx: graph": ("export-onnx", "corda_surgery.export.onnx_export._export_torchscript", 1, ""),
     "export-onnx: tokenizer files": ("export-onnx", "shutil.copy2", 1, ""),
     "inspect: second plot": ("inspect", "matplotlib.figure.Figure.savefig", 2, ""),
 }
@@ -143,7 +143,7 @@ def test_a_full_disk_at_each_write_point_leaves_nothing(point, world, tmp_path, 
 
 
 def _resolve(dotted: str):
-    """The module or class a dotted name ends in (``calib.store.StoreWriter``, ``os``)."""
+    """The module or class a dotted name ends in (``corda_surgery.calib.store.StoreWriter``, ``os``)."""
     import importlib
 
     parts = dotted.split(".")

@@ -20,14 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore, StoreError, check_contained
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore, StoreError, check_contained
 from corda_surgery.checkpoint.reader import read_safetensors_header
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.export.peft_adapter import read_adapter
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
-from export.peft_adapter import read_adapter
 from tests.models import save_tiny_model
 
 SPEC = CalibrationSpec("gsm8k", samples=4, seq_len=16, batch_size=4)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("corda_surgery", "calib", "export")
+# Import name → folder: calib/ and export/ are corda_surgery.calib and corda_surgery.export (linked into it).
+FOLDERS = {"corda_surgery": "corda_surgery", "corda_surgery.calib": "calib", "corda_surgery.export": "export"}
 
 # (module prefix, layer, group): the longest matching prefix decides. Same layer, other group: forbidden.
 LAYERS = [
@@ -24,11 +25,11 @@ LAYERS = [
     ("corda_surgery.memory", 0, "ground"),
     ("corda_surgery.models", 0, "ground"),
     ("corda_surgery.checkpoint", 1, "checkpoint"),
-    ("export.peft_adapter", 1, "checkpoint"),  # the adapter's file format, beside the checkpoint's
-    ("calib", 2, "calibration"),
+    ("corda_surgery.export.peft_adapter", 1, "checkpoint"),  # the adapter's file format, beside the checkpoint's
+    ("corda_surgery.calib", 2, "calibration"),
     ("corda_surgery.decomposition", 2, "decomposition"),
     ("corda_surgery.surgery", 3, "surgery"),
-    ("export", 4, "adapters"),
+    ("corda_surgery.export", 4, "adapters"),
     ("corda_surgery.cli", 5, "cli"),
     ("corda_surgery.cli_options", 5, "cli"),
     ("corda_surgery.cli_errors", 5, "cli"),
@@ -48,10 +49,12 @@ def _place(module: str) -> tuple[int, str]:
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    for package, folder in FOLDERS.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            if (REPO / folder / parts[0]).is_symlink():
+                continue  # a linked folder: walked under its own name
+            name = ".".join((package, *parts[:-1]) if parts[-1] == "__init__" else (package, *parts))
             found[name] = path
     return found
 
@@ -68,7 +71,7 @@ def _imports(path: Path, module: str) -> set[str]:
             base = node.module or ""
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known)
-    return {name for name in names if name.split(".")[0] in PACKAGES}
+    return {name for name in names if name.split(".")[0] == "corda_surgery"}
 
 
 MODULES = _modules()

@@ -126,7 +126,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny_llama, tmp_path, 
     else:
         call = f"convert_checkpoint({str(tiny_llama)!r}, OUT, {spec}, {OPTIONS}, progress=False"
     body = (
-        "from calib.data import CalibrationSpec\n"
+        "from corda_surgery.calib.data import CalibrationSpec\n"
         "from corda_surgery.surgery import SurgeryOptions, convert_checkpoint, decompose_checkpoint\n"
     )
     whole = subprocess.run(

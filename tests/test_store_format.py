@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from calib.data import CalibrationSpec
-from calib.packing import packed_width, read_packed, write_packed
-from calib.store import CovarianceStore, StoreError, partial_path
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.packing import packed_width, read_packed, write_packed
+from corda_surgery.calib.store import CovarianceStore, StoreError, partial_path
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
@@ -28,7 +28,7 @@ def wide_model(tmp_path_factory):
 
 @pytest.mark.parametrize("width", [1, 2, 7, 300])
 def test_a_packed_triangle_unpacks_to_the_matrix(tmp_path, width, monkeypatch):
-    import calib.packing as packing
+    import corda_surgery.calib.packing as packing
 
     monkeypatch.setattr(packing, "SEGMENT_ELEMENTS", 50)  # several segments, rows split across none
     monkeypatch.setattr(packing, "MIRROR_TILE", 16)

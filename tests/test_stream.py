@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from calib.accumulate import Accumulator
-from calib.data import CalibrationSpec, token_batches
-from calib.store import CovarianceStore, partial_path
-from calib.stream import calibrate
 from corda_surgery import numerics
+from corda_surgery.calib.accumulate import Accumulator
+from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.store import CovarianceStore, partial_path
+from corda_surgery.calib.stream import calibrate
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
 from corda_surgery.surgery.calibration import calibrate as calibrate_command

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.export.to_lora import convert_to_lora
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
 from corda_surgery.surgery.targets import TargetError
-from export.to_lora import convert_to_lora
 from tests.helpers import PROMPTS, logits, tensors
 
 peft = pytest.importorskip("peft", reason="peft is a test extra")
@@ -53,7 +53,7 @@ def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_pat
 
 def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path, monkeypatch):
     """q/k/v and gate/up share their damped covariance and its factor: one store read per input."""
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
 
     reads: list[str] = []
     original = CovarianceStore.covariance
@@ -74,7 +74,7 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
     independently); surgery.json carries them, and KPM names the layers where they reach the rank."""
     import numpy as np
 
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
 
     store = calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2), tmp_path / "few.h5",
                       progress=False)  # fmt: skip

@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore, StoreError
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore, StoreError
 from corda_surgery.cli import main
 from corda_surgery.surgery.calibration import calibrate
 from tests.helpers import cli_error, run_cli, tree_hashes
@@ -199,13 +199,13 @@ def test_a_partial_surgery_says_so_in_its_summary(inputs, tmp_path):
 
 @pytest.mark.parametrize("command", ["calibrate", "convert"])
 def test_whitespace_only_text_is_refused_before_any_forward(command, inputs, tmp_path, monkeypatch):
-    import calib.stream
+    import corda_surgery.calib.stream
 
     model, _ = inputs
     data = tmp_path / "blank.txt"
     data.write_text("  \n\t\n   \n" * 100)
     forwards: list[int] = []
-    monkeypatch.setattr(calib.stream, "stream_covariances", lambda *args, **kwargs: forwards.append(1))
+    monkeypatch.setattr(corda_surgery.calib.stream, "stream_covariances", lambda *args, **kwargs: forwards.append(1))
     message = cli_error(command, model, "--data", data, "--out", tmp_path / "out")
     assert "blank.txt" in message and "only whitespace" in message
     assert forwards == [] and sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
@@ -387,10 +387,10 @@ def test_a_tokenizer_asking_for_its_own_code_never_runs_it(inputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def onnx_folder(inputs, tmp_path_factory) -> Path:
+    from corda_surgery.export.merge import merge_adapter
+    from corda_surgery.export.onnx_export import export_onnx
     from corda_surgery.surgery.options import SurgeryOptions
     from corda_surgery.surgery.run import decompose_checkpoint
-    from export.merge import merge_adapter
-    from export.onnx_export import export_onnx
 
     model, store = inputs
     root = tmp_path_factory.mktemp("onnx")

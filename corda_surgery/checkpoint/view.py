@@ -6,8 +6,8 @@ multimodal checkpoint, the language model's); stored keys map to module tensors 
 conversion mapping (renamed layouts, experts stored one by one but fused in the module); the linears are
 the ``nn.Linear`` (and GPT-2 ``Conv1D``)
 modules inside each block; which linears read the same tensor is observed while calibrating (see
-``calib.stream``). Mixture-of-experts layers whose experts are fused 3-D parameters have no linear per
-expert: each expert's slice is treated as one (``calib.experts``), and results computed for a fused
+``corda_surgery.calib.stream``). Mixture-of-experts layers whose experts are fused 3-D parameters have no linear per
+expert: each expert's slice is treated as one (``corda_surgery.checkpoint.experts``), and results computed for a fused
 parameter are written back as the stored tensors it was fused from (transformers' reverse conversion).
 """
 

@@ -1,6 +1,6 @@
-"""The ``calibrate`` command's run: the calibration engine (``calib.stream``) with the memory plan printed and
-checked before any work, and the decomposition's diagnostic (covariance eigenvalues below the default damping
-level) recorded in the store, since calibration itself does no linear algebra."""
+"""The ``calibrate`` command's run: the calibration engine (``corda_surgery.calib.stream``) with the memory plan
+printed and checked before any work, and the decomposition's diagnostic (covariance eigenvalues below the
+default damping level) recorded in the store, since calibration itself does no linear algebra."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from calib.activations import rank_activation_budget
-from calib.data import CalibrationSpec
-from calib.stream import BelowDamping
-from calib.stream import calibrate as collect_covariances
+from corda_surgery.calib.activations import rank_activation_budget
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.stream import BelowDamping
+from corda_surgery.calib.stream import calibrate as collect_covariances
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, eigenvalues_below_damping

@@ -2,7 +2,7 @@
 
 A run that cannot fit refuses up front with the arithmetic instead of failing hours in. Each phase owns its
 estimate of what the code holds at its peaks (``bench/big_layer.py`` compares them with measured peaks):
-capture and calibration in ``calib.memory``, the decomposition of one weight in
+capture and calibration in ``corda_surgery.calib.memory``, the decomposition of one weight in
 ``corda_surgery.decomposition.memory``; this plan adds them up, with what surgery itself holds (while the
 experts of a fused-experts module are decomposed, its fused weight and residual, split into the stored
 tensors, are held whole) and the output's size on disk.
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calib.data import CalibrationSpec
-from calib.memory import calibration_disk, calibration_memory, capture_memory, shared_width
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.memory import calibration_disk, calibration_memory, capture_memory, shared_width
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decomposition.memory import decomposition_memory

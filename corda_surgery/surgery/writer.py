@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from calib.store import CovarianceStore
 from corda_surgery import __version__
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.kinds import Mode
+from corda_surgery.export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import (
     ADAPTER_DIR,
@@ -31,7 +32,6 @@ from corda_surgery.surgery.report import (
 )
 from corda_surgery.surgery.targets import Target, TargetPlan
 from corda_surgery.surgery.work import WorkSource
-from export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 
 log = logging.getLogger(__name__)
 
