@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from calib.store import CovarianceEntry, CovarianceStore, StoreWriter
+from calib.store import CountedLevel, CovarianceEntry, CovarianceStore, StoreWriter
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
@@ -47,7 +47,7 @@ class RankOutput(Protocol):
         ...
 
     def sink(
-        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink: ...
 
 
@@ -67,7 +67,7 @@ class _Writer:
             yield path
 
     def sink(
-        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink:
         writer = StoreWriter(
             out,
@@ -75,7 +75,7 @@ class _Writer:
             calibration=calibration,
             num_layers=view.num_blocks,
             resume=resume,
-            below_damping_level=below_damping_level,
+            counted=counted,
         )
         return _Store(writer)
 
@@ -107,7 +107,7 @@ class _OtherRank:
         return contextlib.nullcontext(Path(out).resolve())
 
     def sink(
-        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink:
         return _Discard()
 

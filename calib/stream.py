@@ -26,7 +26,7 @@ from calib.accumulate import Accumulator, InputGroups, expert_slices
 from calib.activations import Activations, rank_activation_budget
 from calib.data import CalibrationSpec, TokenBatch, token_batches
 from calib.sink import CovarianceSink, rank_output
-from calib.store import CovarianceEntry, round_total
+from calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
 from corda_surgery.checkpoint.view import ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
@@ -53,12 +53,16 @@ class CalibrationError(CordaSurgeryError):
 
 @dataclass(frozen=True)
 class BelowDamping:
-    """How each input's covariance eigenvalues below ``level``·mean(diag C) are counted (``count`` of a sum:
-    None where not counted); the decomposition owns that arithmetic, so calibration is handed it, and the
-    store records the level with the counts. Experts' slices are never counted: hundreds per layer."""
+    """How each input's covariance eigenvalues below the damping level (λ = ``level`` under the damping
+    ``rule``, named) are counted (``count`` of a sum: None where not counted); the decomposition owns that
+    arithmetic, so calibration is handed it, and the store records the rule and level with the counts. Each
+    input is counted on its whole sum and, midway through the block's batches, on the first half's (on rank 0,
+    its own half under torch.distributed), so that a later reader can tell whether more tokens move the count.
+    Experts' slices are never counted: hundreds per layer."""
 
     level: float
     count: Callable[[torch.Tensor], int | None]
+    rule: str = LEGACY_COUNT_RULE
 
 
 class _StopForward(Exception):
@@ -132,12 +136,16 @@ def stream_covariances(
     mine = ranks.share(len(batches))
     arguments = capture_block_inputs(view, [batches[b] for b in mine], hidden)
     masks = [batches[b].attention_mask.bool().to(view.device) for b in mine]
+    halfway = len(mine) // 2 if below_damping is not None and ranks.writer else 0  # the batch counted before
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
         groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device))
         handles = _hook(view, index, block, groups) if index >= layers_done else []
+        halves: dict[str, tuple[int | None, int]] = {}
         try:
             for b in tqdm(range(len(mine)), desc=f"block {index}", leave=False, disable=not progress):
+                if b == halfway > 0 and handles and below_damping is not None:
+                    halves = _count_so_far(groups, view.experts[index], below_damping)
                 groups.start_batch(masks[b], mine[b] * rounds // len(batches))
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
@@ -149,7 +157,7 @@ def stream_covariances(
             view.free_block(index)
         if handles:
             _reduce_over_ranks(groups, ranks, view.block_name(index))
-            sink.write_layer(index, _entries(groups, view, index, rounds, below_damping))
+            sink.write_layer(index, _entries(groups, view, index, rounds, below_damping, halves))
 
 
 def _hook(view: ModelView, index: int, block: nn.Module, groups: InputGroups) -> list:
@@ -185,11 +193,29 @@ def _reduce_over_ranks(groups: InputGroups, ranks: Ranks, prefix: str) -> None:
         accumulator.counts = counts.tolist()
 
 
+def _count_so_far(groups: InputGroups, experts: dict, below_damping: BelowDamping) -> dict[str, tuple[int | None, int]]:
+    """Per input seen so far (experts' slices aside): its count below the damping on the batches added so far,
+    and the count those sums are divided by."""
+    uncounted = expert_slices(experts)
+    counted: dict[str, tuple[int | None, int]] = {}
+    for leader, accumulator in groups.accumulators.items():
+        seen = sum(accumulator.counts)
+        if leader not in uncounted and seen > 0:
+            counted[leader] = (below_damping.count(accumulator.so_far()), seen)
+    return counted
+
+
 def _entries(
-    groups: InputGroups, view: ModelView, index: int, rounds: int, below_damping: BelowDamping | None
+    groups: InputGroups,
+    view: ModelView,
+    index: int,
+    rounds: int,
+    below_damping: BelowDamping | None,
+    halves: dict[str, tuple[int | None, int]],
 ) -> Iterator[tuple[CovarianceEntry, list[torch.Tensor]]]:
-    """Block ``index``'s inputs with their sums (one per round), made when the sink first asks for them (a
-    discarding sink never does) and all checked before the first is handed over."""
+    """Block ``index``'s inputs with their sums (one per round) and counts (``halves``: those midway), made when
+    the sink first asks for them (a discarding sink never does) and all checked before the first is handed
+    over."""
     prefix = view.block_name(index)
     unseen = [name for name in view.linears[index] if name not in groups.leader_of]
     if unseen:
@@ -204,6 +230,7 @@ def _entries(
         below = None
         if below_damping is not None and leader not in uncounted:
             below = below_damping.count(round_total(sums))
+        below_half, half_count = halves.get(leader, (None, None)) if below is not None else (None, None)
         entry = CovarianceEntry(
             name=name,
             layer=index,
@@ -211,6 +238,8 @@ def _entries(
             count=sum(accumulator.counts),
             round_counts=tuple(accumulator.counts) if rounds > 1 else (),
             below_damping=below,
+            below_damping_half=below_half,
+            half_count=half_count if below_half is not None else None,
         )
         entries.append((entry, sums))
     yield from entries
@@ -255,8 +284,8 @@ def calibrate(
         if before_work is not None:
             before_work(view, out)
         batches, description = _token_batches(view, spec, model_dir, progress)
-        level = below_damping.level if below_damping is not None else None
-        sink = output.sink(out, view, description, resume=resume, below_damping_level=level)
+        counted = CountedLevel(below_damping.rule, below_damping.level) if below_damping is not None else None
+        sink = output.sink(out, view, description, resume=resume, counted=counted)
         done = broadcast_object(sink.layers_done, ranks, "agreeing on the layers already stored")
         hidden = Activations(budget, out.parent, f".{out.name}{STAGING_MARK}activations-", view.device)
         try:

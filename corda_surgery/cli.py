@@ -327,6 +327,14 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
         sys.exit(1)
 
 
+def _damping_columns(diagnosis: dict, rank: int) -> str:
+    """inspect's damping columns: the counts, and the limit ("?" where they reach the rank, unclassified)."""
+    below = diagnosis.get("covariance_eigenvalues_below_damping")
+    half = diagnosis.get("covariance_eigenvalues_below_damping_half")
+    limit = diagnosis.get("damping_limit") or ("?" if below is not None and below >= rank else "-")
+    return f"{'-' if below is None else below:>7} {'-' if half is None else half:>7} {limit:>8}"
+
+
 @main.command()
 @click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--model", "model_dir", default=None, help="The model the stores were calibrated on [default: embedded].")
@@ -353,15 +361,18 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     rows, spectra = inspect_stores(model, list(stores), options, compute)
     rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
+    # below λ: covariance eigenvalues under the damping level (at half the tokens); limit: what limits the
+    # directions of an adapter where they reach its rank (sample: more tokens help; spectrum: the damping decides).
     click.echo(
         f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
-        f"{'uniform r=' + str(rank):>12}"
+        f"{'uniform r=' + str(rank):>12} {'below λ':>7} {'at half':>7} {'limit':>8}"
     )
     for row in rows:
         round_label = "-" if row["round"] is None else str(row["round"])
         click.echo(
             f"{row['layer']:<44} {row['rank']:>4} {row['store']:>5} {round_label:>5} "
-            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} {row['compactness_at_base_rank']:>12.6f}"
+            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} {row['compactness_at_base_rank']:>12.6f} "
+            + _damping_columns(row["damping"], row["rank"])
         )
     mean = sum(r["compactness"] for r in rows) / len(rows)
     mean_base = sum(r["compactness_at_base_rank"] for r in rows) / len(rows)

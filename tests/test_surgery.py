@@ -71,7 +71,8 @@ def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path
 
 def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp_path, caplog):
     """Each stored input records how many covariance eigenvalues lie below the damping level (counted here
-    independently); surgery.json carries them, and KPM names the layers where they reach the rank."""
+    independently); surgery.json carries them, and KPM names the layers where they reach the rank: here fewer
+    tokens than the inputs are wide, so the sample limits them and the advice is more tokens."""
     import numpy as np
 
     from calib.store import CovarianceStore
@@ -89,7 +90,32 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
                                    progress=False)  # fmt: skip
     layers = json.loads((out / "surgery.json").read_text())["layers"]
     assert all(layer["covariance_eigenvalues_below_damping"] >= 8 for layer in layers.values())
+    assert {layer["damping_limit"] for layer in layers.values()} == {"sample"}
     assert f"{len(layers)} of {len(layers)} KPM targets" in caplog.text and "chosen by the damping" in caplog.text
+    assert "limited by the sample" in caplog.text and "calibrate on more tokens" in caplog.text
+    assert "spectrum" not in caplog.text
+
+
+def test_a_massive_input_dimension_is_diagnosed_as_the_spectrum(tiny_llama, tmp_path, caplog):
+    """Two of layer 0's normalised input dimensions scaled 300× (a model's massive activations): its q/k/v input
+    keeps its other directions below 0.01·mean(diag C) at half the tokens as at all of them, so the diagnosis
+    names the spectrum and the damping as the remedy, not more tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[:2] *= 300
+    model.save_pretrained(tmp_path / "massive")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "massive")
+    store = calibrate(tmp_path / "massive", SPEC, tmp_path / "massive.h5", progress=False)
+    with caplog.at_level("WARNING"):
+        out = decompose_checkpoint(tmp_path / "massive", tmp_path / "out", SurgeryOptions(rank=8), stores=[store],
+                                   progress=False)  # fmt: skip
+    layers = json.loads((out / "surgery.json").read_text())["layers"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = layers[f"model.layers.0.self_attn.{name}"]
+        assert layer["half_tokens"] < SPEC.samples * SPEC.seq_len, name
+        assert layer["covariance_eigenvalues_below_damping_half"] >= layer["covariance_eigenvalues_below_damping"] >= 8
+        assert layer["damping_limit"] == "spectrum", name
+    assert "limited by the spectrum" in caplog.text and "--damping" in caplog.text
 
 
 def test_balanced_factors_keep_the_handoff_and_even_out_the_norms(tiny_llama, stores, tmp_path):

@@ -23,7 +23,16 @@ STORE_NAME = "covariances.h5"  # where `convert` keeps its store, inside the out
 
 # A decomposed target's fields, always written (store and round may be null); the rest only when known.
 _DECOMPOSED = ("damping", "adapter_energy", "solver", "store", "round")
-_OPTIONAL = ("covariance_eigenvalues_below_damping", "tokens", "covariance", "candidate_compactness", "compactness")
+_OPTIONAL = (
+    "covariance_eigenvalues_below_damping",
+    "covariance_eigenvalues_below_damping_half",
+    "half_tokens",
+    "damping_limit",
+    "tokens",
+    "covariance",
+    "candidate_compactness",
+    "compactness",
+)
 
 
 class ReportError(CordaSurgeryError):
@@ -41,6 +50,9 @@ class LayerRecord:
     store: int | None = None
     round: int | None = None
     covariance_eigenvalues_below_damping: int | None = None
+    covariance_eigenvalues_below_damping_half: int | None = None  # the same count on part of the tokens …
+    half_tokens: int | None = None  # … this many
+    damping_limit: str | None = None  # where the count reaches the rank: "sample" or "spectrum" (DampingLimit)
     tokens: int | None = None  # an expert's routed tokens
     covariance: str | None = None  # why an expert went without one
     candidate_compactness: list[float] | None = None  # CorDA++: every candidate's, at the base rank

@@ -19,6 +19,7 @@ from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
+from corda_surgery.decomposition.diagnostics import DampingLimit
 from corda_surgery.decomposition.kinds import Mode
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
@@ -160,26 +161,47 @@ def _fused_residual(
     return fused, records
 
 
+# What a user can do about KPM targets whose adapter directions the damping chooses, by what limits them.
+_DAMPING_ADVICE = {
+    DampingLimit.SAMPLE: "more tokens would lift enough of them above it (limited by the sample): calibrate on "
+    "more tokens (--samples, --seq-len)",
+    DampingLimit.SPECTRUM: "more tokens barely move the count (limited by the spectrum: a few large input "
+    "dimensions put the level above most of it), so more calibration text will not help: {remedy}",
+    None: "whether more tokens would help is unknown: the store has no count on part of its tokens (calibrated "
+    "in one batch, or by an older corda-surgery)",
+}
+
+
+def _spectrum_remedy(options: SurgeryOptions) -> str:
+    return "lower --damping"
+
+
 def _warn_damping_decided(
     layers: Mapping[str, LayerRecord | ExpertsRecord], options: SurgeryOptions, total: int
 ) -> None:
-    """KPM targets whose r smallest covariance directions all lie below the damping level."""
+    """KPM targets whose r smallest covariance directions all lie below the damping level: one warning for each
+    limit (``DampingLimit``), with the advice that fits it."""
     if options.mode is not Mode.KPM:
         return
-    decided = [
-        name
-        for name, record in layers.items()
-        if isinstance(record, LayerRecord)
-        and record.covariance_eigenvalues_below_damping is not None
-        and record.covariance_eigenvalues_below_damping >= record.rank
-    ]
-    if decided:
+    decided: dict[DampingLimit | None, list[tuple[str, LayerRecord]]] = {}
+    for name, record in layers.items():
+        below = record.covariance_eigenvalues_below_damping if isinstance(record, LayerRecord) else None
+        if isinstance(record, LayerRecord) and below is not None and below >= record.rank:
+            limit = DampingLimit(record.damping_limit) if record.damping_limit is not None else None
+            decided.setdefault(limit, []).append((name, record))
+    for limit, found in decided.items():
+        name, record = found[0]
+        half = record.covariance_eigenvalues_below_damping_half
+        example = f"{name}: {record.covariance_eigenvalues_below_damping} at rank {record.rank}" + (
+            f"; {half} on its first {record.half_tokens:,} tokens" if half is not None else ""
+        )
         log.warning(
-            "%d of %d KPM targets (e.g. %s) have at least as many covariance eigenvalues below the damping level as "
-            "their rank: their adapter's directions are chosen by the damping, not the data; calibrate on more tokens",
-            len(decided),
+            "%d of %d KPM targets have at least as many covariance eigenvalues below the damping level as their rank "
+            "(e.g. %s): their adapter's directions are chosen by the damping, not the data; %s",
+            len(found),
             total,
-            decided[0],
+            example,
+            _DAMPING_ADVICE[limit].format(remedy=_spectrum_remedy(options)),
         )
 
 
