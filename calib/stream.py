@@ -56,13 +56,14 @@ class BelowDamping:
     """How each input's covariance eigenvalues below the damping level (λ = ``level`` under the damping
     ``rule``, named) are counted (``count`` of a sum: None where not counted); the decomposition owns that
     arithmetic, so calibration is handed it, and the store records the rule and level with the counts. Each
-    input is counted on its whole sum and, midway through the block's batches, on the first half's (on rank 0,
-    its own half under torch.distributed), so that a later reader can tell whether more tokens move the count.
-    Experts' slices are never counted: hundreds per layer."""
+    input is counted on its whole sum and, midway, on the sum over the first half of the batches (summed over
+    the ranks under torch.distributed), so that a later reader can tell whether more tokens move the count.
+    Inputs wider than ``max_width`` and experts' slices (hundreds per layer) are never counted."""
 
     level: float
     count: Callable[[torch.Tensor], int | None]
     rule: str = LEGACY_COUNT_RULE
+    max_width: int | None = None  # None: every width
 
 
 class _StopForward(Exception):
@@ -136,21 +137,26 @@ def stream_covariances(
     mine = ranks.share(len(batches))
     arguments = capture_block_inputs(view, [batches[b] for b in mine], hidden)
     masks = [batches[b].attention_mask.bool().to(view.device) for b in mine]
-    halfway = len(mine) // 2 if below_damping is not None and ranks.writer else 0  # the batch counted before
+    # this rank's first batch of the second half (len(mine): none), where the first half is counted
+    halfway = next((b for b, batch in enumerate(mine) if batch >= len(batches) // 2), len(mine))
+    halfway = halfway if below_damping is not None and len(batches) > 1 else -1
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
         groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device))
         handles = _hook(view, index, block, groups) if index >= layers_done else []
         halves: dict[str, tuple[int | None, int]] = {}
+        counting = below_damping if handles else None  # a block already stored is not counted again
         try:
             for b in tqdm(range(len(mine)), desc=f"block {index}", leave=False, disable=not progress):
-                if b == halfway > 0 and handles and below_damping is not None:
-                    halves = _count_so_far(groups, view.experts[index], below_damping)
+                if counting is not None and b == halfway:
+                    halves = _count_so_far(groups, view, index, counting, ranks)
                 groups.start_batch(masks[b], mine[b] * rounds // len(batches))
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
                 del out
+            if counting is not None and halfway == len(mine):  # all of this rank's batches were in the first half
+                halves = _count_so_far(groups, view, index, counting, ranks)
         finally:
             for handle in handles:
                 handle.remove()
@@ -193,16 +199,47 @@ def _reduce_over_ranks(groups: InputGroups, ranks: Ranks, prefix: str) -> None:
         accumulator.counts = counts.tolist()
 
 
-def _count_so_far(groups: InputGroups, experts: dict, below_damping: BelowDamping) -> dict[str, tuple[int | None, int]]:
-    """Per input seen so far (experts' slices aside): its count below the damping on the batches added so far,
-    and the count those sums are divided by."""
-    uncounted = expert_slices(experts)
+def _count_so_far(
+    groups: InputGroups, view: ModelView, index: int, below_damping: BelowDamping, ranks: Ranks
+) -> dict[str, tuple[int | None, int]]:
+    """Per counted input of block ``index``: its count below the damping on the sums so far and the count they
+    are divided by, on rank 0 (empty elsewhere). Under torch.distributed every rank calls this once per block,
+    at its own first batch of the second half, and the sums so far are added up over the ranks, one input at a
+    time (a rank whose share has no first-half batch adds zeros)."""
+    prefix, uncounted, limit = view.block_name(index), expert_slices(view.experts[index]), below_damping.max_width
+    widths = {
+        leader: accumulator.sums[0].shape[0]
+        for leader, accumulator in groups.accumulators.items()
+        if leader not in uncounted and (limit is None or accumulator.sums[0].shape[0] <= limit)
+    }
+    for seen_elsewhere in gather_objects(widths, ranks, f"{prefix}: gathering the inputs of the first half"):
+        widths.update(seen_elsewhere)
     counted: dict[str, tuple[int | None, int]] = {}
-    for leader, accumulator in groups.accumulators.items():
-        seen = sum(accumulator.counts)
-        if leader not in uncounted and seen > 0:
-            counted[leader] = (below_damping.count(accumulator.so_far()), seen)
+    for leader in sorted(widths):
+        total, seen = _sum_so_far(groups.accumulators.get(leader), widths[leader], view.device, ranks)
+        if ranks.writer and seen > 0:
+            counted[leader] = (below_damping.count(total), seen)
+        del total
     return counted
+
+
+def _sum_so_far(
+    accumulator: Accumulator | None, width: int, device: torch.device, ranks: Ranks
+) -> tuple[torch.Tensor, int]:
+    """An input's sum so far and its count, summed over the ranks (the accumulator's own sum, not a copy, for
+    one process and one round)."""
+    if accumulator is None:
+        total, seen = torch.zeros(width, width, dtype=torch.float64, device=device), 0
+    else:
+        total, seen = accumulator.so_far(), sum(accumulator.counts)
+    if ranks.world == 1:
+        return total, seen
+    if accumulator is not None and total is accumulator.sums[0]:
+        total = total.clone()  # the running sum goes on
+    counts = torch.tensor([seen], dtype=torch.int64, device=total.device)
+    all_reduce_sum(total, ranks, "summing the first half's covariances")
+    all_reduce_sum(counts, ranks, "summing the first half's token counts")
+    return total, int(counts)
 
 
 def _entries(

@@ -22,6 +22,7 @@ from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from corda_surgery.cli_options import (
     calibration_options,
     damping_option,
+    damping_rule_option,
     decomposition_options,
     device_option,
     dry_run_option,
@@ -131,14 +132,19 @@ def main(debug: bool, verbose: bool) -> None:
               help="HDF5 covariance store to write.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@damping_option
+@damping_rule_option
 @_fail_cleanly
-def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
+def calibrate(model_dir, out, resume, overwrite, dry_run, damping, damping_rule, **calibration):
     """Collect every linear layer's input covariance into an HDF5 store.
 
     Streams the model one decoder layer at a time (peak memory ≈ embedding + one layer +
     calibration activations). Linears that read the same input (q/k/v, gate/up) share one
-    covariance. An interrupted run resumes with --resume.
+    covariance. An interrupted run resumes with --resume. Each input's covariance eigenvalues
+    below the damping level (--damping, --damping-rule: give the decomposition's) are counted
+    into the store, on all tokens and on half, for the diagnosis `decompose` reports.
     """
+    from corda_surgery.decomposition.kinds import DampingRule
     from corda_surgery.surgery.calibration import calibrate as run_calibration
 
     spec, compute = _spec(calibration), _compute(calibration)
@@ -147,7 +153,10 @@ def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
         from corda_surgery.surgery.run import estimate_run
 
         return _show_plan(estimate_run(model, compute, out, spec=spec))
-    path = run_calibration(model, spec, out, compute=compute, resume=resume, overwrite=overwrite)
+    rule = DampingRule(damping_rule)
+    path = run_calibration(
+        model, spec, out, compute=compute, resume=resume, overwrite=overwrite, damping=damping, damping_rule=rule
+    )
     click.echo(f"covariances written to {path}")
 
 
@@ -345,6 +354,7 @@ def _damping_columns(diagnosis: dict, rank: int) -> str:
 @click.option("--max-rank", type=int, default=None)
 @click.option("--targets", default="all-linear", show_default=True)
 @damping_option
+@damping_rule_option
 @device_option
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write spectra.png and ranks.png into this folder (needs matplotlib).")  # fmt: skip

@@ -98,6 +98,13 @@ def test_inspect_shows_the_damping_diagnosis_per_layer(tiny_llama, tmp_path):
     assert len(rows) == 21 and all(int(row[-2]) > int(row[-3]) >= 4 for row in rows)
     # o_proj reads attention outputs, heads sharing their values: low-rank in structure, not for want of tokens
     assert all(row[-1] == "sample" for row in rows if not row[0].endswith("o_proj"))
+    median = tmp_path / "median.h5"  # counted at the median rule: inspected at it, or at no other
+    rule = ("--damping-rule", "median-diagonal")
+    assert run("calibrate", tiny_llama, *args[:-1], median, *rule).exit_code == 0
+    for extra, counted in (((), False), (rule, True)):
+        result = run("inspect", median, "--model", tiny_llama, "--mode", "kpm", "--rank", 4, *extra)
+        rows = [line.split() for line in result.output.splitlines() if line.startswith("model.")]
+        assert all((row[-3] != "-") == counted for row in rows), extra
 
 
 def test_errors_are_one_line_with_nonzero_exit(tiny_llama, tmp_path):

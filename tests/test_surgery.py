@@ -51,6 +51,49 @@ def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_pat
     assert len(report["layers"]) == {"llama": 7, "qwen2": 7, "gpt2": 4}[kind] * 3
 
 
+@pytest.mark.parametrize("rule", ["mean-diagonal", "median-diagonal"])
+@pytest.mark.parametrize("method", ["corda", "corda++"])
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_handoff_is_exact_under_every_damping_rule(rule, method, mode, tiny_llama, stores, tmp_path):
+    """Whatever λ multiplies, residual + s·B·A is the weight: the logits stay within 1e-4; surgery.json names
+    the rule, and per target its λ and (for a rule other than the default) the level in mean(diag C)'s units."""
+    budget = {"rank_budget": 8} if method == "corda++" else {}
+    options = SurgeryOptions(method=method, mode=mode, rank=8, damping_rule=rule, **budget)
+    out = decompose_checkpoint(tiny_llama, tmp_path / "out", options, stores=[stores["llama"]], progress=False)
+    assert _handoff_error(tiny_llama, out) <= 1e-4
+    report = json.loads((out / "surgery.json").read_text())
+    assert report["damping_rule"] == rule and report["damping"] == 0.01
+    for layer in report["layers"].values():
+        assert layer["damping"] >= 0.01
+        if rule == "mean-diagonal":
+            assert "damping_rule" not in layer and "damping_level" not in layer
+        else:
+            assert layer["damping_rule"] == rule and layer["damping_level"] > 0
+
+
+def test_convert_counts_at_its_own_damping_rule(tiny_llama, tmp_path, caplog):
+    """convert hands its rule and λ to the calibration, so the store's counts (and the diagnosis in
+    surgery.json) are at the level the surgery uses; the legacy λ·mean(diag C) attribute is left out."""
+    import h5py
+
+    from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
+    from corda_surgery.surgery.run import convert_checkpoint
+
+    options = SurgeryOptions(rank=8, damping_rule="median-diagonal")
+    out = convert_checkpoint(tiny_llama, tmp_path / "out", SPEC, options, progress=False)
+    with h5py.File(out / "covariances.h5") as handle:
+        assert json.loads(handle.attrs["damping_counted"]) == {"rule": "median-diagonal", "damping": 0.01}
+        assert "below_damping_level" not in handle.attrs
+    report = json.loads((out / "surgery.json").read_text())
+    assert report["covariance_stores"][0]["eigenvalues_below_damping_rule"] == "median-diagonal"
+    from calib.store import CovarianceStore
+
+    with CovarianceStore(out / "covariances.h5") as store:
+        for name, layer in report["layers"].items():
+            count = eigenvalues_below_damping(store.covariance(name), 0.01, "median-diagonal")
+            assert layer["covariance_eigenvalues_below_damping"] == count, name
+
+
 def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path, monkeypatch):
     """q/k/v and gate/up share their damped covariance and its factor: one store read per input."""
     from calib.store import CovarianceStore

@@ -8,7 +8,7 @@ from enum import Enum
 
 import torch
 
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_RULE, DampingRule, damping_scale
 
 # Widest covariance whose eigenvalues below the damping level are counted: one float64 factorisation each, so
 # a calibration counts its inputs up to this width (KPM's cut lives there when they are as many as the rank).
@@ -23,16 +23,18 @@ class DampingLimit(str, Enum):
     SPECTRUM = "spectrum"
 
 
-def eigenvalues_below_damping(total: torch.Tensor, damping: float = DEFAULT_DAMPING) -> int | None:
-    """How many eigenvalues of the covariance (any positive multiple of it) lie below damping·mean(diag):
-    the negative inertia of C − level·I (Sylvester), from its LDLᵀ factorisation, cheaper than eigenvalues,
-    after a Cholesky factorisation that settles the common case of none. None for a covariance without
-    positive diagonal (no tokens)."""
-    mean_diagonal = float(total.diagonal().mean())
-    if not mean_diagonal > 0:
+def eigenvalues_below_damping(
+    total: torch.Tensor, damping: float = DEFAULT_DAMPING, rule: DampingRule = DEFAULT_DAMPING_RULE
+) -> int | None:
+    """How many eigenvalues of the covariance (any positive multiple of it) lie below damping·scale (the
+    rule's, ``damping_scale``): the negative inertia of C − level·I (Sylvester), from its LDLᵀ factorisation,
+    cheaper than eigenvalues, after a Cholesky factorisation that settles the common case of none. None for a
+    covariance without positive diagonal (no tokens)."""
+    if not float(total.diagonal().mean()) > 0:
         return None
+    level = damping * damping_scale(total.diagonal(), rule)
     shifted = total.double().clone()
-    shifted.diagonal().sub_(damping * mean_diagonal)
+    shifted.diagonal().sub_(level)
     if not int(torch.linalg.cholesky_ex(shifted).info):
         return 0  # positive definite: no eigenvalue at or below the level
     factors, pivots, _ = torch.linalg.ldl_factor_ex(shifted)  # an exactly zero pivot is an eigenvalue at the level

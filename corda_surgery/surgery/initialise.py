@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, CovarianceStore
+from calib.store import CountedLevel, CovarianceEntry, CovarianceStore
 from corda_surgery.decomposition.decompose import (
     CovarianceSource,
     DampedCovariance,
@@ -24,6 +24,7 @@ from corda_surgery.decomposition.decompose import (
     decompose_weight,
 )
 from corda_surgery.decomposition.diagnostics import DampingLimit, damping_limit
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import LayerRecord
 from corda_surgery.surgery.targets import LayerPlan, Target
@@ -75,7 +76,7 @@ def damping_diagnosis(
     sampling round has none), with ``damping_limit``'s verdict at ``rank``; None where there are none."""
     if entry.below_damping is None or round_index is not None:
         return None
-    if store.counted != CountedLevel(LEGACY_COUNT_RULE, options.damping):
+    if store.counted != CountedLevel(options.damping_rule.value, options.damping):
         return None
     width = store.dimension(entry.linears[0])
     limit = damping_limit(width, rank, entry.below_damping, entry.count, entry.below_damping_half, entry.half_count)
@@ -111,14 +112,16 @@ class SharedInputs:
         return layer.store, self.stores[layer.store].by_linear[name].name, layer.round
 
     def source(
-        self, target: Target, covariance: CovarianceSource, damping: float, device: torch.device
+        self, target: Target, covariance: CovarianceSource, options: SurgeryOptions, device: torch.device
     ) -> CovarianceSource | DampedCovariance:
         """What ``target`` decomposes with: the prepared shared covariance, or ``covariance`` if it reads alone."""
         key = self.key(target.name)
         if self.readers[key] == 1 and key not in self.prepared:
             return covariance
         if key not in self.prepared:
-            prepare = functools.partial(damped_covariance, covariance, damping, target.in_dim, target.name)
+            prepare = functools.partial(
+                damped_covariance, covariance, options.damping, target.in_dim, target.name, rule=options.damping_rule
+            )
             self.prepared[key] = on_device_or_host(prepare, device, target.name)
         self.readers[key] -= 1
         return self.prepared.pop(key) if self.readers[key] == 0 else self.prepared[key]
@@ -149,7 +152,7 @@ class Initialiser:
             store = self.stores[layer.store]
             entry = store.by_linear[target.name]
             read = functools.partial(store.covariance, target.name, round_index=layer.round)
-            covariance = self.shared.source(target, read, options.damping, self.device)
+            covariance = self.shared.source(target, read, options, self.device)
             diagnosis = damping_diagnosis(store, entry, options, layer.rank, layer.round)
             if diagnosis is not None:
                 diagnosis.record(record)
@@ -187,6 +190,7 @@ class Initialiser:
             mode=options.mode,
             alpha=options.scaling * layer.rank,
             damping=options.damping,
+            damping_rule=options.damping_rule,
             solver=options.solver,
             factor_dtype=dtype,
             transposed=target.transposed,
@@ -200,4 +204,6 @@ class Initialiser:
             result.solver_label,
         )
         record.store, record.round = layer.store, layer.round
+        if result.damping_rule is not DEFAULT_DAMPING_RULE and covariance is not None:
+            record.damping_rule, record.damping_level = result.damping_rule.value, result.damping_level
         return Initialised(result.lora_A, result.lora_B, result.residual, record)

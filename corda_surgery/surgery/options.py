@@ -12,7 +12,14 @@ from enum import Enum
 import torch
 
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, FACTOR_DTYPES, Mode, Solver
+from corda_surgery.decomposition.kinds import (
+    DEFAULT_DAMPING,
+    DEFAULT_DAMPING_RULE,
+    FACTOR_DTYPES,
+    DampingRule,
+    Mode,
+    Solver,
+)
 from corda_surgery.errors import OptionsError
 from corda_surgery.sizes import parse_size
 
@@ -73,6 +80,7 @@ class SurgeryOptions:
     solver: Solver = Solver.SUBSPACE
     factor_dtype: str = "float32"
     damping: float = DEFAULT_DAMPING
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE  # what --damping multiplies
     rank_budget: float | None = None
     param_budget: int | None = None
     min_rank: int = 1
@@ -99,6 +107,7 @@ class SurgeryOptions:
         mode = _enum(Mode, self.mode, "--mode") if self.mode is not None else _IMPLIED_MODES.get(method, Mode.KPM)
         set_("mode", mode)
         set_("solver", _enum(Solver, self.solver, "--solver"))
+        set_("damping_rule", _enum(DampingRule, self.damping_rule, "--damping-rule"))
         set_("targets", parse_targets(self.targets) if self.targets else ())
         set_("max_shard_size", parse_size(self.max_shard_size, "--max-shard-size"))
         _require(self.factor_dtype in FACTOR_DTYPES, f"--dtype {self.factor_dtype!r}: must be float32 or float64")
@@ -155,6 +164,7 @@ class SurgeryOptions:
             "solver": self.solver.value,
             "factor_dtype": self.factor_dtype,
             "damping": self.damping,
+            "damping_rule": self.damping_rule.value,
             "rank_budget": self.rank_budget,
             "param_budget": self.param_budget,
             "min_rank": self.min_rank,

@@ -43,6 +43,7 @@ def corda_plus_plan(
         mode=options.mode,
         solver=options.solver,
         damping=options.damping,
+        damping_rule=options.damping_rule,
         base_rank=options.rank,
         param_budget=options.param_budget,
         rank_budget=options.rank_budget,

@@ -123,7 +123,16 @@ def convert_checkpoint(
         store = out.with_name(f".{out.name}.covariances.h5")
         stores.append(
             calibrate(
-                model_dir, spec, store, compute=compute, resume=resume, overwrite=True, progress=progress, plan=False
+                model_dir,
+                spec,
+                store,
+                compute=compute,
+                resume=resume,
+                overwrite=True,
+                progress=progress,
+                plan=False,
+                damping=options.damping,
+                damping_rule=options.damping_rule,
             )
         )
     decompose_checkpoint(

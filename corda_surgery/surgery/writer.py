@@ -20,7 +20,7 @@ from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.diagnostics import DampingLimit
-from corda_surgery.decomposition.kinds import Mode
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, DampingRule, Mode
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import (
@@ -165,15 +165,22 @@ def _fused_residual(
 _DAMPING_ADVICE = {
     DampingLimit.SAMPLE: "more tokens would lift enough of them above it (limited by the sample): calibrate on "
     "more tokens (--samples, --seq-len)",
-    DampingLimit.SPECTRUM: "more tokens barely move the count (limited by the spectrum: a few large input "
-    "dimensions put the level above most of it), so more calibration text will not help: {remedy}",
+    DampingLimit.SPECTRUM: "more tokens barely move the count (limited by the spectrum: whatever the tokens, "
+    "the level lies above that many eigenvalues, raised by a few massive input dimensions or over directions "
+    "the input hardly takes), so more calibration text will not help: {remedy}",
     None: "whether more tokens would help is unknown: the store has no count on part of its tokens (calibrated "
     "in one batch, or by an older corda-surgery)",
 }
 
 
 def _spectrum_remedy(options: SurgeryOptions) -> str:
-    return "lower --damping"
+    """A rule that massive dimensions cannot raise, or a lower level under one."""
+    if options.damping_rule is DampingRule.MEAN_DIAGONAL:
+        return (
+            "use --damping-rule median-diagonal (λ times the median input variance, which massive dimensions "
+            "cannot raise) or a lower --damping"
+        )
+    return "use a lower --damping"
 
 
 def _warn_damping_decided(
@@ -221,16 +228,21 @@ def _report(
         base_name=adapter.base_model_name_or_path or str(output.out),
         model_fingerprint=output.fingerprint,
         residual_fingerprint=CheckpointReader(output.staging).fingerprint(),
-        covariance_stores=[
-            StoreRecord(str(path), store.fingerprint, store.calibration, store.below_damping_level)
-            for store, path in zip(stores, store_paths)
-        ],
+        covariance_stores=[_store_record(store, path) for store, path in zip(stores, store_paths)],
         layers=layers,
         input_groups=sorted({entry.linears for store in stores for entry in store.entries.values()}),
         left_out=chosen.left_out,
         adapter_parameters=adapter.parameter_paths,
         unadapted_weights=_unadapted_weights(view, layers, chosen.left_out),
     )
+
+
+def _store_record(store: CovarianceStore, path: Path) -> StoreRecord:
+    """What surgery.json says of a store: where, whose, how calibrated, and at what damping it was counted."""
+    counted = store.counted
+    rule = counted.rule if counted is not None and counted.rule != DEFAULT_DAMPING_RULE.value else None
+    level = counted.damping if counted is not None else None
+    return StoreRecord(str(path), store.fingerprint, store.calibration, level, rule)
 
 
 def _unadapted_weights(view: ModelView, adapted: Mapping[str, object], left_out: Mapping[str, str]) -> list[str]:
