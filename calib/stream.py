@@ -217,8 +217,8 @@ def _count_so_far(
     counted: dict[str, tuple[int | None, int]] = {}
     for leader in sorted(widths):
         total, seen = _sum_so_far(groups.accumulators.get(leader), widths[leader], view.device, ranks)
-        if ranks.writer and seen > 0:
-            counted[leader] = (below_damping.count(total), seen)
+        if ranks.writer and seen > 0:  # counted in host memory, as the whole sums are (a GPU's sum copied)
+            counted[leader] = (below_damping.count(total.cpu()), seen)
         del total
     return counted
 

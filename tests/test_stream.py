@@ -199,3 +199,18 @@ def test_only_one_block_is_materialised(tmp_path, monkeypatch):
     calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
     assert [m for m, _ in seen] == [[i] for i in range(6)]
     assert all(stem == [] for _, stem in seen)  # embeddings freed once block 0's inputs are captured
+
+
+def test_a_partial_store_counted_at_another_damping_is_not_resumed(tmp_path):
+    """The counts of a resumed run must all be at one damping: a partial store counted at another is refused;
+    one counted under PEFT's rule also keeps the legacy attribute older readers know."""
+    from calib.store import CountedLevel, StoreError, StoreWriter
+
+    mean, median = CountedLevel("mean-diagonal", 0.01), CountedLevel("median-diagonal", 0.01)
+    settings = {"fingerprint": "f", "calibration": {"source": "x"}, "num_layers": 2}
+    StoreWriter(tmp_path / "cov.h5", resume=False, counted=mean, **settings).close()
+    with h5py.File(partial_path(tmp_path / "cov.h5")) as handle:
+        assert handle.attrs["below_damping_level"] == 0.01
+    with pytest.raises(StoreError, match="counted its eigenvalues at another damping"):
+        StoreWriter(tmp_path / "cov.h5", resume=True, counted=median, **settings)
+    StoreWriter(tmp_path / "cov.h5", resume=True, counted=mean, **settings).close()
