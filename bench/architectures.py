@@ -39,15 +39,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-from calib.data import CalibrationSpec, token_batches
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import Mode, SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
-from export.merge import merge_adapter
-from export.onnx_export import export_onnx
-from export.verify import verify_onnx
+from corda_surgery.export.merge import merge_adapter
+from corda_surgery.export.onnx_export import export_onnx
+from corda_surgery.export.verify import verify_onnx
 from tests.families import FAMILIES, HIDDEN, LAYERS, SLIDING, save_family_model
 from tests.helpers import logits, reference_covariances, relative
 

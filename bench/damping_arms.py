@@ -33,7 +33,7 @@ def largest_angle(a: torch.Tensor, b: torch.Tensor) -> float:
 def adapter_angles(arm: Path, reference: Path) -> dict[str, float]:
     """Median and largest, over the targets, of the largest principal angle between the two initial adapters'
     A row spaces and B column spaces (degrees)."""
-    from export.peft_adapter import read_adapter
+    from corda_surgery.export.peft_adapter import read_adapter
 
     ours, today = read_adapter(arm), read_adapter(reference)
     a = [largest_angle(ours.lora_A[m].T, today.lora_A[m].T) for m in sorted(today.lora_A)]

@@ -190,7 +190,7 @@ def evaluation_items(settings) -> dict[str, list]:
 
 def calibration_windows(settings, tokenizer, out: Path) -> dict[str, Path]:
     """Token windows, written once as pre-tokenised records that both our calibration and PEFT's read."""
-    from calib.data import CalibrationSpec, token_batches
+    from corda_surgery.calib.data import CalibrationSpec, token_batches
 
     files = {}
     data = settings.data_dir
@@ -242,7 +242,7 @@ def calibration_tokens(path: Path) -> list[list[int]]:
 
 
 def ours_store(base: Path, tokens_file: Path, settings) -> Path:
-    from calib.data import CalibrationSpec
+    from corda_surgery.calib.data import CalibrationSpec
     from corda_surgery.surgery.calibration import calibrate
 
     store = tokens_file.with_suffix(".h5")

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.decompose import decompose_weight

@@ -34,7 +34,7 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from export.peft_adapter import read_adapter  # noqa: E402
+from corda_surgery.export.peft_adapter import read_adapter  # noqa: E402
 
 
 def build_model(folder: Path, hidden: int, layers: int, intermediate: int, heads: int, vocab: int) -> None:
@@ -110,7 +110,7 @@ def compare(peft_dir: Path, ours_dir: Path) -> dict:
 def float64_arbiter(model_dir: Path, peft_dir: Path, ours_dir: Path, modules: list[str], mode: str) -> dict:
     """For layers where the two float32 answers disagree: each one's distance to the float64 decomposition
     (same covariance, from our store) and the relative gap between the singular values at the cut."""
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
     from corda_surgery.decomposition.decompose import decompose_weight
 
     theirs, ours = read_adapter(peft_dir / "adapter"), read_adapter(ours_dir / "adapter")
@@ -182,7 +182,7 @@ def real_tokens(model_dir: Path, samples: int, seq_len: int, path: Path) -> None
     """The first ``samples`` NQ-open question+answer records (seed 0), tokenised once for both sides."""
     from transformers import AutoTokenizer
 
-    from calib.data import CalibrationSpec, token_batches
+    from corda_surgery.calib.data import CalibrationSpec, token_batches
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = CalibrationSpec("nq_open", samples=samples, seq_len=seq_len, batch_size=1, chat_template=False)
@@ -204,7 +204,7 @@ def _largest_angle(a: torch.Tensor, b: torch.Tensor) -> float:
 def subspace_table(model_dir: Path, peft_dir: Path, ours_dir: Path, mode: str) -> dict:
     """Per layer type: largest principal angles (median and max over layers) between PEFT's, ours and the
     float64 answer, for the row space of A and the column space of B."""
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
     from corda_surgery.checkpoint.view import ModelView
     from corda_surgery.decomposition.decompose import decompose_weight
 

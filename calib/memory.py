@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.view import ModelView, is_linear
 from corda_surgery.numerics import symmetric_tiles

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from calib.store import CountedLevel, CovarianceEntry, CovarianceStore, StoreWriter
+from corda_surgery.calib.store import CountedLevel, CovarianceEntry, CovarianceStore, StoreWriter
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing

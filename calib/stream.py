@@ -22,11 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from calib.accumulate import Accumulator, InputGroups, expert_slices
-from calib.activations import Activations, rank_activation_budget
-from calib.data import CalibrationSpec, TokenBatch, token_batches
-from calib.sink import CovarianceSink, rank_output
-from calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, round_total
+from corda_surgery.calib.accumulate import Accumulator, InputGroups, expert_slices
+from corda_surgery.calib.activations import Activations, rank_activation_budget
+from corda_surgery.calib.data import CalibrationSpec, TokenBatch, token_batches
+from corda_surgery.calib.sink import CovarianceSink, rank_output
+from corda_surgery.calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
 from corda_surgery.checkpoint.view import ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions

@@ -83,7 +83,7 @@ def _split(kwargs: dict, kind: type) -> dict:
 
 
 def _spec(kwargs: dict):
-    from calib.data import CalibrationSpec
+    from corda_surgery.calib.data import CalibrationSpec
 
     return CalibrationSpec(**_split(kwargs, CalibrationSpec))
 
@@ -243,7 +243,7 @@ def to_lora(surgery_dir, trained_adapter, base, out, overwrite):
     The adapter must belong to SURGERY_DIR (modules, ranks, the base it names) and BASE must be
     the model the surgery started from.
     """
-    from export.to_lora import convert_to_lora
+    from corda_surgery.export.to_lora import convert_to_lora
 
     path = convert_to_lora(surgery_dir, trained_adapter, resolve_model(base), out, overwrite=overwrite)
     click.echo(f"LoRA for {base} written to {path}")
@@ -264,8 +264,8 @@ def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
     surgery, the base it names, finite values, the residual unchanged since the surgery).
     """
     from corda_surgery.sizes import parse_size
-    from export.handoff import checked_adapter
-    from export.merge import merge_adapter
+    from corda_surgery.export.handoff import checked_adapter
+    from corda_surgery.export.merge import merge_adapter
 
     adapter_dir = adapter_dir or surgery_dir / "adapter"
     shard_size = parse_size(max_shard_size, "--max-shard-size")
@@ -294,7 +294,7 @@ def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
     logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker;
     the exporter's warnings are recorded in onnx_export.json (and logged with -v).
     """
-    from export.onnx_export import export_onnx as run_export
+    from corda_surgery.export.onnx_export import export_onnx as run_export
 
     path = run_export(
         merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter, overwrite=overwrite
@@ -315,7 +315,7 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
     Runs on CUDAExecutionProvider when it loads, else on the CPU; prints the provider used.
     Exits with status 1 if the greedy tokens differ.
     """
-    from export.verify import verify_onnx as run_verify
+    from corda_surgery.export.verify import verify_onnx as run_verify
 
     report = run_verify(onnx_dir, reference, new_tokens=new_tokens, repeats=repeats)
     click.echo(f"provider:            {report.provider}")

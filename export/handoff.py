@@ -12,7 +12,7 @@ from pathlib import Path
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.surgery.report import SurgeryReport, read_report
-from export.peft_adapter import AdapterError, LoraAdapter, read_adapter
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, read_adapter
 
 
 def checked_adapter(surgery_dir: Path, adapter_dir: Path) -> tuple[LoraAdapter, SurgeryReport]:

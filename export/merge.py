@@ -12,7 +12,7 @@ from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from corda_surgery.outputs import check_disjoint, staged_folder
-from export.peft_adapter import AdapterError, LoraAdapter, expert_factors, read_adapter
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, expert_factors, read_adapter
 
 
 def merge_adapter(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.onnx_export import EXPORT_INFO, ONNX_NAME
+from corda_surgery.export.onnx_export import EXPORT_INFO, ONNX_NAME
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 

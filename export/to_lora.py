@@ -15,8 +15,8 @@ from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.outputs import check_disjoint, staged_folder
 from corda_surgery.surgery.report import ADAPTER_DIR
-from export.handoff import checked_adapter, fused_parameters
-from export.peft_adapter import AdapterError, LoraAdapter, expert_factors, fused_factors, read_adapter, write_adapter
+from corda_surgery.export.handoff import checked_adapter, fused_parameters
+from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, expert_factors, fused_factors, read_adapter, write_adapter
 
 
 def to_plain_lora(initial: LoraAdapter, trained: LoraAdapter) -> LoraAdapter:

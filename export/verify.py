@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export.onnx_runtime import OnnxCausalLM
+from corda_surgery.export.onnx_runtime import OnnxCausalLM
 
 DEFAULT_PROMPTS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

@@ -18,7 +18,7 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from calib.data import BUILTIN_DIR
+from corda_surgery.calib.data import BUILTIN_DIR
 
 SAMPLE_TEXTS = [
     line for name in ("nq_open", "gsm8k") for line in (BUILTIN_DIR / f"{name}.jsonl").read_text().splitlines()[:200]

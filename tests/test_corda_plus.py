@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.decomposition.corda_plus import (
     BudgetError,
     allocate_ranks,

@@ -5,8 +5,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from calib.data import MAX_CHARS_PER_TOKEN, CalibrationDataError, CalibrationSpec, token_batches
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import MAX_CHARS_PER_TOKEN, CalibrationDataError, CalibrationSpec, token_batches
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import OptionsError
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import convert_checkpoint
@@ -59,7 +59,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
 
         surgery.Initialiser.__call__ = dying_decomposition
     elif rank == 1 and die_at >= 0:
-        from calib import stream
+        from corda_surgery.calib import stream
 
         reduce = stream._reduce_over_ranks
 
@@ -153,7 +153,7 @@ def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
 def test_work_is_shared_by_input_group_and_balanced(tmp_path):
     """Linears that read one input go to one rank (one shared factorisation); the ranks' loads differ by at
     most the costliest group."""
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
     from corda_surgery.checkpoint.view import ModelView
     from corda_surgery.distributed import Ranks
     from corda_surgery.surgery.initialise import Initialiser

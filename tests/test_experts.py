@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec, token_batches
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.errors import UnsupportedArchitecture
 from corda_surgery.surgery.calibration import calibrate

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
-from export.merge import merge_adapter
+from corda_surgery.export.merge import merge_adapter
 from tests.helpers import cli_error, relative, run_cli, tensors, tree_hashes
 from tests.models import save_tiny_model
 

@@ -23,7 +23,7 @@ LAYERS = [
     ("corda_surgery.memory", 0, "ground"),
     ("corda_surgery.models", 0, "ground"),
     ("corda_surgery.checkpoint", 1, "checkpoint"),
-    ("export.peft_adapter", 1, "checkpoint"),  # the adapter's file format, beside the checkpoint's
+    ("corda_surgery.export.peft_adapter", 1, "checkpoint"),  # the adapter's file format, beside the checkpoint's
     ("calib", 2, "calibration"),
     ("corda_surgery.decomposition", 2, "decomposition"),
     ("corda_surgery.surgery", 3, "surgery"),

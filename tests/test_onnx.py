@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from export.onnx_export import ExportError, export_onnx
-from export.onnx_runtime import OnnxCausalLM
-from export.verify import DEFAULT_PROMPTS, verify_onnx
+from corda_surgery.export.onnx_export import ExportError, export_onnx
+from corda_surgery.export.onnx_runtime import OnnxCausalLM
+from corda_surgery.export.verify import DEFAULT_PROMPTS, verify_onnx
 
 PROMPTS = ["Who wrote the novel Pride and Prejudice and when was it published?", "Paris is"]
 

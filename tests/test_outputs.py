@@ -73,7 +73,7 @@ def test_installed_distribution_claims_only_corda_surgery(tmp_path):
     code = (
         "import importlib.util as u, json\n"
         "names = ('calib', 'export', 'calib', 'export')\n"
-        "from calib.data import builtin_sets\n"
+        "from corda_surgery.calib.data import builtin_sets\n"
         "print(json.dumps({'found': [u.find_spec(n) is not None for n in names], 'sets': builtin_sets()}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.decomposition.decompose import decompose_weight
 from corda_surgery.decomposition.kinds import Mode, Solver
 from corda_surgery.surgery.calibration import calibrate
@@ -92,7 +92,7 @@ def test_peft_covariance_normalisation_matches_peft_hooks(tiny_llama, tmp_path):
     """--covariance-norm peft with batches of padded samples equals PEFT's own batch-1 hook."""
     from transformers import AutoTokenizer
 
-    from calib.data import token_batches
+    from corda_surgery.calib.data import token_batches
 
     spec = CalibrationSpec("gsm8k", samples=8, seq_len=40, batch_size=4, normalisation="peft")
     ours = calibrate(tiny_llama, spec, tmp_path / "ours.h5", progress=False)

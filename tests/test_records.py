@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import corda_surgery
-from calib.data import CalibrationSpec
-from calib.store import FORMAT_VERSION, CovarianceStore, StoreError
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import FORMAT_VERSION, CovarianceStore, StoreError
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.decomposition.decompose import decompose_weight
 from corda_surgery.surgery.calibration import calibrate

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.cli import main
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
@@ -44,7 +44,7 @@ KILL_POINTS = {
         ModelView.load_block = patched
     """),
     "while block 1 is being written": textwrap.dedent("""
-        from calib.store import StoreWriter
+        from corda_surgery.calib.store import StoreWriter
         write = StoreWriter.write_layer
         def patched(self, layer, entries):
             entries = list(entries)
@@ -56,7 +56,7 @@ KILL_POINTS = {
         StoreWriter.write_layer = patched
     """),
     "just before the final rename": textwrap.dedent("""
-        from calib.store import StoreWriter
+        from corda_surgery.calib.store import StoreWriter
         StoreWriter.finish = lambda self: die()
     """),
 }
@@ -67,7 +67,7 @@ def test_sigkill_during_calibrate_then_resume(tiny_llama, tmp_path, point):
     reference = calibrate(tiny_llama, ROUNDS_SPEC, tmp_path / "reference.h5", progress=False)
     out = tmp_path / "cov.h5"
     body = (
-        f"from corda_surgery.surgery.calibration import calibrate\nfrom calib.data import CalibrationSpec\n"
+        f"from corda_surgery.surgery.calibration import calibrate\nfrom corda_surgery.calib.data import CalibrationSpec\n"
         f"calibrate({str(tiny_llama)!r}, CalibrationSpec(**{ROUNDS_SPEC.__dict__!r}), {str(out)!r}, "
         f"progress=False)"
     )

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import corda_surgery.compute as compute_module
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore, StoreError
-from calib.stream import calibrate, open_view
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore, StoreError
+from corda_surgery.calib.stream import calibrate, open_view
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.decompose import decompose_weight
 from corda_surgery.surgery.calibration import calibrate as calibrate_command
@@ -61,7 +61,7 @@ def test_spill_folder_is_removed_on_failure(tiny_llama, tmp_path, monkeypatch):
 _PEAK_SCRIPT = """
 import json, sys
 from corda_surgery.memory import release_large_frees_to_os
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.compute import ComputeOptions
 release_large_frees_to_os()
@@ -221,7 +221,7 @@ def test_covariance_read_again_when_damping_must_grow():
 def test_store_checks_find_asymmetry_in_any_tile(tiny_llama, tmp_path, monkeypatch, entry):
     import h5py
 
-    import calib.store as store_module
+    import corda_surgery.calib.store as store_module
 
     store = calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False)
     with h5py.File(store, "r+") as f:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.models import embedded_model_dir
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
@@ -87,9 +87,9 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     """convert → merge (untouched adapter gives the original weights) → ONNX with KV cache → 20 greedy tokens."""
     from safetensors.torch import load_file
 
-    from export.merge import merge_adapter
-    from export.onnx_export import export_onnx
-    from export.verify import verify_onnx
+    from corda_surgery.export.merge import merge_adapter
+    from corda_surgery.export.onnx_export import export_onnx
+    from corda_surgery.export.verify import verify_onnx
 
     out = decompose_checkpoint(
         smollm2, tmp_path / "kpm", SurgeryOptions(mode="kpm", rank=16), stores=[smollm2_store], progress=False

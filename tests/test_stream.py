@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from calib.accumulate import Accumulator
-from calib.data import CalibrationSpec, token_batches
-from calib.store import CovarianceStore, partial_path
+from corda_surgery.calib.accumulate import Accumulator
+from corda_surgery.calib.data import CalibrationSpec, token_batches
+from corda_surgery.calib.store import CovarianceStore, partial_path
 from corda_surgery import numerics
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
@@ -102,7 +102,7 @@ def test_eigenvalues_below_the_damping_come_from_the_caller(tiny_llama, tmp_path
     """The store does no linear algebra: the calibrate command passes the decomposition's count and its level
     in; the engine alone writes the same sums without them."""
     spec = CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2)
-    from calib.stream import calibrate as calibrate_engine
+    from corda_surgery.calib.stream import calibrate as calibrate_engine
 
     counted = calibrate_command(tiny_llama, spec, tmp_path / "counted.h5", progress=False)
     plain = calibrate_engine(tiny_llama, spec, tmp_path / "plain.h5", progress=False)
@@ -204,7 +204,7 @@ def test_only_one_block_is_materialised(tmp_path, monkeypatch):
 def test_a_partial_store_counted_at_another_damping_is_not_resumed(tmp_path):
     """The counts of a resumed run must all be at one damping: a partial store counted at another is refused;
     one counted under PEFT's rule also keeps the legacy attribute older readers know."""
-    from calib.store import CountedLevel, StoreError, StoreWriter
+    from corda_surgery.calib.store import CountedLevel, StoreError, StoreWriter
 
     mean, median = CountedLevel("mean-diagonal", 0.01), CountedLevel("median-diagonal", 0.01)
     settings = {"fingerprint": "f", "calibration": {"source": "x"}, "num_layers": 2}

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
 from corda_surgery.surgery.targets import TargetError
-from export.to_lora import convert_to_lora
+from corda_surgery.export.to_lora import convert_to_lora
 from tests.helpers import PROMPTS, logits, tensors
 
 peft = pytest.importorskip("peft", reason="peft is a test extra")
@@ -86,7 +86,7 @@ def test_convert_counts_at_its_own_damping_rule(tiny_llama, tmp_path, caplog):
         assert "below_damping_level" not in handle.attrs
     report = json.loads((out / "surgery.json").read_text())
     assert report["covariance_stores"][0]["eigenvalues_below_damping_rule"] == "median-diagonal"
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
 
     with CovarianceStore(out / "covariances.h5") as store:
         for name, layer in report["layers"].items():
@@ -96,7 +96,7 @@ def test_convert_counts_at_its_own_damping_rule(tiny_llama, tmp_path, caplog):
 
 def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path, monkeypatch):
     """q/k/v and gate/up share their damped covariance and its factor: one store read per input."""
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
 
     reads: list[str] = []
     original = CovarianceStore.covariance
@@ -118,7 +118,7 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
     tokens than the inputs are wide, so the sample limits them and the advice is more tokens."""
     import numpy as np
 
-    from calib.store import CovarianceStore
+    from corda_surgery.calib.store import CovarianceStore
 
     store = calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2), tmp_path / "few.h5",
                       progress=False)  # fmt: skip

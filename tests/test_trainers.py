@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calib.data import CalibrationSpec
+from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
-from export.merge import merge_adapter
+from corda_surgery.export.merge import merge_adapter
 from tests.helpers import PROMPTS, logits
 
 peft = pytest.importorskip("peft", reason="peft is a test extra")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from calib.activations import rank_activation_budget
-from calib.data import CalibrationSpec
-from calib.stream import BelowDamping
-from calib.stream import calibrate as collect_covariances
+from corda_surgery.calib.activations import rank_activation_budget
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.stream import BelowDamping
+from corda_surgery.calib.stream import calibrate as collect_covariances
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, eigenvalues_below_damping

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from calib.store import CountedLevel, CovarianceEntry, CovarianceStore
+from corda_surgery.calib.store import CountedLevel, CovarianceEntry, CovarianceStore
 from corda_surgery.decomposition.decompose import (
     CovarianceSource,
     DampedCovariance,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from calib.store import CovarianceStore
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.surgery.initialise import damping_diagnosis

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calib.data import CalibrationSpec
-from calib.memory import calibration_disk, calibration_memory, capture_memory, shared_width
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.memory import calibration_disk, calibration_memory, capture_memory, shared_width
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decomposition.memory import decomposition_memory

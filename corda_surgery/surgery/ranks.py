@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from calib.store import CovarianceStore
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.decomposition.corda_plus import plan_ranks
 from corda_surgery.distributed import Ranks, broadcast_object

@@ -12,9 +12,9 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from calib.data import CalibrationSpec
-from calib.store import CovarianceStore
-from calib.stream import open_view
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.stream import open_view
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.distributed import barrier, samples_share

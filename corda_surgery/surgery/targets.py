@@ -7,12 +7,12 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from calib.store import CovarianceStore, StoreError
+from corda_surgery.calib.store import CovarianceStore, StoreError
 from corda_surgery.checkpoint.experts import slice_name
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.errors import CordaSurgeryError, OptionsError
 from corda_surgery.surgery.options import ALL_LINEAR, Method, SurgeryOptions
-from export.peft_adapter import peft_retargeted
+from corda_surgery.export.peft_adapter import peft_retargeted
 
 log = logging.getLogger(__name__)
 

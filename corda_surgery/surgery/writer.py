@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from calib.store import CovarianceStore
+from corda_surgery.calib.store import CovarianceStore
 from corda_surgery import __version__
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
@@ -33,7 +33,7 @@ from corda_surgery.surgery.report import (
 )
 from corda_surgery.surgery.targets import Target, TargetPlan
 from corda_surgery.surgery.work import WorkSource
-from export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
+from corda_surgery.export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 
 log = logging.getLogger(__name__)
 
