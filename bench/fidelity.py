@@ -23,6 +23,13 @@ continues from there.
     python bench/fidelity.py                            # the study (several sittings; resumes)
     python bench/fidelity.py --only corda-kpm,lora --lrs 2e-5   # a part of it
     python bench/fidelity.py --report                   # tables and plots from the runs so far
+
+The damping arms (issue 38: `corda-kpm-mean-0.1`, `…-mean-0.001`, `corda-kpm-median`, `…-median-0.1`,
+`corda-ipm-median`) run KPM, and IPM as the control, under other damping rules and levels; the table adds
+their paired intervals against today's arm (PEFT's rule, λ = 0.01) and the angles between their initial
+adapters and today's (bench/damping_arms.py):
+
+    python bench/fidelity.py --only damping             # the damping arms (two parts side by side: --threads 1)
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from damping_arms import ANGLES, REFERENCES, angle_cell, angles_to_today  # bench/ is on the path of its scripts
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "CORDA_SURGERY_EVAL_DATA"
@@ -63,7 +71,7 @@ EVAL_FILES = {
 # The study's small state and its tables are mirrored here (committed), so a new checkout resumes it.
 PUBLISHED = REPO / "bench" / "results" / "fidelity2"
 STATE_FILES = ("runs.jsonl", "before.json")
-REPORT_FILES = ("settings.json", "summary.csv", "table.md", "pareto.png", "loss_curves.png")
+REPORT_FILES = ("settings.json", "summary.csv", "table.md", "pareto.png", "loss_curves.png", ANGLES)
 RESERVED_NQ_DEV = 500  # NQ-open dev items 0..499 are evaluation only; calibration may use the rest
 SHOTS = 3  # QA exemplars for exact match: NQ-open dev items 497..499, TriviaQA dev 8000..8002 (never evaluated)
 GSM8K_TRAIN_FROM = 1024  # training items start here; IPM calibration uses items 0..calib_prompts-1
@@ -75,6 +83,8 @@ class Method:
     mode: str | None = None
     calibration: str | None = None  # "knowledge" | "task"
     balance: bool = False
+    damping_rule: str = "mean-diagonal"  # --damping-rule
+    damping: float = 0.01  # --damping
 
 
 METHODS = {
@@ -88,6 +98,18 @@ METHODS = {
     "corda++-ipm": Method("corda++", "ipm", "task"),
     "peft-corda-kpm": Method("peft-corda", "kpm", "knowledge"),
     "peft-corda-ipm": Method("peft-corda", "ipm", "task"),
+    # the damping arms: today's rule at other levels, the median-diagonal rule at two, IPM under it as control
+    "corda-kpm-mean-0.1": Method("corda", "kpm", "knowledge", damping=0.1),
+    "corda-kpm-mean-0.001": Method("corda", "kpm", "knowledge", damping=0.001),
+    "corda-kpm-median": Method("corda", "kpm", "knowledge", damping_rule="median-diagonal"),
+    "corda-kpm-median-0.1": Method("corda", "kpm", "knowledge", damping_rule="median-diagonal", damping=0.1),
+    "corda-ipm-median": Method("corda", "ipm", "task", damping_rule="median-diagonal"),
+}
+# each damping arm → today's arm of its mode (PEFT's rule, λ = 0.01), compared at equal rate and seed
+DAMPING_ARMS = {
+    name: REFERENCES[method.mode]
+    for name, method in METHODS.items()
+    if method.mode is not None and (method.damping_rule, method.damping) != ("mean-diagonal", 0.01)
 }
 PAPERS_LR = 2e-5
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear on SmolLM2
@@ -306,6 +328,8 @@ def convert(name: str, base: Path, calibration: dict[str, Path], settings, conve
             rank=settings.rank,
             alpha=settings.rank,
             balance=method.balance,
+            damping=method.damping,
+            damping_rule=method.damping_rule,
             **budget,
         )
         decompose_checkpoint(base, converted, options, stores=stores, compute=settings.compute, progress=False)
@@ -607,6 +631,7 @@ def report(out: Path, published: bool) -> None:
             run["nq_open_em"] + run["triviaqa_em"], before["nq_open_em"] + before["triviaqa_em"]
         )
         row["knowledge_em_change_ci95"] = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+        row |= versus_today(run, runs)
         rows.append(row)
     if not rows:
         print("no runs yet")
@@ -616,7 +641,7 @@ def report(out: Path, published: bool) -> None:
         writer = csv.DictWriter(handle, keys)
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown_table(rows, before)
+    table = markdown_table(rows, before, angles_to_today(out, DAMPING_ARMS))
     (out / "table.md").write_text(table)
     print(table)
     plots(rows, runs, out)
@@ -624,8 +649,25 @@ def report(out: Path, published: bool) -> None:
         publish(out, STATE_FILES + REPORT_FILES)
 
 
-def markdown_table(rows: list[dict], before: dict) -> str:
-    """Mean over seeds per (method, learning rate); ± half the range where there are two seeds or more."""
+def versus_today(run: dict, runs: list[dict]) -> dict[str, str]:
+    """A damping arm's paired 95 % intervals against today's arm at its rate and seed: the evaluation-format
+    log-likelihood (> 0: keeps more) and the task gain (> 0: learns more), over items."""
+    today = DAMPING_ARMS.get(run["method"])
+    reference = next((r for r in runs if (r["method"], r["lr"], r["seed"]) == (today, run["lr"], run["seed"])), None)
+    if reference is None:
+        return {}
+    nll_today, nll_run = reference["nq_open_nll"] + reference["triviaqa_nll"], run["nq_open_nll"] + run["triviaqa_nll"]
+    low, high = bootstrap_interval(nll_today, nll_run)
+    gain_low, gain_high = bootstrap_interval(reference["gsm8k_nll"], run["gsm8k_nll"])
+    return {
+        "loglik_vs_today_ci95": f"[{low:+.3f}, {high:+.3f}]",
+        "task_gain_vs_today_ci95": f"[{gain_low:+.3f}, {gain_high:+.3f}]",
+    }
+
+
+def markdown_table(rows: list[dict], before: dict, angles: dict[str, dict[str, float]] | None = None) -> str:
+    """Mean over seeds per (method, learning rate); ± half the range where there are two seeds or more. The
+    damping arms add their intervals against today's arm and their initial adapters' angles to today's."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["lr"], row["method"]), []).append(row)
@@ -649,8 +691,10 @@ def markdown_table(rows: list[dict], before: dict) -> str:
         "",
         "| lr | method | seeds | "
         + " | ".join(title for _, title, _ in columns)
-        + " | EM Δ vs LoRA, 95 % CI | log-lik Δ (Q:/A:) vs LoRA, 95 % CI | steps to LoRA's final loss |",
-        "|---" * (len(columns) + 6) + "|",
+        + " | EM Δ vs LoRA, 95 % CI | log-lik Δ (Q:/A:) vs LoRA, 95 % CI | steps to LoRA's final loss"
+        + " | log-lik Δ vs today's rule, 95 % CI | task gain Δ vs today's rule, 95 % CI"
+        + " | angle to today's adapter: A / B, median (max) |",
+        "|---" * (len(columns) + 9) + "|",
     ]
     for (lr, method), group in sorted(groups.items(), key=lambda item: (item[0][0], list(METHODS).index(item[0][1]))):
         cells = []
@@ -664,7 +708,15 @@ def markdown_table(rows: list[dict], before: dict) -> str:
             group[0].get(key, "") if method != "lora" else "" for key in ("em_vs_lora_ci95", "loglik_vs_lora_ci95")
         ]
         steps = ", ".join(str(g.get("steps_to_lora_final_loss") or "not reached") for g in group)
-        lines.append(f"| {lr:g} | {method} | {len(group)} | " + " | ".join(cells + intervals) + f" | {steps} |")
+        today = [group[0].get(key, "") for key in ("loglik_vs_today_ci95", "task_gain_vs_today_ci95")]
+        today.append(angle_cell((angles or {}).get(method)))
+        lines.append(
+            f"| {lr:g} | {method} | {len(group)} | "
+            + " | ".join(cells + intervals)
+            + f" | {steps} | "
+            + " | ".join(today)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -691,7 +743,8 @@ def plots(rows: list[dict], runs: list[dict], out: Path) -> None:
             x = [_mean(r["task_gain"] for r in by_lr[lr]) for lr in lrs]
             y = [_mean(r[key] for r in by_lr[lr]) for lr in lrs]
             spread = [(max(r[key] for r in by_lr[lr]) - min(r[key] for r in by_lr[lr])) / 2 for lr in lrs]
-            line = ax.errorbar(x, y, yerr=spread, marker="o", ms=4, lw=1, capsize=2, label=method)
+            style = "--" if method in DAMPING_ARMS else "-"  # the damping arms, dashed
+            line = ax.errorbar(x, y, yerr=spread, marker="o", ms=4, lw=1, ls=style, capsize=2, label=method)
             for xi, yi, lr in zip(x, y, lrs, strict=True):
                 ax.annotate(
                     f"{lr:g}",
@@ -729,6 +782,7 @@ def plots(rows: list[dict], runs: list[dict], out: Path) -> None:
 def planned_runs(settings) -> list[tuple[str, float, int]]:
     """All methods at the first two learning rates, then the further seeds at the papers' rate, then the rest."""
     names = settings.only.split(",") if settings.only else list(METHODS)
+    names = [arm for name in names for arm in (DAMPING_ARMS if name == "damping" else [name])]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         sys.exit(f"--only: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -758,7 +812,11 @@ def append_line(path: Path, line: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "fidelity2")
-    parser.add_argument("--only", default=None, help=f"comma-separated methods [default: all: {', '.join(METHODS)}]")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated methods, 'damping' for the damping arms [default: all: {', '.join(METHODS)}]",
+    )
     parser.add_argument("--lrs", default="2e-5,2e-4,6e-5", help="learning rates, run in this order")
     parser.add_argument("--seeds", default="0,1", help="the first for every lr; the others at the papers' 2e-5")
     parser.add_argument("--all-seeds", action="store_true", help="every seed at every learning rate")

@@ -54,10 +54,24 @@ class Accumulator:
             total[tile_rows, tile_columns] += rows[:, tile_rows].T @ rows[:, tile_columns]
         self.counts[round_index] += rows.shape[0] if self.normalisation == "tokens" else x.shape[0]
 
-    def totals(self) -> list[torch.Tensor]:
-        """The sums with their lower triangle filled in from the upper one's tiles, in host memory."""
+    def mirror(self) -> None:
+        """Fill the sums' lower triangles from their upper tiles: later batches add to the upper tiles only, and
+        ``totals`` mirrors them again, so this may be done midway (``so_far``)."""
         for total in self.sums:
             mirror_tiles(total, self.tiles)
+
+    def so_far(self) -> torch.Tensor:
+        """The sum over all rounds of the batches added so far, symmetric, where the sums live (a copy only where
+        there are several rounds)."""
+        self.mirror()
+        total = self.sums[0] if len(self.sums) == 1 else self.sums[0].clone()
+        for round_sum in self.sums[1:]:
+            total.add_(round_sum)
+        return total
+
+    def totals(self) -> list[torch.Tensor]:
+        """The sums with their lower triangle filled in from the upper one's tiles, in host memory."""
+        self.mirror()
         return [total.cpu() for total in self.sums]
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from corda_surgery.calib.store import CovarianceEntry, CovarianceStore, StoreError, StoreWriter
+from corda_surgery.calib.store import CountedLevel, CovarianceEntry, CovarianceStore, StoreError, StoreWriter
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
@@ -58,7 +58,7 @@ class RankOutput(Protocol):
         ...
 
     def sink(
-        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink: ...
 
 
@@ -78,7 +78,7 @@ class _Writer:
             yield path
 
     def sink(
-        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink:
         if resume and out.exists():
             return _Finished(out, view, calibration)
@@ -88,7 +88,7 @@ class _Writer:
             calibration=calibration,
             num_layers=view.num_blocks,
             resume=resume,
-            below_damping_level=below_damping_level,
+            counted=counted,
         )
         return _Store(writer)
 
@@ -158,7 +158,7 @@ class _OtherRank:
         return contextlib.nullcontext(resolved(out))
 
     def sink(
-        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, below_damping_level: float | None
+        self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink:
         return _Discard()
 

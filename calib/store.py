@@ -34,6 +34,9 @@ ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k 
 # may carry rounding of this order, anything larger is not a covariance.
 SYMMETRY_TOLERANCE = 1e-6
 SYMMETRY_TILE = 256  # the symmetry check compares this-wide tiles with their mirror images
+# The rule that the legacy ``below_damping_level`` attribute means (λ·mean(diag C)); counts at any other rule
+# are described by ``damping_counted`` alone, so that an older reader sees them as no counts at all.
+LEGACY_COUNT_RULE = "mean-diagonal"
 
 
 class StoreError(CordaSurgeryError):
@@ -49,7 +52,9 @@ class CovarianceEntry:
     linears: tuple[str, ...]
     count: int
     round_counts: tuple[int, ...] = ()  # one count per sampling round, when the run had several
-    below_damping: int | None = None  # eigenvalues of C under the store's level·mean(diag C); None: not counted
+    below_damping: int | None = None  # eigenvalues of C under the store's counted level; None: not counted
+    below_damping_half: int | None = None  # the same count at part of the tokens (the first half of the batches)
+    half_count: int | None = None  # the count that part's sum is divided by
 
     def round_name(self, index: int) -> str:
         return f"{self.name}{ROUND_SEPARATOR}{index}"
@@ -158,11 +163,32 @@ def round_total(round_sums: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+@dataclass(frozen=True)
+class CountedLevel:
+    """The damping rule (its name) and λ at which a store's ``below_damping`` counts were taken by its caller."""
+
+    rule: str
+    damping: float
+
+    def to_json(self) -> str:
+        return json.dumps({"rule": self.rule, "damping": self.damping})
+
+
+def counted_level(attrs) -> CountedLevel | None:
+    """A store's counted level: ``damping_counted``, else the legacy ``below_damping_level`` (λ·mean(diag C))."""
+    if "damping_counted" in attrs:
+        described = json.loads(attrs["damping_counted"])
+        return CountedLevel(str(described["rule"]), float(described["damping"]))
+    if "below_damping_level" in attrs:
+        return CountedLevel(LEGACY_COUNT_RULE, float(attrs["below_damping_level"]))
+    return None
+
+
 class StoreWriter:
     """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it.
 
-    ``below_damping_level``: the level its entries' ``below_damping`` counts were taken at (recorded; None:
-    no counts), by whoever computed them, since the store does no linear algebra.
+    ``counted``: the rule and level its entries' ``below_damping`` counts were taken at (recorded; None: no
+    counts), by whoever computed them, since the store does no linear algebra.
     """
 
     def __init__(
@@ -173,14 +199,14 @@ class StoreWriter:
         calibration: dict,
         num_layers: int,
         resume: bool,
-        below_damping_level: float | None = None,
+        counted: CountedLevel | None = None,
     ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.fingerprint = fingerprint
         self.calibration = calibration
         self.storage_dtype = str(calibration.get("store_dtype", "float64"))
-        reopened = self._reopen() if resume and self.partial.exists() else None
+        reopened = self._reopen(counted) if resume and self.partial.exists() else None
         self.created = reopened is None  # this run made the partial file: an error removes it (see discard)
         if reopened is not None:
             self.file: h5py.File = reopened
@@ -194,15 +220,17 @@ class StoreWriter:
             attrs["calibration"] = json.dumps(calibration, sort_keys=True)
             attrs["num_layers"] = num_layers
             attrs["layers_done"] = 0
-            if below_damping_level is not None:
-                attrs["below_damping_level"] = below_damping_level
+            if counted is not None:
+                attrs["damping_counted"] = counted.to_json()
+                if counted.rule == LEGACY_COUNT_RULE:
+                    attrs["below_damping_level"] = counted.damping
             attrs["complete"] = False
             self.file.flush()
         except BaseException:
             self.discard()
             raise
 
-    def _reopen(self) -> h5py.File | None:
+    def _reopen(self, counted: CountedLevel | None) -> h5py.File | None:
         try:
             handle = h5py.File(self.partial, "a")
         except OSError:
@@ -224,6 +252,11 @@ class StoreWriter:
             handle.close()
             raise StoreError(
                 f"{self.partial}: partial store used other calibration settings; remove it or drop `resume`"
+            )
+        if counted_level(handle.attrs) != counted:
+            handle.close()
+            raise StoreError(
+                f"{self.partial}: partial store counted its eigenvalues at another damping; remove it or drop `resume`"
             )
         try:
             check_contained(handle, self.partial)
@@ -255,8 +288,9 @@ class StoreWriter:
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
             data.attrs["round_counts"] = json.dumps(list(entry.round_counts))
-            if entry.below_damping is not None:
-                data.attrs["below_damping"] = entry.below_damping
+            for name in ("below_damping", "below_damping_half", "half_count"):
+                if getattr(entry, name) is not None:
+                    data.attrs[name] = getattr(entry, name)
             for index, round_sum in enumerate(round_sums if entry.round_counts else []):
                 part = self._write_sum(entry.round_name(index), round_sum, entry.round_counts[index])
                 part.attrs["layer"] = entry.layer
@@ -316,6 +350,7 @@ class CovarianceStore:
             self.below_damping_level = float(attrs["below_damping_level"]) if "below_damping_level" in attrs else None
             self.packed = int(attrs["format_version"]) >= 3
             self.normalised = self.packed and self.calibration.get("store_dtype", "float64") == "float32"
+            self.counted = counted_level(attrs)
             self.entries: dict[str, CovarianceEntry] = {}
             for name in self.file:
                 if ROUND_SEPARATOR in name:
@@ -327,7 +362,11 @@ class CovarianceStore:
                     linears=tuple(json.loads(dataset_attrs["linears"])),
                     count=int(dataset_attrs["count"]),
                     round_counts=tuple(json.loads(dataset_attrs.get("round_counts", "[]"))),
-                    below_damping=int(dataset_attrs["below_damping"]) if "below_damping" in dataset_attrs else None,
+                    **{
+                        field: int(dataset_attrs[field])
+                        for field in ("below_damping", "below_damping_half", "half_count")
+                        if field in dataset_attrs
+                    },
                 )
                 if entry.count < 0 or (entry.round_counts and sum(entry.round_counts) != entry.count):
                     raise StoreError(

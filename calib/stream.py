@@ -26,7 +26,7 @@ from corda_surgery.calib.accumulate import Accumulator, InputGroups, expert_slic
 from corda_surgery.calib.activations import Activations, rank_activation_budget
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
 from corda_surgery.calib.sink import CovarianceSink, rank_output
-from corda_surgery.calib.store import CovarianceEntry, round_total
+from corda_surgery.calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
 from corda_surgery.checkpoint.view import REMOTE_CODE_REFUSED, ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
@@ -53,12 +53,17 @@ class CalibrationError(CordaSurgeryError):
 
 @dataclass(frozen=True)
 class BelowDamping:
-    """How each input's covariance eigenvalues below ``level``·mean(diag C) are counted (``count`` of a sum:
-    None where not counted); the decomposition owns that arithmetic, so calibration is handed it, and the
-    store records the level with the counts. Experts' slices are never counted: hundreds per layer."""
+    """How each input's covariance eigenvalues below the damping level (λ = ``level`` under the damping
+    ``rule``, named) are counted (``count`` of a sum: None where not counted); the decomposition owns that
+    arithmetic, so calibration is handed it, and the store records the rule and level with the counts. Each
+    input is counted on its whole sum and, midway, on the sum over the first half of the batches (summed over
+    the ranks under torch.distributed), so that a later reader can tell whether more tokens move the count.
+    Inputs wider than ``max_width`` and experts' slices (hundreds per layer) are never counted."""
 
     level: float
     count: Callable[[torch.Tensor], int | None]
+    rule: str = LEGACY_COUNT_RULE
+    max_width: int | None = None  # None: every width
 
 
 class _StopForward(Exception):
@@ -132,24 +137,33 @@ def stream_covariances(
     mine = ranks.share(len(batches))
     arguments = capture_block_inputs(view, [batches[b] for b in mine], hidden)
     masks = [batches[b].attention_mask.bool().to(view.device) for b in mine]
+    # this rank's first batch of the second half (len(mine): none), where the first half is counted
+    halfway = next((b for b, batch in enumerate(mine) if batch >= len(batches) // 2), len(mine))
+    halfway = halfway if below_damping is not None and len(batches) > 1 else -1
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
         groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device))
         handles = _hook(view, index, block, groups) if index >= layers_done else []
+        halves: dict[str, tuple[int | None, int]] = {}
+        counting = below_damping if handles else None  # a block already stored is not counted again
         try:
             for b in tqdm(range(len(mine)), desc=f"block {index}", leave=False, disable=not progress):
+                if counting is not None and b == halfway:
+                    halves = _count_so_far(groups, view, index, counting, ranks)
                 groups.start_batch(masks[b], mine[b] * rounds // len(batches))
                 args, kwargs = arguments[b][index]
                 out = block(hidden[b], *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
                 del out
+            if counting is not None and halfway == len(mine):  # all of this rank's batches were in the first half
+                halves = _count_so_far(groups, view, index, counting, ranks)
         finally:
             for handle in handles:
                 handle.remove()
             view.free_block(index)
         if handles:
             _reduce_over_ranks(groups, ranks, view.block_name(index))
-            sink.write_layer(index, _entries(groups, view, index, rounds, below_damping))
+            sink.write_layer(index, _entries(groups, view, index, rounds, below_damping, halves))
 
 
 def _hook(view: ModelView, index: int, block: nn.Module, groups: InputGroups) -> list:
@@ -185,11 +199,60 @@ def _reduce_over_ranks(groups: InputGroups, ranks: Ranks, prefix: str) -> None:
         accumulator.counts = counts.tolist()
 
 
+def _count_so_far(
+    groups: InputGroups, view: ModelView, index: int, below_damping: BelowDamping, ranks: Ranks
+) -> dict[str, tuple[int | None, int]]:
+    """Per counted input of block ``index``: its count below the damping on the sums so far and the count they
+    are divided by, on rank 0 (empty elsewhere). Under torch.distributed every rank calls this once per block,
+    at its own first batch of the second half, and the sums so far are added up over the ranks, one input at a
+    time (a rank whose share has no first-half batch adds zeros)."""
+    prefix, uncounted, limit = view.block_name(index), expert_slices(view.experts[index]), below_damping.max_width
+    widths = {
+        leader: accumulator.sums[0].shape[0]
+        for leader, accumulator in groups.accumulators.items()
+        if leader not in uncounted and (limit is None or accumulator.sums[0].shape[0] <= limit)
+    }
+    for seen_elsewhere in gather_objects(widths, ranks, f"{prefix}: gathering the inputs of the first half"):
+        widths.update(seen_elsewhere)
+    counted: dict[str, tuple[int | None, int]] = {}
+    for leader in sorted(widths):
+        total, seen = _sum_so_far(groups.accumulators.get(leader), widths[leader], view.device, ranks)
+        if ranks.writer and seen > 0:  # counted in host memory, as the whole sums are (a GPU's sum copied)
+            counted[leader] = (below_damping.count(total.cpu()), seen)
+        del total
+    return counted
+
+
+def _sum_so_far(
+    accumulator: Accumulator | None, width: int, device: torch.device, ranks: Ranks
+) -> tuple[torch.Tensor, int]:
+    """An input's sum so far and its count, summed over the ranks (the accumulator's own sum, not a copy, for
+    one process and one round)."""
+    if accumulator is None:
+        total, seen = torch.zeros(width, width, dtype=torch.float64, device=device), 0
+    else:
+        total, seen = accumulator.so_far(), sum(accumulator.counts)
+    if ranks.world == 1:
+        return total, seen
+    if accumulator is not None and total is accumulator.sums[0]:
+        total = total.clone()  # the running sum goes on
+    counts = torch.tensor([seen], dtype=torch.int64, device=total.device)
+    all_reduce_sum(total, ranks, "summing the first half's covariances")
+    all_reduce_sum(counts, ranks, "summing the first half's token counts")
+    return total, int(counts)
+
+
 def _entries(
-    groups: InputGroups, view: ModelView, index: int, rounds: int, below_damping: BelowDamping | None
+    groups: InputGroups,
+    view: ModelView,
+    index: int,
+    rounds: int,
+    below_damping: BelowDamping | None,
+    halves: dict[str, tuple[int | None, int]],
 ) -> Iterator[tuple[CovarianceEntry, list[torch.Tensor]]]:
-    """Block ``index``'s inputs with their sums (one per round), made when the sink first asks for them (a
-    discarding sink never does) and all checked before the first is handed over."""
+    """Block ``index``'s inputs with their sums (one per round) and counts (``halves``: those midway), made when
+    the sink first asks for them (a discarding sink never does) and all checked before the first is handed
+    over."""
     prefix = view.block_name(index)
     unseen = [name for name in view.linears[index] if name not in groups.leader_of]
     if unseen:
@@ -204,6 +267,7 @@ def _entries(
         below = None
         if below_damping is not None and leader not in uncounted:
             below = below_damping.count(round_total(sums))
+        below_half, half_count = halves.get(leader, (None, None)) if below is not None else (None, None)
         entry = CovarianceEntry(
             name=name,
             layer=index,
@@ -211,6 +275,8 @@ def _entries(
             count=sum(accumulator.counts),
             round_counts=tuple(accumulator.counts) if rounds > 1 else (),
             below_damping=below,
+            below_damping_half=below_half,
+            half_count=half_count if below_half is not None else None,
         )
         entries.append((entry, sums))
     yield from entries
@@ -251,8 +317,8 @@ def calibrate(
         if before_work is not None:
             before_work(view, out)
         batches, description = _token_batches(view, spec, model_dir, progress)
-        level = below_damping.level if below_damping is not None else None
-        sink = output.sink(out, view, description, resume=resume, below_damping_level=level)
+        counted = CountedLevel(below_damping.rule, below_damping.level) if below_damping is not None else None
+        sink = output.sink(out, view, description, resume=resume, counted=counted)
         done, finished = broadcast_object((sink.layers_done, sink.finished), ranks, "agreeing on the layers stored")
         if finished:  # resume found the store written: no forward to run
             sink.close()

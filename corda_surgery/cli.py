@@ -23,6 +23,7 @@ from corda_surgery.cli_errors import fail_cleanly, terminated
 from corda_surgery.cli_options import (
     calibration_options,
     damping_option,
+    damping_rule_option,
     decomposition_options,
     device_option,
     dry_run_option,
@@ -110,14 +111,19 @@ def main(debug: bool, verbose: bool) -> None:
               help="HDF5 covariance store to write.")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last complete layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@damping_option
+@damping_rule_option
 @fail_cleanly
-def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
+def calibrate(model_dir, out, resume, overwrite, dry_run, damping, damping_rule, **calibration):
     """Collect every linear layer's input covariance into an HDF5 store.
 
     Streams the model one decoder layer at a time (peak memory ≈ embedding + one layer +
     calibration activations). Linears that read the same input (q/k/v, gate/up) share one
-    covariance. An interrupted run resumes with --resume.
+    covariance. An interrupted run resumes with --resume. Each input's covariance eigenvalues
+    below the damping level (--damping, --damping-rule: give the decomposition's) are counted
+    into the store, on all tokens and on half, for the diagnosis `decompose` reports.
     """
+    from corda_surgery.decomposition.kinds import DampingRule
     from corda_surgery.surgery.calibration import calibrate as run_calibration
 
     spec, compute = _spec(calibration), _compute(calibration)
@@ -126,7 +132,10 @@ def calibrate(model_dir, out, resume, overwrite, dry_run, **calibration):
         from corda_surgery.surgery.run import estimate_run
 
         return _show_plan(estimate_run(model, compute, out, spec=spec))
-    path = run_calibration(model, spec, out, compute=compute, resume=resume, overwrite=overwrite)
+    rule = DampingRule(damping_rule)
+    path = run_calibration(
+        model, spec, out, compute=compute, resume=resume, overwrite=overwrite, damping=damping, damping_rule=rule
+    )
     click.echo(f"covariances written to {path}")
 
 
@@ -313,6 +322,14 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
         sys.exit(1)
 
 
+def _damping_columns(diagnosis: dict, rank: int) -> str:
+    """inspect's damping columns: the counts, and the limit ("?" where they reach the rank, unclassified)."""
+    below = diagnosis.get("covariance_eigenvalues_below_damping")
+    half = diagnosis.get("covariance_eigenvalues_below_damping_half")
+    limit = diagnosis.get("damping_limit") or ("?" if below is not None and below >= rank else "-")
+    return f"{'-' if below is None else below:>7} {'-' if half is None else half:>7} {limit:>8}"
+
+
 @main.command()
 @click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--model", "model_dir", default=None, help="The model the stores were calibrated on [default: embedded].")
@@ -323,6 +340,7 @@ def verify_onnx(onnx_dir, reference, new_tokens, repeats):
 @click.option("--max-rank", type=int, default=None)
 @click.option("--targets", default="all-linear", show_default=True)
 @damping_option
+@damping_rule_option
 @device_option
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write spectra.png and ranks.png into this folder (needs matplotlib).")  # fmt: skip
@@ -341,15 +359,18 @@ def inspect(stores, model_dir, plot_dir, **surgery):
     plots = plot_inspection(rows, spectra, plot_dir, title) if plot_dir is not None else []  # before any output
     rank = options.rank
     # 1 − compactness is printed too: for KPM it is the tiny energy share the adapter disturbs.
+    # below λ: covariance eigenvalues under the damping level (at half the tokens); limit: what limits the
+    # directions of an adapter where they reach its rank (sample: more tokens help; spectrum: the damping decides).
     click.echo(
         f"{'layer':<44} {'rank':>4} {'store':>5} {'round':>5} {'compactness':>11} {'1-compact.':>10} "
-        f"{'uniform r=' + str(rank):>12}"
+        f"{'uniform r=' + str(rank):>12} {'below λ':>7} {'at half':>7} {'limit':>8}"
     )
     for row in rows:
         round_label = "-" if row["round"] is None else str(row["round"])
         click.echo(
             f"{row['layer']:<44} {row['rank']:>4} {row['store']:>5} {round_label:>5} "
-            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} {row['compactness_at_base_rank']:>12.6f}"
+            f"{row['compactness']:>11.6f} {1 - row['compactness']:>10.3e} {row['compactness_at_base_rank']:>12.6f} "
+            + _damping_columns(row["damping"], row["rank"])
         )
     mean = sum(r["compactness"] for r in rows) / len(rows)
     mean_base = sum(r["compactness_at_base_rank"] for r in rows) / len(rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_RULE, DampingRule
 from corda_surgery.surgery.options import Method
 
 
@@ -51,9 +51,20 @@ calibration_options = grouped(
 
 damping_option = click.option(
     "--damping", type=float, default=DEFAULT_DAMPING, show_default=True,
-    help="Covariance damping λ ≥ 0: C + λ·mean(diag C)·I. Raised (with a warning) up to 1024× where C is not "
-         "positive definite; a covariance that needs more is refused as unusable.",
+    help="Covariance damping λ ≥ 0: C + λ·scale·I, scale from --damping-rule. Raised (with a warning) up to "
+         "1024× where C is not positive definite; a covariance that needs more is refused as unusable.",
 )  # fmt: skip
+damping_rule_option = click.option(
+    "--damping-rule",
+    type=click.Choice([rule.value for rule in DampingRule]),
+    default=DEFAULT_DAMPING_RULE.value,
+    show_default=True,
+    help="What λ multiplies. mean-diagonal: mean(diag C), PEFT's and the CorDA papers' rule; a few massive "
+    "activation dimensions make it large, so on many layers most of the spectrum lies below the level and KPM's "
+    "directions are the damping's (the warning says which). median-diagonal: the median input variance, which "
+    "such dimensions cannot raise. The default stays PEFT's until the fidelity study (docs/fidelity.md) shows "
+    "which serves KPM better.",
+)
 
 decomposition_options = grouped(
     click.option("--method", type=click.Choice([m.value for m in Method]), default="corda", show_default=True,
@@ -84,6 +95,7 @@ decomposition_options = grouped(
                  help="What the adapter names as its base model: where the residual will live (a path or a hub "
                       "repo id) [default: the output folder]. corda-surgery's own commands do not need it."),
     damping_option,
+    damping_rule_option,
     click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
                  help="Largest output shard (e.g. 500MB, 2GB, 4GiB)."),
     click.option("--rank-budget", type=float, default=None,

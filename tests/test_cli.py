@@ -83,6 +83,30 @@ def test_pipeline_and_inspect_plots(tiny_llama, tmp_path):
     assert (tmp_path / "plots" / "ranks.png").stat().st_size > 1000
 
 
+def test_inspect_shows_the_damping_diagnosis_per_layer(tiny_llama, tmp_path):
+    """inspect prints each layer's eigenvalues below the damping level (all tokens, first half) and what limits
+    them: with fewer tokens than the inputs are wide, the sample (inspected at rank 4)."""
+    store = tmp_path / "few.h5"
+    args = ("--data", "gsm8k", "--samples", 4, "--seq-len", 12, "--batch-size", 2, "--out", store)
+    assert run("calibrate", tiny_llama, *args).exit_code == 0
+    result = run("inspect", store, "--model", tiny_llama, "--mode", "kpm", "--rank", 4)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(line.split() for line in lines if "compactness" in line and "uniform" in line)
+    rows = [line.split() for line in lines if line.startswith("model.")]
+    assert header[-5:] == ["below", "λ", "at", "half", "limit"]
+    assert len(rows) == 21 and all(int(row[-2]) > int(row[-3]) >= 4 for row in rows)
+    # o_proj reads attention outputs, heads sharing their values: low-rank in structure, not for want of tokens
+    assert all(row[-1] == "sample" for row in rows if not row[0].endswith("o_proj"))
+    median = tmp_path / "median.h5"  # counted at the median rule: inspected at it, or at no other
+    rule = ("--damping-rule", "median-diagonal")
+    assert run("calibrate", tiny_llama, *args[:-1], median, *rule).exit_code == 0
+    for extra, counted in (((), False), (rule, True)):
+        result = run("inspect", median, "--model", tiny_llama, "--mode", "kpm", "--rank", 4, *extra)
+        rows = [line.split() for line in result.output.splitlines() if line.startswith("model.")]
+        assert all((row[-3] != "-") == counted for row in rows), extra
+
+
 def test_errors_are_one_line_with_nonzero_exit(tiny_llama, tmp_path):
     result = run("decompose", tiny_llama, "--covariances", tmp_path / "missing.h5", "--out", tmp_path / "o")
     assert result.exit_code == 1

@@ -160,3 +160,71 @@ def test_balanced_components_have_equal_norms_and_the_same_product(mode):
 def test_balance_is_refused_without_a_decomposition():
     with pytest.raises(OptionsError, match=r"^balance needs a decomposition"):
         SurgeryOptions.of(method="lora", balance=True)
+
+
+FIELDS = ("lora_A", "lora_B", "residual", "kept")
+
+
+def _toeplitz(dim: int, rho: float) -> torch.Tensor:
+    """ρ^|i−j|: a spread spectrum over a constant (unit) diagonal."""
+    index = torch.arange(dim, dtype=torch.float64)
+    return rho ** (index[:, None] - index[None, :]).abs()
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize(
+    "covariance",
+    [lambda: 0.37 * torch.eye(48, dtype=torch.float64), lambda: _toeplitz(48, 0.9)],
+    ids=["flat", "toeplitz"],
+)
+def test_the_median_rule_is_the_mean_rule_where_no_dimension_dominates(mode, covariance):
+    """Where every input varies alike (a flat spectrum, or any spectrum over a constant diagonal), the median
+    of diag C is its mean, so both rules damp alike and give the same adapter and residual."""
+    cov = covariance()
+    weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
+    mean = decompose_weight(weight, cov, rank=8, mode=mode, name="w")
+    median = decompose_weight(weight, cov, rank=8, mode=mode, damping_rule="median-diagonal", name="w")
+    for field in FIELDS:
+        assert relative(getattr(median, field), getattr(mean, field)) <= 1e-12, field
+    assert (mean.damping_rule, median.damping_rule) == ("mean-diagonal", "median-diagonal")
+    assert mean.damping_level == 0.01 and median.damping_level == pytest.approx(0.01, rel=1e-12)
+
+
+def test_massive_dimensions_raise_the_mean_rule_not_the_median():
+    """Two dimensions 10⁴× the rest: λ·mean(diag C) lies above every other eigenvalue, λ·median(diag C) below
+    them all, so only the mean rule's KPM adapter takes the damping's directions; the median rule's level, in
+    the mean rule's units, is the median over the mean."""
+    from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
+
+    variances = torch.ones(48, dtype=torch.float64)
+    variances[:2] = 1e4
+    x = torch.randn(4000, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * variances.sqrt()
+    cov = x.T @ x / 4000
+    assert eigenvalues_below_damping(cov) == 46 and eigenvalues_below_damping(cov, rule="median-diagonal") == 0
+    weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
+    median = decompose_weight(weight, cov, rank=8, mode="kpm", damping_rule="median-diagonal", name="w")
+    diagonal = cov.diagonal()
+    assert median.damping_level == pytest.approx(0.01 * float(diagonal[diagonal > 0].median() / diagonal.mean()))
+    assert median.damping_level < 1e-4
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_a_shared_covariance_under_the_median_rule_gives_the_same_factors_bit_for_bit(mode):
+    cov = _covariance(48, 500)
+    shared = damped_covariance(cov, 0.01, 48, "layers.0.q_proj", rule="median-diagonal")
+    scale = float(cov.diagonal().median())
+    assert torch.equal(shared.damped, cov + 0.01 * scale * torch.eye(48, dtype=torch.float64))
+    assert shared.level == pytest.approx(0.01 * scale / float(cov.diagonal().mean()))
+    weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(40))
+    alone = decompose_weight(weight, cov, rank=8, mode=mode, damping_rule="median-diagonal", name="w")
+    reused = decompose_weight(weight, shared, rank=8, mode=mode, damping_rule="median-diagonal", name="w")
+    for field in FIELDS:
+        assert torch.equal(getattr(alone, field), getattr(reused, field)), field
+    assert alone.damping_level == reused.damping_level
+
+
+def test_the_damping_rule_is_a_member_and_named_in_the_error():
+    options = SurgeryOptions.of(damping_rule="median-diagonal")
+    assert options.decomposition.damping_rule.value == "median-diagonal"
+    with pytest.raises(OptionsError, match=r"^damping_rule 'median'"):
+        SurgeryOptions.of(damping_rule="median")

@@ -28,6 +28,7 @@ OPTIONS = {
     "corda++": SurgeryOptions.of(method="corda++", rank=4, rank_budget=4),
     # shards smaller than the largest weights: those get shards of their own, written out of the stored order
     "small shards": SurgeryOptions.of(rank=4, max_shard_size=20_000),
+    "median-diagonal": SurgeryOptions.of(rank=4, damping_rule="median-diagonal"),  # the rule travels in the options
 }
 
 
@@ -162,7 +163,7 @@ def test_a_convert_whose_rank_died_resumes_on_two_ranks(tmp_path, caplog):
     assert not (tmp_path / ".two.resume").exists()
 
 
-@pytest.mark.parametrize("method", ["corda", "corda++", "small shards"])
+@pytest.mark.parametrize("method", ["corda", "corda++", "small shards", "median-diagonal"])
 def test_convert_on_two_ranks_writes_what_one_process_writes(method, tmp_path):
     """Both ranks calibrate and decompose their shares, rank 0 writes: every tensor as one process writes it
     (bit for bit here; the covariances' summation order and each rank's thread count may move a float64

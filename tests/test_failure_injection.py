@@ -38,7 +38,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     model = save_tiny_model(root / "model", "llama", layers=2)
     store = calibrate(model, SPEC, root / "cov.h5", progress=False)
-    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions(rank=4), stores=[store], progress=False)
+    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions.of(rank=4), stores=[store], progress=False)
     merged = merge_adapter(surgery, surgery / "adapter", root / "merged", progress=False)
     return {"model": model, "store": store, "surgery": surgery, "merged": merged}
 

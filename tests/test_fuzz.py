@@ -45,7 +45,7 @@ def originals(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fuzz")
     model = save_tiny_model(root / "model", "llama", layers=1, hidden=32)
     store = calibrate(model, SPEC, root / "cov.h5", progress=False)
-    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions(rank=2), stores=[store], progress=False)
+    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions.of(rank=2), stores=[store], progress=False)
     return {"weights": model / "model.safetensors", "store": store, "adapter": surgery / "adapter"}
 
 

@@ -102,8 +102,10 @@ def test_eigenvalues_below_the_damping_come_from_the_caller(tiny_llama, tmp_path
     """The store does no linear algebra: the calibrate command passes the decomposition's count and its level
     in; the engine alone writes the same sums without them."""
     spec = CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2)
+    from corda_surgery.calib.stream import calibrate as calibrate_engine
+
     counted = calibrate_command(tiny_llama, spec, tmp_path / "counted.h5", progress=False)
-    plain = calibrate(tiny_llama, spec, tmp_path / "plain.h5", progress=False)
+    plain = calibrate_engine(tiny_llama, spec, tmp_path / "plain.h5", progress=False)
     with CovarianceStore(counted) as a, CovarianceStore(plain) as b:
         assert a.below_damping_level == 0.01 and b.below_damping_level is None
         assert a.entries.keys() == b.entries.keys()
@@ -112,6 +114,22 @@ def test_eigenvalues_below_the_damping_come_from_the_caller(tiny_llama, tmp_path
             expected = int((torch.linalg.eigvalsh(covariance) < 0.01 * covariance.diagonal().mean()).sum())
             assert entry.below_damping == expected > 0 and b.entries[name].below_damping is None, name
             assert torch.equal(covariance, b.covariance(name)), name
+
+
+def test_eigenvalues_below_the_damping_are_also_counted_at_half_the_batches(tiny_llama, tmp_path):
+    """Midway through each block's batches every input is counted again, on the sum so far: the count of the
+    covariance of the first half of the batches (by whole-model hooks), with that half's token count."""
+    counted = calibrate_command(tiny_llama, SPEC, tmp_path / "counted.h5", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    batches, _ = token_batches(SPEC, AutoTokenizer.from_pretrained(tiny_llama), model.config.vocab_size)
+    first = batches[: len(batches) // 2]
+    expected = reference_covariances(model, first, ModelView(tiny_llama).blocks_prefix)
+    with CovarianceStore(counted) as store:
+        assert store.counted is not None and (store.counted.rule, store.counted.damping) == ("mean-diagonal", 0.01)
+        for name, entry in store.entries.items():
+            half = expected[entry.linears[0]]
+            assert entry.half_count == sum(int(b.attention_mask.sum()) for b in first) < entry.count, name
+            assert entry.below_damping_half == eigenvalues_below_damping(half) >= entry.below_damping, name
 
 
 def test_shared_inputs_share_one_covariance(tiny_llama, tmp_path):
@@ -181,3 +199,18 @@ def test_only_one_block_is_materialised(tmp_path, monkeypatch):
     calibrate(model_dir, SPEC, tmp_path / "cov.h5", progress=False)
     assert [m for m, _ in seen] == [[i] for i in range(6)]
     assert all(stem == [] for _, stem in seen)  # embeddings freed once block 0's inputs are captured
+
+
+def test_a_partial_store_counted_at_another_damping_is_not_resumed(tmp_path):
+    """The counts of a resumed run must all be at one damping: a partial store counted at another is refused;
+    one counted under PEFT's rule also keeps the legacy attribute older readers know."""
+    from corda_surgery.calib.store import CountedLevel, StoreError, StoreWriter
+
+    mean, median = CountedLevel("mean-diagonal", 0.01), CountedLevel("median-diagonal", 0.01)
+    settings = {"fingerprint": "f", "calibration": {"source": "x"}, "num_layers": 2}
+    StoreWriter(tmp_path / "cov.h5", resume=False, counted=mean, **settings).close()
+    with h5py.File(partial_path(tmp_path / "cov.h5")) as handle:
+        assert handle.attrs["below_damping_level"] == 0.01
+    with pytest.raises(StoreError, match="counted its eigenvalues at another damping"):
+        StoreWriter(tmp_path / "cov.h5", resume=True, counted=median, **settings)
+    StoreWriter(tmp_path / "cov.h5", resume=True, counted=mean, **settings).close()

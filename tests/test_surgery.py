@@ -51,6 +51,49 @@ def test_handoff_reproduces_original_logits(kind, mode, stores, request, tmp_pat
     assert len(report["layers"]) == {"llama": 7, "qwen2": 7, "gpt2": 4}[kind] * 3
 
 
+@pytest.mark.parametrize("rule", ["mean-diagonal", "median-diagonal"])
+@pytest.mark.parametrize("method", ["corda", "corda++"])
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_handoff_is_exact_under_every_damping_rule(rule, method, mode, tiny_llama, stores, tmp_path):
+    """Whatever λ multiplies, residual + s·B·A is the weight: the logits stay within 1e-4; surgery.json names
+    the rule, and per target its λ and (for a rule other than the default) the level in mean(diag C)'s units."""
+    budget = {"rank_budget": 8} if method == "corda++" else {}
+    options = SurgeryOptions.of(method=method, mode=mode, rank=8, damping_rule=rule, **budget)
+    out = decompose_checkpoint(tiny_llama, tmp_path / "out", options, stores=[stores["llama"]], progress=False)
+    assert _handoff_error(tiny_llama, out) <= 1e-4
+    report = json.loads((out / "surgery.json").read_text())
+    assert report["damping_rule"] == rule and report["damping"] == 0.01
+    for layer in report["layers"].values():
+        assert layer["damping"] >= 0.01
+        if rule == "mean-diagonal":
+            assert "damping_rule" not in layer and "damping_level" not in layer
+        else:
+            assert layer["damping_rule"] == rule and layer["damping_level"] > 0
+
+
+def test_convert_counts_at_its_own_damping_rule(tiny_llama, tmp_path, caplog):
+    """convert hands its rule and λ to the calibration, so the store's counts (and the diagnosis in
+    surgery.json) are at the level the surgery uses; the legacy λ·mean(diag C) attribute is left out."""
+    import h5py
+
+    from corda_surgery.decomposition.diagnostics import eigenvalues_below_damping
+    from corda_surgery.surgery.run import convert_checkpoint
+
+    options = SurgeryOptions.of(rank=8, damping_rule="median-diagonal")
+    out = convert_checkpoint(tiny_llama, tmp_path / "out", SPEC, options, progress=False)
+    with h5py.File(out / "covariances.h5") as handle:
+        assert json.loads(handle.attrs["damping_counted"]) == {"rule": "median-diagonal", "damping": 0.01}
+        assert "below_damping_level" not in handle.attrs
+    report = json.loads((out / "surgery.json").read_text())
+    assert report["covariance_stores"][0]["eigenvalues_below_damping_rule"] == "median-diagonal"
+    from corda_surgery.calib.store import CovarianceStore
+
+    with CovarianceStore(out / "covariances.h5") as store:
+        for name, layer in report["layers"].items():
+            count = eigenvalues_below_damping(store.covariance(name), 0.01, "median-diagonal")
+            assert layer["covariance_eigenvalues_below_damping"] == count, name
+
+
 def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path, monkeypatch):
     """q/k/v and gate/up share their damped covariance and its factor: one store read per input."""
     from corda_surgery.calib.store import CovarianceStore
@@ -71,7 +114,8 @@ def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path
 
 def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp_path, caplog):
     """Each stored input records how many covariance eigenvalues lie below the damping level (counted here
-    independently); surgery.json carries them, and KPM names the layers where they reach the rank."""
+    independently); surgery.json carries them, and KPM names the layers where they reach the rank: here fewer
+    tokens than the inputs are wide, so the sample limits them and the advice is more tokens."""
     import numpy as np
 
     from corda_surgery.calib.store import CovarianceStore
@@ -89,7 +133,32 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
                                    progress=False)  # fmt: skip
     layers = json.loads((out / "surgery.json").read_text())["layers"]
     assert all(layer["covariance_eigenvalues_below_damping"] >= 8 for layer in layers.values())
+    assert {layer["damping_limit"] for layer in layers.values()} == {"sample"}
     assert f"{len(layers)} of {len(layers)} KPM targets" in caplog.text and "chosen by the damping" in caplog.text
+    assert "limited by the sample" in caplog.text and "calibrate on more tokens" in caplog.text
+    assert "spectrum" not in caplog.text
+
+
+def test_a_massive_input_dimension_is_diagnosed_as_the_spectrum(tiny_llama, tmp_path, caplog):
+    """Two of layer 0's normalised input dimensions scaled 300× (a model's massive activations): its q/k/v input
+    keeps its other directions below 0.01·mean(diag C) at half the tokens as at all of them, so the diagnosis
+    names the spectrum and the damping as the remedy, not more tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[:2] *= 300
+    model.save_pretrained(tmp_path / "massive")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "massive")
+    store = calibrate(tmp_path / "massive", SPEC, tmp_path / "massive.h5", progress=False)
+    with caplog.at_level("WARNING"):
+        out = decompose_checkpoint(tmp_path / "massive", tmp_path / "out", SurgeryOptions.of(rank=8), stores=[store],
+                                   progress=False)  # fmt: skip
+    layers = json.loads((out / "surgery.json").read_text())["layers"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = layers[f"model.layers.0.self_attn.{name}"]
+        assert layer["half_tokens"] < SPEC.samples * SPEC.seq_len, name
+        assert layer["covariance_eigenvalues_below_damping_half"] >= layer["covariance_eigenvalues_below_damping"] >= 8
+        assert layer["damping_limit"] == "spectrum", name
+    assert "limited by the spectrum" in caplog.text and "--damping" in caplog.text
 
 
 def test_balanced_factors_keep_the_handoff_and_even_out_the_norms(tiny_llama, stores, tmp_path):

@@ -394,7 +394,7 @@ def onnx_folder(inputs, tmp_path_factory) -> Path:
 
     model, store = inputs
     root = tmp_path_factory.mktemp("onnx")
-    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions(rank=4), stores=[store], progress=False)
+    surgery = decompose_checkpoint(model, root / "surgery", SurgeryOptions.of(rank=4), stores=[store], progress=False)
     merged = merge_adapter(surgery, surgery / "adapter", root / "merged", progress=False)
     return export_onnx(merged, root / "onnx")
 

@@ -6,7 +6,7 @@ function in METRICS, so another form can replace it.
 With σ₁ ≥ … ≥ σ_R the singular values of W·C_damped and E(k) = Σ_{i≤k} σᵢ² / Σ σᵢ²:
 - IPM at rank r: compactness = E(r), the share of context-weighted energy the trainable components hold;
 - KPM at rank r: compactness = 1 − (E(R) − E(R−r)), one minus the share the r smallest components hold.
-Both are invariant to the scale of C, because damping is relative to mean(diag C).
+Both are invariant to the scale of C, because damping is relative to a scale of C (``damping_scale``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from corda_surgery.decomposition.decompose import CovarianceSource, context_product
-from corda_surgery.decomposition.kinds import Mode, Solver
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, DampingRule, Mode, Solver
 from corda_surgery.decomposition.solvers import singular_values
 from corda_surgery.errors import CordaSurgeryError
 
@@ -35,13 +35,15 @@ def context_spectrum(
     covariance: CovarianceSource,
     *,
     damping: float,
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE,
     transposed: bool = False,
     name: str = "weight",
     solver: Solver = Solver.GRAM,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Singular values (descending, float64) of W·C_damped: what CorDA splits, without the vectors."""
-    product, _, _ = context_product(weight.T if transposed else weight, covariance, damping, name, device)
+    w = weight.T if transposed else weight
+    product, *_ = context_product(w, covariance, damping, name, device, damping_rule)
     return singular_values(product, solver=solver).cpu()
 
 
@@ -158,6 +160,7 @@ def plan_ranks(
     solver: Solver,
     damping: float,
     base_rank: int,
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE,
     param_budget: int | None = None,
     rank_budget: float | None = None,
     min_rank: int = 1,
@@ -187,6 +190,7 @@ def plan_ranks(
                 stored,
                 functools.partial(read, name),
                 damping=damping,
+                damping_rule=damping_rule,
                 transposed=linear.transposed,
                 name=name,
                 solver=solver,

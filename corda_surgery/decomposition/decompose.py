@@ -14,7 +14,14 @@ from typing import TypeVar
 
 import torch
 
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, Mode, Solver
+from corda_surgery.decomposition.kinds import (
+    DEFAULT_DAMPING,
+    DEFAULT_DAMPING_RULE,
+    DampingRule,
+    Mode,
+    Solver,
+    damping_scale,
+)
 from corda_surgery.decomposition.memory import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
 from corda_surgery.decomposition.solvers import KeptPairs, kept_pairs
 from corda_surgery.errors import CordaSurgeryError
@@ -48,8 +55,10 @@ class Decomposition:
     spectrum: torch.Tensor | None  # all singular values, descending, where the solver found them all
     solver: Solver  # what found the pairs: GRAM also where SUBSPACE declined to iterate
     fell_back: bool  # SVD taken because the Gram route could not resolve the cut (solver is then SVD)
-    damping: float  # λ actually used (relative to mean(diag C)); 0 without covariance
+    damping: float  # λ actually used (relative to the rule's scale); 0 without covariance
     scaling: float  # LoRA scaling s = alpha / r
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE
+    damping_level: float = 0.0  # λ·scale / mean(diag C): the level in the default rule's units (λ under it)
 
     @property
     def adapter_energy(self) -> float:
@@ -64,12 +73,13 @@ class Decomposition:
 
 @dataclass(frozen=True)
 class DampedCovariance:
-    """``C + λ·mean(diag C)·I`` and its Cholesky factor, prepared once for all linears that read one input
-    (q/k/v, gate/up): they share the reading, the checks, the damping and the factorisation."""
+    """``C + λ·scale·I`` (``damping_scale``) and its Cholesky factor, prepared once for all linears that read
+    one input (q/k/v, gate/up): they share the reading, the checks, the damping and the factorisation."""
 
     damped: torch.Tensor  # float64
     factor: torch.Tensor  # lower Cholesky factor of ``damped``; never modified by its users
     damping: float  # λ actually used
+    level: float  # λ·scale / mean(diag C)
 
 
 def _member(kind: type[Kind], value: Kind, what: str, name: str) -> Kind:
@@ -133,10 +143,10 @@ def cholesky_in_place(matrix: torch.Tensor) -> bool:
 
 
 def _checked_covariance(
-    source: CovarianceSource, in_dim: int, name: str, device: torch.device
-) -> tuple[torch.Tensor, float]:
+    source: CovarianceSource, in_dim: int, name: str, device: torch.device, rule: DampingRule
+) -> tuple[torch.Tensor, float, float]:
     """A float64 covariance on ``device`` that may be overwritten (a callable's fresh result, else a copy),
-    checked (shape, finite, positive diagonal), and its mean(diag C)."""
+    checked (shape, finite, positive diagonal), the scale λ multiplies under ``rule`` and mean(diag C)."""
     covariance = source().to(device, torch.float64) if callable(source) else source.to(device, torch.float64, copy=True)
     if tuple(covariance.shape) != (in_dim, in_dim):
         raise DecompositionError(
@@ -147,7 +157,8 @@ def _checked_covariance(
     mean_diag = float(covariance.diagonal().mean())
     if not mean_diag > 0:
         raise DecompositionError(f"{name}: covariance is zero or negative on its diagonal (no tokens seen?)")
-    return covariance, mean_diag
+    scale = mean_diag if rule is DampingRule.MEAN_DIAGONAL else damping_scale(covariance.diagonal(), rule)
+    return covariance, scale, mean_diag
 
 
 def _definite(
@@ -172,19 +183,29 @@ def _definite(
 
 
 def damped_covariance(
-    covariance: CovarianceSource, damping: float, in_dim: int, name: str, device: torch.device | str = "cpu"
+    covariance: CovarianceSource,
+    damping: float,
+    in_dim: int,
+    name: str,
+    device: torch.device | str = "cpu",
+    rule: DampingRule = DEFAULT_DAMPING_RULE,
 ) -> DampedCovariance:
     """The damped covariance and its factor (2 n² floats), λ raised as ``context_product`` does."""
-    damped, mean_diag = _checked_covariance(covariance, in_dim, name, torch.device(device))
-    damped.diagonal().add_(damping * mean_diag)
+    damped, scale, mean_diag = _checked_covariance(covariance, in_dim, name, torch.device(device), DampingRule(rule))
+    damped.diagonal().add_(damping * scale)
     factor = damped.clone()
 
     def raise_to(lam: float, raised: float) -> None:
-        damped.diagonal().add_((raised - lam) * mean_diag)
+        damped.diagonal().add_((raised - lam) * scale)
         factor.copy_(damped)
 
     lam = _definite(damping, name, lambda: cholesky_in_place(factor), raise_to)
-    return DampedCovariance(damped, factor, lam)
+    return DampedCovariance(damped, factor, lam, _level(lam, scale, mean_diag, rule))
+
+
+def _level(lam: float, scale: float, mean_diag: float, rule: DampingRule) -> float:
+    """λ·scale in mean(diag C)'s units: λ itself under the mean-diagonal rule."""
+    return lam if DampingRule(rule) is DampingRule.MEAN_DIAGONAL else lam * scale / mean_diag
 
 
 def context_product(
@@ -193,10 +214,13 @@ def context_product(
     damping: float,
     name: str,
     device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """``(W·C_damped in float64, the Cholesky factor of C_damped, λ)``; without a covariance ``(W, None, 0)``.
+    rule: DampingRule = DEFAULT_DAMPING_RULE,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+    """``(W·C_damped in float64, the Cholesky factor of C_damped, λ, its level in mean(diag C)'s units)``;
+    without a covariance ``(W, None, 0, 0)``.
 
-    ``C_damped = C + λ·mean(diag C)·I``, λ raised until C_damped is definite (``_definite``). Memory is about
+    ``C_damped = C + λ·scale·I`` (``damping_scale`` under ``rule``; a shared ``DampedCovariance`` carries its
+    own), λ raised until C_damped is definite (``_definite``). Memory is about
     one covariance plus the product: damping is added in place, W·C is formed a block of rows at a time, and
     the Cholesky factor overwrites C_damped (a failed factorisation reads ``covariance`` again, a callable from
     its source, and shifts the product by Δλ·W). Always float64: a float32 product would limit every small
@@ -204,7 +228,7 @@ def context_product(
     """
     device = torch.device(device)
     if covariance is None:
-        return weight.to(device, torch.float64), None, 0.0
+        return weight.to(device, torch.float64), None, 0.0, 0.0
     product = torch.empty(weight.shape, dtype=torch.float64, device=device)
     if isinstance(covariance, DampedCovariance):
         if covariance.damped.shape[0] != weight.shape[1]:
@@ -212,22 +236,22 @@ def context_product(
                 f"{name}: covariance is {covariance.damped.shape[0]} wide, the weight reads {weight.shape[1]} inputs"
             )
         _context_rows(product, weight, covariance.damped.to(device), device)
-        return product, covariance.factor.to(device), covariance.damping
-    source = covariance  # a tensor or a callable, as raise_to reads it again
-    damped, mean_diag = _checked_covariance(source, weight.shape[1], name, device)
-    damped.diagonal().add_(damping * mean_diag)  # no identity matrix: that alone would be one more n²
+        return product, covariance.factor.to(device), covariance.damping, covariance.level
+    source, rule = covariance, DampingRule(rule)  # a tensor or a callable, as raise_to reads it again
+    damped, scale, mean_diag = _checked_covariance(source, weight.shape[1], name, device, rule)
+    damped.diagonal().add_(damping * scale)  # no identity matrix: that alone would be one more n²
     _context_rows(product, weight, damped, device)
 
     def raise_to(lam: float, raised: float) -> None:
         nonlocal damped
         del damped  # the spoiled factor goes before the covariance is read again
-        damped, _ = _checked_covariance(source, weight.shape[1], name, device)
-        damped.diagonal().add_(raised * mean_diag)
+        damped, _, _ = _checked_covariance(source, weight.shape[1], name, device, rule)
+        damped.diagonal().add_(raised * scale)
         for rows in _row_blocks(*weight.shape):
-            product[rows].add_(weight[rows].to(device, torch.float64), alpha=(raised - lam) * mean_diag)
+            product[rows].add_(weight[rows].to(device, torch.float64), alpha=(raised - lam) * scale)
 
     lam = _definite(damping, name, lambda: cholesky_in_place(damped), raise_to)
-    return product, damped, lam
+    return product, damped, lam, _level(lam, scale, mean_diag, rule)
 
 
 def decompose_weight(
@@ -238,6 +262,7 @@ def decompose_weight(
     mode: Mode,
     alpha: float | None = None,
     damping: float = DEFAULT_DAMPING,
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE,
     solver: Solver = Solver.SUBSPACE,
     factor_dtype: torch.dtype = torch.float32,
     transposed: bool = False,
@@ -249,7 +274,8 @@ def decompose_weight(
 
     ``covariance`` None gives the plain SVD of W (PiSSA for IPM, MiLoRA for KPM); a callable is read when
     needed and its result overwritten (see ``context_product``), a tensor is copied, a ``DampedCovariance``
-    (shared by the linears reading one input) is used as it is. ``transposed`` marks GPT-2 style ``Conv1D``
+    (shared by the linears reading one input) is used as it is, its damping with it; ``damping_rule`` says
+    what ``damping`` multiplies (``damping_scale``). ``transposed`` marks GPT-2 style ``Conv1D``
     weights stored as (in, out). ``alpha`` defaults to ``rank`` (scaling 1); ``balance`` rescales each
     component (``balanced``). The math runs in float64 on ``device`` whatever ``solver`` finds the singular
     pairs; the factors (``factor_dtype``) and the residual (the weight's dtype) come back in host memory.
@@ -257,7 +283,7 @@ def decompose_weight(
     w = weight.T if transposed else weight
     mode, solver = _check_inputs(w, rank, mode, solver, name)
     scaling = (alpha if alpha is not None else rank) / rank
-    product, chol, lam = context_product(w, covariance, damping, name, device)
+    product, chol, lam, level = context_product(w, covariance, damping, name, device, damping_rule)
     pairs = kept_pairs(product, rank, mode, solver=solver)
     del product
     lora_a, lora_b = _factors(pairs, chol, scaling, balance, factor_dtype)
@@ -276,6 +302,8 @@ def decompose_weight(
         fell_back=pairs.fell_back,
         damping=lam,
         scaling=scaling,
+        damping_rule=DampingRule(damping_rule),
+        damping_level=level,
     )
 
 

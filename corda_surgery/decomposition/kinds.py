@@ -6,8 +6,29 @@ from enum import Enum
 
 import torch
 
-DEFAULT_DAMPING = 0.01  # λ in C + λ·mean(diag C)·I: PEFT's and the papers' rule
+DEFAULT_DAMPING = 0.01  # λ in C + λ·scale·I, scale from the damping rule: PEFT's and the papers' level
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class DampingRule(str, Enum):
+    """What λ multiplies in C + λ·scale·I."""
+
+    MEAN_DIAGONAL = "mean-diagonal"  # mean(diag C) = tr(C)/d, the mean eigenvalue: PEFT's and the papers' rule
+    MEDIAN_DIAGONAL = "median-diagonal"  # median of diag C's positive entries: massive dimensions cannot raise it
+
+
+DEFAULT_DAMPING_RULE = DampingRule.MEAN_DIAGONAL
+
+
+def damping_scale(diagonal: torch.Tensor, rule: DampingRule) -> float:
+    """The scale λ multiplies under ``rule``, from the covariance's diagonal (any positive multiple of C gives
+    the same multiple of it). The mean is the mean eigenvalue, so a few dimensions that carry most of tr(C)
+    set it; the median of the positive variances is the typical dimension's, whatever up to half of them do
+    (inputs that never vary are left out: they carry no data). 0 for a diagonal without positive entries."""
+    if DampingRule(rule) is DampingRule.MEAN_DIAGONAL:
+        return float(diagonal.mean())
+    positive = diagonal[diagonal > 0]
+    return float(positive.median()) if positive.numel() else 0.0
 
 
 class Mode(str, Enum):

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, FACTOR_DTYPES, Mode, Solver
+from corda_surgery.decomposition.kinds import (
+    DEFAULT_DAMPING,
+    DEFAULT_DAMPING_RULE,
+    FACTOR_DTYPES,
+    DampingRule,
+    Mode,
+    Solver,
+)
 from corda_surgery.errors import OptionsError
 
 
@@ -35,6 +42,7 @@ class DecompositionOptions:
     mode: Mode | None = None
     solver: Solver = Solver.SUBSPACE
     damping: float = DEFAULT_DAMPING
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE  # what ``damping`` multiplies
     factor_dtype: str = "float32"
     balance: bool = False  # each rank-one component's A row and B column rescaled to equal norms
 
@@ -42,6 +50,7 @@ class DecompositionOptions:
         if self.mode is not None:
             object.__setattr__(self, "mode", member(Mode, self.mode, "mode"))
         object.__setattr__(self, "solver", member(Solver, self.solver, "solver"))
+        object.__setattr__(self, "damping_rule", member(DampingRule, self.damping_rule, "damping_rule"))
         require(self.factor_dtype in FACTOR_DTYPES, f"`factor_dtype` {self.factor_dtype!r}: must be float32 or float64")
         require(
             isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0,

@@ -1,10 +1,12 @@
 """The ``calibrate`` command's run: the calibration engine (``corda_surgery.calib.stream``) with the memory plan
-printed and checked before any work, and the decomposition's diagnostic (covariance eigenvalues below the
-default damping level) recorded in the store, since calibration itself does no linear algebra."""
+printed and checked before any work, and the decomposition's diagnostic (covariance eigenvalues below a damping
+level, the default's unless ``convert`` asks for its own) recorded in the store, since calibration itself does no
+linear algebra."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -16,18 +18,22 @@ from corda_surgery.calib.stream import calibrate as collect_covariances
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, eigenvalues_below_damping
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_RULE, DampingRule
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.distributed import samples_share
 from corda_surgery.surgery.plan import announce, plan_run
 
 
-def _below_default_damping(total: torch.Tensor) -> int | None:
+def _counted(total: torch.Tensor, damping: float, rule: DampingRule) -> int | None:
     """Counted for inputs up to BELOW_DAMPING_MAX_WIDTH wide: one float64 factorisation each."""
-    return eigenvalues_below_damping(total, DEFAULT_DAMPING) if total.shape[0] <= BELOW_DAMPING_MAX_WIDTH else None
+    return eigenvalues_below_damping(total, damping, rule) if total.shape[0] <= BELOW_DAMPING_MAX_WIDTH else None
 
 
-BELOW_DAMPING = BelowDamping(level=DEFAULT_DAMPING, count=_below_default_damping)
+def below_damping(damping: float = DEFAULT_DAMPING, rule: DampingRule = DEFAULT_DAMPING_RULE) -> BelowDamping:
+    """The engine's count at λ = ``damping`` under ``rule`` (``eigenvalues_below_damping``)."""
+    rule = DampingRule(rule)
+    count = functools.partial(_counted, damping=damping, rule=rule)
+    return BelowDamping(level=damping, count=count, rule=rule.value, max_width=BELOW_DAMPING_MAX_WIDTH)
 
 
 def calibrate(
@@ -40,9 +46,12 @@ def calibrate(
     overwrite: bool = False,
     progress: bool = True,
     plan: bool = True,
+    damping: float = DEFAULT_DAMPING,
+    damping_rule: DampingRule = DEFAULT_DAMPING_RULE,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``, with each
-    input's count of eigenvalues below the default damping level.
+    input's count of eigenvalues below the damping level (λ = ``damping`` under ``damping_rule``: the default,
+    or the surgery's that follows), on all its tokens and on the first half of them.
 
     Hidden states past ``compute``'s activation budget spill to a temporary folder beside ``out``.
     ``plan``: print the memory plan and refuse a run that cannot fit, once the output is claimed and before
@@ -64,6 +73,6 @@ def calibrate(
         overwrite=overwrite,
         progress=progress,
         activation_budget=budget,
-        below_damping=BELOW_DAMPING,
+        below_damping=below_damping(damping, damping_rule),
         before_work=announce_plan if plan else None,
     )

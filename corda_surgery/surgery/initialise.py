@@ -16,13 +16,15 @@ from typing import TypeVar
 
 import torch
 
-from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.store import CountedLevel, CovarianceEntry, CovarianceStore
 from corda_surgery.decomposition.decompose import (
     CovarianceSource,
     DampedCovariance,
     damped_covariance,
     decompose_weight,
 )
+from corda_surgery.decomposition.diagnostics import DampingLimit, damping_limit
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import LayerRecord
 from corda_surgery.surgery.targets import LayerPlan, Target
@@ -48,6 +50,37 @@ def lora_default_init(weight_out: int, weight_in: int, rank: int, seed: int) -> 
     bound = 1 / math.sqrt(weight_in)  # kaiming_uniform_ with a=√5 on fan_in gives ±1/√fan_in
     lora_a = (torch.rand(rank, weight_in, generator=generator) * 2 - 1) * bound
     return lora_a, torch.zeros(weight_out, rank)
+
+
+@dataclass(frozen=True)
+class DampingDiagnosis:
+    """An input's covariance eigenvalues below the damping level, on all its tokens and on part of them, and
+    what limits the directions a rank-r KPM adapter takes where they reach r (None: they do not, or unknown)."""
+
+    below: int
+    below_half: int | None
+    half_tokens: int | None
+    limit: DampingLimit | None
+
+    def record(self, record: LayerRecord) -> None:
+        record.covariance_eigenvalues_below_damping = self.below
+        record.covariance_eigenvalues_below_damping_half = self.below_half
+        record.half_tokens = self.half_tokens
+        record.damping_limit = self.limit.value if self.limit is not None else None
+
+
+def damping_diagnosis(
+    store: CovarianceStore, entry: CovarianceEntry, options: SurgeryOptions, rank: int, round_index: int | None
+) -> DampingDiagnosis | None:
+    """The store's counts for ``entry`` where they were taken at the options' damping (on its whole sum: a
+    sampling round has none), with ``damping_limit``'s verdict at ``rank``; None where there are none."""
+    if entry.below_damping is None or round_index is not None:
+        return None
+    if store.counted != CountedLevel(options.decomposition.damping_rule.value, options.decomposition.damping):
+        return None
+    width = store.dimension(entry.linears[0])
+    limit = damping_limit(width, rank, entry.below_damping, entry.count, entry.below_damping_half, entry.half_count)
+    return DampingDiagnosis(entry.below_damping, entry.below_damping_half, entry.half_count, limit)
 
 
 def on_device_or_host(work: Callable[..., T], device: torch.device, name: str) -> T:
@@ -89,14 +122,21 @@ class SharedInputs:
         return layer.store, self.stores[layer.store].by_linear[name].name, layer.round
 
     def source(
-        self, target: Target, covariance: CovarianceSource, damping: float, device: torch.device
+        self, target: Target, covariance: CovarianceSource, options: SurgeryOptions, device: torch.device
     ) -> CovarianceSource | DampedCovariance:
         """What ``target`` decomposes with: the prepared shared covariance, or ``covariance`` if it reads alone."""
         key = self.key(target.name)
         if self.readers[key] == 1:
             return covariance
         if key not in self.prepared:
-            prepare = functools.partial(damped_covariance, covariance, damping, target.in_dim, target.name)
+            prepare = functools.partial(
+                damped_covariance,
+                covariance,
+                options.decomposition.damping,
+                target.in_dim,
+                target.name,
+                rule=options.decomposition.damping_rule,
+            )
             self.prepared[key] = on_device_or_host(prepare, device, target.name)
         self.remaining[key] -= 1
         return self.prepared.pop(key) if self.remaining[key] == 0 else self.prepared[key]
@@ -127,13 +167,10 @@ class Initialiser:
             store = self.stores[layer.store]
             entry = store.by_linear[target.name]
             read = functools.partial(store.covariance, target.name, round_index=layer.round)
-            covariance = self.shared.source(target, read, options.decomposition.damping, self.device)
-            if (
-                entry.below_damping is not None
-                and layer.round is None
-                and store.below_damping_level == options.decomposition.damping
-            ):
-                record.covariance_eigenvalues_below_damping = entry.below_damping
+            covariance = self.shared.source(target, read, options, self.device)
+            diagnosis = damping_diagnosis(store, entry, options, layer.rank, layer.round)
+            if diagnosis is not None:
+                diagnosis.record(record)
             if target.is_expert:
                 record.tokens = entry.count if layer.round is None else entry.round_counts[layer.round]
                 if record.tokens < layer.rank:  # an expert (almost) no token was routed to cannot rank r directions
@@ -168,6 +205,7 @@ class Initialiser:
             mode=options.mode,
             alpha=options.scaling * layer.rank,
             damping=options.decomposition.damping,
+            damping_rule=options.decomposition.damping_rule,
             solver=options.decomposition.solver,
             factor_dtype=dtype,
             transposed=target.transposed,
@@ -181,4 +219,6 @@ class Initialiser:
             result.solver_label,
         )
         record.store, record.round = layer.store, layer.round
+        if result.damping_rule is not DEFAULT_DAMPING_RULE and covariance is not None:
+            record.damping_rule, record.damping_level = result.damping_rule.value, result.damping_level
         return Initialised(result.lora_A, result.lora_B, result.residual, record)

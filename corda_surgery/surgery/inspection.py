@@ -12,16 +12,18 @@ from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.outputs import new_files
+from corda_surgery.surgery.initialise import damping_diagnosis
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.ranks import corda_plus_plan
-from corda_surgery.surgery.targets import chosen_targets, plan_targets
+from corda_surgery.surgery.report import LayerRecord
+from corda_surgery.surgery.targets import LayerPlan, chosen_targets, plan_targets
 
 
 def inspect_stores(
     model_dir: str | Path, stores: list[str | Path], options: SurgeryOptions, compute: ComputeOptions = DEFAULT_COMPUTE
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """One row per target linear (rank, compactness, chosen candidate) and the chosen spectra (fused experts
-    take ``--rank`` outside CorDA++'s allocation, so they have no row).
+    """One row per target linear (rank, compactness, chosen candidate, the damping's diagnosis) and the chosen
+    spectra (fused experts take ``--rank`` outside CorDA++'s allocation, so they have no row).
 
     ``options`` is a corda++ surgery's: its mode, base rank, damping, targets and budgets; the spectra are
     computed on ``compute``'s device.
@@ -34,19 +36,32 @@ def inspect_stores(
         plan, records, spectra = corda_plus_plan(
             view, opened, targets, options, progress=True, device=compute.torch_device
         )
-    rows = [
-        {
-            "layer": t.name,
-            "rank": plan[t.name].rank,
-            "store": plan[t.name].store,
-            "round": plan[t.name].round,
-            "compactness": records[t.name].compactness,
-            "compactness_at_base_rank": max(records[t.name].candidate_compactness or [0.0]),
-        }
-        for t in targets
-        if t.parameter is None
-    ]
+        rows = [
+            {
+                "layer": t.name,
+                "rank": plan[t.name].rank,
+                "store": plan[t.name].store,
+                "round": plan[t.name].round,
+                "compactness": records[t.name].compactness,
+                "compactness_at_base_rank": max(records[t.name].candidate_compactness or [0.0]),
+                "damping": _diagnosis(opened, plan[t.name], t.name, options),
+            }
+            for t in targets
+            if t.parameter is None
+        ]
     return rows, spectra
+
+
+def _diagnosis(stores: list[CovarianceStore], layer: LayerPlan, name: str, options: SurgeryOptions) -> dict:
+    """The chosen store's damping diagnosis of ``name`` at its planned rank (``damping_diagnosis``), as a record's
+    fields; empty where the store has no counts at the options' damping."""
+    assert layer.store is not None
+    store = stores[layer.store]
+    diagnosis = damping_diagnosis(store, store.by_linear[name], options, layer.rank, layer.round)
+    record = LayerRecord(rank=layer.rank)
+    if diagnosis is not None:
+        diagnosis.record(record)
+    return {key: value for key, value in record.to_json().items() if key != "rank"}
 
 
 def _kind_and_depth(name: str) -> tuple[str, int]:

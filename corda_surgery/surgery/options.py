@@ -181,6 +181,7 @@ class SurgeryOptions:
             "solver": decomposition.solver.value,
             "factor_dtype": decomposition.factor_dtype,
             "damping": decomposition.damping,
+            "damping_rule": decomposition.damping_rule.value,
             "rank_budget": ranks.rank_budget,
             "param_budget": ranks.param_budget,
             "min_rank": ranks.min_rank,

@@ -43,6 +43,7 @@ def corda_plus_plan(
         mode=options.mode,
         solver=options.decomposition.solver,
         damping=options.decomposition.damping,
+        damping_rule=options.decomposition.damping_rule,
         base_rank=options.rank,
         param_budget=options.ranks.param_budget,
         rank_budget=options.ranks.rank_budget,

@@ -23,7 +23,18 @@ STORE_NAME = "covariances.h5"  # where `convert` keeps its store, inside the out
 
 # A decomposed target's fields, always written (store and round may be null); the rest only when known.
 _DECOMPOSED = ("damping", "adapter_energy", "solver", "store", "round")
-_OPTIONAL = ("covariance_eigenvalues_below_damping", "tokens", "covariance", "candidate_compactness", "compactness")
+_OPTIONAL = (
+    "damping_rule",
+    "damping_level",
+    "covariance_eigenvalues_below_damping",
+    "covariance_eigenvalues_below_damping_half",
+    "half_tokens",
+    "damping_limit",
+    "tokens",
+    "covariance",
+    "candidate_compactness",
+    "compactness",
+)
 
 
 class ReportError(CordaSurgeryError):
@@ -40,7 +51,12 @@ class LayerRecord:
     solver: str | None = None  # what found the singular pairs, with the fallback said in words
     store: int | None = None
     round: int | None = None
+    damping_rule: str | None = None  # what λ multiplied, where not the default (DampingRule) …
+    damping_level: float | None = None  # … and λ·scale / mean(diag C), comparable across rules
     covariance_eigenvalues_below_damping: int | None = None
+    covariance_eigenvalues_below_damping_half: int | None = None  # the same count on part of the tokens …
+    half_tokens: int | None = None  # … this many
+    damping_limit: str | None = None  # where the count reaches the rank: "sample" or "spectrum" (DampingLimit)
     tokens: int | None = None  # an expert's routed tokens
     covariance: str | None = None  # why an expert went without one
     candidate_compactness: list[float] | None = None  # CorDA++: every candidate's, at the base rank
@@ -73,7 +89,14 @@ class StoreRecord:
     path: str
     model_fingerprint: str
     calibration: dict[str, Any]
-    eigenvalues_below_damping_level: float | None
+    eigenvalues_below_damping_level: float | None  # λ of the store's counts …
+    eigenvalues_below_damping_rule: str | None = None  # … and its rule, where not the default (omitted)
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items() if value is not None or name != _STORE_RULE}
+
+
+_STORE_RULE = "eigenvalues_below_damping_rule"
 
 
 @dataclass
@@ -117,7 +140,7 @@ class SurgeryReport:
             "base_name": self.base_name,
             "model_fingerprint": self.model_fingerprint,
             "residual_fingerprint": self.residual_fingerprint,
-            "covariance_stores": [vars(store) for store in self.covariance_stores],
+            "covariance_stores": [store.to_json() for store in self.covariance_stores],
             "layers": {name: layer.to_json() for name, layer in self.layers.items()},
             "input_groups": self.input_groups,
             "left_out": self.left_out,

@@ -173,6 +173,8 @@ def convert_checkpoint(
                     overwrite=True,
                     progress=progress,
                     plan=False,
+                    damping=options.decomposition.damping,
+                    damping_rule=options.decomposition.damping_rule,
                 )
                 stores.append(calibrated)
             decompose_checkpoint(

@@ -19,7 +19,8 @@ from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
-from corda_surgery.decomposition.kinds import Mode
+from corda_surgery.decomposition.diagnostics import DampingLimit
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, DampingRule, Mode
 from corda_surgery.export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import (
@@ -159,26 +160,54 @@ def _fused_residual(
     return fused, records
 
 
+# What a user can do about KPM targets whose adapter directions the damping chooses, by what limits them.
+_DAMPING_ADVICE = {
+    DampingLimit.SAMPLE: "more tokens would lift enough of them above it (limited by the sample): calibrate on "
+    "more tokens (--samples, --seq-len)",
+    DampingLimit.SPECTRUM: "more tokens barely move the count (limited by the spectrum: whatever the tokens, "
+    "the level lies above that many eigenvalues, raised by a few massive input dimensions or over directions "
+    "the input hardly takes), so more calibration text will not help: {remedy}",
+    None: "whether more tokens would help is unknown: the store has no count on part of its tokens (calibrated "
+    "in one batch, or by an older corda-surgery)",
+}
+
+
+def _spectrum_remedy(options: SurgeryOptions) -> str:
+    """A rule that massive dimensions cannot raise, or a lower level under one."""
+    if options.decomposition.damping_rule is DampingRule.MEAN_DIAGONAL:
+        return (
+            "use --damping-rule median-diagonal (λ times the median input variance, which massive dimensions "
+            "cannot raise) or a lower --damping"
+        )
+    return "use a lower --damping"
+
+
 def _warn_damping_decided(
     layers: Mapping[str, LayerRecord | ExpertsRecord], options: SurgeryOptions, total: int
 ) -> None:
-    """KPM targets whose r smallest covariance directions all lie below the damping level."""
+    """KPM targets whose r smallest covariance directions all lie below the damping level: one warning for each
+    limit (``DampingLimit``), with the advice that fits it."""
     if options.mode is not Mode.KPM:
         return
-    decided = [
-        name
-        for name, record in layers.items()
-        if isinstance(record, LayerRecord)
-        and record.covariance_eigenvalues_below_damping is not None
-        and record.covariance_eigenvalues_below_damping >= record.rank
-    ]
-    if decided:
+    decided: dict[DampingLimit | None, list[tuple[str, LayerRecord]]] = {}
+    for name, record in layers.items():
+        below = record.covariance_eigenvalues_below_damping if isinstance(record, LayerRecord) else None
+        if isinstance(record, LayerRecord) and below is not None and below >= record.rank:
+            limit = DampingLimit(record.damping_limit) if record.damping_limit is not None else None
+            decided.setdefault(limit, []).append((name, record))
+    for limit, found in decided.items():
+        name, record = found[0]
+        half = record.covariance_eigenvalues_below_damping_half
+        example = f"{name}: {record.covariance_eigenvalues_below_damping} at rank {record.rank}" + (
+            f"; {half} on its first {record.half_tokens:,} tokens" if half is not None else ""
+        )
         log.warning(
-            "%d of %d KPM targets (e.g. %s) have at least as many covariance eigenvalues below the damping level as "
-            "their rank: their adapter's directions are chosen by the damping, not the data; calibrate on more tokens",
-            len(decided),
+            "%d of %d KPM targets have at least as many covariance eigenvalues below the damping level as their rank "
+            "(e.g. %s): their adapter's directions are chosen by the damping, not the data; %s",
+            len(found),
             total,
-            decided[0],
+            example,
+            _DAMPING_ADVICE[limit].format(remedy=_spectrum_remedy(options)),
         )
 
 
@@ -198,16 +227,21 @@ def _report(
         base_name=adapter.base_model_name_or_path or str(output.out),
         model_fingerprint=output.fingerprint,
         residual_fingerprint=CheckpointReader(output.staging).fingerprint(),
-        covariance_stores=[
-            StoreRecord(str(path), store.fingerprint, store.calibration, store.below_damping_level)
-            for store, path in zip(stores, store_paths)
-        ],
+        covariance_stores=[_store_record(store, path) for store, path in zip(stores, store_paths)],
         layers=layers,
         input_groups=sorted({entry.linears for store in stores for entry in store.entries.values()}),
         left_out=chosen.left_out,
         adapter_parameters=adapter.parameter_paths,
         unadapted_weights=_unadapted_weights(view, layers, chosen.left_out),
     )
+
+
+def _store_record(store: CovarianceStore, path: Path) -> StoreRecord:
+    """What surgery.json says of a store: where, whose, how calibrated, and at what damping it was counted."""
+    counted = store.counted
+    rule = counted.rule if counted is not None and counted.rule != DEFAULT_DAMPING_RULE.value else None
+    level = counted.damping if counted is not None else None
+    return StoreRecord(str(path), store.fingerprint, store.calibration, level, rule)
 
 
 def _unadapted_weights(view: ModelView, adapted: Mapping[str, object], left_out: Mapping[str, str]) -> list[str]:
