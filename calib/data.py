@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from corda_surgery.errors import CordaSurgeryError, OptionsError
+from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -86,6 +87,7 @@ def _source_path(source: str) -> Path:
     if source in builtin_sets():
         return BUILTIN_DIR / f"{source}.jsonl"
     path = Path(source)
+    resolved(path)  # a symlink loop or an unusable name: one line naming it
     if not path.exists():
         raise CalibrationDataError(
             f"{source}: not a file and not a built-in set (built-in: {', '.join(builtin_sets())})"

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from corda_surgery.errors import CordaSurgeryError
@@ -195,11 +195,19 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path, *, overwrite: bool = False, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+def staged_folder(
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[Path] = (),
+    on_failure: Sequence[Callable[[BaseException], None]] = (),
+) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``out``; it becomes ``out`` only if the block completes.
 
     A failure or kill leaves ``out`` as it was (absent, or the previous complete output), never a
     half-written folder under the final name; a killed run's staging folder is removed by the next run.
+    ``on_failure`` (read when a failure happens, so it may grow in the block) cleans up what else the run
+    made beside the output, before the parents it created are removed.
     """
     with claimed(out, inputs) as out:
         refuse_existing(out, overwrite)
@@ -210,6 +218,8 @@ def staged_folder(out: str | Path, *, overwrite: bool = False, inputs: Sequence[
         try:
             yield staging
             _publish(staging, out)
-        except BaseException:
+        except BaseException as failure:
             shutil.rmtree(staging, ignore_errors=True)
+            for clean_up in on_failure:
+                clean_up(failure)
             raise

@@ -221,7 +221,7 @@ def test_covariance_read_again_when_damping_must_grow():
 def test_store_checks_find_asymmetry_in_any_tile(tiny_llama, tmp_path, monkeypatch, entry):
     import h5py
 
-    import corda_surgery.calib.store as store_module
+    import corda_surgery.calib.checks as store_checks
 
     store = as_format_2(calibrate(tiny_llama, SPEC, tmp_path / "cov.h5", progress=False), tmp_path / "square.h5")
     with h5py.File(store, "r+") as f:  # a packed store is symmetric by construction; a square one may not be
@@ -229,7 +229,7 @@ def test_store_checks_find_asymmetry_in_any_tile(tiny_llama, tmp_path, monkeypat
         data = f[name][()]
         data[entry] *= 2
         f[name][...] = data
-    monkeypatch.setattr(store_module, "SYMMETRY_TILE", 8)
+    monkeypatch.setattr(store_checks, "SYMMETRY_TILE", 8)
     with CovarianceStore(store) as opened, pytest.raises(StoreError, match="down_proj is not symmetric"):
         opened.covariance(name)
 

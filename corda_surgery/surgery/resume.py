@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from corda_surgery.distributed import DistributedError
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.surgery.report import LayerRecord, read_report
 
@@ -102,6 +103,14 @@ class FinishedWork:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self, failure: BaseException) -> None:
+        """After a failed run: an error removes what this run made; a kill, a signal or a lost rank (the other
+        ranks stop with a DistributedError) leaves the decompositions it finished for --resume, as a resumed run's
+        earlier work always is. A run that finished none leaves nothing."""
+        stopped = not isinstance(failure, Exception) or isinstance(failure, DistributedError)
+        if self.created and not (stopped and self.done):
+            self.remove()
 
 
 def _name_of(path: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from corda_surgery.calib.data import CalibrationSpec, check_source
@@ -84,22 +84,17 @@ def decompose_checkpoint(
             return out
         if plan:
             announce(plan_run(view, compute, out, options=options, targets=shapes(chosen.targets)), progress)
-        staged = staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)])
+        made: list[Callable[[BaseException], None]] = []
+        staged = staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)], on_failure=made)
         staging = closing.enter_context(staged) if ranks.writer else None
         finished = FinishedWork(out, run, resume=resume) if staging else None
-        try:
-            work = _work_source(view, opened, chosen, options, compute, ranks, finished, progress)
-            if staging is None:
-                serve_share(work, chosen.targets, options.output.max_shard_size)
-            else:
-                output = SurgeryOutput(staging, out, fingerprint, bundle_store, compute, progress)
-                write_surgery(view, chosen, opened, options, work, output)
-        except DistributedError:
-            raise  # another rank stopped (a kill, a lost node): the work stays for --resume
-        except Exception:
-            if finished is not None and finished.created:
-                finished.remove()  # an error leaves nothing; a kill or a signal leaves the work for --resume
-            raise
+        made += [finished.discard] if finished is not None else []
+        work = _work_source(view, opened, chosen, options, compute, ranks, finished, progress)
+        if staging is None:
+            serve_share(work, chosen.targets, options.output.max_shard_size)
+        else:
+            output = SurgeryOutput(staging, out, fingerprint, bundle_store, compute, progress)
+            write_surgery(view, chosen, opened, options, work, output)
     if finished is not None:
         finished.remove()  # the output is published: nothing left to resume
     barrier(ranks, "waiting for rank 0 to write the output")  # every result taken before any rank leaves
@@ -163,20 +158,7 @@ def convert_checkpoint(
     with made_folder(out.parent):  # the hidden store's parents too: a failed convert leaves none
         try:
             if options.method.uses_covariance:
-                store = out.with_name(f".{out.name}.covariances.h5")
-                calibrated = calibrate(
-                    model_dir,
-                    spec,
-                    store,
-                    compute=compute,
-                    resume=resume,
-                    overwrite=True,
-                    progress=progress,
-                    plan=False,
-                    damping=options.decomposition.damping,
-                    damping_rule=options.decomposition.damping_rule,
-                )
-                stores.append(calibrated)
+                stores.append(_hidden_store(model_dir, spec, out, options, compute, resume, progress))
             decompose_checkpoint(
                 model_dir,
                 out,
@@ -198,6 +180,32 @@ def convert_checkpoint(
     for store in stores if ranks.writer else []:
         store.unlink()  # out/covariances.h5 is now its only name
     return out
+
+
+def _hidden_store(
+    model_dir: Path,
+    spec: CalibrationSpec,
+    out: Path,
+    options: SurgeryOptions,
+    compute: ComputeOptions,
+    resume: bool,
+    progress: bool,
+) -> Path:
+    """``convert``'s store, calibrated beside ``out`` (counted at the options' damping) until the surgery is done."""
+    decomposition = options.decomposition
+    store = out.with_name(f".{out.name}.covariances.h5")
+    return calibrate(
+        model_dir,
+        spec,
+        store,
+        compute=compute,
+        resume=resume,
+        overwrite=True,
+        progress=progress,
+        plan=False,
+        damping=decomposition.damping,
+        damping_rule=decomposition.damping_rule,
+    )
 
 
 def _converted_before(
