@@ -33,6 +33,7 @@ PERFORMANCE = [
     "subspace_solver.json",
     "big_layer.jsonl",
     "forward_dtype.json",
+    "store_dtype.json",
     "distributed.json",
     "corda_plus_ranks.json",
 ]
