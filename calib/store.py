@@ -164,15 +164,16 @@ class StoreWriter:
             raise StoreError(
                 f"{self.partial}: partial store counted its eigenvalues at another damping; remove it or drop `resume`"
             )
+        done = int(handle.attrs["layers_done"])
+        for name in list(handle):  # drop what the layer in progress wrote (its own hard links: nothing else read)
+            own = isinstance(handle.get(name, getlink=True), h5py.HardLink)
+            if own and int(handle[name].attrs.get("layer", done)) >= done:  # no attribute: killed mid-write
+                del handle[name]
         try:
             check_contained(handle, self.partial)
         except StoreError:
             handle.close()
             raise
-        done = int(handle.attrs["layers_done"])
-        for name in list(handle):  # drop datasets (sums and rounds) of the layer that was in progress
-            if int(handle[name].attrs.get("layer", done)) >= done:  # no attribute: killed mid-write
-                del handle[name]
         return handle
 
     @property

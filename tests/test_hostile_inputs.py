@@ -21,11 +21,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.packing import packed_width, write_packed
 from corda_surgery.export.merge import merge_adapter
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
-from tests.helpers import cli_error, relative, run_cli, tensors, tree_hashes
+from tests.helpers import as_format_2, cli_error, relative, run_cli, tensors, tree_hashes
 from tests.models import save_tiny_model
 
 SPEC = CalibrationSpec("gsm8k", samples=8, seq_len=32, batch_size=4)
@@ -118,16 +119,29 @@ def _edit_store(world: World, tmp: Path, edit: Callable[[h5py.File], None]) -> P
 
 
 def _replace_dataset(handle: h5py.File, name: str, data: np.ndarray) -> None:
+    """``data`` in the store's own layout: a square packed into a triangle in format 3, else as it is."""
     attrs = dict(handle[name].attrs)
     del handle[name]
-    handle.create_dataset(name, data=data)
+    if int(handle.attrs["format_version"]) >= 3 and data.ndim == 2:
+        write_packed(handle, name, torch.from_numpy(np.ascontiguousarray(data, dtype=np.float64)), np.float64)
+    else:
+        handle.create_dataset(name, data=data)
     handle[name].attrs.update(attrs)
+
+
+def _edit_square_store(world: World, tmp: Path, edit: Callable[[h5py.File], None]) -> Path:
+    """A format-2 copy of the store (full squares, as earlier versions wrote), edited: what only it can hold."""
+    store = as_format_2(world.store, tmp / "cov.h5")
+    with h5py.File(store, "a") as handle:
+        edit(handle)
+    return store
 
 
 def _indefinite(handle: h5py.File) -> None:
     """Finite, symmetric, positive diagonal, but far from positive definite: 2I − J (eigenvalue 2 − n)."""
     name = "model.layers.0.self_attn.o_proj"
-    n = handle[name].shape[0]
+    length = handle[name].shape[0]
+    n = packed_width(length) if int(handle.attrs["format_version"]) >= 3 else length
     count = int(handle[name].attrs["count"])
     _replace_dataset(handle, name, (2 * np.eye(n) - np.ones((n, n))) * count)
 
@@ -310,7 +324,7 @@ CASES: dict[str, Case] = {
             h, "model.layers.0.mlp.down_proj", np.full(h["model.layers.0.mlp.down_proj"].shape, np.nan)))),
         t / "o", [t / "cov.h5"], ["model.layers.0.mlp.down_proj", "NaN"]),
     "store not symmetric": lambda w, t: (
-        _decompose(w, t / "o", store=_edit_store(w, t, lambda h: _replace_dataset(
+        _decompose(w, t / "o", store=_edit_square_store(w, t, lambda h: _replace_dataset(
             h, "model.layers.0.self_attn.o_proj", np.triu(h["model.layers.0.self_attn.o_proj"][()])))),
         t / "o", [t / "cov.h5"], ["model.layers.0.self_attn.o_proj", "not symmetric"]),
     "store counts that do not add up": lambda w, t: (
