@@ -1,7 +1,7 @@
 """HDF5 covariance store: one dataset per distinct linear input, holding XᵀX once (its upper triangle).
 
 The raw float64 sum and its count are stored (normalised only when read), so partial runs merge exactly; or,
-for the disk's sake, the normalised covariance in float32 (``STORAGE_DTYPES``). Format 2 stores (full
+for the disk's sake, the normalised covariance in float32 (``CalibrationSpec.store_dtype``). Format 2 stores (full
 squares of raw float64 sums) are read as they are.
 A run writes ``<name>.partial`` next to the target, flushes after each layer, and renames when complete;
 ``layers_done`` says how far a stopped run got, so it can resume there.
@@ -31,7 +31,6 @@ from corda_surgery.calib.packing import packed_width, read_packed, write_packed
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
 # 3: each covariance packed (its upper triangle), float64 sums or float32 normalised covariances.
-STORAGE_DTYPES = {"float64": np.float64, "float32": np.float32}
 ROUND_SEPARATOR = "@round"  # dataset "<input>@round<k>" holds sampling round k of "<input>"
 # The rule that the legacy ``below_damping_level`` attribute means (λ·mean(diag C)); counts at any other rule
 # are described by ``damping_counted`` alone, so that an older reader sees them as no counts at all.

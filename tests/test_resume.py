@@ -169,3 +169,16 @@ def test_resume_against_other_options_names_what_differs(tiny_llama, tmp_path):
     )
     assert "differs in options.alpha, options.rank" in message and "--resume" in message
     assert not (tmp_path / "o").exists()
+
+
+def test_convert_resume_on_a_finished_output_has_nothing_to_do(tiny_llama, tmp_path, caplog):
+    """With the calibration's automatic choices (chat template) resolved in the store, the same command rerun
+    with --resume finds the output finished: exit 0, nothing touched."""
+    out = tmp_path / "out"
+    run_cli("convert", tiny_llama, *CALIBRATION, "--rank", "4", "--out", out)
+    before = tree_hashes(tmp_path)
+    again = run_cli("convert", tiny_llama, *CALIBRATION, "--rank", "4", "--out", out, "--resume")
+    assert again.exit_code == 0 and "already complete; nothing to do" in caplog.text
+    assert tree_hashes(tmp_path) == before
+    message = cli_error("convert", tiny_llama, *CALIBRATION, "--rank", "8", "--out", out, "--resume")
+    assert "differs in" in message and "options.rank" in message

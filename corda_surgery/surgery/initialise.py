@@ -79,6 +79,8 @@ def damping_diagnosis(
     if store.counted != CountedLevel(options.decomposition.damping_rule.value, options.decomposition.damping):
         return None
     width = store.dimension(entry.linears[0])
+    if store.calibration.get("normalisation") == "peft":  # its counts are samples, not tokens: no verdict
+        return DampingDiagnosis(entry.below_damping, entry.below_damping_half, entry.half_count, None)
     limit = damping_limit(width, rank, entry.below_damping, entry.count, entry.below_damping_half, entry.half_count)
     return DampingDiagnosis(entry.below_damping, entry.below_damping_half, entry.half_count, limit)
 

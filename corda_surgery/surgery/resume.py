@@ -23,8 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from corda_surgery import __version__
 from corda_surgery.distributed import DistributedError
 from corda_surgery.errors import CordaSurgeryError
+from corda_surgery.outputs import OutputError
 from corda_surgery.surgery.report import LayerRecord, read_report
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,11 @@ class FinishedWork:
         path = self.folder / f"{len(self.done):06d}.safetensors"
         staging = path.with_suffix(".partial")
         metadata = {"target": name, "record": json.dumps(record.to_json())}
-        save_file({"lora_A": lora_a.contiguous(), "lora_B": lora_b.contiguous()}, str(staging), metadata=metadata)
-        _sync_and_rename(staging, path)
+        try:
+            save_file({"lora_A": lora_a.contiguous(), "lora_B": lora_b.contiguous()}, str(staging), metadata=metadata)
+            _sync_and_rename(staging, path)
+        except (OSError, safetensors.SafetensorError) as exc:  # a full disk: one line naming the file
+            raise OutputError(f"{staging}: cannot save the finished decomposition ({exc})") from exc
         self.done[name] = path
 
     def remove(self) -> None:
@@ -140,6 +145,7 @@ def run_record(options: Any, fingerprint: str, stores: Sequence[Any], compute: A
         "model_fingerprint": fingerprint,
         "stores": [{"model_fingerprint": s.fingerprint, "calibration": s.calibration} for s in stores],
         "compute": compute.record(),
+        "corda_surgery": __version__,
     }
 
 
@@ -154,6 +160,7 @@ def check_finished_output(out: Path, run: dict[str, Any]) -> None:
             {"model_fingerprint": s.model_fingerprint, "calibration": s.calibration} for s in report.covariance_stores
         ],
         "compute": report.compute,
+        "corda_surgery": report.versions.get("corda_surgery"),
     }
     differing = _differences(written, json.loads(json.dumps(run)))
     if differing:
@@ -162,3 +169,4 @@ def check_finished_output(out: Path, run: dict[str, Any]) -> None:
             "write elsewhere, or use `overwrite`"
         )
     log.warning("%s: already complete; nothing to do (resume)", out)
+    shutil.rmtree(resume_folder(out), ignore_errors=True)  # left by a kill after publishing

@@ -15,6 +15,7 @@ from pathlib import Path
 from corda_surgery.calib.data import CalibrationSpec, check_source
 from corda_surgery.calib.store import CovarianceStore
 from corda_surgery.calib.stream import open_view
+from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.distributed import DistributedError, Ranks, barrier, broadcast_object, samples_share
@@ -155,6 +156,7 @@ def convert_checkpoint(
     refuse_existing(out, overwrite)
     announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
     stores: list[Path] = []
+    earlier = out.with_name(f".{out.name}.covariances.h5").exists()  # a killed run's, kept for --resume
     with made_folder(out.parent):  # the hidden store's parents too: a failed convert leaves none
         try:
             if options.method.uses_covariance:
@@ -174,7 +176,7 @@ def convert_checkpoint(
         except DistributedError:
             raise  # another rank stopped (a kill, a lost node): the store and the work stay for --resume
         except Exception:
-            for store in stores if ranks.writer else []:
+            for store in stores if ranks.writer and not earlier else []:
                 store.unlink(missing_ok=True)  # the hidden store this run calibrated: a failed convert leaves nothing
             raise
     for store in stores if ranks.writer else []:
@@ -224,15 +226,17 @@ def _converted_before(
         stores = [out / STORE_NAME] if options.method.uses_covariance else []
         with contextlib.ExitStack() as closing:
             opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-            fingerprint = ModelView(model_dir).reader.fingerprint()
+            fingerprint = CheckpointReader(model_dir).fingerprint()
+            asked = {key: value for key, value in dataclasses.asdict(spec).items() if value is not None}  # None: auto
             for store in opened:  # the store kept in ``out`` records the calibration it was made with
-                differing = [k for k, v in dataclasses.asdict(spec).items() if store.calibration.get(k) != v]
+                differing = [key for key, value in asked.items() if store.calibration.get(key) != value]
                 if differing:
                     raise ResumeError(
                         f"{out}: a finished output calibrated otherwise ({', '.join(differing)}); "
                         "write elsewhere, or use `overwrite`"
                     )
             check_finished_output(out, run_record(options, fingerprint, opened, compute))
+        out.with_name(f".{out.name}.covariances.h5").unlink(missing_ok=True)  # left by a kill after publishing
     return bool(broadcast_object(finished, ranks, "agreeing on whether the output is finished"))
 
 

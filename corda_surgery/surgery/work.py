@@ -19,7 +19,7 @@ from corda_surgery.distributed import DistributedError, Ranks, ResultSender, rec
 from corda_surgery.surgery.initialise import Initialised, Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import LayerRecord
-from corda_surgery.surgery.resume import FinishedWork
+from corda_surgery.surgery.resume import FinishedWork, ResumeError
 from corda_surgery.surgery.targets import LayerPlan, Target
 
 
@@ -90,6 +90,11 @@ class WorkSource:
         assert saved is not None
         lora_a, lora_b, record = saved
         rank = self.initialise.plan[target.name].rank
+        if tuple(lora_a.shape) != (rank, target.in_dim) or tuple(lora_b.shape) != (target.out_dim, rank):
+            raise ResumeError(
+                f"{target.name}: the interrupted run gave it rank {lora_a.shape[0]}, this run plans {rank}; drop "
+                "`resume` to start again"
+            )
         scaling = self.initialise.options.scaling * rank / rank  # decompose_weight's alpha / r, to the bit
         residual = residual_of(
             self._weight(target) if weight is None else weight,

@@ -168,7 +168,7 @@ _DAMPING_ADVICE = {
     "the level lies above that many eigenvalues, raised by a few massive input dimensions or over directions "
     "the input hardly takes), so more calibration text will not help: {remedy}",
     None: "whether more tokens would help is unknown: the store has no count on part of its tokens (calibrated "
-    "in one batch, or by an older corda-surgery)",
+    "in one batch, or by an older corda-surgery), or counts samples (--covariance-norm peft)",
 }
 
 
