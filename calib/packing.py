@@ -41,13 +41,18 @@ def _segments(width: int) -> Iterator[tuple[int, int, int, int]]:
         row, start = end, stop
 
 
-def write_packed(group: h5py.Group, name: str, matrix: torch.Tensor, dtype: type[np.floating]) -> h5py.Dataset:
-    """``matrix``'s upper triangle as the 1-D dataset ``name`` of ``dtype``."""
+def write_packed(
+    group: h5py.Group, name: str, matrix: torch.Tensor, dtype: type[np.floating], divisor: float | None = None
+) -> h5py.Dataset:
+    """``matrix``'s upper triangle (divided by ``divisor``, a segment at a time) as the 1-D dataset ``name`` of
+    ``dtype``."""
     width = matrix.shape[0]
     dataset = group.create_dataset(name, shape=(packed_length(width),), dtype=dtype)
     for row, end, start, stop in _segments(width):
-        tails = [matrix[i, i:].numpy() for i in range(row, end)]
-        dataset[start:stop] = np.concatenate(tails).astype(dtype, copy=False)
+        segment = np.concatenate([matrix[i, i:].numpy() for i in range(row, end)])
+        if divisor is not None:
+            segment = segment / divisor
+        dataset[start:stop] = segment.astype(dtype, copy=False)
     return dataset
 
 

@@ -208,7 +208,7 @@ class StoreWriter:
         digits there), packed."""
         if self.storage_dtype == "float64":
             return write_packed(self.file, name, total, np.float64)
-        return write_packed(self.file, name, total / max(count, 1), np.float32)
+        return write_packed(self.file, name, total, np.float32, divisor=max(count, 1))
 
     def finish(self) -> Path:
         """Mark complete and rename into place (atomic on one file system)."""
