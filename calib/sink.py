@@ -16,7 +16,14 @@ from typing import Protocol
 
 import torch
 
-from corda_surgery.calib.store import CountedLevel, CovarianceEntry, CovarianceStore, StoreError, StoreWriter
+from corda_surgery.calib.store import (
+    CountedLevel,
+    CovarianceEntry,
+    Covariances,
+    CovarianceStore,
+    StoreError,
+    StoreWriter,
+)
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
@@ -109,7 +116,8 @@ class _Store:
         self.writer.write_layer(layer, entries)
 
     def finish(self) -> None:
-        warn_rank_deficient(self.writer.finish())
+        with CovarianceStore(self.writer.finish()) as store:
+            warn_rank_deficient(store)
 
     def close(self) -> None:
         self.writer.close()
@@ -181,16 +189,15 @@ class _Discard:
         pass
 
 
-def warn_rank_deficient(path: Path) -> None:
+def warn_rank_deficient(store: Covariances) -> None:
     """Name the inputs that saw fewer tokens than they are wide: their covariances are rank-deficient, so the
     smallest directions (KPM's cut) are set by damping there, not by data."""
-    with CovarianceStore(path) as store:
-        short = [
-            (name, entry.count, store.dimension(name))
-            for name, entry in store.entries.items()
-            if entry.count < store.dimension(name)
-        ]
-        total = len(store.entries)
+    short = [
+        (name, entry.count, store.dimension(entry.linears[0]))
+        for name, entry in store.entries.items()
+        if entry.count < store.dimension(entry.linears[0])
+    ]
+    total = len(store.entries)
     if short:
         name, count, width = short[0]
         log.warning(

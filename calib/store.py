@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -87,6 +88,27 @@ def counted_level(attrs) -> CountedLevel | None:
     if "below_damping_level" in attrs:
         return CountedLevel(LEGACY_COUNT_RULE, float(attrs["below_damping_level"]))
     return None
+
+
+class Covariances(Protocol):
+    """What a surgery reads of a store: a ``CovarianceStore``, or the ``StreamedCovariances`` of a run that keeps
+    none (``corda_surgery.calib.window``)."""
+
+    path: Path
+    fingerprint: str
+    calibration: dict[str, Any]
+    counted: CountedLevel | None
+    entries: dict[str, CovarianceEntry]
+    by_linear: dict[str, CovarianceEntry]
+
+    @property
+    def rounds(self) -> int: ...
+
+    def check_model(self, fingerprint: str, model_dir: Path) -> None: ...
+
+    def dimension(self, linear: str) -> int: ...
+
+    def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor: ...
 
 
 class StoreWriter:

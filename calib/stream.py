@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from corda_surgery.calib.accumulate import Accumulator, InputGroups, expert_slices
 from corda_surgery.calib.activations import Activations, rank_activation_budget
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
-from corda_surgery.calib.sink import CovarianceSink, rank_output
+from corda_surgery.calib.sink import CovarianceSink, RankOutput, rank_output
 from corda_surgery.calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, round_total
 from corda_surgery.checkpoint.reader import CheckpointError
 from corda_surgery.checkpoint.view import REMOTE_CODE_REFUSED, ModelView, UnsupportedArchitecture
@@ -301,14 +301,16 @@ def calibrate(
     activation_budget: int | None = None,
     below_damping: BelowDamping | None = None,
     before_work: Callable[[ModelView, Path], None] | None = None,
+    output: RankOutput | None = None,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``: hidden states
     past ``activation_budget`` spill beside it; ``below_damping`` counts small eigenvalues into it; ``before_work``
-    (the memory plan) sees the view and the claimed output first. Under torch.distributed rank 0 writes."""
+    (the memory plan) sees the view and the claimed output first; ``output`` takes the summed blocks (default: the
+    store, rank 0 writing under torch.distributed; ``convert``'s one pass decomposes them)."""
     check_source(spec)
     ranks = current_ranks()
     progress = progress and ranks.writer
-    output = rank_output(ranks)
+    output = rank_output(ranks) if output is None else output
     with output.claim(out, [Path(model_dir), *spec.input_files()], overwrite, resume) as out:
         barrier(ranks, "waiting for rank 0 to claim the output")
         view = open_view(model_dir, compute)

@@ -194,15 +194,22 @@ def decompose(model_dir, stores, out, resume, overwrite, dry_run, **surgery):
 @decomposition_options
 @forward_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--keep-covariances", is_flag=True,
+              help="Also keep the covariance store as OUT/covariances.h5, to `decompose` again (another mode, rank "
+                   "or method) without calibrating. It holds each input's covariance once: 0.4 GB for SmolLM2-135M, "
+                   "~33 GB for an 8B model, ~330 GB for a 70B (half in float32), so it is off by default.")  # fmt: skip
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @fail_cleanly
-def convert(model_dir, out, resume, overwrite, dry_run, **settings):
+def convert(model_dir, out, keep_covariances, resume, overwrite, dry_run, **settings):
     """Calibrate and decompose in one go (MODEL_DIR defaults to the embedded SmolLM2-135M).
 
     Everything the config and the options decide (ranks against the weights' shapes, targets,
     the checkpoint's tensors, an existing output) is checked before calibration starts.
-    The covariance store is kept as OUT/covariances.h5 for reuse with `decompose`.
+    CorDA decomposes each decoder layer as soon as its covariances are summed (one pass): no
+    covariance store is written unless --keep-covariances. CorDA++ plans its ranks over all layers
+    first, so it writes the whole store beside OUT, decomposes from it (two passes) and removes it
+    at the end unless --keep-covariances. The memory plan printed first gives the disk each needs.
     """
     from corda_surgery.surgery.run import convert_checkpoint, estimate_run
 
@@ -210,8 +217,19 @@ def convert(model_dir, out, resume, overwrite, dry_run, **settings):
     options = SurgeryOptions.of(**settings)
     model = resolve_model(model_dir)
     if dry_run:
-        return _show_plan(estimate_run(model, compute, out, spec=spec, options=options))
-    out = convert_checkpoint(model, out, spec, options, compute=compute, overwrite=overwrite, resume=resume)
+        return _show_plan(
+            estimate_run(model, compute, out, spec=spec, options=options, keep_covariances=keep_covariances)
+        )
+    out = convert_checkpoint(
+        model,
+        out,
+        spec,
+        options,
+        compute=compute,
+        overwrite=overwrite,
+        resume=resume,
+        keep_covariances=keep_covariances,
+    )
     _print_next_steps(out, options.output.base_name)
 
 

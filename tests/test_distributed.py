@@ -39,26 +39,27 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec: CalibrationSpec, die_at: int,
-               convert: str | None, resume: bool = False) -> None:  # fmt: skip
-    """One rank, with the environment torchrun gives it; rank 1 exits abruptly at block ``die_at`` (≥ 0)."""
+               convert: str | None, resume: bool = False, die_decomposing: int = -1) -> None:  # fmt: skip
+    """One rank, with the environment torchrun gives it; rank 1 exits abruptly at block ``die_at``'s sums (≥ 0),
+    or after ``die_decomposing`` decompositions of its own (≥ 0)."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CORDA_SURGERY_DIST_TIMEOUT_MIN="2")  # fmt: skip
     import torch
 
     torch.set_num_threads(1)
-    if rank == 1 and die_at >= 0 and convert:
-        from corda_surgery.surgery import run as surgery
+    if rank == 1 and die_decomposing >= 0:
+        from corda_surgery.surgery.initialise import Initialiser
 
-        initialise, calls = surgery.Initialiser.__call__, []
+        initialise, calls = Initialiser.__call__, []
 
         def dying_decomposition(self, weight, target):
             calls.append(target.name)
-            if len(calls) > die_at:
+            if len(calls) > die_decomposing:
                 os._exit(3)
             return initialise(self, weight, target)
 
-        surgery.Initialiser.__call__ = dying_decomposition
-    elif rank == 1 and die_at >= 0:
+        Initialiser.__call__ = dying_decomposition
+    if rank == 1 and die_at >= 0:
         from corda_surgery.calib import stream
 
         reduce = stream._reduce_over_ranks
@@ -82,11 +83,17 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
 
 
 def _run_ranks(
-    model_dir, out, spec=SPEC, die_at: int = -1, convert: str | None = None, resume: bool = False
+    model_dir,
+    out,
+    spec=SPEC,
+    die_at: int = -1,
+    convert: str | None = None,
+    resume: bool = False,
+    die_decomposing: int = -1,
 ) -> list[int]:
     context = mp.get_context("spawn")
     port = _free_port()
-    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert, resume)
+    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert, resume, die_decomposing)
     processes = [context.Process(target=_rank_main, args=(r, *arguments)) for r in range(2)]
     for process in processes:
         process.start()
@@ -149,16 +156,23 @@ def _assert_same_output(one, two) -> None:
     assert reports[0]["layers"] == reports[1]["layers"] and reports[0] == reports[1]
 
 
-def test_a_convert_whose_rank_died_resumes_on_two_ranks(tmp_path, caplog):
-    """Rank 1 dies after two decompositions: rank 0 keeps every result it took; the resumed run decomposes the
-    rest on both ranks and writes what one process writes."""
+@pytest.mark.parametrize(
+    ("method", "death"), [("corda", {"die_at": 1}), ("corda++", {"die_decomposing": 2})], ids=["one pass", "two passes"]
+)
+def test_a_convert_whose_rank_died_resumes_on_two_ranks(method, death, tmp_path, caplog):
+    """Rank 1 dies while block 1 is summed (one pass: rank 0 has decomposed block 0), or after two
+    decompositions of its own (two passes): rank 0 keeps every result it took (those in flight when rank 1 died
+    may be lost); the resumed run goes on from there on both ranks and writes what one process writes."""
     model_dir = save_family_model(tmp_path / "llama", "llama")
-    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, OPTIONS["corda"], progress=False)
-    codes = _run_ranks(model_dir, tmp_path / "two", convert="corda", die_at=2)
+    one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, OPTIONS[method], progress=False)
+    codes = _run_ranks(model_dir, tmp_path / "two", convert=method, **death)
     assert codes[1] == 3 and codes[0] != 0 and not (tmp_path / "two").exists()
     kept = list((tmp_path / ".two.resume").glob("*.safetensors"))
-    assert 2 <= len(kept) < 21, kept  # some, not all, of the 21 linears
-    assert _run_ranks(model_dir, tmp_path / "two", convert="corda", resume=True) == [0, 0]
+    assert len(kept) < 14, kept  # not all of the 14 linears (two passes: those rank 0 took before the death)
+    if method == "corda":
+        assert len(kept) == 7, kept  # block 0's, decomposed by rank 0 as it was summed
+        assert [p.name for p in (tmp_path / ".two.resume").glob("layer-*")] == ["layer-000000.json"]
+    assert _run_ranks(model_dir, tmp_path / "two", convert=method, resume=True) == [0, 0]
     _assert_same_output(one, tmp_path / "two")
     assert not (tmp_path / ".two.resume").exists()
 
@@ -204,7 +218,7 @@ def test_work_is_shared_by_input_group_and_balanced(tmp_path):
 def test_a_rank_that_dies_while_decomposing_leaves_no_output(tmp_path):
     model_dir = save_family_model(tmp_path / "llama", "llama")
     out = tmp_path / "two"
-    codes = _run_ranks(model_dir, out, convert="corda", die_at=2)
+    codes = _run_ranks(model_dir, out, convert="corda++", die_decomposing=2)
     assert codes[1] == 3 and codes[0] != 0
     assert not out.exists() and not list(tmp_path.glob(".two.partial-*"))  # nothing under the name, no half folder
 

@@ -26,7 +26,7 @@ SPEC = CalibrationSpec("nq_open", samples=8, seq_len=32, batch_size=4)
 def test_convert_into_a_new_folder_records_what_is_on_disk(tiny_llama, tmp_path):
     out = tmp_path / "not" / "yet" / "there"
     args = ["convert", tiny_llama, "--data", "nq_open", "--samples", 8, "--seq-len", 32, "--batch-size", 4]
-    result = run_cli(*args, "--rank", 4, "--alpha", 8, "--out", out)
+    result = run_cli(*args, "--rank", 4, "--alpha", 8, "--keep-covariances", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "surgery.json").read_text())
     assert (report["method"], report["mode"], report["rank"], report["alpha"]) == ("corda", "kpm", 4, 8.0)

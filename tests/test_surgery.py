@@ -80,7 +80,7 @@ def test_convert_counts_at_its_own_damping_rule(tiny_llama, tmp_path, caplog):
     from corda_surgery.surgery.run import convert_checkpoint
 
     options = SurgeryOptions.of(rank=8, damping_rule="median-diagonal")
-    out = convert_checkpoint(tiny_llama, tmp_path / "out", SPEC, options, progress=False)
+    out = convert_checkpoint(tiny_llama, tmp_path / "out", SPEC, options, keep_covariances=True, progress=False)
     with h5py.File(out / "covariances.h5") as handle:
         assert json.loads(handle.attrs["damping_counted"]) == {"rule": "median-diagonal", "damping": 0.01}
         assert "below_damping_level" not in handle.attrs

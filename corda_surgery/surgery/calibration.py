@@ -13,6 +13,7 @@ import torch
 
 from corda_surgery.calib.activations import rank_activation_budget
 from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.calib.sink import RankOutput
 from corda_surgery.calib.stream import BelowDamping
 from corda_surgery.calib.stream import calibrate as collect_covariances
 from corda_surgery.checkpoint.view import ModelView
@@ -48,6 +49,7 @@ def calibrate(
     plan: bool = True,
     damping: float = DEFAULT_DAMPING,
     damping_rule: DampingRule = DEFAULT_DAMPING_RULE,
+    output: RankOutput | None = None,
 ) -> Path:
     """Collect every target linear's input covariance of ``model_dir`` into the HDF5 store ``out``, with each
     input's count of eigenvalues below the damping level (λ = ``damping`` under ``damping_rule``: the default,
@@ -55,7 +57,8 @@ def calibrate(
 
     Hidden states past ``compute``'s activation budget spill to a temporary folder beside ``out``.
     ``plan``: print the memory plan and refuse a run that cannot fit, once the output is claimed and before
-    any work (``convert`` plans both phases itself and passes False).
+    any work (``convert`` plans both phases itself and passes False). ``output``: where the summed blocks go
+    (default: the store; ``convert``'s one pass decomposes them as they come).
     """
     ranks = current_ranks()
     budget = rank_activation_budget(compute)  # once, for the plan and the run: the default depends on free memory
@@ -75,4 +78,5 @@ def calibrate(
         activation_budget=budget,
         below_damping=below_damping(damping, damping_rule),
         before_work=announce_plan if plan else None,
+        output=output,
     )

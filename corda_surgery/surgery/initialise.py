@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from corda_surgery.calib.store import CountedLevel, CovarianceEntry, CovarianceStore
+from corda_surgery.calib.store import CountedLevel, CovarianceEntry, Covariances
 from corda_surgery.decomposition.decompose import (
     CovarianceSource,
     DampedCovariance,
@@ -70,7 +70,7 @@ class DampingDiagnosis:
 
 
 def damping_diagnosis(
-    store: CovarianceStore, entry: CovarianceEntry, options: SurgeryOptions, rank: int, round_index: int | None
+    store: Covariances, entry: CovarianceEntry, options: SurgeryOptions, rank: int, round_index: int | None
 ) -> DampingDiagnosis | None:
     """The store's counts for ``entry`` where they were taken at the options' damping (on its whole sum: a
     sampling round has none), with ``damping_limit``'s verdict at ``rank``; None where there are none."""
@@ -103,7 +103,7 @@ class SharedInputs:
     and factorised once, kept until the last of them is decomposed, then freed. Whether an input is shared
     depends on all its readers, not on those left to decompose, so a resumed run decomposes as the first did."""
 
-    def __init__(self, stores: Sequence[CovarianceStore], targets: list[Target], plan: Mapping[str, LayerPlan]):
+    def __init__(self, stores: Sequence[Covariances], targets: list[Target], plan: Mapping[str, LayerPlan]):
         self.stores, self.plan = stores, plan
         self.readers = Counter(self.key(t.name) for t in targets if plan[t.name].store is not None)
         self.remaining = Counter(self.readers)
@@ -149,7 +149,7 @@ class Initialiser:
 
     def __init__(
         self,
-        stores: Sequence[CovarianceStore],
+        stores: Sequence[Covariances],
         targets: list[Target],
         plan: Mapping[str, LayerPlan],
         plus_records: Mapping[str, LayerRecord],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.store import Covariances, CovarianceStore
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
 from corda_surgery.outputs import new_files
@@ -52,7 +53,7 @@ def inspect_stores(
     return rows, spectra
 
 
-def _diagnosis(stores: list[CovarianceStore], layer: LayerPlan, name: str, options: SurgeryOptions) -> dict:
+def _diagnosis(stores: Sequence[Covariances], layer: LayerPlan, name: str, options: SurgeryOptions) -> dict:
     """The chosen store's damping diagnosis of ``name`` at its planned rank (``damping_diagnosis``), as a record's
     fields; empty where the store has no counts at the options' damping."""
     assert layer.store is not None

@@ -163,15 +163,24 @@ def plan_run(
     options: SurgeryOptions | None = None,
     targets: Sequence[tuple[int, int]] = (),
     activation_budget: int | None = None,
+    one_pass: bool = False,
+    keep_store: bool = True,
 ) -> MemoryPlan:
     """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
-    or both (convert), writing to ``out``."""
+    or both (convert), writing to ``out``. ``one_pass``: each block is decomposed while the calibration holds
+    its hidden states and the block's sums, and no store is written unless ``keep_store``; two passes without
+    ``keep_store`` still write the whole store, and remove it at the end."""
     plan = MemoryPlan(device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out))
     if spec is not None:
         budget = compute.activation_budget() if activation_budget is None else activation_budget
         plan.phases["capture"] = capture_memory(view, spec, budget)
         plan.phases["calibration"] = calibration_memory(view, spec, budget)
-        plan.disk.update(calibration_disk(view, spec, budget))
+        disk = calibration_disk(view, spec, budget)
+        if not keep_store:
+            store = disk.pop("covariance store")
+            if not one_pass:
+                disk["covariance store (removed at the end)"] = store
+        plan.disk.update(disk)
     if options is not None and targets:
         stored_size = view.stored_dtype.itemsize
         if options.method.uses_covariance or options.mode is not None:
@@ -179,10 +188,15 @@ def plan_run(
             plan.phases["decomposition"] = decomposition_memory(list(targets), stored_size, width)
             if _largest_fused(view):
                 plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
+            if one_pass and "calibration" in plan.phases:  # while the calibration holds these
+                held = plan.phases["calibration"]
+                plan.phases["decomposition"]["hidden states"] = held["hidden states"]
+                plan.phases["decomposition"]["block's covariance sums"] = held["covariance sums"]
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )
-        plan.disk["adapter"] = (
-            sum((o + i) * options.rank for o, i in targets) * options.decomposition.torch_factor_dtype.itemsize
-        )
+        adapter = sum((o + i) * options.rank for o, i in targets) * options.decomposition.torch_factor_dtype.itemsize
+        plan.disk["adapter"] = adapter
+        if options.mode is not None:  # each decomposition's factors, saved for resume until the output is published
+            plan.disk["finished work"] = adapter
     return plan

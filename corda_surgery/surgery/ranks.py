@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.store import Covariances
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.decomposition.corda_plus import plan_ranks
 from corda_surgery.distributed import Ranks, broadcast_object
@@ -17,14 +17,14 @@ from corda_surgery.surgery.report import LayerRecord
 from corda_surgery.surgery.targets import LayerPlan, Target
 
 
-def _candidates(stores: Sequence[CovarianceStore]) -> list[tuple[int, int | None]]:
+def _candidates(stores: Sequence[Covariances]) -> list[tuple[int, int | None]]:
     """CorDA++ candidates: each store's sampling rounds where it has several, else its sum."""
     return [(i, r) for i, store in enumerate(stores) for r in (range(store.rounds) if store.rounds > 1 else [None])]
 
 
 def corda_plus_plan(
     view: ModelView,
-    stores: Sequence[CovarianceStore],
+    stores: Sequence[Covariances],
     targets: list[Target],
     options: SurgeryOptions,
     *,
@@ -59,7 +59,7 @@ def corda_plus_plan(
 
 def layer_plan(
     view: ModelView,
-    stores: Sequence[CovarianceStore],
+    stores: Sequence[Covariances],
     targets: list[Target],
     options: SurgeryOptions,
     *,

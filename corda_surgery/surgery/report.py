@@ -86,7 +86,7 @@ class ExpertsRecord:
 
 @dataclass
 class StoreRecord:
-    path: str
+    path: str | None  # None: not kept (convert without --keep-covariances)
     model_fingerprint: str
     calibration: dict[str, Any]
     eigenvalues_below_damping_level: float | None  # λ of the store's counts …

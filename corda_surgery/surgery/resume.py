@@ -106,6 +106,25 @@ class FinishedWork:
             raise OutputError(f"{staging}: cannot save the finished decomposition ({exc})") from exc
         self.done[name] = path
 
+    def keep_layer(self, layer: int, entries: list[dict[str, Any]]) -> None:
+        """Block ``layer`` is decomposed whole (``convert``'s one pass): its inputs' entries, for the report and
+        for a resume, which then need not sum it again."""
+        path = self.folder / f"layer-{layer:06d}.json"
+        try:
+            _write_atomically(path, json.dumps(entries).encode())
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot save the finished block ({exc.strerror or exc})") from exc
+
+    def layers(self) -> list[list[dict[str, Any]]]:
+        """The entries of the blocks ``keep_layer`` saved, from block 0 up to the first missing."""
+        found: list[list[dict[str, Any]]] = []
+        while (path := self.folder / f"layer-{len(found):06d}.json").is_file():
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                raise ResumeError(f"{path}: unreadable ({exc}); remove {self.folder} to start again") from exc
+        return found
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 

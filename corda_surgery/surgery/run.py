@@ -1,15 +1,15 @@
 """The surgery commands as functions: ``decompose_checkpoint``, ``convert_checkpoint`` and ``estimate_run``.
 
 Everything the config, the options and the stores decide is checked first, so a mistake costs seconds,
-not a calibration; then the work source hands each target's result to the writer, in one process and
-under torch.distributed alike.
+not a calibration; then the passes over the model (``corda_surgery.surgery.convert``) and the writing of the
+output (``corda_surgery.surgery.writing``) run, in one process and under torch.distributed alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from corda_surgery.calib.data import CalibrationSpec, check_source
@@ -18,21 +18,18 @@ from corda_surgery.calib.stream import open_view
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
-from corda_surgery.distributed import DistributedError, Ranks, barrier, broadcast_object, samples_share
+from corda_surgery.distributed import broadcast_object, samples_share
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import OptionsError
-from corda_surgery.outputs import check_disjoint, made_folder, refuse_existing, staged_folder
+from corda_surgery.outputs import check_disjoint, made_folder, refuse_existing
 from corda_surgery.paths import resolved
-from corda_surgery.surgery.calibration import calibrate
-from corda_surgery.surgery.initialise import Initialiser
+from corda_surgery.surgery.convert import hidden_store, in_one_pass, in_two_passes
 from corda_surgery.surgery.options import Method, SurgeryOptions
 from corda_surgery.surgery.plan import MemoryPlan, announce, plan_run
-from corda_surgery.surgery.ranks import layer_plan
-from corda_surgery.surgery.report import STORE_NAME
-from corda_surgery.surgery.resume import FinishedWork, ResumeError, check_finished_output, run_record
-from corda_surgery.surgery.targets import TargetPlan, check_budget, chosen_targets, plan_targets, shapes
-from corda_surgery.surgery.work import WorkSource, serve_share, share_of_work
-from corda_surgery.surgery.writer import SurgeryOutput, write_surgery
+from corda_surgery.surgery.report import read_report
+from corda_surgery.surgery.resume import ResumeError, check_finished_output, run_record
+from corda_surgery.surgery.targets import check_budget, plan_targets, shapes
+from corda_surgery.surgery.writing import write_output
 
 
 def _check_stores_for_method(options: SurgeryOptions, stores: Sequence[str | Path], bundle_store: bool) -> None:
@@ -79,57 +76,22 @@ def decompose_checkpoint(
     fingerprint = view.reader.fingerprint()
     with contextlib.ExitStack() as closing:
         opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-        chosen = chosen_targets(view, options, opened, fingerprint)
-        run = run_record(options, fingerprint, opened, compute)
-        if _finished_before(out, run, resume and not overwrite, ranks):
-            return out
-        if plan:
-            announce(plan_run(view, compute, out, options=options, targets=shapes(chosen.targets)), progress)
-        made: list[Callable[[BaseException], None]] = []
-        staged = staged_folder(out, overwrite=overwrite, inputs=[model_dir, *map(Path, stores)], on_failure=made)
-        staging = closing.enter_context(staged) if ranks.writer else None
-        finished = FinishedWork(out, run, resume=resume) if staging else None
-        made += [finished.discard] if finished is not None else []
-        work = _work_source(view, opened, chosen, options, compute, ranks, finished, progress)
-        if staging is None:
-            serve_share(work, chosen.targets, options.output.max_shard_size)
-        else:
-            output = SurgeryOutput(staging, out, fingerprint, bundle_store, compute, progress)
-            write_surgery(view, chosen, opened, options, work, output)
-    if finished is not None:
-        finished.remove()  # the output is published: nothing left to resume
-    barrier(ranks, "waiting for rank 0 to write the output")  # every result taken before any rank leaves
+        write_output(
+            view,
+            fingerprint,
+            out,
+            options,
+            opened,
+            inputs=[model_dir, *map(Path, stores)],
+            compute=compute,
+            ranks=ranks,
+            overwrite=overwrite,
+            resume=resume,
+            bundle_store=bundle_store,
+            progress=progress,
+            plan=plan,
+        )
     return out
-
-
-def _finished_before(out: Path, run: dict, resume: bool, ranks: Ranks) -> bool:
-    """Whether ``resume`` finds ``out`` already written by this very run (checked by rank 0, told to all)."""
-    finished = resume and ranks.writer and out.exists()
-    if finished:
-        check_finished_output(out, run)
-    return bool(broadcast_object(finished, ranks, "agreeing on whether the output is finished"))
-
-
-def _work_source(
-    view: ModelView,
-    stores: list[CovarianceStore],
-    chosen: TargetPlan,
-    options: SurgeryOptions,
-    compute: ComputeOptions,
-    ranks: Ranks,
-    finished: FinishedWork | None,
-    progress: bool,
-) -> WorkSource:
-    """Each target's plan and initialiser, who decomposes it, and what an interrupted run already finished."""
-    device = compute.torch_device
-    targets_plan, plus = layer_plan(
-        view, stores, chosen.targets, options, progress=progress, device=device, ranks=ranks
-    )
-    initialise = Initialiser(stores, chosen.targets, targets_plan, plus, options, device)
-    owners = share_of_work(chosen.targets, targets_plan, initialise, options, ranks)
-    done = frozenset(finished.done) if finished is not None else frozenset()
-    done = broadcast_object(done, ranks, "agreeing on the decompositions already finished")
-    return WorkSource(view.reader, initialise, ranks, owners, finished, done)
 
 
 def convert_checkpoint(
@@ -141,73 +103,51 @@ def convert_checkpoint(
     compute: ComputeOptions = DEFAULT_COMPUTE,
     overwrite: bool = False,
     resume: bool = False,
+    keep_covariances: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Calibrate and decompose in one go, keeping the store as ``out/covariances.h5``: calibrated beside ``out``
-    once the config and options are checked, moved inside when done; an error removes it, a kill or a signal
-    leaves it (and the decompositions finished) for ``resume``. Under torch.distributed rank 0 alone writes."""
+    """Calibrate and decompose in one go, once the config and the options are checked: CorDA decomposes each
+    block as soon as its covariances are summed (one pass), CorDA++ from the whole store (two passes; see
+    ``corda_surgery.surgery.convert``). ``keep_covariances``: keep the store as ``out/covariances.h5`` for later
+    ``decompose`` runs. An error removes what the run made; a kill or a signal leaves the finished blocks,
+    decompositions and store for ``resume``. Under torch.distributed rank 0 alone writes."""
     ranks = current_ranks()
     progress = progress and ranks.writer
     out, model_dir = resolved(out), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     check_source(spec)
-    if _converted_before(out, model_dir, spec, options, compute, resume and not overwrite, ranks):
+    finished = _converted_before(out, model_dir, spec, options, compute, resume and not overwrite, keep_covariances)
+    if broadcast_object(finished, ranks, "agreeing on whether the output is finished"):
         return out
     refuse_existing(out, overwrite)
-    announce(estimate_run(model_dir, compute, out, spec=spec, options=options), progress)
-    stores: list[Path] = []
-    earlier = out.with_name(f".{out.name}.covariances.h5").exists()  # a killed run's, kept for --resume
+    plan = estimate_run(model_dir, compute, out, spec=spec, options=options, keep_covariances=keep_covariances)
+    announce(plan, progress)
     with made_folder(out.parent):  # the hidden store's parents too: a failed convert leaves none
-        try:
-            if options.method.uses_covariance:
-                stores.append(_hidden_store(model_dir, spec, out, options, compute, resume, progress))
+        if not options.method.uses_covariance:
             decompose_checkpoint(
                 model_dir,
                 out,
                 options,
-                stores=stores,
                 compute=compute,
                 overwrite=overwrite,
                 resume=resume,
-                bundle_store=bool(stores),
                 progress=progress,
                 plan=False,
             )
-        except DistributedError:
-            raise  # another rank stopped (a kill, a lost node): the store and the work stay for --resume
-        except Exception:
-            for store in stores if ranks.writer and not earlier else []:
-                store.unlink(missing_ok=True)  # the hidden store this run calibrated: a failed convert leaves nothing
-            raise
-    for store in stores if ranks.writer else []:
-        store.unlink()  # out/covariances.h5 is now its only name
+        else:
+            passes = in_one_pass if options.method is Method.CORDA else in_two_passes
+            passes(
+                model_dir,
+                out,
+                spec,
+                options,
+                compute=compute,
+                overwrite=overwrite,
+                resume=resume,
+                keep=keep_covariances,
+                progress=progress,
+            )
     return out
-
-
-def _hidden_store(
-    model_dir: Path,
-    spec: CalibrationSpec,
-    out: Path,
-    options: SurgeryOptions,
-    compute: ComputeOptions,
-    resume: bool,
-    progress: bool,
-) -> Path:
-    """``convert``'s store, calibrated beside ``out`` (counted at the options' damping) until the surgery is done."""
-    decomposition = options.decomposition
-    store = out.with_name(f".{out.name}.covariances.h5")
-    return calibrate(
-        model_dir,
-        spec,
-        store,
-        compute=compute,
-        resume=resume,
-        overwrite=True,
-        progress=progress,
-        plan=False,
-        damping=decomposition.damping,
-        damping_rule=decomposition.damping_rule,
-    )
 
 
 def _converted_before(
@@ -217,27 +157,35 @@ def _converted_before(
     options: SurgeryOptions,
     compute: ComputeOptions,
     resume: bool,
-    ranks: Ranks,
+    keep_covariances: bool,
 ) -> bool:
-    """Whether ``resume`` finds ``out`` already converted by this very run: the same model, options and device,
-    and a bundled store calibrated with these settings (checked by rank 0, told to all)."""
-    finished = resume and ranks.writer and out.exists()
-    if finished:
-        stores = [out / STORE_NAME] if options.method.uses_covariance else []
-        with contextlib.ExitStack() as closing:
-            opened = [closing.enter_context(CovarianceStore(path)) for path in stores]
-            fingerprint = CheckpointReader(model_dir).fingerprint()
-            asked = {key: value for key, value in dataclasses.asdict(spec).items() if value is not None}  # None: auto
-            for store in opened:  # the store kept in ``out`` records the calibration it was made with
-                differing = [key for key, value in asked.items() if store.calibration.get(key) != value]
-                if differing:
-                    raise ResumeError(
-                        f"{out}: a finished output calibrated otherwise ({', '.join(differing)}); "
-                        "write elsewhere, or use `overwrite`"
-                    )
-            check_finished_output(out, run_record(options, fingerprint, opened, compute))
-        out.with_name(f".{out.name}.covariances.h5").unlink(missing_ok=True)  # left by a kill after publishing
-    return bool(broadcast_object(finished, ranks, "agreeing on whether the output is finished"))
+    """Whether ``resume`` finds ``out`` already converted by this very run: the same model, options, device and
+    calibration settings, and its store kept if asked (rank 0 checks; the others are told)."""
+    if not (resume and current_ranks().writer and out.exists()):
+        return False
+    report = read_report(out)
+    asked = {key: value for key, value in dataclasses.asdict(spec).items() if value is not None}  # None: auto
+    for store in report.covariance_stores:  # the report records the calibration each store was made with
+        differing = [key for key, value in asked.items() if store.calibration.get(key) != value]
+        if keep_covariances and store.path is None:
+            differing.append("keep_covariances")
+        if differing:
+            raise ResumeError(
+                f"{out}: a finished output calibrated otherwise ({', '.join(differing)}); write elsewhere, or use "
+                "`overwrite`"
+            )
+    stores = [_Recorded(s.model_fingerprint, s.calibration) for s in report.covariance_stores]
+    check_finished_output(out, run_record(options, CheckpointReader(model_dir).fingerprint(), stores, compute))
+    hidden_store(out).unlink(missing_ok=True)  # left by a kill after publishing
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recorded:
+    """A store as a finished output's report records it (``run_record`` reads these two)."""
+
+    fingerprint: str
+    calibration: dict
 
 
 def estimate_run(
@@ -247,8 +195,10 @@ def estimate_run(
     *,
     spec: CalibrationSpec | None = None,
     options: SurgeryOptions | None = None,
+    keep_covariances: bool = True,
 ) -> MemoryPlan:
-    """The memory plan of a calibration (``spec``), a decomposition (``options``) or both, without doing either.
+    """The memory plan of a calibration (``spec``), a decomposition (``options``) or both (``convert``: in one
+    pass for CorDA, keeping the store or not), without doing either.
 
     Checks what the config and the options decide (targets, ranks) on the way, as the run would.
     """
@@ -261,4 +211,14 @@ def estimate_run(
     if spec is not None:  # per rank under torch.distributed: its share of the samples
         check_source(spec)
         spec = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, current_ranks()))
-    return plan_run(view, compute, Path(out), spec=spec, options=options, targets=shapes(targets))
+    one_pass = spec is not None and options is not None and options.method is Method.CORDA
+    return plan_run(
+        view,
+        compute,
+        Path(out),
+        spec=spec,
+        options=options,
+        targets=shapes(targets),
+        one_pass=one_pass,
+        keep_store=keep_covariances,
+    )

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from corda_surgery.calib.store import CovarianceStore, StoreError
+from corda_surgery.calib.store import Covariances, StoreError
 from corda_surgery.checkpoint.experts import slice_name
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.errors import CordaSurgeryError, OptionsError
@@ -192,7 +192,7 @@ def check_budget(targets: list[Target], options: SurgeryOptions) -> None:
 
 
 def chosen_targets(
-    view: ModelView, options: SurgeryOptions, stores: Sequence[CovarianceStore], fingerprint: str
+    view: ModelView, options: SurgeryOptions, stores: Sequence[Covariances], fingerprint: str
 ) -> TargetPlan:
     """The targets a surgery with these stores adapts: planned, the stores checked against them (this model,
     a covariance of the right size each), linears without a covariance left out under all-linear, the budget
@@ -210,7 +210,7 @@ def chosen_targets(
     return plan
 
 
-def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: SurgeryOptions) -> TargetPlan:
+def _uncalibrated(stores: Sequence[Covariances], plan: TargetPlan, options: SurgeryOptions) -> TargetPlan:
     """Linears with no covariance in a store (never called through their forward while calibrating, e.g.
     Mamba's dt_proj, whose weight the model reads directly): left out under all-linear, else refused."""
     missing = [t for t in plan.targets if any(t.name not in store.by_linear for store in stores)]
@@ -232,7 +232,7 @@ def _uncalibrated(stores: Sequence[CovarianceStore], plan: TargetPlan, options: 
     return TargetPlan(_without(plan.targets, missing), left_out)
 
 
-def check_stores(stores: Sequence[CovarianceStore], targets: list[Target]) -> None:
+def check_stores(stores: Sequence[Covariances], targets: list[Target]) -> None:
     """Each store (already checked to be this model's) holds a covariance of the right size for every target."""
     for store in stores:
         for target in targets:

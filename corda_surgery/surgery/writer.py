@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from corda_surgery import __version__
-from corda_surgery.calib.store import CovarianceStore
+from corda_surgery.calib.store import Covariances
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
@@ -44,15 +44,16 @@ class SurgeryOutput:
     staging: Path
     out: Path
     fingerprint: str
-    bundle_store: bool
+    bundle_store: bool  # the one store linked into the output as covariances.h5
     compute: ComputeOptions
     progress: bool
+    stores_kept: bool = True  # False: no store is kept (convert's default), so the report names no path
 
 
 def write_surgery(
     view: ModelView,
     chosen: TargetPlan,
-    stores: Sequence[CovarianceStore],
+    stores: Sequence[Covariances],
     options: SurgeryOptions,
     work: WorkSource,
     output: SurgeryOutput,
@@ -214,13 +215,16 @@ def _warn_damping_decided(
 def _report(
     view: ModelView,
     chosen: TargetPlan,
-    stores: Sequence[CovarianceStore],
+    stores: Sequence[Covariances],
     options: SurgeryOptions,
     adapter: LoraAdapter,
     layers: dict[str, LayerRecord | ExpertsRecord],
     output: SurgeryOutput,
 ) -> SurgeryReport:
-    store_paths = [output.out / STORE_NAME if output.bundle_store else store.path for store in stores]
+    store_paths = [
+        output.out / STORE_NAME if output.bundle_store else store.path if output.stores_kept else None
+        for store in stores
+    ]
     return SurgeryReport(
         options=options.record(),
         compute=output.compute.record(),
@@ -236,12 +240,13 @@ def _report(
     )
 
 
-def _store_record(store: CovarianceStore, path: Path) -> StoreRecord:
-    """What surgery.json says of a store: where, whose, how calibrated, and at what damping it was counted."""
+def _store_record(store: Covariances, path: Path | None) -> StoreRecord:
+    """What surgery.json says of a store: where (None: not kept), whose, how calibrated, and at what damping it
+    was counted."""
     counted = store.counted
     rule = counted.rule if counted is not None and counted.rule != DEFAULT_DAMPING_RULE.value else None
     level = counted.damping if counted is not None else None
-    return StoreRecord(str(path), store.fingerprint, store.calibration, level, rule)
+    return StoreRecord(str(path) if path is not None else None, store.fingerprint, store.calibration, level, rule)
 
 
 def _unadapted_weights(view: ModelView, adapted: Mapping[str, object], left_out: Mapping[str, str]) -> list[str]:
