@@ -127,13 +127,23 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> d
     }
 
 
-def calibration_disk(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
-    """Bytes written to disk: the store (every input's upper triangle in the store's dtype, and each round's when
-    there are several) and the hidden states past ``budget``, the activation budget, spilled beside it."""
-    widths = [w for i in range(view.num_blocks) for w in input_widths(view.blocks[i])]
+def _stored_bytes(widths: list[int], spec: CalibrationSpec) -> int:
+    """The store's bytes for inputs of ``widths``: each upper triangle in the store's dtype, and each round's
+    when there are several."""
     itemsize = F64 if spec.store_dtype == "float64" else F64 // 2
-    triangles = sum(packed_length(w) for w in widths)
+    return sum(packed_length(w) for w in widths) * itemsize * (1 + (spec.rounds if spec.rounds > 1 else 0))
+
+
+def calibration_disk(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
+    """Bytes written to disk: the store and the hidden states past ``budget``, the activation budget, spilled
+    beside it."""
+    widths = [w for i in range(view.num_blocks) for w in input_widths(view.blocks[i])]
     return {
-        "covariance store": triangles * itemsize * (1 + (spec.rounds if spec.rounds > 1 else 0)),
+        "covariance store": _stored_bytes(widths, spec),
         "spilled hidden states": max(0, _hidden_bytes(view, spec) - budget),
     }
+
+
+def block_store_disk(view: ModelView, spec: CalibrationSpec) -> int:
+    """Bytes of the largest block's covariances as stored: what ``convert``'s one pass spills at a time."""
+    return max(_stored_bytes(input_widths(view.blocks[i]), spec) for i in range(view.num_blocks))

@@ -163,7 +163,9 @@ def stream_covariances(
             view.free_block(index)
         if handles:
             _reduce_over_ranks(groups, ranks, view.block_name(index))
-            sink.write_layer(index, _entries(groups, view, index, rounds, below_damping, halves))
+            entries = _entries(groups, view, index, rounds, below_damping, halves)
+            del groups  # the entries hold the sums: a sink that lets go of them frees them (convert's one pass)
+            sink.write_layer(index, entries)
 
 
 def _hook(view: ModelView, index: int, block: nn.Module, groups: InputGroups) -> list:

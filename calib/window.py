@@ -1,35 +1,51 @@
-"""The covariances of a calibration that keeps no store: every input's entry as it is summed, and the sums of
-the block just summed, read back exactly as a store in the run's format would give them.
+"""The covariances of a calibration that keeps no store: every input's entry as it is summed, and the block
+just summed, spilled to a one-block store beside the output while it is decomposed.
 
-``convert``'s one pass decomposes each block from these before the next block is summed, so the covariances
-never reach the disk; the entries (counts, eigenvalue counts: a few numbers per input) stay for the report and
-for a resumed run, which reads them back with ``entry_from_json``.
+``convert``'s one pass decomposes each block before the next is summed. The block's sums leave memory for a
+store of that block alone (the run's format and dtype, so every covariance reads back as the whole store
+would give it, bit for bit), which goes once the block is decomposed: memory holds the sums or the
+decomposition, never both, and the disk at most one block's covariances. The entries (counts, eigenvalue
+counts: a few numbers per input) stay for the report and for a resumed run (``entry_to_json``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from corda_surgery.calib.checks import StoreError, check_covariance
-from corda_surgery.calib.store import CountedLevel, CovarianceEntry, round_total
+from corda_surgery.calib.checks import StoreError
+from corda_surgery.calib.store import (
+    CountedLevel,
+    CovarianceEntry,
+    CovarianceStore,
+    StoreWriter,
+    partial_path,
+)
 
 
 class StreamedCovariances:
-    """What ``CovarianceStore`` answers (entries, widths, covariances), for a store that is never written:
-    ``path`` names the run in messages, not a file."""
+    """What ``CovarianceStore`` answers (entries, widths, covariances) over a run whose blocks come one at a time:
+    ``path`` names the run in messages, ``block_path`` is where the block being decomposed is spilled."""
 
-    def __init__(self, path: Path, fingerprint: str, calibration: dict[str, Any], counted: CountedLevel | None):
-        self.path, self.fingerprint, self.calibration, self.counted = path, fingerprint, calibration, counted
-        self.normalised = calibration.get("store_dtype", "float64") == "float32"
+    def __init__(
+        self,
+        path: Path,
+        block_path: Path,
+        fingerprint: str,
+        calibration: dict[str, Any],
+        counted: CountedLevel | None,
+    ):
+        self.path, self.block_path = path, block_path
+        self.fingerprint, self.calibration, self.counted = fingerprint, calibration, counted
         self.entries: dict[str, CovarianceEntry] = {}
         self.by_linear: dict[str, CovarianceEntry] = {}
         self._widths: dict[str, int] = {}
-        self._held: dict[str, torch.Tensor] = {}
+        self._block: CovarianceStore | None = None
 
     def add(self, entry: CovarianceEntry, width: int) -> None:
         """An input's entry (from this run's calibration, or saved by the run a resume continues)."""
@@ -37,15 +53,40 @@ class StreamedCovariances:
         self.by_linear.update(dict.fromkeys(entry.linears, entry))
         self._widths[entry.name] = width
 
-    def hold(self, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
-        """One block's inputs with their sums (one per sampling round), held until ``release``."""
-        for entry, round_sums in entries:
-            total = round_total(round_sums)
-            self.add(entry, total.shape[0])
-            self._held[entry.name] = total
+    def spill(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
+        """Block ``layer``'s inputs with their sums (one per sampling round): their entries kept, the sums written
+        to the one-block store and read from there until ``release``."""
+        self.release()
+        writer = StoreWriter(
+            self.block_path,
+            fingerprint=self.fingerprint,
+            calibration=self.calibration,
+            num_layers=layer + 1,
+            resume=False,
+            counted=self.counted,
+        )
+
+        def described() -> Iterator[tuple[CovarianceEntry, list[torch.Tensor]]]:
+            for entry, round_sums in entries:
+                self.add(entry, round_sums[0].shape[0])
+                yield entry, round_sums
+
+        try:
+            writer.write_layer(layer, described())
+            writer.finish()
+        except BaseException:
+            writer.discard()
+            raise
+        self._block = CovarianceStore(self.block_path)
 
     def release(self) -> None:
-        self._held.clear()
+        """Remove the one-block store (and what a failed spill left)."""
+        if self._block is not None:
+            self._block.close()
+            self._block = None
+        for path in (self.block_path, partial_path(self.block_path)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     @property
     def rounds(self) -> int:
@@ -65,20 +106,17 @@ class StreamedCovariances:
         return entry
 
     def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor:
-        """The normalised float64 covariance, rounded through float32 where the run stores float32, as
-        ``CovarianceStore.covariance`` reads it (the sums are exactly symmetric, as a packed store's are)."""
+        """The covariance as the one-block store reads it; only the block being decomposed has one."""
         entry = self._entry(linear)
-        total = self._held.get(entry.name)
-        if total is None or round_index is not None:
-            which = f"sampling round {round_index} of {entry.name}" if round_index is not None else entry.name
-            raise StoreError(f"{self.path}: the covariance of {which} is not held (one pass keeps only its block's)")
-        if entry.count <= 0:
-            raise StoreError(f"{self.path}: covariance {entry.name} saw no tokens")
-        data = total / entry.count
-        if self.normalised:
-            data = data.to(torch.float32).to(torch.float64)
-        check_covariance(data, f"{self.path}: covariance {entry.name}", symmetric=True)
-        return data
+        if self._block is None or linear not in self._block.by_linear:
+            raise StoreError(
+                f"{self.path}: the covariance of {entry.name} is not held (one pass keeps only its block's)"
+            )
+        return self._block.covariance(linear, round_index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Sent to the other ranks without the block being decomposed (an open file)."""
+        return {**self.__dict__, "_block": None}
 
 
 def entry_to_json(entry: CovarianceEntry, width: int) -> dict[str, Any]:

@@ -49,12 +49,16 @@ def test_one_pass_gives_the_two_pass_output_bit_for_bit(tiny_llama, tmp_path, mo
     options = SurgeryOptions.of(rank=4, mode=mode, max_shard_size=200_000)
     two = _two_passes(tiny_llama, tmp_path, SPEC, options)
 
-    def no_store(*args, **kwargs):
-        raise AssertionError("one pass wrote a covariance store")
+    written, write = [], StoreWriter.__init__
 
-    monkeypatch.setattr(StoreWriter, "__init__", no_store)
+    def recorded(self, path, **kwargs):
+        written.append((Path(path).name, kwargs["num_layers"]))
+        write(self, path, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "__init__", recorded)
     one = convert_checkpoint(tiny_llama, tmp_path / "one", SPEC, options, progress=False)
     _assert_same_surgery(one, two)
+    assert written == [(".one.block.h5", 1), (".one.block.h5", 2), (".one.block.h5", 3)]  # one block at a time
     assert json.loads((one / "surgery.json").read_text())["covariance_stores"][0]["path"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two", "whole.h5"]  # nothing left beside
 
@@ -111,6 +115,8 @@ def test_the_disk_plan_says_what_each_choice_writes(tiny_llama, tmp_path):
         return plan.disk
 
     one, kept, plus = disk("corda", False), disk("corda", True), disk("corda++", False)
-    assert "covariance store" not in one and "covariance store (removed at the end)" not in one
-    assert kept["covariance store"] == plus["covariance store (removed at the end)"] > 0
+    block = "one block's covariances (while it is decomposed)"
+    assert "covariance store" not in one and one["covariance store (removed at the end)"] == 0
+    assert kept["covariance store"] == plus["covariance store (removed at the end)"] == 3 * one[block] > 0
+    assert block not in plus and kept[block] == one[block]
     assert one["finished work"] == one["adapter"] > 0

@@ -90,16 +90,22 @@ class _DecomposingSink:
         return self.store.finished if self.store is not None else self.blocks_done == self.view.num_blocks
 
     def write_layer(self, layer: int, entries: Entries) -> None:
-        summed = list(entries)
-        if self.store is not None:
-            self.store.write_layer(layer, summed)
-        self.window.hold(summed)
+        described = self._spill(layer, entries)
         try:
             self._decompose(layer)
         finally:
             self.window.release()
-        self.finished_work.keep_layer(layer, [entry_to_json(entry, sums[0].shape[0]) for entry, sums in summed])
+        self.finished_work.keep_layer(layer, described)
         self.blocks_done = layer + 1
+
+    def _spill(self, layer: int, entries: Entries) -> list[dict]:
+        """The block into the store where kept, and into the one-block store it is decomposed from; its entries.
+        The sums are let go on return, so the decomposition never shares memory with them."""
+        summed = list(entries)
+        if self.store is not None:
+            self.store.write_layer(layer, summed)
+        self.window.spill(layer, summed)
+        return [entry_to_json(entry, sums[0].shape[0]) for entry, sums in summed]
 
     def _decompose(self, layer: int) -> None:
         """The block's targets with a covariance (those without are left out later, as two passes do), as the
@@ -138,10 +144,12 @@ class _DecomposingSink:
             warn_rank_deficient(self.window)
 
     def close(self) -> None:
+        self.window.release()
         if self.store is not None:
             self.store.close()
 
     def discard(self) -> None:
+        self.window.release()
         if self.store is not None:
             self.store.discard()
 
@@ -172,7 +180,8 @@ class OnePassOutput:
     ) -> CovarianceSink:
         store = self.store.sink(out, view, calibration, resume=resume, counted=counted) if self.keep else None
         fingerprint = view.reader.fingerprint()
-        self.window = StreamedCovariances(self.out, fingerprint, calibration, counted)
+        block = self.out.with_name(f".{self.out.name}.block.h5")
+        self.window = StreamedCovariances(self.out, block, fingerprint, calibration, counted)
         run = run_record(self.options, fingerprint, [self.window], self.compute)
         self.finished = FinishedWork(self.out, run, resume=resume)
         return _DecomposingSink(view, self.window, self.finished, store, self.options, self.compute, self.progress)

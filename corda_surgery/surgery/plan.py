@@ -22,7 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from corda_surgery.calib.data import CalibrationSpec
-from corda_surgery.calib.memory import calibration_disk, calibration_memory, capture_memory, shared_width
+from corda_surgery.calib.memory import (
+    block_store_disk,
+    calibration_disk,
+    calibration_memory,
+    capture_memory,
+    shared_width,
+)
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decomposition.memory import decomposition_memory
@@ -168,8 +174,8 @@ def plan_run(
 ) -> MemoryPlan:
     """The plan of a calibration (``spec``), a decomposition (``options`` and the targets' (out, in) shapes),
     or both (convert), writing to ``out``. ``one_pass``: each block is decomposed while the calibration holds
-    its hidden states and the block's sums, and no store is written unless ``keep_store``; two passes without
-    ``keep_store`` still write the whole store, and remove it at the end."""
+    its hidden states, from its covariances spilled to disk, and no store is written unless ``keep_store``; two
+    passes without ``keep_store`` still write the whole store, and remove it at the end."""
     plan = MemoryPlan(device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out))
     if spec is not None:
         budget = compute.activation_budget() if activation_budget is None else activation_budget
@@ -178,8 +184,9 @@ def plan_run(
         disk = calibration_disk(view, spec, budget)
         if not keep_store:
             store = disk.pop("covariance store")
-            if not one_pass:
-                disk["covariance store (removed at the end)"] = store
+            disk["covariance store (removed at the end)"] = 0 if one_pass else store
+        if one_pass:
+            disk["one block's covariances (while it is decomposed)"] = block_store_disk(view, spec)
         plan.disk.update(disk)
     if options is not None and targets:
         stored_size = view.stored_dtype.itemsize
@@ -188,10 +195,8 @@ def plan_run(
             plan.phases["decomposition"] = decomposition_memory(list(targets), stored_size, width)
             if _largest_fused(view):
                 plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
-            if one_pass and "calibration" in plan.phases:  # while the calibration holds these
-                held = plan.phases["calibration"]
-                plan.phases["decomposition"]["hidden states"] = held["hidden states"]
-                plan.phases["decomposition"]["block's covariance sums"] = held["covariance sums"]
+            if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
+                plan.phases["decomposition"]["hidden states"] = plan.phases["calibration"]["hidden states"]
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )
