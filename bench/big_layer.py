@@ -38,6 +38,7 @@ RESULTS = REPO / "bench" / "results" / "big_layer.jsonl"
 SHAPES = {
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},  # checks
 }
 PHASE_MARKS = (("tensors", "decomposition"), ("blocks", "calibration"))
 GIB = 1 << 30

@@ -22,6 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "bench" / "results"
+GPU_CHECK = "gpu_check.json"  # written only where a GPU was lent
 WIDTH = 100  # a fixed help width, so the page does not depend on the terminal that generated it
 # the performance page's sections, in reading order; each is a file under bench/results/
 PERFORMANCE = [
@@ -36,6 +37,7 @@ PERFORMANCE = [
     "store_dtype.json",
     "distributed.json",
     "corda_plus_ranks.json",
+    "gpu_check.json",
 ]
 
 if str(ROOT) not in sys.path:  # `tests.families` is imported from the checkout, not installed
@@ -133,6 +135,13 @@ def performance_markdown() -> str:
         "thing, with the command, date, commit and machine that produced it.\n",
     ]
     for name in PERFORMANCE:
+        if name == GPU_CHECK and not (RESULTS / name).is_file():
+            parts.append(
+                "\n## GPU acceptance (bench/gpu_check.py)\n\nNot measured yet: no session has had a GPU. "
+                "`python bench/gpu_check.py` on one writes this section's figures (CUDA against CPU conversion, "
+                "bf16 forward, an 8B-shaped layer, fp16 ONNX on CUDA); its CPU dry run is in the suite.\n"
+            )
+            continue
         meta = _meta(name)
         parts.append(f"\n## {meta['title']}\n\n{meta['what']}\n\n{_provenance(meta)}\n\n{results_table(name)}\n")
         parts.append(f"\n{_notes(meta)}" if meta.get("notes") else "")

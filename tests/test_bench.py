@@ -1,0 +1,28 @@
+"""The benchmark scripts that run where the suite cannot (a GPU) still run: their CPU dry runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_gpu_acceptance_script_runs_every_step_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    figures = record["figures"]
+    assert figures["convert"]["store_relative_difference_device_vs_cpu"] == 0.0  # the CPU against itself
+    assert figures["onnx"]["provider"] == "CPUExecutionProvider" and figures["onnx"]["greedy_match"]
+    assert figures["big_layer"]["peak_gib"] > 0 and len(record["rows"]) == 7
+    assert record["command"] == "python bench/gpu_check.py --dry-run"
