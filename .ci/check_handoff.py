@@ -60,8 +60,8 @@ def main(out: Path) -> None:
     if not error <= TOLERANCE:
         sys.exit(f"handoff check failed: residual + adapter differ from the original model by {error:.2e}")
     report = json.loads((out / "surgery.json").read_text())
-    for store in report["covariance_stores"]:
-        if not Path(store["path"]).is_file():
+    for store in report["covariance_stores"]:  # a path only where the store was kept (--keep-covariances)
+        if store["path"] is not None and not Path(store["path"]).is_file():
             sys.exit(f"surgery.json names a covariance store that does not exist: {store['path']}")
 
 

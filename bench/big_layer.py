@@ -3,12 +3,14 @@
 Builds a random Llama checkpoint in bfloat16 with the real layer shapes (70B: hidden 8192, intermediate
 28672, 64 heads, 8 KV heads; 8B: 4096 / 14336 / 32 / 8) and SmolLM2's tokenizer and vocabulary, then runs
 the ordinary `convert` command on 16 × 512 tokens of WikiText-2 (KPM, rank 16) while sampling the
-process's resident memory every 0.1 s. Phases are told apart by the progress bars the command prints:
-setup + capture (before the `blocks` bar), calibration (`blocks`), decomposition (`tensors`). The plan
-the command prints first is parsed and set against the measured peaks.
+process's resident memory every 0.1 s and the bytes under the output's folder (everything beside the
+checkpoint: the output, its hidden store and staging, the finished work) every 0.5 s. Phases are told apart
+by the progress bars the command prints: setup + capture (before the `blocks` bar), `blocks` (calibration;
+in one pass each block is decomposed there too), `tensors` (the output's shards; in two passes the
+decompositions happen there). The plan the command prints first is parsed and set against the measured peaks.
 
     python bench/big_layer.py --shape 8b --layers 1
-    python bench/big_layer.py --shape 70b --layers 1 [--targets down_proj]
+    python bench/big_layer.py --shape 70b --layers 2 --targets down_proj [--keep-covariances]
 
 Each run appends one JSON line to bench/results/big_layer.jsonl.
 """
@@ -40,7 +42,8 @@ SHAPES = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},  # checks
 }
-PHASE_MARKS = (("tensors", "decomposition"), ("blocks", "calibration"))
+# the progress bar that starts each phase, in order; in one pass `convert` decomposes each block as it is summed
+PHASE_MARKS = (("blocks", "calibration + decomposition"), ("tensors", "writing"))
 GIB = 1 << 30
 
 
@@ -82,6 +85,26 @@ def build_checkpoint(folder: Path, shape: str, layers: int) -> Path:
     return folder
 
 
+def disk_use(folder: Path, name: str) -> int:
+    """Bytes of the files of the output ``name`` in ``folder``: the output and its hidden siblings (store,
+    staging folder, finished work, spilled block)."""
+    total = 0
+    for top in folder.iterdir():
+        if top.name == name or top.name.startswith(f".{name}"):
+            for path in [top, *top.rglob("*")] if top.is_dir() else [top]:
+                try:
+                    total += path.stat().st_size if path.is_file() else 0
+                except OSError:
+                    continue  # removed while walked
+    return total
+
+
+def sample_disk(process: subprocess.Popen, folder: Path, name: str, peak: list[int]) -> None:
+    while process.poll() is None:
+        peak[0] = max(peak[0], disk_use(folder, name))
+        time.sleep(0.5)
+
+
 class Sampler:
     """Resident memory of a process every ``interval`` seconds, attributed to the phase its stderr shows."""
 
@@ -97,12 +120,12 @@ class Sampler:
         for chunk in iter(lambda: self.process.stderr.read1(4096), b""):  # type: ignore[union-attr]
             text = chunk.decode(errors="replace")
             self.stderr.append(text)
+            order = [phase for _, phase in PHASE_MARKS]
             for mark, phase in PHASE_MARKS:
-                if re.search(rf"\b{mark}\b", text) and self.phase != phase and (phase, self.phase) != (
-                        "calibration", "decomposition"):  # fmt: skip
+                later = self.phase not in order or order.index(phase) > order.index(self.phase)
+                if later and re.search(rf"\b{mark}\b", text):  # phases only move on
                     self.phase = phase
                     self.started[phase] = time.monotonic()
-                    break
 
     def sample(self) -> None:
         status = Path(f"/proc/{self.process.pid}/status")
@@ -132,6 +155,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--targets", default="all-linear")
     parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and outputs [tmp].")
+    parser.add_argument("--keep-covariances", action="store_true", help="convert's option: keep the store too")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="big_layer-", dir=args.work))
     try:
@@ -141,14 +165,18 @@ def main() -> None:
         command = [str(Path(sys.executable).with_name("corda-surgery")), "convert", str(model), "--out",
                    str(work / "out"), "--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4",
                    "--rank", "16", "--mode", "kpm", "--targets", args.targets]  # fmt: skip
+        command += ["--keep-covariances"] if args.keep_covariances else []
         start = time.monotonic()
         process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        sampler = Sampler(process)
+        sampler, disk_peak = Sampler(process), [0]
         reader = threading.Thread(target=sampler.read_stderr, daemon=True)
+        disk = threading.Thread(target=sample_disk, args=(process, work, "out", disk_peak), daemon=True)
         reader.start()
+        disk.start()
         sampler.sample()
         process.wait()
         reader.join(timeout=5)
+        disk.join(timeout=5)
         wall = time.monotonic() - start
         stderr = "".join(sampler.stderr)
         if process.returncode != 0:
@@ -165,6 +193,9 @@ def main() -> None:
             "peak_rss_gib": {k: round(v / GIB, 2) for k, v in sampler.peaks.items()},
             "peak_gib": round(peak / GIB, 2), "plan_gib": plan,
             "plan_error": round(plan["peak RAM"] / (peak / GIB) - 1, 3) if "peak RAM" in plan else None,
+            "passes": 1, "keep_covariances": args.keep_covariances,
+            "peak_disk_gib": round(disk_peak[0] / GIB, 2),
+            "output_gib": round(disk_use(work, "out") / GIB, 2),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
         }  # fmt: skip
         RESULTS.parent.mkdir(exist_ok=True)

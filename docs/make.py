@@ -79,21 +79,25 @@ def _notes(meta: dict[str, Any]) -> str:
 
 
 def _big_layer_table(path: Path) -> str:
-    """One row per `bench/big_layer.py` run: wall and peak memory by phase, against the plan it printed."""
-    columns = ["shape, layers, targets", "wall (setup+capture / calibration / decomposition)",
-               "peak RSS by phase, GiB", "peak RSS, GiB", "plan: peak (capture / calibration / decomposition)",
-               "plan error"]  # fmt: skip
+    """One row per `bench/big_layer.py` run: wall and peak memory by phase against the plan it printed, and the
+    peak disk under the output's folder (runs before one pass: two passes, the store kept, disk not sampled)."""
+    columns = ["shape, layers, targets", "passes", "wall (phases, s)", "peak RSS by phase, GiB", "peak RSS, GiB",
+               "plan: peak (capture / calibration / decomposition)", "plan error",
+               "peak disk (output), GiB"]  # fmt: skip
     rows = []
     for run in map(json.loads, path.read_text().splitlines()):
         phases, peaks, plan = run["phase_s"], run["peak_rss_gib"], run["plan_gib"]
+        passes = "one" if run.get("passes") == 1 else "two"
+        passes += ", store kept" if run.get("keep_covariances", True) else ""
+        disk = f"{run['peak_disk_gib']:.2f} ({run['output_gib']:.2f})" if "peak_disk_gib" in run else "—"
         rows.append([
-            f"{run['shape'].upper()}, {run['layers']}, {run['targets']}",
-            f"{run['wall_s'] / 60:.1f} min ({' / '.join(f'{s:.0f}' for s in phases.values())} s)",
+            f"{run['shape'].upper()}, {run['layers']}, {run['targets']}", passes,
+            f"{run['wall_s'] / 60:.1f} min ({' / '.join(f'{k} {s:.0f}' for k, s in phases.items())})",
             " / ".join(f"{g:.2f}" for g in peaks.values()),
             f"**{run['peak_gib']:.2f}**",
             f"{plan['peak RAM']:.2f} ({plan['capture']:.2f} / {plan['calibration']:.2f} / "
             f"{plan['decomposition']:.2f} + baseline)",
-            f"{run['plan_error'] * 100:+.1f} %",
+            f"{run['plan_error'] * 100:+.1f} %", disk,
         ])  # fmt: skip
     return markdown_table(columns, rows)
 
