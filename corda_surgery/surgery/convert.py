@@ -7,8 +7,8 @@ records, with the block's entries, as the run's finished work (``FinishedWork``)
 a resumed decomposition writes it, every residual rebuilt from its factors bit for bit, so one pass gives what
 two passes give, and a killed run resumes from its last whole block. The covariances reach the disk only where
 kept (``keep``: the store is written as the blocks are summed, and bundled into the output). Under
-torch.distributed every rank sums each block over its share of the batches, and rank 0 decomposes it while the
-others wait for the next block.
+torch.distributed every rank sums each block over its share of the batches (the sums all-reduced), spills it, and
+decomposes its share of the block's targets (``share_of_work``), sending the factors to rank 0, which keeps them.
 
 CorDA++ plans its ranks and picks its covariances over every layer before it decomposes one, so it calibrates
 the whole store first and decomposes from it (two passes), removing the store at the end unless kept.
@@ -30,7 +30,7 @@ from corda_surgery.calib.store import CountedLevel, Covariances, CovarianceStore
 from corda_surgery.calib.window import StreamedCovariances, entry_from_json, entry_to_json
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
-from corda_surgery.distributed import ALONE, DistributedError, broadcast_object
+from corda_surgery.distributed import ALONE, DistributedError, ResultSender, broadcast_object, receive_result
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.outputs import claimed
 from corda_surgery.paths import resolved
@@ -38,8 +38,10 @@ from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.ranks import layer_plan
+from corda_surgery.surgery.report import LayerRecord
 from corda_surgery.surgery.resume import FinishedWork, run_record
 from corda_surgery.surgery.targets import Target, plan_targets
+from corda_surgery.surgery.work import share_of_work
 from corda_surgery.surgery.writing import write_output
 
 
@@ -59,13 +61,14 @@ def _by_block(view: ModelView, targets: list[Target]) -> dict[int, list[Target]]
 
 class _DecomposingSink:
     """Takes each summed block: stores it where the store is kept, decomposes its targets, saves the block's
-    entries with the finished work."""
+    entries with the finished work (rank 0). Under torch.distributed every rank takes the block (the sums are
+    all-reduced), decomposes its share of it and sends the results to rank 0, which keeps them."""
 
     def __init__(
         self,
         view: ModelView,
         window: StreamedCovariances,
-        finished: FinishedWork,
+        finished: FinishedWork | None,
         store: CovarianceSink | None,
         options: SurgeryOptions,
         compute: ComputeOptions,
@@ -73,9 +76,12 @@ class _DecomposingSink:
     ):
         self.view, self.window, self.finished_work, self.store = view, window, finished, store
         self.options, self.device, self.progress = options, compute.torch_device, progress
+        self.ranks = current_ranks()
         self.targets = _by_block(view, plan_targets(view, options).targets)
+        done = set(finished.done) if finished is not None else None
+        self.done: set[str] = broadcast_object(done, self.ranks, "agreeing on the decompositions already finished")
         self.blocks_done = 0
-        if store is None:  # the blocks a resumed run decomposed whole: their entries, not their sums again
+        if store is None and finished is not None:  # the blocks a resumed run decomposed whole: their entries
             for entries in finished.layers():
                 for data in entries:
                     window.add(*entry_from_json(data))
@@ -95,21 +101,27 @@ class _DecomposingSink:
             self._decompose(layer)
         finally:
             self.window.release()
-        self.finished_work.keep_layer(layer, described)
+        if self.finished_work is not None:
+            self.finished_work.keep_layer(layer, described)
         self.blocks_done = layer + 1
 
     def _spill(self, layer: int, entries: Entries) -> list[dict]:
-        """The block into the store where kept, and into the one-block store it is decomposed from; its entries.
-        The sums are let go on return, so the decomposition never shares memory with them."""
+        """The block into the store where kept, and into the one-block store it is decomposed from, with rank
+        0's entries (its eigenvalue counts) on every rank; those entries. The sums are let go on return, so the
+        decomposition never shares memory with them."""
         summed = list(entries)
         if self.store is not None:
             self.store.write_layer(layer, summed)
-        self.window.spill(layer, summed)
-        return [entry_to_json(entry, sums[0].shape[0]) for entry, sums in summed]
+        ours = [entry for entry, _ in summed] if self.ranks.writer else None
+        what = f"{self.view.block_name(layer)}: sharing its inputs"
+        entry = {found.name: found for found in broadcast_object(ours, self.ranks, what)}
+        self.window.spill(layer, [(entry[found.name], sums) for found, sums in summed])
+        return [entry_to_json(entry[found.name], sums[0].shape[0]) for found, sums in summed]
 
     def _decompose(self, layer: int) -> None:
         """The block's targets with a covariance (those without are left out later, as two passes do), as the
-        writer would decompose them: each shared input factorised once for all its readers."""
+        writer would decompose them: each shared input factorised once for all its readers, on the rank that
+        ``share_of_work`` gives it."""
         targets = [t for t in self.targets.get(layer, []) if t.name in self.window.by_linear]
         if not targets:
             return
@@ -117,15 +129,35 @@ class _DecomposingSink:
             self.view, [self.window], targets, self.options, progress=False, device=self.device, ranks=ALONE
         )
         initialise = Initialiser([self.window], targets, plan, {}, self.options, self.device)
-        done = self.finished_work.done
-        for name in (t.name for t in targets if t.name in done):
+        for name in (t.name for t in targets if t.name in self.done):
             initialise.shared.skip(name)
+        owners = share_of_work(targets, plan, initialise, self.options, self.ranks)
+        sender = None if self.ranks.writer else ResultSender(self.ranks)
         fused: dict[str, torch.Tensor] = {}
-        left = [t for t in targets if t.name not in done]
+        left = [t for t in targets if t.name not in self.done]
         for target in tqdm(left, desc=f"block {layer}: decomposing", leave=False, disable=not self.progress):
-            result = initialise(self._weight(target, fused), target)
-            if result.record.damping is not None:  # an expert without tokens is done again when written: no data
-                self.finished_work.keep(target.name, result.lora_a, result.lora_b, result.record)
+            owner = owners.get(target.name, 0)
+            if owner == self.ranks.rank:
+                result = initialise(self._weight(target, fused), target)
+                found = (result.lora_a, result.lora_b, result.record)
+                if sender is not None:
+                    sender.send({"target": target.name, "record": result.record.to_json()}, found[:2])
+            elif self.ranks.writer:
+                found = self._receive(target, plan[target.name].rank, owner)
+            else:
+                continue
+            if self.finished_work is not None and found[2].damping is not None:  # an expert without tokens: no data
+                self.finished_work.keep(target.name, *found)
+        if sender is not None:
+            sender.close()
+
+    def _receive(self, target: Target, rank: int, owner: int) -> tuple[torch.Tensor, torch.Tensor, LayerRecord]:
+        dtype = self.options.decomposition.torch_factor_dtype
+        specs = [((rank, target.in_dim), dtype), ((target.out_dim, rank), dtype)]
+        lora_a, lora_b, sent = receive_result(owner, specs, self.ranks)
+        if sent["target"] != target.name:
+            raise DistributedError(f"rank {owner} sent {sent['target']} where rank 0 takes {target.name}")
+        return lora_a, lora_b, LayerRecord.from_json(sent["record"])
 
     def _weight(self, target: Target, fused: dict[str, torch.Tensor]) -> torch.Tensor:
         """The stored weight, or an expert's slice of its fused weight (one fused weight held at a time)."""
@@ -140,7 +172,7 @@ class _DecomposingSink:
     def finish(self) -> None:
         if self.store is not None:
             self.store.finish()
-        else:
+        elif self.ranks.writer:
             warn_rank_deficient(self.window)
 
     def close(self) -> None:
@@ -155,20 +187,24 @@ class _DecomposingSink:
 
 
 class OnePassOutput:
-    """Rank 0's part in a one-pass calibration: each block decomposed as it is summed, the store written only
-    where kept. Holds the covariances streamed and the finished work for the output's writing."""
+    """A rank's part in a one-pass calibration: each block decomposed as it is summed (its share of it under
+    torch.distributed), the store written only where kept (by rank 0). Holds the covariances streamed and, on
+    rank 0, the finished work, for the output's writing."""
 
     def __init__(self, out: Path, options: SurgeryOptions, compute: ComputeOptions, *, keep: bool, progress: bool):
         self.out, self.options, self.compute, self.keep, self.progress = out, options, compute, keep, progress
-        self.store = rank_output(ALONE)
+        self.ranks = current_ranks()
+        self.store = rank_output(self.ranks)
         self.window: StreamedCovariances | None = None
         self.finished: FinishedWork | None = None
 
     def claim(
         self, out: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool
     ) -> AbstractContextManager[Path]:
-        """The store's path where kept; else the output's lock, since no store is written."""
-        return self.store.claim(out, inputs, overwrite, resume) if self.keep else self._lock(out, inputs)
+        """The store's path where kept; else the output's lock, since no store is written (rank 0's alone)."""
+        if self.keep or not self.ranks.writer:
+            return self.store.claim(out, inputs, overwrite, resume)
+        return self._lock(out, inputs)
 
     @contextlib.contextmanager
     def _lock(self, store: str | Path, inputs: Sequence[Path]) -> Iterator[Path]:
@@ -178,12 +214,15 @@ class OnePassOutput:
     def sink(
         self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
     ) -> CovarianceSink:
-        store = self.store.sink(out, view, calibration, resume=resume, counted=counted) if self.keep else None
+        writer = self.ranks.writer
+        store = (
+            self.store.sink(out, view, calibration, resume=resume, counted=counted) if self.keep and writer else None
+        )
         fingerprint = view.reader.fingerprint()
-        block = self.out.with_name(f".{self.out.name}.block.h5")
+        block = self.out.with_name(f".{self.out.name}.block{'' if writer else f'.rank{self.ranks.rank}'}.h5")
         self.window = StreamedCovariances(self.out, block, fingerprint, calibration, counted)
         run = run_record(self.options, fingerprint, [self.window], self.compute)
-        self.finished = FinishedWork(self.out, run, resume=resume)
+        self.finished = FinishedWork(self.out, run, resume=resume) if writer else None
         return _DecomposingSink(view, self.window, self.finished, store, self.options, self.compute, self.progress)
 
 
@@ -204,7 +243,7 @@ def in_one_pass(
     ranks = current_ranks()
     store = hidden_store(out)
     earlier = store.exists()  # a killed run's, kept for --resume
-    output = OnePassOutput(out, options, compute, keep=keep, progress=progress) if ranks.writer else None
+    output = OnePassOutput(out, options, compute, keep=keep, progress=progress)
     try:
         _calibrate(model_dir, spec, store, options, compute, resume, progress, output)
         view = ModelView(model_dir, device=compute.torch_device)
@@ -213,7 +252,7 @@ def in_one_pass(
             if keep:
                 streamed: list[Covariances] = [closing.enter_context(CovarianceStore(store))]
             else:  # every rank plans the same targets from the inputs rank 0 streamed
-                window = output.window if output is not None else None
+                window = output.window if ranks.writer else None
                 streamed = [broadcast_object(window, ranks, "sharing the inputs calibrated")]
             write_output(
                 view,
@@ -230,12 +269,12 @@ def in_one_pass(
                 stores_kept=keep,
                 progress=progress,
                 plan=False,
-                finished_work=output.finished if output is not None else None,
+                finished_work=output.finished,
             )
     except DistributedError:
         raise  # another rank stopped (a kill, a lost node): the store and the work stay for --resume
     except Exception:
-        if output is not None and output.finished is not None and output.finished.created:
+        if output.finished is not None and output.finished.created:
             output.finished.remove()
         if ranks.writer and keep and not earlier:
             store.unlink(missing_ok=True)
