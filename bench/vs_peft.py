@@ -327,6 +327,7 @@ def main() -> None:
             str(args.rank),
             "--out",
             str(work / "ours"),
+            "--keep-covariances",  # the float64 arbiter and the subspace table read its store
             "--overwrite",
         ],
         work / "ours.log",

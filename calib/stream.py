@@ -163,7 +163,8 @@ def stream_covariances(
             view.free_block(index)
         if handles:
             _reduce_over_ranks(groups, ranks, view.block_name(index))
-            entries = _entries(groups, view, index, rounds, below_damping, halves)
+            counted = below_damping if ranks.writer else None  # rank 0's counts are the run's
+            entries = _entries(groups, view, index, rounds, counted, halves)
             del groups  # the entries hold the sums: a sink that lets go of them frees them (convert's one pass)
             sink.write_layer(index, entries)
 

@@ -59,13 +59,18 @@ def _size_of(path: Path) -> int:
 
 
 def _remove_stale(out: Path) -> None:
-    """Staging and retired folders of ``out`` left by runs that were killed (we hold the lock: none is live)."""
+    """Staging and retired folders of ``out``, and staging files (``convert``'s spilled block), left by runs that
+    were killed (we hold the lock: none is live)."""
     for mark in (STAGING_MARK, RETIRED_MARK):
         for stale in out.parent.glob(f".{out.name}{mark}*"):
-            if stale.is_dir() and not stale.is_symlink():
-                size = _size_of(stale)
+            if stale.is_symlink():
+                continue
+            size = _size_of(stale) if stale.is_dir() else stale.stat().st_size
+            if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-                log.warning("removed %s (%.1f MB) left by an interrupted run", stale, size / 1e6)
+            else:
+                stale.unlink(missing_ok=True)
+            log.warning("removed %s (%.1f MB) left by an interrupted run", stale, size / 1e6)
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -58,7 +58,8 @@ def test_one_pass_gives_the_two_pass_output_bit_for_bit(tiny_llama, tmp_path, mo
     monkeypatch.setattr(StoreWriter, "__init__", recorded)
     one = convert_checkpoint(tiny_llama, tmp_path / "one", SPEC, options, progress=False)
     _assert_same_surgery(one, two)
-    assert written == [(".one.block.h5", 1), (".one.block.h5", 2), (".one.block.h5", 3)]  # one block at a time
+    block = ".one.partial-block.h5"
+    assert written == [(block, 1), (block, 2), (block, 3)]  # one block at a time
     assert json.loads((one / "surgery.json").read_text())["covariance_stores"][0]["path"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two", "whole.h5"]  # nothing left beside
 
@@ -104,6 +105,21 @@ def test_corda_plus_converts_in_two_passes_and_removes_its_store(tiny_llama, tmp
     assert not (out / "covariances.h5").exists()
     assert json.loads((out / "surgery.json").read_text())["covariance_stores"][0]["path"] is None
     assert tensors(out)  # a complete residual model
+
+
+def test_keep_covariances_without_a_calibration_is_refused(tiny_llama, tmp_path):
+    from tests.helpers import cli_error
+
+    message = cli_error("convert", tiny_llama, "--method", "pissa", "--keep-covariances", "--out", tmp_path / "o")
+    assert "--keep-covariances" in message and "pissa calibrates nothing" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_runs_spilled_block_is_removed_by_the_next_run(tiny_llama, tmp_path, caplog):
+    (tmp_path / ".out.partial-block.h5").write_bytes(b"left by a kill")
+    convert_checkpoint(tiny_llama, tmp_path / "out", SPEC, SurgeryOptions.of(rank=4), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert "left by an interrupted run" in caplog.text
 
 
 def test_the_disk_plan_says_what_each_choice_writes(tiny_llama, tmp_path):

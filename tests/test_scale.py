@@ -237,11 +237,12 @@ def test_store_checks_find_asymmetry_in_any_tile(tiny_llama, tmp_path, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_convert_on_cuda_matches_the_cpu(tiny_llama, tmp_path):
+    kept = {"keep_covariances": True, "progress": False}
     cpu = convert_checkpoint(
-        tiny_llama, tmp_path / "cpu", SPEC, SurgeryOptions.of(), compute=ComputeOptions(device="cpu"), progress=False
+        tiny_llama, tmp_path / "cpu", SPEC, SurgeryOptions.of(), compute=ComputeOptions(device="cpu"), **kept
     )
     on_gpu = ComputeOptions(device="cuda", forward_dtype="float32")
-    gpu = convert_checkpoint(tiny_llama, tmp_path / "gpu", SPEC, SurgeryOptions.of(), compute=on_gpu, progress=False)
+    gpu = convert_checkpoint(tiny_llama, tmp_path / "gpu", SPEC, SurgeryOptions.of(), compute=on_gpu, **kept)
     with CovarianceStore(cpu / "covariances.h5") as a, CovarianceStore(gpu / "covariances.h5") as b:
         for name in a.entries:
             assert relative(b.covariance(name), a.covariance(name)) < 1e-6, name

@@ -1,12 +1,13 @@
 """``convert``'s passes over the model: one for CorDA, two for CorDA++.
 
 In one pass each block's targets are decomposed as soon as the block's covariances are summed: the calibration
-hands every summed block to ``OnePassOutput``'s sink, which decomposes the block from the sums in memory
-(``StreamedCovariances``, read back as a store in the run's format would give them) and saves the factors and
-records, with the block's entries, as the run's finished work (``FinishedWork``). The output is then written as
+hands every summed block to ``OnePassOutput``'s sink, which spills it to a one-block store beside the output
+(``StreamedCovariances``: read back as the whole store in the run's format would give it, while memory lets go
+of the sums), decomposes the block from there and saves the factors and records, with the block's entries, as
+the run's finished work (``FinishedWork``). The output is then written as
 a resumed decomposition writes it, every residual rebuilt from its factors bit for bit, so one pass gives what
-two passes give, and a killed run resumes from its last whole block. The covariances reach the disk only where
-kept (``keep``: the store is written as the blocks are summed, and bundled into the output). Under
+two passes give, and a killed run resumes from its last whole block. The disk holds one block's covariances at a
+time, the whole store only where kept (``keep``: written as the blocks are summed, and bundled into the output). Under
 torch.distributed every rank sums each block over its share of the batches (the sums all-reduced), spills it, and
 decomposes its share of the block's targets (``share_of_work``), sending the factors to rank 0, which keeps them.
 
@@ -32,7 +33,7 @@ from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.distributed import ALONE, DistributedError, ResultSender, broadcast_object, receive_result
 from corda_surgery.distributed import current as current_ranks
-from corda_surgery.outputs import claimed
+from corda_surgery.outputs import STAGING_MARK, claimed
 from corda_surgery.paths import resolved
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.initialise import Initialiser
@@ -146,7 +147,7 @@ class _DecomposingSink:
                 found = self._receive(target, plan[target.name].rank, owner)
             else:
                 continue
-            if self.finished_work is not None and found[2].damping is not None:  # an expert without tokens: no data
+            if self.finished_work is not None:
                 self.finished_work.keep(target.name, *found)
         if sender is not None:
             sender.close()
@@ -201,15 +202,22 @@ class OnePassOutput:
     def claim(
         self, out: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool
     ) -> AbstractContextManager[Path]:
-        """The store's path where kept; else the output's lock, since no store is written (rank 0's alone)."""
-        if self.keep or not self.ranks.writer:
-            return self.store.claim(out, inputs, overwrite, resume)
-        return self._lock(out, inputs)
+        """The output's lock (rank 0's alone), since the run writes beside it; and the store's path and lock
+        where it is kept."""
+        return (
+            self._lock(out, inputs, overwrite, resume)
+            if self.ranks.writer
+            else self.store.claim(out, inputs, overwrite, resume)
+        )
 
     @contextlib.contextmanager
-    def _lock(self, store: str | Path, inputs: Sequence[Path]) -> Iterator[Path]:
+    def _lock(self, store: str | Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> Iterator[Path]:
         with claimed(self.out, inputs):
-            yield resolved(store)
+            if not self.keep:
+                yield resolved(store)
+                return
+            with self.store.claim(store, inputs, overwrite, resume) as path:
+                yield path
 
     def sink(
         self, out: Path, view: ModelView, calibration: dict, *, resume: bool, counted: CountedLevel | None
@@ -219,7 +227,8 @@ class OnePassOutput:
             self.store.sink(out, view, calibration, resume=resume, counted=counted) if self.keep and writer else None
         )
         fingerprint = view.reader.fingerprint()
-        block = self.out.with_name(f".{self.out.name}.block{'' if writer else f'.rank{self.ranks.rank}'}.h5")
+        rank = "" if writer else f"-rank{self.ranks.rank}"
+        block = self.out.with_name(f".{self.out.name}{STAGING_MARK}block{rank}.h5")  # a kill's is removed as stale
         self.window = StreamedCovariances(self.out, block, fingerprint, calibration, counted)
         run = run_record(self.options, fingerprint, [self.window], self.compute)
         self.finished = FinishedWork(self.out, run, resume=resume) if writer else None
@@ -293,11 +302,11 @@ def _calibrate(
     resume: bool,
     progress: bool,
     output: OnePassOutput | None,
-) -> Path:
+) -> None:
     """``convert``'s calibration into ``store`` beside ``out`` (counted at the options' damping): decomposing each
-    block as it comes where ``output`` is one pass's (rank 0's), plain otherwise."""
+    block as it comes where ``output`` is one pass's, plain otherwise."""
     decomposition = options.decomposition
-    return calibrate(
+    calibrate(
         model_dir,
         spec,
         store,
@@ -335,7 +344,6 @@ def in_two_passes(
         _calibrate(model_dir, spec, store, options, compute, resume, progress, None)
         calibrated = True
         view = ModelView(model_dir, device=compute.torch_device)
-        plan_targets(view, options)
         fingerprint = view.reader.fingerprint()
         with CovarianceStore(store) as opened:
             write_output(

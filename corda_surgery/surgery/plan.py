@@ -32,6 +32,7 @@ from corda_surgery.calib.memory import (
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
 from corda_surgery.decomposition.memory import decomposition_memory
+from corda_surgery.distributed import local_world
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.paths import resolved
 from corda_surgery.surgery.options import SurgeryOptions
@@ -185,8 +186,8 @@ def plan_run(
         if not keep_store:
             store = disk.pop("covariance store")
             disk["covariance store (removed at the end)"] = 0 if one_pass else store
-        if one_pass:
-            disk["one block's covariances (while it is decomposed)"] = block_store_disk(view, spec)
+        if one_pass:  # each rank on this machine spills its own copy
+            disk["one block's covariances (while it is decomposed)"] = block_store_disk(view, spec) * local_world()
         plan.disk.update(disk)
     if options is not None and targets:
         stored_size = view.stored_dtype.itemsize

@@ -116,6 +116,10 @@ def convert_checkpoint(
     out, model_dir = resolved(out), Path(model_dir)
     check_disjoint(out, [model_dir, *spec.input_files()])
     check_source(spec)
+    if keep_covariances and not options.method.uses_covariance:
+        raise OptionsError(
+            f"`keep_covariances`: `method` {options.method.value} calibrates nothing, so there is no store"
+        )
     finished = _converted_before(out, model_dir, spec, options, compute, resume and not overwrite, keep_covariances)
     if broadcast_object(finished, ranks, "agreeing on whether the output is finished"):
         return out
@@ -195,7 +199,7 @@ def estimate_run(
     *,
     spec: CalibrationSpec | None = None,
     options: SurgeryOptions | None = None,
-    keep_covariances: bool = True,
+    keep_covariances: bool = False,
 ) -> MemoryPlan:
     """The memory plan of a calibration (``spec``), a decomposition (``options``) or both (``convert``: in one
     pass for CorDA, keeping the store or not), without doing either.

@@ -1,6 +1,6 @@
 """A surgery's run once its covariances are open: the targets chosen against them, the work an interrupted run
 finished, the memory plan, then the output staged and published. ``decompose`` opens stores for it; ``convert``'s
-one pass hands it the covariances it streamed (``corda_surgery.surgery.one_pass``)."""
+one pass hands it the covariances it streamed (``corda_surgery.surgery.convert``)."""
 
 from __future__ import annotations
 
