@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ import torch.multiprocessing as mp
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
-from corda_surgery.surgery.run import convert_checkpoint
+from corda_surgery.surgery.run import convert_checkpoint, decompose_checkpoint
 from tests.families import save_family_model
 from tests.helpers import relative, tensors
 
@@ -39,9 +40,11 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec: CalibrationSpec, die_at: int,
-               convert: str | None, resume: bool = False, die_decomposing: int = -1) -> None:  # fmt: skip
-    """One rank, with the environment torchrun gives it; rank 1 exits abruptly at block ``die_at``'s sums (≥ 0),
-    or after ``die_decomposing`` decompositions of its own (≥ 0)."""
+               convert: str | None, resume: bool = False, die_decomposing: int = -1, store: str | None = None,
+               die_writing: bool = False) -> None:  # fmt: skip
+    """One rank, with the environment torchrun gives it, converting (``convert``: the options' key), decomposing
+    ``store`` with those options, or calibrating; rank 1 exits abruptly at block ``die_at``'s sums (≥ 0), or
+    after ``die_decomposing`` decompositions of its own (≥ 0); rank 0 as it writes the adapter (``die_writing``)."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CORDA_SURGERY_DIST_TIMEOUT_MIN="2")  # fmt: skip
     import torch
@@ -70,8 +73,14 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str, spec:
             reduce(groups, ranks, prefix)
 
         stream._reduce_over_ranks = dying
+    if rank == 0 and die_writing:
+        from corda_surgery.surgery import writer
+
+        writer.write_adapter = lambda *args: os._exit(3)
     try:
-        if convert:
+        if store:
+            decompose_checkpoint(model_dir, out, OPTIONS[convert], stores=[store], progress=False, resume=resume)
+        elif convert:
             convert_checkpoint(model_dir, out, spec, OPTIONS[convert], progress=False, resume=resume)
         else:
             calibrate(model_dir, spec, out, progress=False)
@@ -90,10 +99,13 @@ def _run_ranks(
     convert: str | None = None,
     resume: bool = False,
     die_decomposing: int = -1,
+    store: Path | None = None,
+    die_writing: bool = False,
 ) -> list[int]:
     context = mp.get_context("spawn")
     port = _free_port()
-    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert, resume, die_decomposing)
+    arguments = (2, port, str(model_dir), str(out), spec, die_at, convert, resume, die_decomposing,
+                 str(store) if store else None, die_writing)  # fmt: skip
     processes = [context.Process(target=_rank_main, args=(r, *arguments)) for r in range(2)]
     for process in processes:
         process.start()
@@ -178,6 +190,29 @@ def test_a_convert_whose_rank_died_resumes_on_two_ranks(method, death, tmp_path,
     assert _run_ranks(model_dir, tmp_path / "two", convert=method, resume=True) == [0, 0]
     _assert_same_output(one, tmp_path / "two")
     assert not (tmp_path / ".two.resume").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "death"),
+    [("decompose", {"die_decomposing": 2}), ("decompose", {"die_writing": True}), ("convert", {"die_writing": True})],
+    ids=["decompose, decomposing", "decompose, final writes", "convert, final writes"],
+)
+def test_a_killed_rank_of_a_surgery_resumes_to_the_one_process_output(command, death, tmp_path):
+    """The other kill points on two ranks: a `decompose` whose rank 1 dies while decomposing its share, and a
+    `decompose` or `convert` whose rank 0 dies while it writes the adapter (every decomposition taken). The same
+    command with --resume on two ranks writes what one process writes, and leaves nothing beside."""
+    model_dir = save_family_model(tmp_path / "llama", "llama")
+    store = calibrate(model_dir, SPEC, tmp_path / "c.h5", progress=False) if command == "decompose" else None
+    options = OPTIONS["corda"]
+    if store is not None:
+        one = decompose_checkpoint(model_dir, tmp_path / "one", options, stores=[store], progress=False)
+    else:
+        one = convert_checkpoint(model_dir, tmp_path / "one", SPEC, options, progress=False)
+    codes = _run_ranks(model_dir, tmp_path / "two", convert="corda", store=store, **death)
+    assert 3 in codes and all(code != 0 for code in codes) and not (tmp_path / "two").exists()
+    assert _run_ranks(model_dir, tmp_path / "two", convert="corda", store=store, resume=True) == [0, 0]
+    _assert_same_output(one, tmp_path / "two")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize("method", ["corda", "corda++", "small shards", "median-diagonal"])
