@@ -10,7 +10,7 @@ in one pass each block is decomposed there too), `tensors` (the output's shards;
 decompositions happen there). The plan the command prints first is parsed and set against the measured peaks.
 
     python bench/big_layer.py --shape 8b --layers 1
-    python bench/big_layer.py --shape 70b --layers 2 --targets down_proj [--keep-covariances]
+    python bench/big_layer.py --shape 70b --layers 2 --targets down_proj [--keep-covariances | --two-passes]
 
 Each run appends one JSON line to bench/results/big_layer.jsonl.
 """
@@ -43,7 +43,8 @@ SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},  # checks
 }
 # the progress bar that starts each phase, in order; in one pass `convert` decomposes each block as it is summed
-PHASE_MARKS = (("blocks", "calibration + decomposition"), ("tensors", "writing"))
+ONE_PASS = (("blocks", "calibration + decomposition"), ("tensors", "writing"))
+CALIBRATE, DECOMPOSE = (("blocks", "calibration"),), (("tensors", "decomposition + writing"),)
 GIB = 1 << 30
 
 
@@ -85,12 +86,12 @@ def build_checkpoint(folder: Path, shape: str, layers: int) -> Path:
     return folder
 
 
-def disk_use(folder: Path, name: str) -> int:
-    """Bytes of the files of the output ``name`` in ``folder``: the output and its hidden siblings (store,
-    staging folder, finished work, spilled block)."""
+def disk_use(folder: Path, names: tuple[str, ...]) -> int:
+    """Bytes of the files of the outputs ``names`` in ``folder``: each output and its hidden siblings (store,
+    staging folder, finished work, spilled block, partial store)."""
     total = 0
     for top in folder.iterdir():
-        if top.name == name or top.name.startswith(f".{name}"):
+        if any(top.name == name or top.name.startswith((f".{name}", f"{name}.")) for name in names):
             for path in [top, *top.rglob("*")] if top.is_dir() else [top]:
                 try:
                     total += path.stat().st_size if path.is_file() else 0
@@ -99,17 +100,17 @@ def disk_use(folder: Path, name: str) -> int:
     return total
 
 
-def sample_disk(process: subprocess.Popen, folder: Path, name: str, peak: list[int]) -> None:
+def sample_disk(process: subprocess.Popen, folder: Path, names: tuple[str, ...], peak: list[int]) -> None:
     while process.poll() is None:
-        peak[0] = max(peak[0], disk_use(folder, name))
+        peak[0] = max(peak[0], disk_use(folder, names))
         time.sleep(0.5)
 
 
 class Sampler:
     """Resident memory of a process every ``interval`` seconds, attributed to the phase its stderr shows."""
 
-    def __init__(self, process: subprocess.Popen, interval: float = 0.1):
-        self.process, self.interval = process, interval
+    def __init__(self, process: subprocess.Popen, marks: tuple[tuple[str, str], ...], interval: float = 0.1):
+        self.process, self.marks, self.interval = process, marks, interval
         self.phase = "setup+capture"
         self.peaks: dict[str, int] = {}
         self.started = {self.phase: time.monotonic()}
@@ -120,8 +121,8 @@ class Sampler:
         for chunk in iter(lambda: self.process.stderr.read1(4096), b""):  # type: ignore[union-attr]
             text = chunk.decode(errors="replace")
             self.stderr.append(text)
-            order = [phase for _, phase in PHASE_MARKS]
-            for mark, phase in PHASE_MARKS:
+            order = [phase for _, phase in self.marks]
+            for mark, phase in self.marks:
                 later = self.phase not in order or order.index(phase) > order.index(self.phase)
                 if later and re.search(rf"\b{mark}\b", text):  # phases only move on
                     self.phase = phase
@@ -149,6 +150,33 @@ def parse_plan(stderr: str) -> dict[str, float]:
     return plan
 
 
+def sampled(command: list[str], marks: tuple, work: Path, names: tuple[str, ...], prefix: str = "") -> dict:
+    """Run ``command`` while sampling its memory by phase (``marks``: the progress bar starting each) and the
+    disk of ``names`` under ``work``: its wall, phase times and peaks (named with ``prefix``), its plan."""
+    start = time.monotonic()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    sampler, disk_peak = Sampler(process, marks), [0]
+    reader = threading.Thread(target=sampler.read_stderr, daemon=True)
+    disk = threading.Thread(target=sample_disk, args=(process, work, names, disk_peak), daemon=True)
+    reader.start()
+    disk.start()
+    sampler.sample()
+    process.wait()
+    reader.join(timeout=5)
+    disk.join(timeout=5)
+    wall = time.monotonic() - start
+    stderr = "".join(sampler.stderr)
+    if process.returncode != 0:
+        sys.exit(f"{command[1]} failed ({process.returncode}):\n{stderr[-3000:]}")
+    marks = sorted(sampler.started.items(), key=lambda item: item[1])
+    times = {phase: (marks[i + 1][1] if i + 1 < len(marks) else start + wall) - t for i, (phase, t) in
+             enumerate(marks)}  # fmt: skip
+    times["setup+capture"] += sampler.started["setup+capture"] - start
+    return {"wall": wall, "times": {prefix + k: v for k, v in times.items()},
+            "peaks": {prefix + k: v for k, v in sampler.peaks.items()}, "plan": parse_plan(stderr),
+            "disk": disk_peak[0]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="70b")
@@ -156,46 +184,43 @@ def main() -> None:
     parser.add_argument("--targets", default="all-linear")
     parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and outputs [tmp].")
     parser.add_argument("--keep-covariances", action="store_true", help="convert's option: keep the store too")
+    parser.add_argument("--two-passes", action="store_true", help="`calibrate`, then `decompose` from its store")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="big_layer-", dir=args.work))
     try:
         model = build_checkpoint(work / "model", args.shape, args.layers)
         text = work / "wikitext2.txt"
         shutil.copyfile(DATA, text)
-        command = [str(Path(sys.executable).with_name("corda-surgery")), "convert", str(model), "--out",
-                   str(work / "out"), "--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4",
-                   "--rank", "16", "--mode", "kpm", "--targets", args.targets]  # fmt: skip
-        command += ["--keep-covariances"] if args.keep_covariances else []
-        start = time.monotonic()
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        sampler, disk_peak = Sampler(process), [0]
-        reader = threading.Thread(target=sampler.read_stderr, daemon=True)
-        disk = threading.Thread(target=sample_disk, args=(process, work, "out", disk_peak), daemon=True)
-        reader.start()
-        disk.start()
-        sampler.sample()
-        process.wait()
-        reader.join(timeout=5)
-        disk.join(timeout=5)
-        wall = time.monotonic() - start
-        stderr = "".join(sampler.stderr)
-        if process.returncode != 0:
-            sys.exit(f"convert failed ({process.returncode}):\n{stderr[-3000:]}")
-        marks = sorted(sampler.started.items(), key=lambda item: item[1])
-        times = {phase: (marks[i + 1][1] if i + 1 < len(marks) else start + wall) - t for i, (phase, t) in
-                 enumerate(marks)}  # fmt: skip
-        times["setup+capture"] += sampler.started["setup+capture"] - start
-        plan = parse_plan(stderr)
-        peak = max(sampler.peaks.values())
+        tool = str(Path(sys.executable).with_name("corda-surgery"))
+        calibration = ["--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4"]
+        surgery = ["--rank", "16", "--mode", "kpm", "--targets", args.targets]
+        names = ("out", "cov.h5")
+        if args.two_passes:
+            runs = [
+                sampled([tool, "calibrate", str(model), *calibration, "--out", str(work / "cov.h5")], CALIBRATE,
+                        work, names, "calibrate: "),
+                sampled([tool, "decompose", str(model), "--covariances", str(work / "cov.h5"), *surgery, "--out",
+                         str(work / "out")], DECOMPOSE, work, names, "decompose: "),
+            ]  # fmt: skip
+            plan = runs[0]["plan"] | runs[1]["plan"]
+            plan["peak RAM"] = max(run["plan"].get("peak RAM", 0) for run in runs)
+            plan["disk"] = sum(run["plan"].get("disk", 0) for run in runs)  # the store stays beside the output
+        else:
+            command = [tool, "convert", str(model), *calibration, *surgery, "--out", str(work / "out")]
+            runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), ONE_PASS, work, names)]
+            plan = runs[0]["plan"]
+        peaks = {k: v for run in runs for k, v in run["peaks"].items()}
+        peak = max(peaks.values())
         result = {
-            "shape": args.shape, "layers": args.layers, "targets": args.targets, "wall_s": round(wall, 1),
-            "phase_s": {k: round(v, 1) for k, v in times.items()},
-            "peak_rss_gib": {k: round(v / GIB, 2) for k, v in sampler.peaks.items()},
+            "shape": args.shape, "layers": args.layers, "targets": args.targets,
+            "wall_s": round(sum(run["wall"] for run in runs), 1),
+            "phase_s": {k: round(v, 1) for run in runs for k, v in run["times"].items()},
+            "peak_rss_gib": {k: round(v / GIB, 2) for k, v in peaks.items()},
             "peak_gib": round(peak / GIB, 2), "plan_gib": plan,
             "plan_error": round(plan["peak RAM"] / (peak / GIB) - 1, 3) if "peak RAM" in plan else None,
-            "passes": 1, "keep_covariances": args.keep_covariances,
-            "peak_disk_gib": round(disk_peak[0] / GIB, 2),
-            "output_gib": round(disk_use(work, "out") / GIB, 2),
+            "passes": len(runs) if args.two_passes else 1, "keep_covariances": args.keep_covariances or args.two_passes,
+            "peak_disk_gib": round(max(run["disk"] for run in runs) / GIB, 2),
+            "output_gib": round(disk_use(work, ("out",)) / GIB, 2),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
         }  # fmt: skip
         RESULTS.parent.mkdir(exist_ok=True)
