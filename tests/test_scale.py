@@ -153,7 +153,7 @@ def test_run_that_cannot_fit_is_refused_before_any_work(tiny_llama, tmp_path, mo
     )
     assert "GiB of RAM" in message and "hidden states" in message and "--max-memory" in message
     monkeypatch.setattr("shutil.disk_usage", lambda path: type("Usage", (), {"free": 1000})())
-    with pytest.raises(MemoryPlanError, match=r"the outputs need about .* GiB \(covariance store"):
+    with pytest.raises(MemoryPlanError, match=r"the outputs need about .* GiB \(one block's covariances"):
         convert_checkpoint(tiny_llama, tmp_path / "out", SPEC, SurgeryOptions.of(), progress=False)
     assert list(tmp_path.iterdir()) == []
 

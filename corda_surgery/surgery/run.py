@@ -224,5 +224,5 @@ def estimate_run(
         options=options,
         targets=shapes(targets),
         one_pass=one_pass,
-        keep_store=keep_covariances,
+        keep_store=keep_covariances or options is None,  # `calibrate` writes its store
     )
