@@ -111,6 +111,14 @@ class Covariances(Protocol):
     def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor: ...
 
 
+def entry_of(store: Covariances, linear: str) -> CovarianceEntry:
+    """The entry of the input ``linear`` reads, or an error naming the store and the layer."""
+    entry = store.by_linear.get(linear)
+    if entry is None:
+        raise StoreError(f"{store.path}: no covariance for layer {linear}")
+    return entry
+
+
 class StoreWriter:
     """Writes one calibration run; reopens a ``.partial`` file of the same run to resume it.
 
@@ -336,10 +344,7 @@ class CovarianceStore:
         return packed_width(length) or 0 if self.packed else length
 
     def _entry(self, linear: str) -> CovarianceEntry:
-        entry = self.by_linear.get(linear)
-        if entry is None:
-            raise StoreError(f"{self.path}: no covariance for layer {linear}")
-        return entry
+        return entry_of(self, linear)
 
     def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor:
         """The normalised float64 covariance (sum / count) of the input ``linear`` reads, or of one round;

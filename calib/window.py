@@ -24,6 +24,7 @@ from corda_surgery.calib.store import (
     CovarianceEntry,
     CovarianceStore,
     StoreWriter,
+    entry_of,
     partial_path,
 )
 
@@ -100,10 +101,7 @@ class StreamedCovariances:
         return self._widths[self._entry(linear).name]
 
     def _entry(self, linear: str) -> CovarianceEntry:
-        entry = self.by_linear.get(linear)
-        if entry is None:
-            raise StoreError(f"{self.path}: no covariance for layer {linear}")
-        return entry
+        return entry_of(self, linear)
 
     def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor:
         """The covariance as the one-block store reads it; only the block being decomposed has one."""
