@@ -31,7 +31,7 @@ from corda_surgery.calib.store import CountedLevel, Covariances, CovarianceStore
 from corda_surgery.calib.window import StreamedCovariances, entry_from_json, entry_to_json
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
-from corda_surgery.distributed import ALONE, DistributedError, ResultSender, broadcast_object, receive_result
+from corda_surgery.distributed import ALONE, DistributedError, ResultSender, broadcast_object
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.outputs import STAGING_MARK, claimed
 from corda_surgery.paths import resolved
@@ -39,10 +39,9 @@ from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.ranks import layer_plan
-from corda_surgery.surgery.report import LayerRecord
 from corda_surgery.surgery.resume import FinishedWork, run_record
 from corda_surgery.surgery.targets import Target, plan_targets
-from corda_surgery.surgery.work import share_of_work
+from corda_surgery.surgery.work import receive_factors, share_of_work
 from corda_surgery.surgery.writing import write_output
 
 
@@ -144,21 +143,15 @@ class _DecomposingSink:
                 if sender is not None:
                     sender.send({"target": target.name, "record": result.record.to_json()}, found[:2])
             elif self.ranks.writer:
-                found = self._receive(target, plan[target.name].rank, owner)
+                dtype = self.options.decomposition.torch_factor_dtype
+                (lora_a, lora_b), record = receive_factors(target, plan[target.name].rank, dtype, owner, self.ranks)
+                found = (lora_a, lora_b, record)
             else:
                 continue
             if self.finished_work is not None:
                 self.finished_work.keep(target.name, *found)
         if sender is not None:
             sender.close()
-
-    def _receive(self, target: Target, rank: int, owner: int) -> tuple[torch.Tensor, torch.Tensor, LayerRecord]:
-        dtype = self.options.decomposition.torch_factor_dtype
-        specs = [((rank, target.in_dim), dtype), ((target.out_dim, rank), dtype)]
-        lora_a, lora_b, sent = receive_result(owner, specs, self.ranks)
-        if sent["target"] != target.name:
-            raise DistributedError(f"rank {owner} sent {sent['target']} where rank 0 takes {target.name}")
-        return lora_a, lora_b, LayerRecord.from_json(sent["record"])
 
     def _weight(self, target: Target, fused: dict[str, torch.Tensor]) -> torch.Tensor:
         """The stored weight, or an expert's slice of its fused weight (one fused weight held at a time)."""

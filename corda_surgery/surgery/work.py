@@ -7,7 +7,7 @@ result to rank 0. One process is the same loop with every target local.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,18 +110,24 @@ class WorkSource:
     def _receive(self, target: Target, owner: int) -> Initialised:
         layer, dtype = self.initialise.plan[target.name], self.initialise.options.decomposition.torch_factor_dtype
         assert target.key is not None
-        specs = [
-            ((layer.rank, target.in_dim), dtype),
-            ((target.out_dim, layer.rank), dtype),
-            self.reader.spec(target.key),
-        ]
-        lora_a, lora_b, residual, sent = receive_result(owner, specs, self.ranks)
-        if sent["target"] != target.name:
-            raise DistributedError(
-                f"rank {owner} sent {sent['target']} where rank 0 writes {target.name}: the ranks disagree on the "
-                "writing order"
-            )
-        return Initialised(lora_a, lora_b, residual, LayerRecord.from_json(sent["record"]))
+        (lora_a, lora_b, residual), record = receive_factors(
+            target, layer.rank, dtype, owner, self.ranks, [self.reader.spec(target.key)]
+        )
+        return Initialised(lora_a, lora_b, residual, record)
+
+
+def receive_factors(
+    target: Target, rank: int, dtype: torch.dtype, owner: int, ranks: Ranks, more: Sequence[tuple] = ()
+) -> tuple[list[torch.Tensor], LayerRecord]:
+    """Rank 0 takes ``target``'s result from ``owner``: A, B and any ``more`` tensors (shape, dtype), and its
+    record; a result for another target means the ranks disagree on the order."""
+    specs = [((rank, target.in_dim), dtype), ((target.out_dim, rank), dtype), *more]
+    *tensors, sent = receive_result(owner, specs, ranks)
+    if sent["target"] != target.name:
+        raise DistributedError(
+            f"rank {owner} sent {sent['target']} where rank 0 takes {target.name}: the ranks disagree on the order"
+        )
+    return tensors, LayerRecord.from_json(sent["record"])
 
 
 def serve_share(source: WorkSource, targets: list[Target], max_shard_size: int) -> None:
