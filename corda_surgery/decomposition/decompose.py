@@ -23,7 +23,7 @@ from corda_surgery.decomposition.kinds import (
     damping_scale,
 )
 from corda_surgery.decomposition.memory import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
-from corda_surgery.decomposition.solvers import KeptPairs, kept_pairs
+from corda_surgery.decomposition.solvers import KeptPairs, MemoryShortfall, kept_pairs
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite, cholesky_solve
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_DAMPING_RAISE = 1024
 ZERO_DAMPING_START = 1e-8
 FELL_BACK_LABEL = "svd (gram could not resolve the cut)"  # the solver surgery.json names for such a layer
+BLOCKED_LABEL = "blocked svd (gram could not resolve the cut; the svd did not fit in memory)"
 
 CovarianceSource = torch.Tensor | Callable[[], torch.Tensor]
 Kind = TypeVar("Kind", Mode, Solver)
@@ -59,6 +60,7 @@ class Decomposition:
     scaling: float  # LoRA scaling s = alpha / r
     damping_rule: DampingRule = DEFAULT_DAMPING_RULE
     damping_level: float = 0.0  # λ·scale / mean(diag C): the level in the default rule's units (λ under it)
+    blocked: bool = False  # the fallback's SVD was the blocked one (the SVD did not fit in the free memory)
 
     @property
     def adapter_energy(self) -> float:
@@ -67,8 +69,10 @@ class Decomposition:
 
     @property
     def solver_label(self) -> str:
-        """The solver as surgery.json records it: its value, or FELL_BACK_LABEL for a fallback."""
-        return FELL_BACK_LABEL if self.fell_back else self.solver.value
+        """The solver as surgery.json records it: its value, or the fallback's label."""
+        if self.fell_back:
+            return BLOCKED_LABEL if self.blocked else FELL_BACK_LABEL
+        return self.solver.value
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,10 @@ def decompose_weight(
     mode, solver = _check_inputs(w, rank, mode, solver, name)
     scaling = (alpha if alpha is not None else rank) / rank
     product, chol, lam, level = context_product(w, covariance, damping, name, device, damping_rule)
-    pairs = kept_pairs(product, rank, mode, solver=solver)
+    try:
+        pairs = kept_pairs(product, rank, mode, solver=solver)
+    except MemoryShortfall as exc:
+        raise MemoryShortfall(f"{name}: {exc}") from None
     del product
     lora_a, lora_b = _factors(pairs, chol, scaling, balance, factor_dtype)
     del chol  # freed before the residual's row blocks
@@ -300,6 +307,7 @@ def decompose_weight(
         spectrum=None if pairs.spectrum is None else pairs.spectrum.to("cpu", torch.float64),
         solver=pairs.solver,
         fell_back=pairs.fell_back,
+        blocked=pairs.blocked,
         damping=lam,
         scaling=scaling,
         damping_rule=DampingRule(damping_rule),

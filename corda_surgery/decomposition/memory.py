@@ -1,35 +1,92 @@
-"""The decomposition's workspace: the sizes that bound it, and the peak it adds to the memory plan."""
+"""The decomposition's workspace: the sizes that bound it, and the peak it adds to the memory plan.
+
+The plan counts the path a run takes (the solver it asked for); the SVD a Gram route falls back to where it
+cannot resolve a cut is a rarer path, planned apart (``fallback_memory``) and chosen at run time to fit what
+is free (``fallback_workspace``): the SVD, or the blocked SVD, which holds neither a copy of W·C nor U.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from corda_surgery.decomposition.kinds import Solver
 
 CHOLESKY_PANEL = 1024  # columns factorised at a time by ``cholesky_in_place``: two panels of temporaries
 ROW_BLOCK_ELEMENTS = 1 << 24  # rows of W at a time in the product and the residual: 128 MB in float64
 F64 = 8  # bytes of a float64: the decomposition's arithmetic, whatever the weight's dtype
 
 
-def decomposition_memory(shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int) -> dict[str, int]:
-    """The decomposition's peak parts (bytes) for its most demanding weight (out, in) of ``shapes``, stored
-    ``stored_size`` bytes an element.
+def svd_workspace(rows: int, columns: int) -> int:
+    """Bytes LAPACK's thin SVD of a float64 matrix holds besides it: its copy, U and Vᵀ (3 m·n, n the smaller
+    side) and gesdd's workspace (measured: 2 n² on a 4:1 matrix, 3.2 n² on a square one)."""
+    small = min(rows, columns)
+    return (6 * rows * columns + 7 * small * small) * F64 // 2
 
-    While the singular pairs are found, the covariance (its Cholesky factor by then), W·C, and the SVD's (the
-    fallback of every solver) or the Cholesky's temporaries are alive; the residual is formed after W·C and the
-    factor are freed. A shared input's damped covariance and factor (``shared_width`` wide, 0: none) may be
-    held meanwhile, for the rest of its readers.
-    """
 
-    def parts(out_dim: int, in_dim: int) -> dict[str, int]:
-        small = min(out_dim, in_dim)
-        return {
-            "covariance": in_dim * in_dim * F64,
-            "W·C": out_dim * in_dim * F64 + 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64,  # + a row block
-            # The SVD's copy of W·C, U, Vᵀ and gesdd's workspace (up to ~4 n² besides the 3 out·in), or two
-            # Cholesky panels. Not less for gram or subspace: where they cannot resolve the cut they free their
-            # Gram matrix (4 n² with syevd's workspace) and take the SVD.
-            "solver": max(3 * out_dim * in_dim + 5 * small * small, 2 * in_dim * CHOLESKY_PANEL) * F64,
-            "weight": out_dim * in_dim * stored_size,
-        }
+def blocked_svd_workspace(rows: int, columns: int) -> int:
+    """Bytes of the blocked SVD (``solvers.blocked_svd_pairs``): the R factor, a stacked block of rows and its QR
+    copy (2 n² each), then the SVD of R (its copy, U, Vᵀ and workspace: 4 n²)."""
+    small = min(rows, columns)
+    return 9 * small * small * F64
 
-    peak = max((parts(*shape) for shape in shapes), key=lambda p: sum(p.values()))
+
+def gram_workspace(rows: int, columns: int) -> int:
+    """Bytes of the Gram route: the Gram matrix of the tall orientation, and either the full eigen-decomposition's
+    vectors and syevd's workspace (2 n²) or subspace iteration's Cholesky factor and blocks (less)."""
+    small = min(rows, columns)
+    return 4 * small * small * F64
+
+
+def solver_workspace(rows: int, columns: int, solver: Solver) -> int:
+    """Bytes the ``solver`` holds besides W·C on its own path (not its fallback), or the Cholesky's two panels
+    of temporaries before it where those are more."""
+    own = svd_workspace(rows, columns) if Solver(solver) is Solver.SVD else gram_workspace(rows, columns)
+    return max(own, 2 * columns * min(columns, CHOLESKY_PANEL) * F64)
+
+
+def _parts(out_dim: int, in_dim: int, stored_size: int, workspace: int) -> dict[str, int]:
+    """Alive at the peak: the covariance (its Cholesky factor by then), W·C, the weight, and the larger of the
+    product's two float64 row blocks (while W·C is formed) and the solver's ``workspace`` (while the pairs are
+    found); the residual is formed after W·C and the factor are freed, from row blocks as well."""
+    row_blocks = 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64
+    return {
+        "covariance": in_dim * in_dim * F64,
+        "W·C": out_dim * in_dim * F64,
+        "solver": max(workspace, row_blocks),
+        "weight": out_dim * in_dim * stored_size,
+    }
+
+
+def _largest(shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int, workspace) -> dict[str, int]:
+    peak = max((_parts(o, i, stored_size, workspace(o, i)) for o, i in shapes), key=lambda p: sum(p.values()))
+    # A shared input's damped covariance and factor (``shared_width`` wide, 0: none) may be held meanwhile.
     return peak | ({"shared input (damped + factor)": 2 * shared_width * shared_width * F64} if shared_width else {})
+
+
+def decomposition_memory(
+    shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int, solver: Solver = Solver.SUBSPACE
+) -> dict[str, int]:
+    """The decomposition's peak parts (bytes) on ``solver``'s own path for its most demanding weight (out, in) of
+    ``shapes``, stored ``stored_size`` bytes an element."""
+    return _largest(shapes, stored_size, shared_width, lambda o, i: solver_workspace(o, i, solver))
+
+
+def fallback_memory(
+    shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int, solver: Solver
+) -> tuple[dict[str, int], dict[str, int]] | None:
+    """The peak parts where the most demanding weight falls back from the Gram route: with the SVD, and with the
+    blocked SVD taken where the SVD does not fit (the SVD where that is smaller); None for the SVD solver (it has
+    no fallback)."""
+    if Solver(solver) is Solver.SVD:
+        return None
+
+    def with_svd(out_dim: int, in_dim: int) -> int:
+        return max(svd_workspace(out_dim, in_dim), solver_workspace(out_dim, in_dim, solver))
+
+    def with_smaller(out_dim: int, in_dim: int) -> int:
+        smaller = min(svd_workspace(out_dim, in_dim), blocked_svd_workspace(out_dim, in_dim))
+        return max(smaller, solver_workspace(out_dim, in_dim, solver))
+
+    return _largest(shapes, stored_size, shared_width, with_svd), _largest(
+        shapes, stored_size, shared_width, with_smaller
+    )

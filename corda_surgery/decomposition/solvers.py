@@ -1,5 +1,6 @@
 """How the singular pairs of the float64 product W·C are found: the kept ones (``kept_pairs``) or all the
-singular values (``singular_values``), by the full SVD or from the Gram matrix of the tall orientation."""
+singular values (``singular_values``), by the full SVD or from the Gram matrix of the tall orientation; where
+the Gram route cannot resolve the cut, by the SVD, or by the blocked SVD where the SVD would not fit in memory."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ from dataclasses import dataclass
 
 import torch
 
+from corda_surgery.compute import available_host_memory
 from corda_surgery.decomposition.eigenpairs import extreme_eigenpairs, largest_eigenvalue
 from corda_surgery.decomposition.kinds import Mode, Solver
+from corda_surgery.decomposition.memory import blocked_svd_workspace, svd_workspace
+from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import symmetric_product
 
 # The Gram route resolves a singular pair only to about ε·(σ₁/σ)² over the relative gap at the cut, so KPM's
 # smallest pairs can come out wrong; a layer whose estimate (``_gram_error``) exceeds this takes the SVD of the
 # product instead. The estimate over-states the error by two to three orders of magnitude, hence so loose a bound.
 GRAM_RESOLUTION = 1e-3
+
+
+class MemoryShortfall(CordaSurgeryError):
+    """Not even the blocked SVD a fallback needs fits in the free memory: this target fails before anything is
+    written for it, and the work finished before it is kept for --resume."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class KeptPairs:
     spectrum: torch.Tensor | None  # all σ descending, where the solver found them
     solver: Solver
     fell_back: bool = False  # the SVD, taken because the Gram route could not resolve the cut
+    blocked: bool = False  # that SVD blocked (``blocked_svd_pairs``): the SVD would not fit in the free memory
 
 
 def singular_values(matrix: torch.Tensor, *, solver: Solver = Solver.GRAM) -> torch.Tensor:
@@ -59,7 +69,23 @@ def kept_pairs(matrix: torch.Tensor, rank: int, mode: Mode, *, solver: Solver) -
     if solver is Solver.SVD:
         return _svd_pairs(matrix, rank, mode, fell_back=False)
     found = _gram_pairs(matrix, rank, mode, solver)  # its Gram matrix is freed before an SVD is needed
-    return _svd_pairs(matrix, rank, mode, fell_back=True) if found is None else found
+    return _fallback(matrix, rank, mode) if found is None else found
+
+
+def _fallback(matrix: torch.Tensor, rank: int, mode: Mode) -> KeptPairs:
+    """The SVD where the Gram route cannot resolve the cut: LAPACK's where its workspace fits the free memory
+    (on a GPU, where it is tried and a failure moves the work to the CPU), else the blocked one, else a
+    MemoryShortfall with the arithmetic."""
+    if matrix.device.type != "cpu" or svd_workspace(*matrix.shape) <= (free := available_host_memory()):
+        return _svd_pairs(matrix, rank, mode, fell_back=True)
+    if blocked_svd_workspace(*matrix.shape) <= free:
+        return blocked_svd_pairs(matrix, rank, mode)
+    gib = 1 << 30
+    raise MemoryShortfall(
+        f"the Gram route cannot resolve this {mode.value.upper()} cut, and its SVD needs "
+        f"{svd_workspace(*matrix.shape) / gib:.2f} GiB (blocked: {blocked_svd_workspace(*matrix.shape) / gib:.2f}) "
+        f"besides W·C while {free / gib:.2f} GiB are free; free memory and resume, or leave it out with `targets`"
+    )
 
 
 def _gram_pairs(matrix: torch.Tensor, rank: int, mode: Mode, solver: Solver) -> KeptPairs | None:
@@ -122,5 +148,26 @@ def _gram_error(cut: float, first: float, beyond: float) -> float:
 
 def _svd_pairs(matrix: torch.Tensor, rank: int, mode: Mode, *, fell_back: bool) -> KeptPairs:
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    cut = slice(0, rank) if mode is Mode.IPM else slice(s.numel() - rank, s.numel())
+    cut = _cut(s.numel(), rank, mode)
     return KeptPairs(u[:, cut], s[cut], vh[cut], float(s.square().sum()), s, Solver.SVD, fell_back)
+
+
+def _cut(n: int, rank: int, mode: Mode) -> slice:
+    return slice(0, rank) if mode is Mode.IPM else slice(n - rank, n)
+
+
+def blocked_svd_pairs(matrix: torch.Tensor, rank: int, mode: Mode) -> KeptPairs:
+    """The kept pairs of a tall float64 ``matrix`` (m × n) from the SVD of its R factor, which has its singular
+    values and right vectors: R is formed by Householder QRs of itself stacked on the next n rows, so the peak
+    is about 9 n² (``blocked_svd_workspace``) instead of the SVD's copy of the matrix, U and Vᵀ (3 m·n + 5 n²).
+    The left vectors follow as u = M·v / σ, as on the Gram route, and to the same accuracy as the SVD's Vᵀ."""
+    rows, n = matrix.shape
+    r = matrix.new_zeros(0, n)
+    for start in range(0, rows, n):
+        r = torch.linalg.qr(torch.cat([r, matrix[start : start + n]]), mode="r").R
+    _, s, vh = torch.linalg.svd(r, full_matrices=False)
+    del r
+    cut = _cut(s.numel(), rank, mode)
+    image = matrix @ vh[cut].T
+    u = image / torch.where(s[cut] > 0, s[cut], 1)
+    return KeptPairs(u, s[cut], vh[cut], float(s.square().sum()), s, Solver.SVD, fell_back=True, blocked=True)

@@ -31,7 +31,7 @@ from corda_surgery.calib.memory import (
 )
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
-from corda_surgery.decomposition.memory import decomposition_memory
+from corda_surgery.decomposition.memory import decomposition_memory, fallback_memory
 from corda_surgery.distributed import local_world
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.paths import resolved
@@ -62,6 +62,9 @@ class MemoryPlan:
     disk: dict[str, int] = field(default_factory=dict)
     out: Path | None = None  # the output the disk figure is for
     disk_folder: Path | None = None  # its nearest existing folder, whose free space counts
+    # The decomposition's peak where a target falls back from the Gram route, by fallback (the SVD, the blocked
+    # SVD taken where the SVD does not fit): a rarer path, shown but not part of the verdict.
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -100,10 +103,23 @@ class MemoryPlan:
         )
         if self.device.type != "cpu":
             lines.append(f"  peak {self.device}  {self.device_peak / GIB:7.2f} GiB")
+        if self.fallbacks:
+            lines.append(self._describe_fallbacks())
         if self.disk:
             detail = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.disk.items() if size)
             lines.append(f"  disk          {sum(self.disk.values()) / GIB:7.2f} GiB  ({detail}) in {self.disk_folder}")
         return "\n".join(lines)
+
+    def _describe_fallbacks(self) -> str:
+        """Which targets may take the rarer path, what it costs, and what happens where it does not fit."""
+        costs = ", ".join(f"{name} {(self.baseline + peak) / GIB:.2f} GiB" for name, peak in self.fallbacks.items())
+        smallest = self.baseline + min(self.fallbacks.values())
+        fits = smallest <= available_host_memory()
+        outcome = "fits now" if fits else "does not fit now: such a target stops the run, its finished work kept"
+        return (
+            f"  fallback      a target whose cut the Gram route cannot resolve (mostly KPM's) takes the SVD; peak RAM "
+            f"then: {costs}; the blocked one is taken where the SVD does not fit, and {outcome} (not in the verdict)"
+        )
 
     def check(self) -> None:
         """Refuse a run whose estimate exceeds the free memory of its device or the free disk of its output."""
@@ -161,6 +177,23 @@ def _largest_fused(view: ModelView) -> int:
     )
 
 
+def _plan_decomposition(
+    plan: MemoryPlan, view: ModelView, options: SurgeryOptions, targets: Sequence[tuple[int, int]], one_pass: bool
+) -> None:
+    """The decomposition's phase on the solver's own path, and its fallbacks' peaks beside it."""
+    width = shared_width(view) if options.method.uses_covariance else 0
+    stored_size, solver = view.stored_dtype.itemsize, options.decomposition.solver
+    held = {"fused experts": 3 * _largest_fused(view)}  # weight, residual, pieces
+    if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
+        held["hidden states"] = plan.phases["calibration"]["hidden states"]
+    plan.phases["decomposition"] = decomposition_memory(list(targets), stored_size, width, solver) | held
+    fallbacks = fallback_memory(list(targets), stored_size, width, solver)
+    if fallbacks is not None:
+        svd, blocked = (sum(parts.values()) + sum(held.values()) for parts in fallbacks)
+        if svd > plan.peak("decomposition"):
+            plan.fallbacks = {"SVD": svd} | ({"blocked SVD": blocked} if blocked < svd else {})
+
+
 def plan_run(
     view: ModelView,
     compute: ComputeOptions,
@@ -190,14 +223,8 @@ def plan_run(
             disk["one block's covariances (while it is decomposed)"] = block_store_disk(view, spec) * local_world()
         plan.disk.update(disk)
     if options is not None and targets:
-        stored_size = view.stored_dtype.itemsize
         if options.method.uses_covariance or options.mode is not None:
-            width = shared_width(view) if options.method.uses_covariance else 0
-            plan.phases["decomposition"] = decomposition_memory(list(targets), stored_size, width)
-            if _largest_fused(view):
-                plan.phases["decomposition"]["fused experts"] = 3 * _largest_fused(view)  # weight, residual, pieces
-            if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
-                plan.phases["decomposition"]["hidden states"] = plan.phases["calibration"]["hidden states"]
+            _plan_decomposition(plan, view, options, targets, one_pass)
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )

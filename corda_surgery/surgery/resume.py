@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from corda_surgery import __version__
+from corda_surgery.decomposition.solvers import MemoryShortfall
 from corda_surgery.distributed import DistributedError
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.outputs import OutputError
@@ -129,10 +130,10 @@ class FinishedWork:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def discard(self, failure: BaseException) -> None:
-        """After a failed run: an error removes what this run made; a kill, a signal or a lost rank (the other
-        ranks stop with a DistributedError) leaves the decompositions it finished for --resume, as a resumed run's
-        earlier work always is. A run that finished none leaves nothing."""
-        stopped = not isinstance(failure, Exception) or isinstance(failure, DistributedError)
+        """After a failed run: an error removes what this run made; a kill, a signal, a lost rank (the other
+        ranks stop with a DistributedError) or a target's fallback short of memory leaves the decompositions it
+        finished for --resume, as a resumed run's earlier work always is. A run that finished none leaves nothing."""
+        stopped = not isinstance(failure, Exception) or isinstance(failure, DistributedError | MemoryShortfall)
         if self.created and not (stopped and self.done):
             self.remove()
 
