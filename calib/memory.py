@@ -83,9 +83,10 @@ def _bytes(module: torch.nn.Module, dtype_size: int, skip: frozenset[int] = froz
 
 
 def _loading(view: ModelView, module: torch.nn.Module) -> int:
-    """While a tensor is cast to the forward dtype, its stored copy and the shard pages read are resident too."""
+    """While a tensor is read, the shard's pages of it are resident, and its stored copy too where it is cast to
+    the forward dtype."""
     largest = max((p.numel() for p in module.parameters()), default=0)
-    return 2 * largest * view.stored_dtype.itemsize
+    return (1 if view.stored_dtype == view.dtype else 2) * largest * view.stored_dtype.itemsize
 
 
 def _hidden_bytes(view: ModelView, spec: CalibrationSpec) -> int:
@@ -95,16 +96,21 @@ def _hidden_bytes(view: ModelView, spec: CalibrationSpec) -> int:
 
 def capture_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
     """The capture phase's peak parts (bytes): the embeddings, and the hidden states entering block 0 held in
-    memory (up to ``budget``, the activation budget)."""
+    memory (up to ``budget``, the activation budget), formed once the embeddings are loaded (the loading's
+    transients count where they are more)."""
     skip = frozenset(id(m) for m in view.blocks.modules())
+    hidden = min(_hidden_bytes(view, spec), budget)
     return {
-        "embeddings": _bytes(view.runner, view.dtype.itemsize, skip) + _loading(view, view.runner),
-        "hidden states": min(_hidden_bytes(view, spec), budget),
+        "embeddings": _bytes(view.runner, view.dtype.itemsize, skip),
+        "hidden states": hidden,
+        "loading": max(0, _loading(view, view.runner) - hidden),
     }
 
 
 def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
-    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget."""
+    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget.
+    The block is loaded before its sums and forward temporaries exist: the loading's transients count where they
+    are more."""
     size = view.dtype.itemsize
     config = view.config.get_text_config()
     hidden = int(config.hidden_size)
@@ -116,14 +122,18 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> d
     widest = max(widths)
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
     product_tile = max((r.stop - r.start) * (c.stop - c.start) for r, c in symmetric_tiles(widest))  # XᵀX tile
-    return {
-        "block weights": _bytes(block, size) + _loading(view, block),
-        "hidden states": min(_hidden_bytes(view, spec), budget + batch_tokens * hidden * size),
-        "covariance sums": sum(w * w * F64 for w in widths) * spec.rounds
-        + (widest * widest * F64 if spec.rounds > 1 else 0),  # the rounds' total, formed when written
-        "forward": batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
+    sums = sum(w * w * F64 for w in widths) * spec.rounds + (widest * widest * F64 if spec.rounds > 1 else 0)
+    forward = (
+        batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
         + batch * heads * spec.seq_len**2 * F32  # attention scores
-        + product_tile * (F32 + F64),  # a tile's product, and its float64 copy where it is added on
+        + product_tile * (F32 + F64)  # a tile's product, and its float64 copy where it is added on
+    )
+    return {
+        "block weights": _bytes(block, size),
+        "hidden states": min(_hidden_bytes(view, spec), budget + batch_tokens * hidden * size),
+        "covariance sums": sums,  # with several rounds, their total formed when written
+        "forward": forward,
+        "loading": max(0, _loading(view, block) - sums - forward),
     }
 
 

@@ -123,14 +123,14 @@ def test_the_fallback_is_planned_apart_and_never_refuses_a_run(monkeypatch):
     plan = memory_plan.MemoryPlan(device=torch.device("cpu"), baseline=gib)
     plan.phases = {"calibration": {"covariance sums": 2 * gib}, "decomposition": {"covariance": 3 * gib}}
     plan.fallbacks = {"SVD": 9 * gib, "blocked SVD": 5 * gib}
-    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 6 * gib)
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 5 * gib)  # free: the baseline is not in it
     plan.check()
     assert "SVD 10.00 GiB, blocked SVD 6.00 GiB" in plan.describe() and "fits now" in plan.describe()
-    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: int(4.5 * gib))
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 4 * gib)
     plan.check()
-    assert "does not fit now: such a target stops the run" in plan.describe()
-    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 3 * gib)
-    with pytest.raises(memory_plan.MemoryPlanError, match=r"4\.00 GiB of RAM \(decomposition"):
+    assert "does not fit now: such a target would stop the run" in plan.describe()
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: int(2.5 * gib))
+    with pytest.raises(memory_plan.MemoryPlanError, match=r"3\.00 GiB of RAM \(decomposition"):
         plan.check()
 
 

@@ -113,12 +113,11 @@ class MemoryPlan:
     def _describe_fallbacks(self) -> str:
         """Which targets may take the rarer path, what it costs, and what happens where it does not fit."""
         costs = ", ".join(f"{name} {(self.baseline + peak) / GIB:.2f} GiB" for name, peak in self.fallbacks.items())
-        smallest = self.baseline + min(self.fallbacks.values())
-        fits = smallest <= available_host_memory()
-        outcome = "fits now" if fits else "does not fit now: such a target stops the run, its finished work kept"
+        fits = min(self.fallbacks.values()) <= available_host_memory()  # as ``check``: free excludes the baseline
+        outcome = "fits now" if fits else "does not fit now: such a target would stop the run, its finished work kept"
         return (
-            f"  fallback      a target whose cut the Gram route cannot resolve (mostly KPM's) takes the SVD; peak RAM "
-            f"then: {costs}; the blocked one is taken where the SVD does not fit, and {outcome} (not in the verdict)"
+            f"  fallback      peak RAM {costs} for a target whose cut the Gram route cannot resolve (mostly KPM's)\n"
+            f"                the blocked SVD where the SVD does not fit; {outcome}; not in the verdict"
         )
 
     def check(self) -> None:
