@@ -2,9 +2,10 @@
 
 Builds a random Llama checkpoint in bfloat16 with the real layer shapes (70B: hidden 8192, intermediate
 28672, 64 heads, 8 KV heads; 8B: 4096 / 14336 / 32 / 8) and SmolLM2's tokenizer and vocabulary, then runs
-the ordinary `convert` command on 16 × 512 tokens of WikiText-2 (KPM, rank 16) while sampling the
-process's resident memory every 0.1 s and the bytes under the output's folder (everything beside the
-checkpoint: the output, its hidden store and staging, the finished work) every 0.5 s. Phases are told apart
+the ordinary `convert` command on 16 × 512 tokens of WikiText-2 (KPM, rank 16) while reading the process's
+peak resident memory (the kernel's high-water mark, reset as each phase starts) every 0.1 s, and the bytes
+under the output's folder (everything beside the checkpoint: the output, its hidden store and staging, the
+finished work) every 0.5 s. Phases are told apart
 by the progress bars the command prints: setup + capture (before the `blocks` bar), `blocks` (calibration;
 in one pass each block is decomposed there too), `tensors` (the output's shards; in two passes the
 decompositions happen there). The plan the command prints first is parsed and set against the measured peaks.
@@ -107,7 +108,9 @@ def sample_disk(process: subprocess.Popen, folder: Path, names: tuple[str, ...],
 
 
 class Sampler:
-    """Resident memory of a process every ``interval`` seconds, attributed to the phase its stderr shows."""
+    """Peak resident memory of a process by phase (the phase its stderr shows): the kernel's high-water mark
+    (VmHWM), read every ``interval`` seconds and reset when a phase starts, so a transient between two readings
+    counts too (where /proc/PID/clear_refs cannot be written, the resident memory at each reading)."""
 
     def __init__(self, process: subprocess.Popen, marks: tuple[tuple[str, str], ...], interval: float = 0.1):
         self.process, self.marks, self.interval = process, marks, interval
@@ -115,6 +118,28 @@ class Sampler:
         self.peaks: dict[str, int] = {}
         self.started = {self.phase: time.monotonic()}
         self.stderr: list[str] = []
+        self.lock = threading.Lock()
+        self.field = "VmHWM" if self._reset() else "VmRSS"
+
+    def _reset(self) -> bool:
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def _read(self) -> int | None:
+        try:
+            lines = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(self.field + ":"))
+        except (OSError, StopIteration):
+            return None
+
+    def _record(self) -> bool:
+        value = self._read()
+        if value is not None:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), value)
+        return value is not None
 
     def read_stderr(self) -> None:
         assert self.process.stderr is not None
@@ -125,18 +150,18 @@ class Sampler:
             for mark, phase in self.marks:
                 later = self.phase not in order or order.index(phase) > order.index(self.phase)
                 if later and re.search(rf"\b{mark}\b", text):  # phases only move on
-                    self.phase = phase
-                    self.started[phase] = time.monotonic()
+                    with self.lock:  # the old phase's peak, then the mark starts again for the new one
+                        self._record()
+                        self.phase = phase
+                        self.started[phase] = time.monotonic()
+                        if self.field == "VmHWM":
+                            self._reset()
 
     def sample(self) -> None:
-        status = Path(f"/proc/{self.process.pid}/status")
         while self.process.poll() is None:
-            try:
-                rss = next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
-                           if line.startswith("VmRSS:"))  # fmt: skip
-            except (OSError, StopIteration):
-                break
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            with self.lock:
+                if not self._record():
+                    break
             time.sleep(self.interval)
 
 
@@ -185,6 +210,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and outputs [tmp].")
     parser.add_argument("--keep-covariances", action="store_true", help="convert's option: keep the store too")
     parser.add_argument("--two-passes", action="store_true", help="`calibrate`, then `decompose` from its store")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON lines file to append to [{RESULTS}]")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="big_layer-", dir=args.work))
     try:
@@ -223,8 +249,8 @@ def main() -> None:
             "output_gib": round(disk_use(work, ("out",)) / GIB, 2),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
         }  # fmt: skip
-        RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as file:
+        args.results.parent.mkdir(exist_ok=True)
+        with args.results.open("a") as file:
             file.write(json.dumps(result) + "\n")
         print(json.dumps(result, indent=2))
     finally:

@@ -26,3 +26,25 @@ def test_the_gpu_acceptance_script_runs_every_step_on_the_cpu(tmp_path):
     assert figures["onnx"]["provider"] == "CPUExecutionProvider" and figures["onnx"]["greedy_match"]
     assert figures["big_layer"]["peak_gib"] > 0 and len(record["rows"]) == 7
     assert record["command"] == "python bench/gpu_check.py --dry-run"
+
+
+def test_big_layer_measures_each_phase_against_its_plan(tmp_path):
+    """`bench/big_layer.py` on a tiny Llama, both ways: each phase's peak (the kernel's high-water mark, reset as
+    the phase starts) beside the plan the command printed."""
+    results = tmp_path / "big_layer.jsonl"
+    command = [sys.executable, "bench/big_layer.py", "--shape", "tiny", "--layers", "2", "--results", str(results)]
+    for extra in ([], ["--two-passes"]):
+        done = subprocess.run(
+            [*command, *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = map(json.loads, results.read_text().splitlines())
+    assert set(one["peak_rss_gib"]) == {"setup+capture", "calibration + decomposition", "writing"}
+    assert {"calibrate: calibration", "decompose: decomposition + writing"} <= set(two["peak_rss_gib"])
+    for run in (one, two):
+        assert {"capture", "calibration", "decomposition", "peak RAM"} <= set(run["plan_gib"])
+        assert all(peak > 0 for peak in run["peak_rss_gib"].values())
