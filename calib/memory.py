@@ -42,20 +42,6 @@ def _linear_input_widths(block: torch.nn.Module) -> list[list[int]]:
     return list(by_module.values())
 
 
-def shared_width(view: ModelView) -> int:
-    """The widest input that several linears read (by the module docstring's sharing rule), 0 if none."""
-    return max(
-        (
-            width
-            for block in view.blocks
-            for *shared, _ in _linear_input_widths(block)
-            for width in shared
-            if shared.count(width) > 1
-        ),
-        default=0,
-    )
-
-
 def input_widths(block: torch.nn.Module) -> list[int]:
     """Widths of a block's distinct linear inputs (see the module docstring for the sharing rule)."""
     widths = []
@@ -83,10 +69,10 @@ def _bytes(module: torch.nn.Module, dtype_size: int, skip: frozenset[int] = froz
 
 
 def _loading(view: ModelView, module: torch.nn.Module) -> int:
-    """While a tensor is read, the shard's pages of it are resident, and its stored copy too where it is cast to
-    the forward dtype."""
+    """While a tensor is cast to the forward dtype, its stored copy is resident too (measured: read in the
+    forward dtype, a tensor costs nothing beyond itself)."""
     largest = max((p.numel() for p in module.parameters()), default=0)
-    return (1 if view.stored_dtype == view.dtype else 2) * largest * view.stored_dtype.itemsize
+    return largest * view.stored_dtype.itemsize if view.stored_dtype != view.dtype else 0
 
 
 def _hidden_bytes(view: ModelView, spec: CalibrationSpec) -> int:

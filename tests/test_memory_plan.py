@@ -13,7 +13,7 @@ import corda_surgery.decomposition.solvers as solvers
 import corda_surgery.surgery.plan as memory_plan
 from corda_surgery.decomposition.decompose import BLOCKED_LABEL, FELL_BACK_LABEL, decompose_weight
 from corda_surgery.decomposition.kinds import Mode, Solver
-from corda_surgery.decomposition.memory import blocked_svd_workspace, svd_workspace
+from corda_surgery.decomposition.memory import WeightShape, blocked_svd_workspace, decomposition_memory, svd_workspace
 from corda_surgery.decomposition.solvers import MemoryShortfall, blocked_svd_pairs, kept_pairs
 from corda_surgery.surgery.resume import FinishedWork
 from tests.helpers import run_cli
@@ -25,7 +25,7 @@ import json, sys, torch
 import corda_surgery.decomposition.solvers as solvers
 from corda_surgery.decomposition.decompose import decompose_weight
 from corda_surgery.decomposition.kinds import Solver
-from corda_surgery.decomposition.memory import decomposition_memory, fallback_memory
+from corda_surgery.decomposition.memory import WeightShape, decomposition_memory, fallback_memory
 from corda_surgery.memory import release_large_frees_to_os
 
 def memory(field):
@@ -46,9 +46,9 @@ before = memory("VmRSS")
 weight = torch.randn(out_dim, in_dim, generator=generator)  # read by the run: part of the plan
 result = decompose_weight(weight, covariance, rank=16, mode="kpm", damping=0.01 if path == "gram" else 1e-6,
                           solver="gram")
-shapes = [(out_dim, in_dim)]
-svd, blocked = (sum(parts.values()) for parts in fallback_memory(shapes, 4, 0, Solver.GRAM))
-plan = {"gram": sum(decomposition_memory(shapes, 4, 0, Solver.GRAM).values()), "svd": svd, "blocked": blocked}
+shapes = [WeightShape(out_dim, in_dim)]
+svd, blocked = (sum(parts.values()) for parts in fallback_memory(shapes, 4, Solver.GRAM))
+plan = {"gram": sum(decomposition_memory(shapes, 4, Solver.GRAM).values()), "svd": svd, "blocked": blocked}
 print(json.dumps({"solver": result.solver_label, "used": memory("VmHWM") - before, "plan": plan[path]}))
 """
 
@@ -153,3 +153,23 @@ def test_a_run_whose_svd_fallbacks_do_not_fit_finishes_with_the_blocked_svd(tiny
     reference = logits(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), tokenizer)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter").eval()
     assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
+
+
+def test_the_plan_holds_a_shared_input_with_the_targets_of_its_module():
+    """q/k/v read one input: its damped covariance and factor are held while any target of their module is
+    decomposed (o_proj may come between them in stored order); down_proj reads alone, an expert's slices never
+    share."""
+    from corda_surgery.surgery.targets import Target, shapes
+
+    names = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (16, 64), "self_attn.v_proj": (16, 64),
+             "self_attn.o_proj": (64, 64), "mlp.down_proj": (64, 256)}  # fmt: skip
+    targets = [Target(f"model.layers.0.{name}", None, *shape) for name, shape in names.items()]
+    targets += [Target(f"model.layers.0.mlp.experts.down_proj[{e}]", None, 64, 128, parameter="x", expert=e)
+                for e in range(2)]  # fmt: skip
+    planned = dict(zip([t.name.split(".", 3)[-1] for t in targets], shapes(targets, True), strict=True))
+    assert planned["self_attn.q_proj"] == planned["self_attn.o_proj"] == WeightShape(64, 64, shared=64)
+    assert planned["mlp.down_proj"] == WeightShape(64, 256)
+    assert planned["mlp.experts.down_proj[1]"] == WeightShape(64, 128)
+    assert all(not s.covariance and not s.shared for s in shapes(targets, False))  # pissa, milora: no covariance
+    parts = decomposition_memory([planned["self_attn.q_proj"]], 4)
+    assert parts["shared input (damped + factor)"] == 2 * 64 * 64 * 8

@@ -7,7 +7,8 @@ is free (``fallback_workspace``): the SVD, or the blocked SVD, which holds neith
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from corda_surgery.decomposition.kinds import Solver
 
@@ -44,35 +45,52 @@ def solver_workspace(rows: int, columns: int, solver: Solver) -> int:
     return max(own, 2 * columns * min(columns, CHOLESKY_PANEL) * F64)
 
 
-def _parts(out_dim: int, in_dim: int, stored_size: int, workspace: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class WeightShape:
+    """A target as the plan sees it: its (out, in), whether it is decomposed with a covariance, and the widest
+    shared input (damped covariance and factor) of its module, held while it is decomposed (``shared`` wide, 0:
+    none). A reader of that input is counted with a covariance of its own too: the plan cannot tell the
+    module's readers from its output projection, and errs high by that covariance for them."""
+
+    out_dim: int
+    in_dim: int
+    shared: int = 0
+    covariance: bool = True
+
+
+def _parts(shape: WeightShape, stored_size: int, workspace: int) -> dict[str, int]:
     """Alive at the peak: the covariance (its Cholesky factor by then), W·C, the weight, and the larger of the
     product's two float64 row blocks (while W·C is formed) and the solver's ``workspace`` (while the pairs are
     found); the residual is formed after W·C and the factor are freed, from row blocks as well."""
+    out_dim, in_dim = shape.out_dim, shape.in_dim
     row_blocks = 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64
     return {
-        "covariance": in_dim * in_dim * F64,
+        "covariance": in_dim * in_dim * F64 if shape.covariance else 0,
         "W·C": out_dim * in_dim * F64,
         "solver": max(workspace, row_blocks),
         "weight": out_dim * in_dim * stored_size,
+        "shared input (damped + factor)": 2 * shape.shared * shape.shared * F64,
     }
 
 
-def _largest(shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int, workspace) -> dict[str, int]:
-    peak = max((_parts(o, i, stored_size, workspace(o, i)) for o, i in shapes), key=lambda p: sum(p.values()))
-    # A shared input's damped covariance and factor (``shared_width`` wide, 0: none) may be held meanwhile.
-    return peak | ({"shared input (damped + factor)": 2 * shared_width * shared_width * F64} if shared_width else {})
+Workspace = Callable[[int, int], int]
+
+
+def _largest(shapes: Sequence[WeightShape], stored_size: int, workspace: Workspace) -> dict[str, int]:
+    parts = (_parts(shape, stored_size, workspace(shape.out_dim, shape.in_dim)) for shape in shapes)
+    return max(parts, key=lambda p: sum(p.values()))
 
 
 def decomposition_memory(
-    shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int, solver: Solver = Solver.SUBSPACE
+    shapes: Sequence[WeightShape], stored_size: int, solver: Solver = Solver.SUBSPACE
 ) -> dict[str, int]:
-    """The decomposition's peak parts (bytes) on ``solver``'s own path for its most demanding weight (out, in) of
+    """The decomposition's peak parts (bytes) on ``solver``'s own path for its most demanding target of
     ``shapes``, stored ``stored_size`` bytes an element."""
-    return _largest(shapes, stored_size, shared_width, lambda o, i: solver_workspace(o, i, solver))
+    return _largest(shapes, stored_size, lambda o, i: solver_workspace(o, i, solver))
 
 
 def fallback_memory(
-    shapes: Sequence[tuple[int, int]], stored_size: int, shared_width: int, solver: Solver
+    shapes: Sequence[WeightShape], stored_size: int, solver: Solver
 ) -> tuple[dict[str, int], dict[str, int]] | None:
     """The peak parts where the most demanding weight falls back from the Gram route: with the SVD, and with the
     blocked SVD taken where the SVD does not fit (the SVD where that is smaller); None for the SVD solver (it has
@@ -87,6 +105,4 @@ def fallback_memory(
         smaller = min(svd_workspace(out_dim, in_dim), blocked_svd_workspace(out_dim, in_dim))
         return max(smaller, solver_workspace(out_dim, in_dim, solver))
 
-    return _largest(shapes, stored_size, shared_width, with_svd), _largest(
-        shapes, stored_size, shared_width, with_smaller
-    )
+    return _largest(shapes, stored_size, with_svd), _largest(shapes, stored_size, with_smaller)

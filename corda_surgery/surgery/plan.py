@@ -27,11 +27,10 @@ from corda_surgery.calib.memory import (
     calibration_disk,
     calibration_memory,
     capture_memory,
-    shared_width,
 )
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
-from corda_surgery.decomposition.memory import decomposition_memory, fallback_memory
+from corda_surgery.decomposition.memory import WeightShape, decomposition_memory, fallback_memory
 from corda_surgery.distributed import local_world
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.paths import resolved
@@ -177,16 +176,15 @@ def _largest_fused(view: ModelView) -> int:
 
 
 def _plan_decomposition(
-    plan: MemoryPlan, view: ModelView, options: SurgeryOptions, targets: Sequence[tuple[int, int]], one_pass: bool
+    plan: MemoryPlan, view: ModelView, options: SurgeryOptions, targets: Sequence[WeightShape], one_pass: bool
 ) -> None:
     """The decomposition's phase on the solver's own path, and its fallbacks' peaks beside it."""
-    width = shared_width(view) if options.method.uses_covariance else 0
     stored_size, solver = view.stored_dtype.itemsize, options.decomposition.solver
     held = {"fused experts": 3 * _largest_fused(view)}  # weight, residual, pieces
     if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
         held["hidden states"] = plan.phases["calibration"]["hidden states"]
-    plan.phases["decomposition"] = decomposition_memory(list(targets), stored_size, width, solver) | held
-    fallbacks = fallback_memory(list(targets), stored_size, width, solver)
+    plan.phases["decomposition"] = decomposition_memory(targets, stored_size, solver) | held
+    fallbacks = fallback_memory(targets, stored_size, solver)
     if fallbacks is not None:
         svd, blocked = (sum(parts.values()) + sum(held.values()) for parts in fallbacks)
         if svd > plan.peak("decomposition"):
@@ -200,7 +198,7 @@ def plan_run(
     *,
     spec: CalibrationSpec | None = None,
     options: SurgeryOptions | None = None,
-    targets: Sequence[tuple[int, int]] = (),
+    targets: Sequence[WeightShape] = (),
     activation_budget: int | None = None,
     one_pass: bool = False,
     keep_store: bool = True,
@@ -227,7 +225,10 @@ def plan_run(
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )
-        adapter = sum((o + i) * options.rank for o, i in targets) * options.decomposition.torch_factor_dtype.itemsize
+        adapter = (
+            sum((t.out_dim + t.in_dim) * options.rank for t in targets)
+            * options.decomposition.torch_factor_dtype.itemsize
+        )
         plan.disk["adapter"] = adapter
         if options.mode is not None:  # each decomposition's factors, saved for resume until the output is published
             plan.disk["finished work"] = adapter

@@ -222,7 +222,7 @@ def estimate_run(
         Path(out),
         spec=spec,
         options=options,
-        targets=shapes(targets),
+        targets=shapes(targets, options is not None and options.method.uses_covariance),
         one_pass=one_pass,
         keep_store=keep_covariances or options is None,  # `calibrate` writes its store
     )

@@ -4,12 +4,14 @@ options, the budgets and the stores before any weight is read, so a mistake cost
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from corda_surgery.calib.store import Covariances, StoreError
 from corda_surgery.checkpoint.experts import slice_name
 from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.decomposition.memory import WeightShape
 from corda_surgery.errors import CordaSurgeryError, OptionsError
 from corda_surgery.export.peft_adapter import peft_retargeted
 from corda_surgery.surgery.options import ALL_LINEAR, Method, SurgeryOptions
@@ -244,5 +246,16 @@ def check_stores(stores: Sequence[Covariances], targets: list[Target]) -> None:
                 )
 
 
-def shapes(targets: list[Target]) -> list[tuple[int, int]]:
-    return [(t.out_dim, t.in_dim) for t in targets]
+def shapes(targets: list[Target], uses_covariance: bool) -> list[WeightShape]:
+    """The targets as the memory plan sees them. Which linears share an input is only observed while
+    calibrating; the plan takes the targets of one module with one input width to share it (q/k/v, gate/up; an
+    expert's slices never do), and its damped covariance and factor to be held while any target of that module
+    is decomposed (o_proj may come between k_proj and q_proj in stored order)."""
+    if not uses_covariance:
+        return [WeightShape(t.out_dim, t.in_dim, covariance=False) for t in targets]
+    readers = Counter((t.name.rpartition(".")[0], t.in_dim) for t in targets if not t.is_expert)
+    shared: dict[str, int] = {}
+    for (module, width), count in readers.items():
+        if count > 1:
+            shared[module] = max(shared.get(module, 0), width)
+    return [WeightShape(t.out_dim, t.in_dim, shared.get(t.name.rpartition(".")[0], 0)) for t in targets]

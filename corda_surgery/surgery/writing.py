@@ -49,7 +49,12 @@ def write_output(
     if _finished_before(out, run, resume and not overwrite, ranks):
         return
     if plan:
-        announce(plan_run(view, compute, out, options=options, targets=shapes(chosen.targets)), progress)
+        announce(
+            plan_run(
+                view, compute, out, options=options, targets=shapes(chosen.targets, options.method.uses_covariance)
+            ),
+            progress,
+        )
     made: list[Callable[[BaseException], None]] = []
     finished = None
     if ranks.writer:
