@@ -12,6 +12,7 @@ decompositions happen there). The plan the command prints first is parsed and se
 
     python bench/big_layer.py --shape 8b --layers 1
     python bench/big_layer.py --shape 70b --layers 2 --targets down_proj [--keep-covariances | --two-passes]
+    python bench/big_layer.py --readme      # the README's main command itself: the plan against its peaks
 
 Each run appends one JSON line to bench/results/big_layer.jsonl.
 """
@@ -202,6 +203,31 @@ def sampled(command: list[str], marks: tuple, work: Path, names: tuple[str, ...]
             "disk": disk_peak[0]}  # fmt: skip
 
 
+def record(args: argparse.Namespace, runs: list[dict], work: Path) -> dict:
+    """One JSON line: each phase's time and peak, the plan the command printed, disk and output sizes."""
+    if args.two_passes:
+        plan = runs[0]["plan"] | runs[1]["plan"]
+        plan["peak RAM"] = max(run["plan"].get("peak RAM", 0) for run in runs)
+        plan["disk"] = sum(run["plan"].get("disk", 0) for run in runs)  # the store stays beside the output
+    else:
+        plan = runs[0]["plan"]
+    peaks = {k: v for run in runs for k, v in run["peaks"].items()}
+    peak = max(peaks.values())
+    return {
+        "shape": "smollm2" if args.readme else args.shape, "layers": 30 if args.readme else args.layers,
+        "targets": "README command" if args.readme else args.targets,
+        "wall_s": round(sum(run["wall"] for run in runs), 1),
+        "phase_s": {k: round(v, 1) for run in runs for k, v in run["times"].items()},
+        "peak_rss_gib": {k: round(v / GIB, 2) for k, v in peaks.items()},
+        "peak_gib": round(peak / GIB, 2), "plan_gib": plan,
+        "plan_error": round(plan["peak RAM"] / (peak / GIB) - 1, 3) if "peak RAM" in plan else None,
+        "passes": len(runs) if args.two_passes else 1, "keep_covariances": args.keep_covariances or args.two_passes,
+        "peak_disk_gib": round(max(run["disk"] for run in runs) / GIB, 2),
+        "output_gib": round(disk_use(work, ("out",)) / GIB, 2),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="70b")
@@ -210,17 +236,24 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and outputs [tmp].")
     parser.add_argument("--keep-covariances", action="store_true", help="convert's option: keep the store too")
     parser.add_argument("--two-passes", action="store_true", help="`calibrate`, then `decompose` from its store")
+    parser.add_argument("--readme", action="store_true", help="the README's main command itself (one pass)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON lines file to append to [{RESULTS}]")
     args = parser.parse_args()
+    if args.readme and args.two_passes:
+        parser.error("--readme runs the README's command: one pass")
     work = Path(tempfile.mkdtemp(prefix="big_layer-", dir=args.work))
     try:
-        model = build_checkpoint(work / "model", args.shape, args.layers)
-        text = work / "wikitext2.txt"
-        shutil.copyfile(DATA, text)
         tool = str(Path(sys.executable).with_name("corda-surgery"))
-        calibration = ["--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4"]
-        surgery = ["--rank", "16", "--mode", "kpm", "--targets", args.targets]
         names = ("out", "cov.h5")
+        if args.readme:  # the embedded SmolLM2 and its default calibration, exactly as the README says
+            command = [tool, "convert", "--out", str(work / "out")]
+        else:
+            model = build_checkpoint(work / "model", args.shape, args.layers)
+            text = work / "wikitext2.txt"
+            shutil.copyfile(DATA, text)
+            calibration = ["--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4"]
+            surgery = ["--rank", "16", "--mode", "kpm", "--targets", args.targets]
+            command = [tool, "convert", str(model), *calibration, *surgery, "--out", str(work / "out")]
         if args.two_passes:
             runs = [
                 sampled([tool, "calibrate", str(model), *calibration, "--out", str(work / "cov.h5")], CALIBRATE,
@@ -228,27 +261,9 @@ def main() -> None:
                 sampled([tool, "decompose", str(model), "--covariances", str(work / "cov.h5"), *surgery, "--out",
                          str(work / "out")], DECOMPOSE, work, names, "decompose: "),
             ]  # fmt: skip
-            plan = runs[0]["plan"] | runs[1]["plan"]
-            plan["peak RAM"] = max(run["plan"].get("peak RAM", 0) for run in runs)
-            plan["disk"] = sum(run["plan"].get("disk", 0) for run in runs)  # the store stays beside the output
         else:
-            command = [tool, "convert", str(model), *calibration, *surgery, "--out", str(work / "out")]
             runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), ONE_PASS, work, names)]
-            plan = runs[0]["plan"]
-        peaks = {k: v for run in runs for k, v in run["peaks"].items()}
-        peak = max(peaks.values())
-        result = {
-            "shape": args.shape, "layers": args.layers, "targets": args.targets,
-            "wall_s": round(sum(run["wall"] for run in runs), 1),
-            "phase_s": {k: round(v, 1) for run in runs for k, v in run["times"].items()},
-            "peak_rss_gib": {k: round(v / GIB, 2) for k, v in peaks.items()},
-            "peak_gib": round(peak / GIB, 2), "plan_gib": plan,
-            "plan_error": round(plan["peak RAM"] / (peak / GIB) - 1, 3) if "peak RAM" in plan else None,
-            "passes": len(runs) if args.two_passes else 1, "keep_covariances": args.keep_covariances or args.two_passes,
-            "peak_disk_gib": round(max(run["disk"] for run in runs) / GIB, 2),
-            "output_gib": round(disk_use(work, ("out",)) / GIB, 2),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-        }  # fmt: skip
+        result = record(args, runs, work)
         args.results.parent.mkdir(exist_ok=True)
         with args.results.open("a") as file:
             file.write(json.dumps(result) + "\n")
