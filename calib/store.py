@@ -283,7 +283,6 @@ class CovarianceStore:
             check_contained(self.file, self.path)
             self.fingerprint = str(attrs["model_fingerprint"])
             self.calibration = json.loads(attrs["calibration"])
-            self.below_damping_level = float(attrs["below_damping_level"]) if "below_damping_level" in attrs else None
             self.packed = int(attrs["format_version"]) >= 3
             self.normalised = self.packed and self.calibration.get("store_dtype", "float64") == "float32"
             self.counted = counted_level(attrs)

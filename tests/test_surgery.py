@@ -123,7 +123,7 @@ def test_eigenvalues_below_the_damping_are_counted_and_kpm_warns(tiny_llama, tmp
     store = calibrate(tiny_llama, CalibrationSpec("gsm8k", samples=2, seq_len=12, batch_size=2), tmp_path / "few.h5",
                       progress=False)  # fmt: skip
     with CovarianceStore(store) as opened:
-        assert opened.below_damping_level == 0.01
+        assert opened.counted is not None and opened.counted.damping == 0.01
         for name, entry in opened.entries.items():
             c = opened.covariance(name).numpy()
             expected = int((np.linalg.eigvalsh(c) < 0.01 * np.diag(c).mean()).sum())

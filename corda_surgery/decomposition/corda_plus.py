@@ -1,7 +1,7 @@
 """CorDA++ (arXiv 2506.13187): compactness metric, dynamic covariance selection, dynamic rank allocation.
 
 The metric follows the project's design, not necessarily the paper's exact equations; it is one small
-function in METRICS, so another form can replace it.
+function (``energy_compactness``, a ``Metric``), so another form can replace it.
 
 With σ₁ ≥ … ≥ σ_R the singular values of W·C_damped and E(k) = Σ_{i≤k} σᵢ² / Σ σᵢ²:
 - IPM at rank r: compactness = E(r), the share of context-weighted energy the trainable components hold;
@@ -57,7 +57,6 @@ def energy_compactness(spectrum: torch.Tensor, rank: int, mode: Mode) -> float:
 
 
 Metric = Callable[[torch.Tensor, int, Mode], float]
-METRICS: dict[str, Metric] = {"energy": energy_compactness}
 
 
 def select_candidate(spectra: list[torch.Tensor], rank: int, mode: Mode, metric: Metric = energy_compactness) -> int:
