@@ -107,9 +107,8 @@ def test_fallback_takes_the_svd_that_fits_or_fails_that_target(monkeypatch):
 
 
 def test_a_fallback_short_of_memory_keeps_the_finished_work(tmp_path):
-    work = FinishedWork(tmp_path / ".out.resume", {"run": 1})
-    work.created, work.done = True, 2
-    work.folder.mkdir()
+    work = FinishedWork(tmp_path / "out", {"run": 1}, resume=False)
+    work.done["layers.2.mlp.up_proj"] = work.folder / "layer-000000.json"  # one decomposition finished
     work.discard(MemoryShortfall("layers.3.mlp.up_proj: …"))
     assert work.folder.is_dir()
     work.discard(ValueError("a bug"))
