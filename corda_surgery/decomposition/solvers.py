@@ -159,7 +159,7 @@ def _cut(n: int, rank: int, mode: Mode) -> slice:
 def blocked_svd_pairs(matrix: torch.Tensor, rank: int, mode: Mode) -> KeptPairs:
     """The kept pairs of a tall float64 ``matrix`` (m × n) from the SVD of its R factor, which has its singular
     values and right vectors: R is formed by Householder QRs of itself stacked on the next n rows, so the peak
-    is about 9 n² (``blocked_svd_workspace``) instead of the SVD's copy of the matrix, U and Vᵀ (3 m·n + 5 n²).
+    is about 9 n² (``blocked_svd_workspace``) instead of the SVD's copy of the matrix, U and Vᵀ (3 m·n + 3.5 n²).
     The left vectors follow as u = M·v / σ, as on the Gram route, and to the same accuracy as the SVD's Vᵀ."""
     rows, n = matrix.shape
     r = matrix.new_zeros(0, n)
