@@ -2,7 +2,7 @@
 
 The plan counts the path a run takes (the solver it asked for); the SVD a Gram route falls back to where it
 cannot resolve a cut is a rarer path, planned apart (``fallback_memory``) and chosen at run time to fit what
-is free (``fallback_workspace``): the SVD, or the blocked SVD, which holds neither a copy of W·C nor U.
+is free (``solvers._fallback``): the SVD, or the blocked SVD, which holds neither a copy of W·C nor U.
 """
 
 from __future__ import annotations

@@ -76,15 +76,16 @@ def _fallback(matrix: torch.Tensor, rank: int, mode: Mode) -> KeptPairs:
     """The SVD where the Gram route cannot resolve the cut: LAPACK's where its workspace fits the free memory
     (on a GPU, where it is tried and a failure moves the work to the CPU), else the blocked one, else a
     MemoryShortfall with the arithmetic."""
-    if matrix.device.type != "cpu" or svd_workspace(*matrix.shape) <= (free := available_host_memory()):
+    svd, blocked = svd_workspace(*matrix.shape), blocked_svd_workspace(*matrix.shape)
+    if matrix.device.type != "cpu" or svd <= (free := available_host_memory()):
         return _svd_pairs(matrix, rank, mode, fell_back=True)
-    if blocked_svd_workspace(*matrix.shape) <= free:
+    if blocked <= free:
         return blocked_svd_pairs(matrix, rank, mode)
     gib = 1 << 30
     raise MemoryShortfall(
-        f"the Gram route cannot resolve this {mode.value.upper()} cut, and its SVD needs "
-        f"{svd_workspace(*matrix.shape) / gib:.2f} GiB (blocked: {blocked_svd_workspace(*matrix.shape) / gib:.2f}) "
-        f"besides W·C while {free / gib:.2f} GiB are free; free memory and resume, or leave it out with `targets`"
+        f"the Gram route cannot resolve this {mode.value.upper()} cut, and its SVD needs {svd / gib:.2f} GiB "
+        f"(blocked: {blocked / gib:.2f}) besides W·C while {free / gib:.2f} GiB are free; free memory and resume, "
+        "or leave it out with `targets`"
     )
 
 
