@@ -13,6 +13,7 @@ from corda_surgery import __version__
 from corda_surgery.calib.packing import packed_width
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
+from corda_surgery.panels import Covariance, SymmetricPanels
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
@@ -93,15 +94,16 @@ def check_contained(handle: h5py.File, path: Path) -> None:
             raise StoreError(f"{path}: covariance {name} {reason}; refused before reading its data")
 
 
-def check_covariance(data: torch.Tensor, what: str, *, symmetric: bool = False) -> None:
+def check_covariance(data: Covariance, what: str, *, symmetric: bool = False) -> None:
     """Finite, symmetric within SYMMETRY_TOLERANCE of its largest entry (``symmetric``: known, as unpacked from a
-    triangle), non-negative diagonal. Reductions over the whole matrix and mirrored pairs of SYMMETRY_TILE-wide
-    tiles (both fit in cache), so no temporary approaches the covariance's size."""
-    if not all_finite(data):
+    triangle; always for ``SymmetricPanels``), non-negative diagonal. Reductions over the whole matrix and
+    mirrored pairs of SYMMETRY_TILE-wide tiles (both fit in cache), so no temporary approaches the covariance's
+    size."""
+    if not (data.all_finite() if isinstance(data, SymmetricPanels) else all_finite(data)):
         raise StoreError(f"{what} contains NaN or Inf")
     if bool((data.diagonal() < 0).any()):
         raise StoreError(f"{what} has negative entries on its diagonal")
-    if symmetric:
+    if symmetric or isinstance(data, SymmetricPanels):
         return
     low, high = torch.aminmax(data)
     scale, asymmetry, width = max(-float(low), float(high)), 0.0, data.shape[0]

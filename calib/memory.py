@@ -23,6 +23,7 @@ from corda_surgery.calib.packing import packed_length
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.view import ModelView, is_linear
 from corda_surgery.numerics import symmetric_tiles
+from corda_surgery.panels import panels_bytes
 
 F32, F64 = 4, 8
 
@@ -93,10 +94,15 @@ def capture_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[
     }
 
 
-def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
-    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget.
-    The block is loaded before its sums and forward temporaries exist: the loading's transients count where they
-    are more."""
+def _sum_bytes(width: int, packed: bool) -> int:
+    """A float64 sum: the square, or its upper triangle (``panels.SymmetricPanels``)."""
+    return panels_bytes(width) if packed else width * width * F64
+
+
+def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int, packed: bool = False) -> dict[str, int]:
+    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget
+    and the sums ``packed`` or square. The block is loaded before its sums and forward temporaries exist: the
+    loading's transients count where they are more."""
     size = view.dtype.itemsize
     config = view.config.get_text_config()
     hidden = int(config.hidden_size)
@@ -108,7 +114,8 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> d
     widest = max(widths)
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
     product_tile = max((r.stop - r.start) * (c.stop - c.start) for r, c in symmetric_tiles(widest))  # XᵀX tile
-    sums = sum(w * w * F64 for w in widths) * spec.rounds + (widest * widest * F64 if spec.rounds > 1 else 0)
+    sums = sum(_sum_bytes(w, packed) for w in widths) * spec.rounds
+    sums += _sum_bytes(widest, packed) if spec.rounds > 1 else 0
     forward = (
         batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
         + batch * heads * spec.seq_len**2 * F32  # attention scores

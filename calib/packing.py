@@ -9,11 +9,13 @@ matrix's size.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import h5py
 import numpy as np
 import torch
+
+from corda_surgery.panels import Covariance, SymmetricPanels
 
 SEGMENT_ELEMENTS = 1 << 22  # 32 MB of float64 read or written at a time
 MIRROR_TILE = 512  # the lower triangle is filled from the upper this many rows at a time
@@ -41,30 +43,46 @@ def _segments(width: int) -> Iterator[tuple[int, int, int, int]]:
         row, start = end, stop
 
 
+def _upper_row(matrix: Covariance, index: int) -> torch.Tensor:
+    return matrix.row(index) if isinstance(matrix, SymmetricPanels) else matrix[index, index:]
+
+
 def write_packed(
-    group: h5py.Group, name: str, matrix: torch.Tensor, dtype: type[np.floating], divisor: float | None = None
+    group: h5py.Group, name: str, matrix: Covariance, dtype: type[np.floating], divisor: float | None = None
 ) -> h5py.Dataset:
     """``matrix``'s upper triangle (divided by ``divisor``, a segment at a time) as the 1-D dataset ``name`` of
-    ``dtype``."""
+    ``dtype``; a square and its ``SymmetricPanels`` write the same bytes."""
     width = matrix.shape[0]
     dataset = group.create_dataset(name, shape=(packed_length(width),), dtype=dtype)
     for row, end, start, stop in _segments(width):
-        segment = np.concatenate([matrix[i, i:].numpy() for i in range(row, end)])
+        segment = np.concatenate([_upper_row(matrix, i).numpy() for i in range(row, end)])
         if divisor is not None:
             segment = segment / divisor
         dataset[start:stop] = segment.astype(dtype, copy=False)
     return dataset
 
 
-def read_packed(dataset: h5py.Dataset, width: int) -> torch.Tensor:
-    """The full symmetric float64 matrix a packed dataset holds."""
-    full = torch.empty(width, width, dtype=torch.float64)
+def _read_rows(dataset: h5py.Dataset, width: int, row_of: Callable[[int], torch.Tensor]) -> None:
+    """Each upper-triangle row of a packed dataset into ``row_of(i)`` (a view of where row i goes)."""
     for row, end, start, stop in _segments(width):
         segment = torch.from_numpy(np.asarray(dataset[start:stop], dtype=np.float64))
         offset = 0
         for i in range(row, end):
-            full[i, i:] = segment[offset : offset + width - i]
+            row_of(i).copy_(segment[offset : offset + width - i])
             offset += width - i
+
+
+def read_packed_panels(dataset: h5py.Dataset, width: int) -> SymmetricPanels:
+    """The upper triangle a packed dataset holds, as float64 panels (half the memory of ``read_packed``)."""
+    panels = SymmetricPanels.zeros(width)
+    _read_rows(dataset, width, panels.row)
+    return panels
+
+
+def read_packed(dataset: h5py.Dataset, width: int) -> torch.Tensor:
+    """The full symmetric float64 matrix a packed dataset holds."""
+    full = torch.empty(width, width, dtype=torch.float64)
+    _read_rows(dataset, width, lambda i: full[i, i:])
     for start in range(0, width, MIRROR_TILE):
         end = min(start + MIRROR_TILE, width)
         block = full[start:end, start:end]

@@ -14,8 +14,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from corda_surgery.calib.store import (
     CountedLevel,
     CovarianceEntry,
@@ -27,11 +25,12 @@ from corda_surgery.calib.store import (
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.distributed import Ranks
 from corda_surgery.outputs import claimed, refuse_existing
+from corda_surgery.panels import Covariance
 from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 
-Entries = Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]
+Entries = Iterable[tuple[CovarianceEntry, list[Covariance]]]
 
 
 class CovarianceSink(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +28,8 @@ from corda_surgery.calib.checks import (
     check_covariance,
     check_format,
 )
-from corda_surgery.calib.packing import packed_width, read_packed, write_packed
+from corda_surgery.calib.packing import packed_width, read_packed, read_packed_panels, write_packed
+from corda_surgery.panels import Covariance, total_of
 
 # 2: the model fingerprint covers every tensor (headers + a strided sample of each tensor's bytes).
 # 3: each covariance packed (its upper triangle), float64 sums or float32 normalised covariances.
@@ -57,16 +58,6 @@ class CovarianceEntry:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
-
-
-def round_total(round_sums: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sum over the sampling rounds, as the store holds it (the one sum itself when there is one round)."""
-    if len(round_sums) == 1:
-        return round_sums[0]
-    total = round_sums[0].clone()
-    for round_sum in round_sums[1:]:
-        total.add_(round_sum)
-    return total
 
 
 @dataclass(frozen=True)
@@ -109,6 +100,8 @@ class Covariances(Protocol):
     def dimension(self, linear: str) -> int: ...
 
     def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor: ...
+
+    def triangle(self, linear: str, round_index: int | None = None) -> Covariance: ...
 
 
 def entry_of(store: Covariances, linear: str) -> CovarianceEntry:
@@ -209,7 +202,7 @@ class StoreWriter:
     def layers_done(self) -> int:
         return int(self.file.attrs["layers_done"])
 
-    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
+    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[Covariance]]]) -> None:
         """Write every input of one layer (its sum, each round's when there are several, and the entry's
         attributes), then mark the layer done and flush; a write that fails (a full disk) names the file."""
         try:
@@ -217,9 +210,9 @@ class StoreWriter:
         except OSError as exc:
             raise StoreError(f"{self.partial}: cannot write layer {layer} ({exc.strerror or exc})") from exc
 
-    def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
+    def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[Covariance]]]) -> None:
         for entry, round_sums in entries:
-            data = self._write_sum(entry.name, round_total(round_sums), entry.count)
+            data = self._write_sum(entry.name, total_of(round_sums), entry.count)
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count
@@ -233,7 +226,7 @@ class StoreWriter:
         self.file.attrs["layers_done"] = layer + 1
         self.file.flush()
 
-    def _write_sum(self, name: str, total: torch.Tensor, count: int) -> h5py.Dataset:
+    def _write_sum(self, name: str, total: Covariance, count: int) -> h5py.Dataset:
         """The raw float64 sum, or in float32 the normalised covariance (a sum's large values would cost it
         digits there), packed."""
         if self.storage_dtype == "float64":
@@ -349,6 +342,15 @@ class CovarianceStore:
         """The normalised float64 covariance (sum / count) of the input ``linear`` reads, or of one round;
         refused unless finite, symmetric (within SYMMETRY_TOLERANCE of its largest entry) and non-negative
         on the diagonal."""
+        data = self._read(linear, round_index, panels=False)
+        assert isinstance(data, torch.Tensor)
+        return data
+
+    def triangle(self, linear: str, round_index: int | None = None) -> Covariance:
+        """``covariance`` as its upper triangle (``SymmetricPanels``: half the memory) where the store is packed."""
+        return self._read(linear, round_index, panels=True)
+
+    def _read(self, linear: str, round_index: int | None, *, panels: bool) -> Covariance:
         entry = self._entry(linear)
         name, count = entry.name, entry.count
         if round_index is not None:
@@ -359,8 +361,10 @@ class CovarianceStore:
             raise StoreError(f"{self.path}: covariance {name} saw no tokens")
         try:
             dataset = self.file[name]
+            data: Covariance
             if self.packed:
-                data = read_packed(dataset, packed_width(dataset.shape[0]) or 0)
+                width = packed_width(dataset.shape[0]) or 0
+                data = read_packed_panels(dataset, width) if panels else read_packed(dataset, width)
             else:
                 data = torch.from_numpy(np.asarray(dataset[()], dtype=np.float64))
         except (OSError, KeyError, ValueError, RuntimeError) as exc:

@@ -26,7 +26,7 @@ from corda_surgery.calib.accumulate import Accumulator, InputGroups, expert_slic
 from corda_surgery.calib.activations import Activations, rank_activation_budget
 from corda_surgery.calib.data import CalibrationSpec, TokenBatch, check_source, token_batches
 from corda_surgery.calib.sink import CovarianceSink, RankOutput, rank_output
-from corda_surgery.calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry, round_total
+from corda_surgery.calib.store import LEGACY_COUNT_RULE, CountedLevel, CovarianceEntry
 from corda_surgery.checkpoint.reader import CheckpointError
 from corda_surgery.checkpoint.view import REMOTE_CODE_REFUSED, ModelView, UnsupportedArchitecture
 from corda_surgery.compute import DEFAULT_COMPUTE, ComputeOptions
@@ -43,6 +43,7 @@ from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
 from corda_surgery.outputs import STAGING_MARK
+from corda_surgery.panels import Covariance, tensors, total_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class BelowDamping:
     Inputs wider than ``max_width`` and experts' slices (hundreds per layer) are never counted."""
 
     level: float
-    count: Callable[[torch.Tensor], int | None]
+    count: Callable[[Covariance], int | None]
     rule: str = LEGACY_COUNT_RULE
     max_width: int | None = None  # None: every width
 
@@ -123,9 +124,11 @@ def stream_covariances(
     progress: bool = True,
     ranks: Ranks = ALONE,
     below_damping: BelowDamping | None = None,
+    packed: bool = False,
 ) -> None:
     """Run every block over this rank's batches and hand each block's input covariances to ``sink``, skipping
-    the ``layers_done`` it already holds (their forward still runs; None: the sink's own count).
+    the ``layers_done`` it already holds (their forward still runs; None: the sink's own count). ``packed``: the
+    sums are summed as upper triangles (``SymmetricPanels``), the same bits in half the memory.
 
     ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
@@ -142,7 +145,7 @@ def stream_covariances(
     halfway = halfway if below_damping is not None and len(batches) > 1 else -1
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
-        groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device))
+        groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device, packed=packed))
         handles = _hook(view, index, block, groups) if index >= layers_done else []
         halves: dict[str, tuple[int | None, int]] = {}
         counting = below_damping if handles else None  # a block already stored is not counted again
@@ -195,8 +198,8 @@ def _reduce_over_ranks(groups: InputGroups, ranks: Ranks, prefix: str) -> None:
             groups.accumulators[leader] = groups.make(width)
             groups.leader_of.update(dict.fromkeys(members, leader))
         accumulator = groups.accumulators[leader]
-        for total in accumulator.sums:
-            all_reduce_sum(total, ranks, f"{prefix}.{leader}: summing covariances")
+        for part in (part for total in accumulator.sums for part in tensors(total)):
+            all_reduce_sum(part, ranks, f"{prefix}.{leader}: summing covariances")
         counts = torch.tensor(accumulator.counts, dtype=torch.int64, device=accumulator.sums[0].device)
         all_reduce_sum(counts, ranks, f"{prefix}.{leader}: summing token counts")
         accumulator.counts = counts.tolist()
@@ -219,7 +222,7 @@ def _count_so_far(
         widths.update(seen_elsewhere)
     counted: dict[str, tuple[int | None, int]] = {}
     for leader in sorted(widths):
-        total, seen = _sum_so_far(groups.accumulators.get(leader), widths[leader], view.device, ranks)
+        total, seen = _sum_so_far(groups.accumulators.get(leader), groups.make, widths[leader], ranks)
         if ranks.writer and seen > 0:  # counted in host memory, as the whole sums are (a GPU's sum copied)
             counted[leader] = (below_damping.count(total.cpu()), seen)
         del total
@@ -227,20 +230,20 @@ def _count_so_far(
 
 
 def _sum_so_far(
-    accumulator: Accumulator | None, width: int, device: torch.device, ranks: Ranks
-) -> tuple[torch.Tensor, int]:
+    accumulator: Accumulator | None, make: Callable[[int], Accumulator], width: int, ranks: Ranks
+) -> tuple[Covariance, int]:
     """An input's sum so far and its count, summed over the ranks (the accumulator's own sum, not a copy, for
-    one process and one round)."""
+    one process and one round); a rank that never saw the input adds zeros of the same form (``make``)."""
     if accumulator is None:
-        total, seen = torch.zeros(width, width, dtype=torch.float64, device=device), 0
-    else:
-        total, seen = accumulator.so_far(), sum(accumulator.counts)
+        accumulator = make(width)
+    total, seen = accumulator.so_far(), sum(accumulator.counts)
     if ranks.world == 1:
         return total, seen
-    if accumulator is not None and total is accumulator.sums[0]:
+    if total is accumulator.sums[0]:
         total = total.clone()  # the running sum goes on
     counts = torch.tensor([seen], dtype=torch.int64, device=total.device)
-    all_reduce_sum(total, ranks, "summing the first half's covariances")
+    for part in tensors(total):
+        all_reduce_sum(part, ranks, "summing the first half's covariances")
     all_reduce_sum(counts, ranks, "summing the first half's token counts")
     return total, int(counts)
 
@@ -252,7 +255,7 @@ def _entries(
     rounds: int,
     below_damping: BelowDamping | None,
     halves: dict[str, tuple[int | None, int]],
-) -> Iterator[tuple[CovarianceEntry, list[torch.Tensor]]]:
+) -> Iterator[tuple[CovarianceEntry, list[Covariance]]]:
     """Block ``index``'s inputs with their sums (one per round) and counts (``halves``: those midway), made when
     the sink first asks for them (a discarding sink never does) and all checked before the first is handed
     over."""
@@ -265,11 +268,11 @@ def _entries(
     for leader, accumulator in groups.accumulators.items():
         name = f"{prefix}.{leader}"
         sums = accumulator.totals()
-        if not all(all_finite(s) for s in sums):
+        if not all(all_finite(part) for s in sums for part in tensors(s)):
             raise CalibrationError(f"{name}: input activations contain NaN or Inf")
         below = None
         if below_damping is not None and leader not in uncounted:
-            below = below_damping.count(round_total(sums))
+            below = below_damping.count(total_of(sums))
         below_half, half_count = halves.get(leader, (None, None)) if below is not None else (None, None)
         entry = CovarianceEntry(
             name=name,
@@ -341,6 +344,7 @@ def calibrate(
                 progress=progress,
                 ranks=ranks,
                 below_damping=below_damping,
+                packed=compute.packed,
             )
             sink.finish()
         except DistributedError:

@@ -27,6 +27,7 @@ from corda_surgery.calib.store import (
     entry_of,
     partial_path,
 )
+from corda_surgery.panels import Covariance
 
 
 class StreamedCovariances:
@@ -54,7 +55,7 @@ class StreamedCovariances:
         self.by_linear.update(dict.fromkeys(entry.linears, entry))
         self._widths[entry.name] = width
 
-    def spill(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[torch.Tensor]]]) -> None:
+    def spill(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[Covariance]]]) -> None:
         """Block ``layer``'s inputs with their sums (one per sampling round): their entries kept, the sums written
         to the one-block store and read from there until ``release``."""
         self.release()
@@ -67,7 +68,7 @@ class StreamedCovariances:
             counted=self.counted,
         )
 
-        def described() -> Iterator[tuple[CovarianceEntry, list[torch.Tensor]]]:
+        def described() -> Iterator[tuple[CovarianceEntry, list[Covariance]]]:
             for entry, round_sums in entries:
                 self.add(entry, round_sums[0].shape[0])
                 yield entry, round_sums
@@ -105,12 +106,18 @@ class StreamedCovariances:
 
     def covariance(self, linear: str, round_index: int | None = None) -> torch.Tensor:
         """The covariance as the one-block store reads it; only the block being decomposed has one."""
+        return self._held(linear).covariance(linear, round_index)
+
+    def triangle(self, linear: str, round_index: int | None = None) -> Covariance:
+        return self._held(linear).triangle(linear, round_index)
+
+    def _held(self, linear: str) -> CovarianceStore:
         entry = self._entry(linear)
         if self._block is None or linear not in self._block.by_linear:
             raise StoreError(
                 f"{self.path}: the covariance of {entry.name} is not held (one pass keeps only its block's)"
             )
-        return self._block.covariance(linear, round_index)
+        return self._block
 
     def __getstate__(self) -> dict[str, Any]:
         """Sent to the other ranks without the block being decomposed (an open file)."""

@@ -112,6 +112,12 @@ device_option = click.option(
     help="Where blocks, covariance sums and decompositions run: auto (CUDA if present, else cpu), cpu, cuda, "
          "cuda:N. A weight whose decomposition does not fit the GPU falls back to the CPU.",
 )  # fmt: skip
+memory_budget_option = click.option(
+    "--memory-budget", default=None,
+    help="Peak RAM the whole run may use (e.g. 8GiB). Under it every covariance is held as its upper triangle "
+         "(half the memory: the same sums, factorised in panels), and the plan refuses a budget the run cannot "
+         "keep, naming the smallest it can. Default: no budget, whatever RAM is free.",
+)  # fmt: skip
 dry_run_option = click.option(
     "--dry-run", is_flag=True,
     help="Print the memory plan (estimated peak RAM / GPU memory and the disk the outputs need), check it "
@@ -127,6 +133,7 @@ forward_options = grouped(
     click.option("--max-memory", default=None,
                  help="Memory for the hidden states kept between layers (e.g. 512MB, 8GiB); past it they spill "
                       "to a temporary folder beside the output, removed afterwards [default: a quarter of the "
-                      "RAM / GPU memory available]."),
+                      "RAM / GPU memory available, or of --memory-budget]."),
+    memory_budget_option,
     dry_run_option,
 )  # fmt: skip

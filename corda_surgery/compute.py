@@ -1,4 +1,4 @@
-"""Where and in what precision the work runs: device, forward dtype, activation budget.
+"""Where and in what precision the work runs: device, forward dtype, activation budget, memory budget.
 
 One frozen object built at the edge (the CLI) like ``SurgeryOptions``; every choice that depends on the
 machine (``auto``) is resolved here, once, with the reason logged.
@@ -21,10 +21,18 @@ log = logging.getLogger(__name__)
 
 FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # With no --max-memory, hidden states may take this share of the memory available when the run starts
-# (RAM on the CPU, free VRAM on a GPU) before they spill to disk.
+# (RAM on the CPU, or the memory budget where that is less; free VRAM on a GPU) before they spill to disk.
 DEFAULT_ACTIVATION_SHARE = 0.25
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MEMINFO = Path("/proc/meminfo")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where it cannot be read)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def available_host_memory() -> int:
@@ -60,11 +68,14 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
 class ComputeOptions:
     """``device``: auto | cpu | cuda | cuda:i. ``forward_dtype``: auto (the checkpoint's) | float32 | bfloat16
     | float16. ``max_memory``: bytes of hidden states kept in memory before the rest spills to disk (None:
-    DEFAULT_ACTIVATION_SHARE of what is available)."""
+    DEFAULT_ACTIVATION_SHARE of what is available, or under ``memory_budget`` what its plan leaves them).
+    ``memory_budget``: bytes of RAM the whole run may hold at its peak (None: whatever is free); under it the
+    covariances are held as upper triangles (``panels.SymmetricPanels``) in every phase."""
 
     device: str = "auto"
     forward_dtype: str = "auto"
     max_memory: int | str | None = None
+    memory_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.match(self.device):
@@ -77,8 +88,20 @@ class ComputeOptions:
                 raise OptionsError(f"`device` {self.device}: this machine has {torch.cuda.device_count()} GPU(s)")
         if self.forward_dtype != "auto" and self.forward_dtype not in FORWARD_DTYPES:
             raise OptionsError(f"`forward_dtype` {self.forward_dtype!r}: must be auto, {', '.join(FORWARD_DTYPES)}")
-        if self.max_memory is not None:
-            object.__setattr__(self, "max_memory", parse_size(self.max_memory, "max_memory"))
+        for name in ("max_memory", "memory_budget"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_size(getattr(self, name), name))
+
+    @property
+    def budget(self) -> int | None:
+        """``memory_budget`` in bytes."""
+        assert not isinstance(self.memory_budget, str)  # parsed in __post_init__
+        return self.memory_budget
+
+    @property
+    def packed(self) -> bool:
+        """Covariances as upper triangles: under a memory budget, at half a square's memory."""
+        return self.memory_budget is not None
 
     @property
     def torch_device(self) -> torch.device:
@@ -103,7 +126,10 @@ class ComputeOptions:
         if self.max_memory is not None:
             assert isinstance(self.max_memory, int)  # parsed in __post_init__
             return self.max_memory
-        return int(DEFAULT_ACTIVATION_SHARE * available_memory(self.torch_device))
+        available = available_memory(self.torch_device)
+        if self.budget is not None and self.torch_device.type == "cpu":
+            available = min(available, self.budget)
+        return int(DEFAULT_ACTIVATION_SHARE * available)
 
     def record(self) -> dict:
         """What surgery.json records of where decompositions ran (the forward dtype is the store's record)."""

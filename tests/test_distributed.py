@@ -231,6 +231,7 @@ def test_work_is_shared_by_input_group_and_balanced(tmp_path):
     most the costliest group."""
     from corda_surgery.calib.store import CovarianceStore
     from corda_surgery.checkpoint.view import ModelView
+    from corda_surgery.compute import ComputeOptions
     from corda_surgery.distributed import Ranks
     from corda_surgery.surgery.initialise import Initialiser
     from corda_surgery.surgery.targets import LayerPlan, plan_targets
@@ -241,7 +242,7 @@ def test_work_is_shared_by_input_group_and_balanced(tmp_path):
     targets = plan_targets(ModelView(model_dir), SurgeryOptions.of(rank=4)).targets
     plan = {t.name: LayerPlan(4, 0) for t in targets}
     with CovarianceStore(store) as opened:
-        initialise = Initialiser([opened], targets, plan, {}, SurgeryOptions.of(rank=4), torch.device("cpu"))
+        initialise = Initialiser([opened], targets, plan, {}, SurgeryOptions.of(rank=4), ComputeOptions(device="cpu"))
         shared = initialise.shared
         owners = share_of_work(targets, plan, initialise, SurgeryOptions.of(rank=4), Ranks(1, 2))
         groups = {}

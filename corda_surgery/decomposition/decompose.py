@@ -26,6 +26,7 @@ from corda_surgery.decomposition.memory import CHOLESKY_PANEL, ROW_BLOCK_ELEMENT
 from corda_surgery.decomposition.solvers import KeptPairs, MemoryShortfall, kept_pairs
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite, cholesky_solve
+from corda_surgery.panels import Covariance, SymmetricPanels
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ ZERO_DAMPING_START = 1e-8
 FELL_BACK_LABEL = "svd (gram could not resolve the cut)"  # the solver surgery.json names for such a layer
 BLOCKED_LABEL = "blocked svd (gram could not resolve the cut; the svd did not fit in memory)"
 
-CovarianceSource = torch.Tensor | Callable[[], torch.Tensor]
+CovarianceSource = Covariance | Callable[[], Covariance]
 Kind = TypeVar("Kind", Mode, Solver)
 
 
@@ -80,8 +81,8 @@ class DampedCovariance:
     """``C + λ·scale·I`` (``damping_scale``) and its Cholesky factor, prepared once for all linears that read
     one input (q/k/v, gate/up): they share the reading, the checks, the damping and the factorisation."""
 
-    damped: torch.Tensor  # float64
-    factor: torch.Tensor  # lower Cholesky factor of ``damped``; never modified by its users
+    damped: Covariance  # float64
+    factor: Covariance  # Cholesky factor of ``damped`` (``_factorise``); never modified by its users
     damping: float  # λ actually used
     level: float  # λ·scale / mean(diag C)
 
@@ -115,10 +116,31 @@ def _row_blocks(rows: int, width: int) -> Iterator[slice]:
     return (slice(start, start + step) for start in range(0, rows, step))
 
 
-def _context_rows(product: torch.Tensor, weight: torch.Tensor, damped: torch.Tensor, device: torch.device) -> None:
+def _context_rows(product: torch.Tensor, weight: torch.Tensor, damped: Covariance, device: torch.device) -> None:
     """``product ← W·C_damped`` in float64, a block of rows of W at a time (no float64 copy of all of W)."""
     for rows in _row_blocks(*weight.shape):
-        product[rows] = weight[rows].to(device, torch.float64) @ damped
+        block = weight[rows].to(device, torch.float64)
+        if isinstance(damped, SymmetricPanels):
+            damped.left_product(block, out=product[rows])
+        else:
+            product[rows] = block @ damped
+
+
+def _add_to_diagonal(matrix: Covariance, value: float) -> None:
+    if isinstance(matrix, SymmetricPanels):
+        matrix.add_to_diagonal(value)
+    else:
+        matrix.diagonal().add_(value)
+
+
+def _factorise(matrix: Covariance) -> bool:
+    """Overwrite ``matrix`` with its Cholesky factor (``cholesky_in_place``, or the panels' own)."""
+    return matrix.cholesky_() if isinstance(matrix, SymmetricPanels) else cholesky_in_place(matrix)
+
+
+def _solve(factor: Covariance, rhs: torch.Tensor) -> torch.Tensor:
+    """``C⁻¹·rhs`` from the factor ``_factorise`` left."""
+    return factor.cholesky_solve(rhs) if isinstance(factor, SymmetricPanels) else cholesky_solve(factor, rhs)
 
 
 def cholesky_in_place(matrix: torch.Tensor) -> bool:
@@ -148,15 +170,20 @@ def cholesky_in_place(matrix: torch.Tensor) -> bool:
 
 def _checked_covariance(
     source: CovarianceSource, in_dim: int, name: str, device: torch.device, rule: DampingRule
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[Covariance, float, float]:
     """A float64 covariance on ``device`` that may be overwritten (a callable's fresh result, else a copy),
     checked (shape, finite, positive diagonal), the scale λ multiplies under ``rule`` and mean(diag C)."""
-    covariance = source().to(device, torch.float64) if callable(source) else source.to(device, torch.float64, copy=True)
+    fresh = callable(source)
+    covariance = source() if callable(source) else source
+    if isinstance(covariance, SymmetricPanels):
+        covariance = (covariance if fresh else covariance.clone()).to(device)
+    else:
+        covariance = covariance.to(device, torch.float64, copy=not fresh)
     if tuple(covariance.shape) != (in_dim, in_dim):
         raise DecompositionError(
             f"{name}: covariance has shape {tuple(covariance.shape)}, expected ({in_dim}, {in_dim}) for its inputs"
         )
-    if not all_finite(covariance):
+    if not (covariance.all_finite() if isinstance(covariance, SymmetricPanels) else all_finite(covariance)):
         raise DecompositionError(f"{name}: covariance contains NaN or Inf")
     mean_diag = float(covariance.diagonal().mean())
     if not mean_diag > 0:
@@ -196,14 +223,14 @@ def damped_covariance(
 ) -> DampedCovariance:
     """The damped covariance and its factor (2 n² floats), λ raised as ``context_product`` does."""
     damped, scale, mean_diag = _checked_covariance(covariance, in_dim, name, torch.device(device), DampingRule(rule))
-    damped.diagonal().add_(damping * scale)
+    _add_to_diagonal(damped, damping * scale)
     factor = damped.clone()
 
     def raise_to(lam: float, raised: float) -> None:
-        damped.diagonal().add_((raised - lam) * scale)
-        factor.copy_(damped)
+        _add_to_diagonal(damped, (raised - lam) * scale)
+        factor.copy_(damped)  # type: ignore[arg-type]  # both of one form
 
-    lam = _definite(damping, name, lambda: cholesky_in_place(factor), raise_to)
+    lam = _definite(damping, name, lambda: _factorise(factor), raise_to)
     return DampedCovariance(damped, factor, lam, _level(lam, scale, mean_diag, rule))
 
 
@@ -219,7 +246,7 @@ def context_product(
     name: str,
     device: torch.device | str = "cpu",
     rule: DampingRule = DEFAULT_DAMPING_RULE,
-) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
+) -> tuple[torch.Tensor, Covariance | None, float, float]:
     """``(W·C_damped in float64, the Cholesky factor of C_damped, λ, its level in mean(diag C)'s units)``;
     without a covariance ``(W, None, 0, 0)``.
 
@@ -243,18 +270,18 @@ def context_product(
         return product, covariance.factor.to(device), covariance.damping, covariance.level
     source, rule = covariance, DampingRule(rule)  # a tensor or a callable, as raise_to reads it again
     damped, scale, mean_diag = _checked_covariance(source, weight.shape[1], name, device, rule)
-    damped.diagonal().add_(damping * scale)  # no identity matrix: that alone would be one more n²
+    _add_to_diagonal(damped, damping * scale)  # no identity matrix: that alone would be one more n²
     _context_rows(product, weight, damped, device)
 
     def raise_to(lam: float, raised: float) -> None:
         nonlocal damped
         del damped  # the spoiled factor goes before the covariance is read again
         damped, _, _ = _checked_covariance(source, weight.shape[1], name, device, rule)
-        damped.diagonal().add_(raised * scale)
+        _add_to_diagonal(damped, raised * scale)
         for rows in _row_blocks(*weight.shape):
             product[rows].add_(weight[rows].to(device, torch.float64), alpha=(raised - lam) * scale)
 
-    lam = _definite(damping, name, lambda: cholesky_in_place(damped), raise_to)
+    lam = _definite(damping, name, lambda: _factorise(damped), raise_to)
     return product, damped, lam, _level(lam, scale, mean_diag, rule)
 
 
@@ -273,6 +300,7 @@ def decompose_weight(
     name: str = "weight",
     device: torch.device | str = "cpu",
     balance: bool = False,
+    memory_budget: int | None = None,
 ) -> Decomposition:
     """Split ``weight`` into a frozen residual and LoRA factors initialised from ``covariance``.
 
@@ -281,15 +309,16 @@ def decompose_weight(
     (shared by the linears reading one input) is used as it is, its damping with it; ``damping_rule`` says
     what ``damping`` multiplies (``damping_scale``). ``transposed`` marks GPT-2 style ``Conv1D``
     weights stored as (in, out). ``alpha`` defaults to ``rank`` (scaling 1); ``balance`` rescales each
-    component (``balanced``). The math runs in float64 on ``device`` whatever ``solver`` finds the singular
-    pairs; the factors (``factor_dtype``) and the residual (the weight's dtype) come back in host memory.
+    component (``balanced``); a fallback keeps within ``memory_budget``. The math runs in float64 on ``device``
+    whatever ``solver`` finds the singular pairs; the factors (``factor_dtype``) and the residual (the weight's
+    dtype) come back in host memory.
     """
     w = weight.T if transposed else weight
     mode, solver = _check_inputs(w, rank, mode, solver, name)
     scaling = (alpha if alpha is not None else rank) / rank
     product, chol, lam, level = context_product(w, covariance, damping, name, device, damping_rule)
     try:
-        pairs = kept_pairs(product, rank, mode, solver=solver)
+        pairs = kept_pairs(product, rank, mode, solver=solver, memory_budget=memory_budget)
     except MemoryShortfall as exc:
         raise MemoryShortfall(f"{name}: {exc}") from None
     del product
@@ -316,11 +345,11 @@ def decompose_weight(
 
 
 def _factors(
-    pairs: KeptPairs, chol: torch.Tensor | None, scaling: float, balance: bool, dtype: torch.dtype
+    pairs: KeptPairs, chol: Covariance | None, scaling: float, balance: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A = √(σ/s)·Vᵣᵀ C⁻¹`` and ``B = Uᵣ·√(σ/s)`` in host memory: PEFT's ``S ← S/s`` folded in, so that
     ``residual + s·B·A`` reproduces the weight; ``Vᵣᵀ C⁻¹`` through the Cholesky factor, r rows, no inverse."""
-    vh_r = pairs.vh if chol is None else cholesky_solve(chol, pairs.vh.T).T
+    vh_r = pairs.vh if chol is None else _solve(chol, pairs.vh.T).T
     root = (pairs.s / scaling).sqrt()
     lora_a, lora_b = root[:, None] * vh_r, pairs.u * root[None, :]
     if balance:

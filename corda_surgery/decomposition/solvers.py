@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corda_surgery.compute import available_host_memory
+from corda_surgery.compute import available_host_memory, resident_bytes
 from corda_surgery.decomposition.eigenpairs import extreme_eigenpairs, largest_eigenvalue
 from corda_surgery.decomposition.kinds import Mode, Solver
 from corda_surgery.decomposition.memory import blocked_svd_workspace, svd_workspace
@@ -53,31 +53,42 @@ def singular_values(matrix: torch.Tensor, *, solver: Solver = Solver.GRAM) -> to
     return torch.linalg.eigvalsh(symmetric_product(tall)).clamp_min(0).sqrt().flip(0)
 
 
-def kept_pairs(matrix: torch.Tensor, rank: int, mode: Mode, *, solver: Solver) -> KeptPairs:
+def kept_pairs(
+    matrix: torch.Tensor,
+    rank: int,
+    mode: Mode,
+    *,
+    solver: Solver,
+    memory_budget: int | None = None,
+) -> KeptPairs:
     """The ``rank`` largest (IPM) or smallest (KPM) singular pairs of a float64 ``matrix``.
 
     ``SVD``: the full thin SVD (the reference path). Otherwise from the Gram matrix of the tall orientation,
     faster and closer to the float64 SVD than a float32 SVD is: ``SUBSPACE`` finds only the kept eigenvectors
     (``eigenpairs.extreme_eigenpairs``), ``GRAM`` (and ``SUBSPACE`` where iteration does not pay) all of them
     with LAPACK's ``syevd``; the other side's vectors follow as ``u = M·v / ‖M·v‖`` (``σ = ‖M·v‖`` avoids the
-    square root of a tiny eigenvalue). Where the Gram matrix cannot resolve the cut: the SVD, ``fell_back``.
+    square root of a tiny eigenvalue). Where the Gram matrix cannot resolve the cut: the SVD, ``fell_back``
+    (the blocked one where the SVD's workspace exceeds the free memory, or what ``memory_budget`` leaves).
     """
     mode, solver = Mode(mode), Solver(solver)
     if matrix.shape[0] < matrix.shape[1]:  # the tall orientation: LAPACK's gesdd is also slower on wide ones
-        pairs = kept_pairs(matrix.T, rank, mode, solver=solver)
+        pairs = kept_pairs(matrix.T, rank, mode, solver=solver, memory_budget=memory_budget)
         return dataclasses.replace(pairs, u=pairs.vh.T, vh=pairs.u.T)
     if solver is Solver.SVD:
         return _svd_pairs(matrix, rank, mode, fell_back=False)
     found = _gram_pairs(matrix, rank, mode, solver)  # its Gram matrix is freed before an SVD is needed
-    return _fallback(matrix, rank, mode) if found is None else found
+    return _fallback(matrix, rank, mode, memory_budget) if found is None else found
 
 
-def _fallback(matrix: torch.Tensor, rank: int, mode: Mode) -> KeptPairs:
+def _fallback(matrix: torch.Tensor, rank: int, mode: Mode, memory_budget: int | None) -> KeptPairs:
     """The SVD where the Gram route cannot resolve the cut: LAPACK's where its workspace fits the free memory
     (on a GPU, where it is tried and a failure moves the work to the CPU), else the blocked one, else a
     MemoryShortfall with the arithmetic."""
     svd, blocked = svd_workspace(*matrix.shape), blocked_svd_workspace(*matrix.shape)
-    if matrix.device.type != "cpu" or svd <= (free := available_host_memory()):
+    free = available_host_memory()
+    if memory_budget is not None:  # what the budget leaves beside what the process holds (W·C among it)
+        free = min(free, max(0, memory_budget - resident_bytes()))
+    if matrix.device.type != "cpu" or svd <= free:
         return _svd_pairs(matrix, rank, mode, fell_back=True)
     if blocked <= free:
         return blocked_svd_pairs(matrix, rank, mode)

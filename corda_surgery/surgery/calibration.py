@@ -9,8 +9,6 @@ import dataclasses
 import functools
 from pathlib import Path
 
-import torch
-
 from corda_surgery.calib.activations import rank_activation_budget
 from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.sink import RankOutput
@@ -22,12 +20,15 @@ from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, eig
 from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_RULE, DampingRule
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.distributed import samples_share
+from corda_surgery.panels import Covariance, square
 from corda_surgery.surgery.plan import announce, plan_run
 
 
-def _counted(total: torch.Tensor, damping: float, rule: DampingRule) -> int | None:
-    """Counted for inputs up to BELOW_DAMPING_MAX_WIDTH wide: one float64 factorisation each."""
-    return eigenvalues_below_damping(total, damping, rule) if total.shape[0] <= BELOW_DAMPING_MAX_WIDTH else None
+def _counted(total: Covariance, damping: float, rule: DampingRule) -> int | None:
+    """Counted for inputs up to BELOW_DAMPING_MAX_WIDTH wide: one float64 factorisation each (of the square)."""
+    if total.shape[0] > BELOW_DAMPING_MAX_WIDTH:
+        return None
+    return eigenvalues_below_damping(square(total), damping, rule)
 
 
 def below_damping(damping: float = DEFAULT_DAMPING, rule: DampingRule = DEFAULT_DAMPING_RULE) -> BelowDamping:

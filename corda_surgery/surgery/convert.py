@@ -75,7 +75,7 @@ class _DecomposingSink:
         progress: bool,
     ):
         self.view, self.window, self.finished_work, self.store = view, window, finished, store
-        self.options, self.device, self.progress = options, compute.torch_device, progress
+        self.options, self.compute, self.device, self.progress = options, compute, compute.torch_device, progress
         self.ranks = current_ranks()
         self.targets = _by_block(view, plan_targets(view, options).targets)
         done = set(finished.done) if finished is not None else None
@@ -128,7 +128,7 @@ class _DecomposingSink:
         plan, _ = layer_plan(
             self.view, [self.window], targets, self.options, progress=False, device=self.device, ranks=ALONE
         )
-        initialise = Initialiser([self.window], targets, plan, {}, self.options, self.device)
+        initialise = Initialiser([self.window], targets, plan, {}, self.options, self.compute)
         for name in (t.name for t in targets if t.name in self.done):
             initialise.shared.skip(name)
         owners = share_of_work(targets, plan, initialise, self.options, self.ranks)

@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 
 from corda_surgery.calib.store import CountedLevel, CovarianceEntry, Covariances
+from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.decompose import (
     CovarianceSource,
     DampedCovariance,
@@ -154,10 +155,10 @@ class Initialiser:
         plan: Mapping[str, LayerPlan],
         plus_records: Mapping[str, LayerRecord],
         options: SurgeryOptions,
-        device: torch.device,
+        compute: ComputeOptions,
     ):
         self.stores, self.plan, self.plus_records = stores, plan, plus_records
-        self.options, self.device = options, device
+        self.options, self.compute, self.device = options, compute, compute.torch_device
         self.shared = SharedInputs(stores, targets, plan)
         self.seeds = itertools.count(options.seed)  # LoRA's random A: one seed per linear and expert, in writing order
 
@@ -168,7 +169,10 @@ class Initialiser:
         if layer.store is not None:
             store = self.stores[layer.store]
             entry = store.by_linear[target.name]
-            read = functools.partial(store.covariance, target.name, round_index=layer.round)
+            # under a memory budget the covariance is read, damped and factorised as its upper triangle
+            read = functools.partial(
+                store.triangle if self.compute.packed else store.covariance, target.name, layer.round
+            )
             covariance = self.shared.source(target, read, options, self.device)
             diagnosis = damping_diagnosis(store, entry, options, layer.rank, layer.round)
             if diagnosis is not None:
@@ -213,6 +217,7 @@ class Initialiser:
             transposed=target.transposed,
             name=target.name,
             balance=options.decomposition.balance,
+            memory_budget=self.compute.budget,
         )
         result = on_device_or_host(work, self.device, target.name)
         record.damping, record.adapter_energy, record.solver = (

@@ -11,7 +11,6 @@ tensors, are held whole) and the output's size on disk.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from corda_surgery.calib.memory import (
     capture_memory,
 )
 from corda_surgery.checkpoint.view import ModelView
-from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory
+from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory, resident_bytes
 from corda_surgery.decomposition.memory import WeightShape, decomposition_memory, fallback_memory
 from corda_surgery.distributed import local_world
 from corda_surgery.errors import CordaSurgeryError
@@ -64,6 +63,8 @@ class MemoryPlan:
     # The decomposition's peak where a target falls back from the Gram route, by fallback (the SVD, the blocked
     # SVD taken where the SVD does not fit): a rarer path, shown but not part of the verdict.
     fallbacks: dict[str, int] = field(default_factory=dict)
+    budget: int | None = None  # --memory-budget: the peak RAM the run must keep within
+    smallest: int = 0  # under a budget: the peak RAM with every hidden state spilled, the least a budget can be
 
     def peak(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -102,6 +103,12 @@ class MemoryPlan:
         )
         if self.device.type != "cpu":
             lines.append(f"  peak {self.device}  {self.device_peak / GIB:7.2f} GiB")
+        if self.budget is not None:
+            verdict = "kept" if self.host_peak <= self.budget else "too small"
+            lines.append(
+                f"  budget        {self.budget / GIB:7.2f} GiB  ({verdict}; covariances as upper triangles; "
+                f"the smallest this run can keep: {self.smallest / GIB:.2f} GiB)"
+            )
         if self.fallbacks:
             lines.append(self._describe_fallbacks())
         if self.disk:
@@ -112,18 +119,23 @@ class MemoryPlan:
     def _describe_fallbacks(self) -> str:
         """Which targets may take the rarer path, what it costs, and what happens where it does not fit."""
         costs = ", ".join(f"{name} {(self.baseline + peak) / GIB:.2f} GiB" for name, peak in self.fallbacks.items())
-        fits = min(self.fallbacks.values()) <= available_host_memory()  # as ``check``: free excludes the baseline
+        fits = min(self.fallbacks.values()) <= self._free_host()  # as ``check``: free excludes the baseline
         outcome = "fits now" if fits else "does not fit now: such a target would stop the run, its finished work kept"
         return (
             f"  fallback      peak RAM {costs} for a target whose cut the Gram route cannot resolve (mostly KPM's)\n"
             f"                the blocked SVD where the SVD does not fit; {outcome}; not in the verdict"
         )
 
+    def _free_host(self) -> int:
+        """RAM the run may still take: the free memory, and no more than the budget leaves beside the baseline."""
+        free = available_host_memory()
+        return free if self.budget is None else min(free, max(0, self.budget - self.baseline))
+
     def check(self) -> None:
-        """Refuse a run whose estimate exceeds the free memory of its device or the free disk of its output."""
-        checks = [
-            ("RAM", available_host_memory(), list(self.phases) if self.device.type == "cpu" else ["decomposition"])
-        ]
+        """Refuse a run whose estimate exceeds its memory budget, the free memory of its device or the free disk of
+        its output."""
+        self._check_budget()
+        checks = [("RAM", available_host_memory(), self._host_phases)]
         if self.device.type == "cuda":
             checks.append((str(self.device), available_memory(self.device), CALIBRATION_PHASES))
         for memory, free, phases in checks:
@@ -144,20 +156,26 @@ class MemoryPlan:
                     f"{free_disk / GIB:.2f} GiB are free in {self.disk_folder}"
                 )
 
+    def _check_budget(self) -> None:
+        """A budget below the plan's peak is refused with the smallest one the run can keep, and what sets it."""
+        if self.budget is None or self.host_peak <= self.budget:
+            return
+        _, phase = self._peak_of(self._host_phases)
+        assert phase is not None
+        parts = " + ".join(f"{name} {size / GIB:.2f}" for name, size in self.phases[phase].items() if size)
+        spill = " with every hidden state spilled to disk (--max-memory 0)" if self.smallest < self.host_peak else ""
+        raise MemoryPlanError(
+            f"--memory-budget {self.budget / GIB:.2f} GiB is below this run's peak of about {self.host_peak / GIB:.2f} "
+            f"GiB ({phase}: {parts}, besides {self.baseline / GIB:.2f} GiB in use now); the smallest budget it can "
+            f"keep is {self.smallest / GIB:.2f} GiB{spill}. {HINTS[phase].capitalize()} to lower it"
+        )
+
 
 def announce(plan: MemoryPlan, progress: bool) -> None:
     """Print the plan first (with the progress bars, on stderr), then refuse the run if it cannot fit."""
     if progress:
         tqdm.write(plan.describe(), file=sys.stderr)
     plan.check()
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where it cannot be read)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _existing_folder(path: Path) -> Path:
@@ -176,15 +194,21 @@ def _largest_fused(view: ModelView) -> int:
 
 
 def _plan_decomposition(
-    plan: MemoryPlan, view: ModelView, options: SurgeryOptions, targets: Sequence[WeightShape], one_pass: bool
+    plan: MemoryPlan,
+    view: ModelView,
+    options: SurgeryOptions,
+    targets: Sequence[WeightShape],
+    one_pass: bool,
+    packed: bool,
 ) -> None:
-    """The decomposition's phase on the solver's own path, and its fallbacks' peaks beside it."""
+    """The decomposition's phase on the solver's own path (covariances ``packed`` or square), and its fallbacks'
+    peaks beside it."""
     stored_size, solver = view.stored_dtype.itemsize, options.decomposition.solver
     held = {"fused experts": 3 * _largest_fused(view)}  # weight, residual, pieces
     if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
         held["hidden states"] = plan.phases["calibration"]["hidden states"]
-    plan.phases["decomposition"] = decomposition_memory(targets, stored_size, solver) | held
-    fallbacks = fallback_memory(targets, stored_size, solver)
+    plan.phases["decomposition"] = decomposition_memory(targets, stored_size, solver, packed) | held
+    fallbacks = fallback_memory(targets, stored_size, solver, packed)
     if fallbacks is not None:
         svd, blocked = (sum(parts.values()) + sum(held.values()) for parts in fallbacks)
         if svd > plan.peak("decomposition"):
@@ -207,11 +231,13 @@ def plan_run(
     or both (convert), writing to ``out``. ``one_pass``: each block is decomposed while the calibration holds
     its hidden states, from its covariances spilled to disk, and no store is written unless ``keep_store``; two
     passes without ``keep_store`` still write the whole store, and remove it at the end."""
-    plan = MemoryPlan(device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out))
+    plan = MemoryPlan(
+        device=view.device, baseline=resident_bytes(), out=out, disk_folder=_existing_folder(out), budget=compute.budget
+    )
     if spec is not None:
         budget = compute.activation_budget() if activation_budget is None else activation_budget
         plan.phases["capture"] = capture_memory(view, spec, budget)
-        plan.phases["calibration"] = calibration_memory(view, spec, budget)
+        plan.phases["calibration"] = calibration_memory(view, spec, budget, compute.packed)
         disk = calibration_disk(view, spec, budget)
         if not keep_store:
             store = disk.pop("covariance store")
@@ -221,7 +247,7 @@ def plan_run(
         plan.disk.update(disk)
     if options is not None and targets:
         if options.method.uses_covariance or options.mode is not None:
-            _plan_decomposition(plan, view, options, targets, one_pass)
+            _plan_decomposition(plan, view, options, targets, one_pass, compute.packed)
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )
@@ -232,4 +258,10 @@ def plan_run(
         plan.disk["adapter"] = adapter
         if options.mode is not None:  # each decomposition's factors, saved for resume until the output is published
             plan.disk["finished work"] = adapter
+    if plan.budget is not None:  # the least it can keep: the same run with every hidden state spilled
+        floor = plan if activation_budget == 0 or spec is None else plan_run(
+            view, compute, out, spec=spec, options=options, targets=targets, activation_budget=0,
+            one_pass=one_pass, keep_store=keep_store,
+        )  # fmt: skip
+        plan.smallest = floor.host_peak
     return plan

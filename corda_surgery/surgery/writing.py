@@ -94,7 +94,7 @@ def _work_source(
     targets_plan, plus = layer_plan(
         view, stores, chosen.targets, options, progress=progress, device=device, ranks=ranks
     )
-    initialise = Initialiser(stores, chosen.targets, targets_plan, plus, options, device)
+    initialise = Initialiser(stores, chosen.targets, targets_plan, plus, options, compute)
     owners = share_of_work(chosen.targets, targets_plan, initialise, options, ranks)
     done = frozenset(finished.done) if finished is not None else frozenset()
     done = broadcast_object(done, ranks, "agreeing on the decompositions already finished")
