@@ -13,6 +13,8 @@ decompositions happen there). The plan the command prints first is parsed and se
     python bench/big_layer.py --shape 8b --layers 1
     python bench/big_layer.py --shape 70b --layers 2 --targets down_proj [--keep-covariances | --two-passes]
     python bench/big_layer.py --readme      # the README's main command itself: the plan against its peaks
+    python bench/big_layer.py --shape 70b --keep-output /tmp/free            # unbounded, its output kept
+    python bench/big_layer.py --shape 70b --memory-budget 8GiB --against /tmp/free   # within 8 GiB, compared
 
 Each run appends one JSON line to bench/results/big_layer.jsonl.
 """
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
@@ -228,6 +231,18 @@ def record(args: argparse.Namespace, runs: list[dict], work: Path) -> dict:
     }  # fmt: skip
 
 
+def largest_difference(ours: Path, theirs: Path) -> float:
+    """The largest difference between two outputs' tensors (residual model and adapter), each relative to the
+    larger of 1 and its tensor's largest magnitude in ``theirs``, one tensor at a time."""
+    worst = 0.0
+    for file in sorted(p.relative_to(theirs) for p in theirs.rglob("*.safetensors")):
+        with safe_open(theirs / file, "pt") as expected, safe_open(ours / file, "pt") as found:
+            for name in expected.keys():
+                a, b = expected.get_tensor(name).double(), found.get_tensor(name).double()
+                worst = max(worst, float((a - b).abs().max()) / max(1.0, float(a.abs().max())))
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="70b")
@@ -238,6 +253,9 @@ def main() -> None:
     parser.add_argument("--two-passes", action="store_true", help="`calibrate`, then `decompose` from its store")
     parser.add_argument("--readme", action="store_true", help="the README's main command itself (one pass)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON lines file to append to [{RESULTS}]")
+    parser.add_argument("--memory-budget", default=None, help="the commands' --memory-budget (e.g. 8GiB)")
+    parser.add_argument("--keep-output", type=Path, default=None, help="move the output here for a later --against")
+    parser.add_argument("--against", type=Path, default=None, help="an output to compare this run's tensors with")
     args = parser.parse_args()
     if args.readme and args.two_passes:
         parser.error("--readme runs the README's command: one pass")
@@ -254,6 +272,9 @@ def main() -> None:
             calibration = ["--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4"]
             surgery = ["--rank", "16", "--mode", "kpm", "--targets", args.targets]
             command = [tool, "convert", str(model), *calibration, *surgery, "--out", str(work / "out")]
+        if args.memory_budget:
+            budget = ["--memory-budget", args.memory_budget]
+            command, calibration, surgery = command + budget, calibration + budget, surgery + budget
         if args.two_passes:
             runs = [
                 sampled([tool, "calibrate", str(model), *calibration, "--out", str(work / "cov.h5")], CALIBRATE,
@@ -263,7 +284,11 @@ def main() -> None:
             ]  # fmt: skip
         else:
             runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), ONE_PASS, work, names)]
-        result = record(args, runs, work)
+        result = record(args, runs, work) | {"memory_budget": args.memory_budget}
+        if args.against is not None:
+            result["largest_difference"] = largest_difference(work / "out", args.against)
+        if args.keep_output is not None:
+            shutil.move(work / "out", args.keep_output)
         args.results.parent.mkdir(exist_ok=True)
         with args.results.open("a") as file:
             file.write(json.dumps(result) + "\n")

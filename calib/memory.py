@@ -2,9 +2,10 @@
 write to disk, from the config, the token count and the dtypes, before any work.
 
 Per block, calibration holds the block's weights in the forward dtype, the hidden states kept in memory
-(capped by the activation budget), one float64 running sum per input group and round, and one batch's
-forward temporaries (every linear's output, the attention scores, the float32 copies the covariance
-product reads). Capture holds the embeddings and the hidden states entering block 0.
+(capped by the activation budget), one float64 running sum per input group and round (square, or its upper
+triangle under a memory budget), and one batch's forward temporaries (every linear's output, the attention
+scores, the float32 copies the covariance product reads) or, between batches, the larger transient of an
+eigenvalue count (``diagnostics.eigenvalues_below_damping``). Capture holds the embeddings and the hidden states entering block 0.
 
 Which linears share an input is only observed while calibrating; the estimate assumes that linears in one
 module with the same input width share it, except the module's last (an output projection) — exact for the
@@ -22,6 +23,7 @@ from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.packing import packed_length
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.view import ModelView, is_linear
+from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, COUNT_SQUARES
 from corda_surgery.numerics import symmetric_tiles
 from corda_surgery.panels import panels_bytes
 
@@ -121,6 +123,8 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int, pack
         + batch * heads * spec.seq_len**2 * F32  # attention scores
         + product_tile * (F32 + F64)  # a tile's product, and its float64 copy where it is added on
     )
+    counted = max((w for w in widths if w <= BELOW_DAMPING_MAX_WIDTH), default=0)
+    forward = max(forward, COUNT_SQUARES * counted * counted * F64)  # between batches: an eigenvalue count
     return {
         "block weights": _bytes(block, size),
         "hidden states": min(_hidden_bytes(view, spec), budget + batch_tokens * hidden * size),

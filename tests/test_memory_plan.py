@@ -154,19 +154,21 @@ def test_a_run_whose_svd_fallbacks_do_not_fit_finishes_with_the_blocked_svd(tiny
     assert float((logits(model, tokenizer) - reference).abs().max()) <= 1e-4
 
 
-def test_the_plan_holds_a_shared_input_with_the_targets_of_its_module():
-    """q/k/v read one input: its damped covariance and factor are held while any target of their module is
-    decomposed (o_proj may come between them in stored order); down_proj reads alone, an expert's slices never
-    share."""
+def test_the_plan_holds_a_shared_input_from_its_first_reader_to_its_last():
+    """q/k/v read one input: its damped covariance and factor are held from the first of them to the last in name
+    order (o_proj comes between k_proj and q_proj); down_proj
+    sorts before gate/up's shared input and reads alone, an expert's slices never share."""
     from corda_surgery.surgery.targets import Target, shapes
 
     names = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (16, 64), "self_attn.v_proj": (16, 64),
-             "self_attn.o_proj": (64, 64), "mlp.down_proj": (64, 256)}  # fmt: skip
+             "self_attn.o_proj": (64, 64), "mlp.down_proj": (64, 256), "mlp.gate_proj": (256, 64),
+             "mlp.up_proj": (256, 64)}  # fmt: skip
     targets = [Target(f"model.layers.0.{name}", None, *shape) for name, shape in names.items()]
     targets += [Target(f"model.layers.0.mlp.experts.down_proj[{e}]", None, 64, 128, parameter="x", expert=e)
                 for e in range(2)]  # fmt: skip
     planned = dict(zip([t.name.split(".", 3)[-1] for t in targets], shapes(targets, True), strict=True))
     assert planned["self_attn.q_proj"] == planned["self_attn.o_proj"] == WeightShape(64, 64, shared=64)
+    assert planned["mlp.up_proj"] == WeightShape(256, 64, shared=64)
     assert planned["mlp.down_proj"] == WeightShape(64, 256)
     assert planned["mlp.experts.down_proj[1]"] == WeightShape(64, 128)
     assert all(not s.covariance and not s.shared for s in shapes(targets, False))  # pissa, milora: no covariance

@@ -13,6 +13,7 @@ from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_R
 # Widest covariance whose eigenvalues below the damping level are counted: one float64 factorisation each, so
 # a calibration counts its inputs up to this width (KPM's cut lives there when they are as many as the rank).
 BELOW_DAMPING_MAX_WIDTH = 8192
+COUNT_SQUARES = 3  # width² float64 matrices a count holds at its peak: the sum, its shifted copy, a factorisation
 
 
 class DampingLimit(str, Enum):
@@ -24,16 +25,21 @@ class DampingLimit(str, Enum):
 
 
 def eigenvalues_below_damping(
-    total: torch.Tensor, damping: float = DEFAULT_DAMPING, rule: DampingRule = DEFAULT_DAMPING_RULE
+    total: torch.Tensor,
+    damping: float = DEFAULT_DAMPING,
+    rule: DampingRule = DEFAULT_DAMPING_RULE,
+    *,
+    overwrite: bool = False,
 ) -> int | None:
     """How many eigenvalues of the covariance (any positive multiple of it) lie below damping·scale (the
     rule's, ``damping_scale``): the negative inertia of C − level·I (Sylvester), from its LDLᵀ factorisation,
     cheaper than eigenvalues, after a Cholesky factorisation that settles the common case of none. None for a
-    covariance without positive diagonal (no tokens)."""
+    covariance without positive diagonal (no tokens). ``overwrite``: a float64 ``total`` that may be shifted in
+    place (no copy). Its peak: the shifted matrix and one factorisation's output (COUNT_SQUARES squares)."""
     if not float(total.diagonal().mean()) > 0:
         return None
     level = damping * damping_scale(total.diagonal(), rule)
-    shifted = total.double().clone()
+    shifted = total if overwrite else total.double().clone()
     shifted.diagonal().sub_(level)
     if not int(torch.linalg.cholesky_ex(shifted).info):
         return 0  # positive definite: no eigenvalue at or below the level

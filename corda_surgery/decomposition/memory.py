@@ -49,9 +49,8 @@ def solver_workspace(rows: int, columns: int, solver: Solver) -> int:
 @dataclass(frozen=True)
 class WeightShape:
     """A target as the plan sees it: its (out, in), whether it is decomposed with a covariance, and the widest
-    shared input (damped covariance and factor) of its module, held while it is decomposed (``shared`` wide, 0:
-    none). A reader of that input is counted with a covariance of its own too: the plan cannot tell the
-    module's readers from its output projection, and errs high by that covariance for them."""
+    shared input (damped covariance and factor) held while it is decomposed (``shared`` wide, 0: none;
+    ``surgery.targets.shapes``)."""
 
     out_dim: int
     in_dim: int

@@ -20,15 +20,16 @@ from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, eig
 from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_RULE, DampingRule
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.distributed import samples_share
-from corda_surgery.panels import Covariance, square
+from corda_surgery.panels import Covariance, SymmetricPanels, square
 from corda_surgery.surgery.plan import announce, plan_run
 
 
 def _counted(total: Covariance, damping: float, rule: DampingRule) -> int | None:
-    """Counted for inputs up to BELOW_DAMPING_MAX_WIDTH wide: one float64 factorisation each (of the square)."""
+    """Counted for inputs up to BELOW_DAMPING_MAX_WIDTH wide: one float64 factorisation each (of the square, made
+    from a triangle and shifted in place)."""
     if total.shape[0] > BELOW_DAMPING_MAX_WIDTH:
         return None
-    return eigenvalues_below_damping(square(total), damping, rule)
+    return eigenvalues_below_damping(square(total), damping, rule, overwrite=isinstance(total, SymmetricPanels))
 
 
 def below_damping(damping: float = DEFAULT_DAMPING, rule: DampingRule = DEFAULT_DAMPING_RULE) -> BelowDamping:

@@ -4,7 +4,7 @@ options, the budgets and the stores before any weight is read, so a mistake cost
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -249,13 +249,21 @@ def check_stores(stores: Sequence[Covariances], targets: list[Target]) -> None:
 def shapes(targets: list[Target], uses_covariance: bool) -> list[WeightShape]:
     """The targets as the memory plan sees them. Which linears share an input is only observed while
     calibrating; the plan takes the targets of one module with one input width to share it (q/k/v, gate/up; an
-    expert's slices never do), and its damped covariance and factor to be held while any target of that module
-    is decomposed (o_proj may come between k_proj and q_proj in stored order)."""
+    expert's slices never do). Its damped covariance and factor are prepared for the first reader and freed after
+    the last, so they are held while a target whose name sorts between those two is decomposed (o_proj between
+    k_proj and q_proj; down_proj before gate_proj). A reader is counted with a covariance of its own too: the
+    plan cannot tell the readers from an output projection of the same width, and errs high by that for them."""
     if not uses_covariance:
         return [WeightShape(t.out_dim, t.in_dim, covariance=False) for t in targets]
-    readers = Counter((t.name.rpartition(".")[0], t.in_dim) for t in targets if not t.is_expert)
-    shared: dict[str, int] = {}
-    for (module, width), count in readers.items():
-        if count > 1:
-            shared[module] = max(shared.get(module, 0), width)
-    return [WeightShape(t.out_dim, t.in_dim, shared.get(t.name.rpartition(".")[0], 0)) for t in targets]
+    readers: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for t in targets:
+        if not t.is_expert:
+            readers[(t.name.rpartition(".")[0], t.in_dim)].append(t.name)
+    spans = [(module, width, min(names), max(names)) for (module, width), names in readers.items() if len(names) > 1]
+
+    def shape(target: Target) -> WeightShape:
+        module = target.name.rpartition(".")[0]
+        held = [w for m, w, first, last in spans if m == module and first <= target.name <= last]
+        return WeightShape(target.out_dim, target.in_dim, max(held, default=0))
+
+    return [shape(t) for t in targets]
