@@ -13,23 +13,20 @@ import torch
 
 from corda_surgery.checkpoint.experts import DOWN, FusedExperts, experts_arguments, routed_inputs, slice_name
 from corda_surgery.errors import UnsupportedArchitecture
-from corda_surgery.numerics import mirror_tiles, symmetric_tiles
-from corda_surgery.panels import Covariance, SymmetricPanels, accumulate_tiles, total_of
+from corda_surgery.numerics import symmetric_tiles
+from corda_surgery.panels import SymmetricPanels, accumulate_tiles, total_of
 
 
 class Accumulator:
     """Float64 running sums (one per sampling round) of per-batch float32 XᵀX over real tokens.
 
     XᵀX is symmetric, so only tiles on and above the diagonal are multiplied (``symmetric_tiles``: about
-    half a full product's FLOPs for wide inputs); ``totals`` mirrors the off-diagonal ones. ``packed`` sums hold
-    only that upper triangle (``SymmetricPanels``: half the memory, the same bits).
+    half a full product's FLOPs for wide inputs), and only that upper triangle is held (``SymmetricPanels``:
+    half a square's memory).
     """
 
-    def __init__(self, dim: int, normalisation: str, rounds: int, device: torch.device, *, packed: bool = False):
-        self.sums: list[Covariance] = [
-            SymmetricPanels.zeros(dim, device) if packed else torch.zeros(dim, dim, dtype=torch.float64, device=device)
-            for _ in range(rounds)
-        ]
+    def __init__(self, dim: int, normalisation: str, rounds: int, device: torch.device):
+        self.sums = [SymmetricPanels.zeros(dim, device) for _ in range(rounds)]
         self.counts = [0] * rounds
         self.normalisation = normalisation
         self.tiles = symmetric_tiles(dim)
@@ -54,30 +51,16 @@ class Accumulator:
             real = x if dense else x.masked_fill(~mask[..., None], float("-inf"))
             x = x / real.amax(dim=(1, 2)).abs()[:, None, None]
         rows = x.reshape(-1, x.shape[-1]) if dense else x[mask]
-        total = self.sums[round_index]
-        if isinstance(total, SymmetricPanels):
-            accumulate_tiles(total, rows, self.tiles)
-        else:
-            for tile_rows, tile_columns in self.tiles:
-                total[tile_rows, tile_columns] += rows[:, tile_rows].T @ rows[:, tile_columns]
+        accumulate_tiles(self.sums[round_index], rows, self.tiles)
         self.counts[round_index] += rows.shape[0] if self.normalisation == "tokens" else x.shape[0]
 
-    def mirror(self) -> None:
-        """Fill the sums' lower triangles from their upper tiles: later batches add to the upper tiles only, and
-        ``totals`` mirrors them again, so this may be done midway (``so_far``)."""
-        for total in self.sums:
-            if isinstance(total, torch.Tensor):
-                mirror_tiles(total, self.tiles)
-
-    def so_far(self) -> Covariance:
-        """The sum over all rounds of the batches added so far, symmetric, where the sums live (a copy only where
-        there are several rounds)."""
-        self.mirror()
+    def so_far(self) -> SymmetricPanels:
+        """The sum over all rounds of the batches added so far, where the sums live (a copy only where there are
+        several rounds)."""
         return total_of(self.sums)
 
-    def totals(self) -> list[Covariance]:
-        """The sums with their lower triangle filled in from the upper one's tiles, in host memory."""
-        self.mirror()
+    def totals(self) -> list[SymmetricPanels]:
+        """The sums, in host memory."""
         return [total.cpu() for total in self.sums]
 
 

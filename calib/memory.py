@@ -2,10 +2,11 @@
 write to disk, from the config, the token count and the dtypes, before any work.
 
 Per block, calibration holds the block's weights in the forward dtype, the hidden states kept in memory
-(capped by the activation budget), one float64 running sum per input group and round (square, or its upper
-triangle under a memory budget), and one batch's forward temporaries (every linear's output, the attention
+(capped by the activation budget), one float64 running sum per input group and round (its upper triangle,
+``panels.SymmetricPanels``), and one batch's forward temporaries (every linear's output, the attention
 scores, the float32 copies the covariance product reads) or, between batches, the larger transient of an
-eigenvalue count (``diagnostics.eigenvalues_below_damping``). Capture holds the embeddings and the hidden states entering block 0.
+eigenvalue count (``diagnostics.eigenvalues_below_damping``). Capture holds the embeddings and the hidden
+states entering block 0.
 
 Which linears share an input is only observed while calibrating; the estimate assumes that linears in one
 module with the same input width share it, except the module's last (an output projection) — exact for the
@@ -96,15 +97,10 @@ def capture_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[
     }
 
 
-def _sum_bytes(width: int, packed: bool) -> int:
-    """A float64 sum: the square, or its upper triangle (``panels.SymmetricPanels``)."""
-    return panels_bytes(width) if packed else width * width * F64
-
-
-def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int, packed: bool = False) -> dict[str, int]:
-    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget
-    and the sums ``packed`` or square. The block is loaded before its sums and forward temporaries exist: the
-    loading's transients count where they are more."""
+def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
+    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget.
+    The block is loaded before its sums and forward temporaries exist: the loading's transients count where they
+    are more."""
     size = view.dtype.itemsize
     config = view.config.get_text_config()
     hidden = int(config.hidden_size)
@@ -116,8 +112,7 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int, pack
     widest = max(widths)
     outputs = sum(_shape(m)[0] for m in block.modules() if is_linear(m))
     product_tile = max((r.stop - r.start) * (c.stop - c.start) for r, c in symmetric_tiles(widest))  # XᵀX tile
-    sums = sum(_sum_bytes(w, packed) for w in widths) * spec.rounds
-    sums += _sum_bytes(widest, packed) if spec.rounds > 1 else 0
+    sums = sum(panels_bytes(w) for w in widths) * spec.rounds + (panels_bytes(widest) if spec.rounds > 1 else 0)
     forward = (
         batch_tokens * (outputs * size + 2 * widest * F32)  # outputs; float32 rows of the input
         + batch * heads * spec.seq_len**2 * F32  # attention scores

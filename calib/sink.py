@@ -30,7 +30,7 @@ from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 
-Entries = Iterable[tuple[CovarianceEntry, list[Covariance]]]
+Entries = Iterable[tuple[CovarianceEntry, Sequence[Covariance]]]
 
 
 class CovarianceSink(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,7 +202,7 @@ class StoreWriter:
     def layers_done(self) -> int:
         return int(self.file.attrs["layers_done"])
 
-    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[Covariance]]]) -> None:
+    def write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, Sequence[Covariance]]]) -> None:
         """Write every input of one layer (its sum, each round's when there are several, and the entry's
         attributes), then mark the layer done and flush; a write that fails (a full disk) names the file."""
         try:
@@ -210,9 +210,9 @@ class StoreWriter:
         except OSError as exc:
             raise StoreError(f"{self.partial}: cannot write layer {layer} ({exc.strerror or exc})") from exc
 
-    def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[Covariance]]]) -> None:
+    def _write_layer(self, layer: int, entries: Iterable[tuple[CovarianceEntry, Sequence[Covariance]]]) -> None:
         for entry, round_sums in entries:
-            data = self._write_sum(entry.name, total_of(round_sums), entry.count)
+            data = self._write_sum(entry.name, total_of(round_sums), entry.count)  # type: ignore[type-var]  # one form per entry
             data.attrs["layer"] = entry.layer
             data.attrs["linears"] = json.dumps(list(entry.linears))
             data.attrs["count"] = entry.count

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,11 +124,9 @@ def stream_covariances(
     progress: bool = True,
     ranks: Ranks = ALONE,
     below_damping: BelowDamping | None = None,
-    packed: bool = False,
 ) -> None:
     """Run every block over this rank's batches and hand each block's input covariances to ``sink``, skipping
-    the ``layers_done`` it already holds (their forward still runs; None: the sink's own count). ``packed``: the
-    sums are summed as upper triangles (``SymmetricPanels``), the same bits in half the memory.
+    the ``layers_done`` it already holds (their forward still runs; None: the sink's own count).
 
     ``hidden`` holds the batches' hidden states between blocks (in memory or spilled to disk).
     With ``rounds`` > 1 the batches are split into that many disjoint sampling rounds, each of which
@@ -145,7 +143,7 @@ def stream_covariances(
     halfway = halfway if below_damping is not None and len(batches) > 1 else -1
     for index in tqdm(range(view.num_blocks), desc="blocks", unit="block", disable=not progress):
         block = view.load_block(index)
-        groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device, packed=packed))
+        groups = InputGroups(lambda width: Accumulator(width, normalisation, rounds, view.device))
         handles = _hook(view, index, block, groups) if index >= layers_done else []
         halves: dict[str, tuple[int | None, int]] = {}
         counting = below_damping if handles else None  # a block already stored is not counted again
@@ -255,7 +253,7 @@ def _entries(
     rounds: int,
     below_damping: BelowDamping | None,
     halves: dict[str, tuple[int | None, int]],
-) -> Iterator[tuple[CovarianceEntry, list[Covariance]]]:
+) -> Iterator[tuple[CovarianceEntry, Sequence[Covariance]]]:
     """Block ``index``'s inputs with their sums (one per round) and counts (``halves``: those midway), made when
     the sink first asks for them (a discarding sink never does) and all checked before the first is handed
     over."""
@@ -344,7 +342,6 @@ def calibrate(
                 progress=progress,
                 ranks=ranks,
                 below_damping=below_damping,
-                packed=compute.packed,
             )
             sink.finish()
         except DistributedError:

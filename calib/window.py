@@ -11,7 +11,7 @@ counts: a few numbers per input) stay for the report and for a resumed run (``en
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ class StreamedCovariances:
         self.by_linear.update(dict.fromkeys(entry.linears, entry))
         self._widths[entry.name] = width
 
-    def spill(self, layer: int, entries: Iterable[tuple[CovarianceEntry, list[Covariance]]]) -> None:
+    def spill(self, layer: int, entries: Iterable[tuple[CovarianceEntry, Sequence[Covariance]]]) -> None:
         """Block ``layer``'s inputs with their sums (one per sampling round): their entries kept, the sums written
         to the one-block store and read from there until ``release``."""
         self.release()
@@ -68,7 +68,7 @@ class StreamedCovariances:
             counted=self.counted,
         )
 
-        def described() -> Iterator[tuple[CovarianceEntry, list[Covariance]]]:
+        def described() -> Iterator[tuple[CovarianceEntry, Sequence[Covariance]]]:
             for entry, round_sums in entries:
                 self.add(entry, round_sums[0].shape[0])
                 yield entry, round_sums

@@ -69,8 +69,7 @@ class ComputeOptions:
     """``device``: auto | cpu | cuda | cuda:i. ``forward_dtype``: auto (the checkpoint's) | float32 | bfloat16
     | float16. ``max_memory``: bytes of hidden states kept in memory before the rest spills to disk (None:
     DEFAULT_ACTIVATION_SHARE of what is available, or under ``memory_budget`` what its plan leaves them).
-    ``memory_budget``: bytes of RAM the whole run may hold at its peak (None: whatever is free); under it the
-    covariances are held as upper triangles (``panels.SymmetricPanels``) in every phase."""
+    ``memory_budget``: bytes of RAM the whole run may hold at its peak (None: whatever is free)."""
 
     device: str = "auto"
     forward_dtype: str = "auto"
@@ -97,11 +96,6 @@ class ComputeOptions:
         """``memory_budget`` in bytes."""
         assert not isinstance(self.memory_budget, str)  # parsed in __post_init__
         return self.memory_budget
-
-    @property
-    def packed(self) -> bool:
-        """Covariances as upper triangles: under a memory budget, at half a square's memory."""
-        return self.memory_budget is not None
 
     @property
     def torch_device(self) -> torch.device:

@@ -1,5 +1,5 @@
-"""A symmetric float64 matrix held as its upper triangle in row panels: half a square's memory, for the runs whose
-covariances would not fit square (``--memory-budget``).
+"""A symmetric float64 matrix held as its upper triangle in row panels: every covariance a run sums, stores and
+factorises, in half a square's memory.
 
 Panel k holds rows ``start:end`` of the matrix from column ``start`` on, so row i of the upper triangle (what the
 store's packed form writes, ``calib.packing``) is one contiguous slice, and the rows of the upper Cholesky factor
@@ -11,6 +11,7 @@ factorisation and the solves; none forms a temporary near the matrix's size.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -171,15 +172,16 @@ class SymmetricPanels:
 
 
 Covariance = torch.Tensor | SymmetricPanels  # a square float64 matrix, or the upper triangle of one
+Summed = TypeVar("Summed", torch.Tensor, SymmetricPanels)
 
 
-def total_of(parts: Sequence[Covariance]) -> Covariance:
+def total_of(parts: Sequence[Summed]) -> Summed:
     """The sum of ``parts`` (all of one form): the one part itself, else a new matrix."""
     if len(parts) == 1:
         return parts[0]
     total = parts[0].clone()
     for part in parts[1:]:
-        total.add_(part)  # type: ignore[arg-type]  # one form throughout
+        total.add_(part)
     return total
 
 

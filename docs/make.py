@@ -79,16 +79,20 @@ def _notes(meta: dict[str, Any]) -> str:
 
 
 def _big_layer_table(path: Path) -> str:
-    """One row per `bench/big_layer.py` run: wall and peak memory by phase against the plan it printed, and the
-    peak disk under the output's folder (runs before one pass: two passes, the store kept, disk not sampled)."""
+    """One row per `bench/big_layer.py` run: wall and peak memory by phase against the plan it printed, the peak
+    disk under the output's folder (runs before one pass: two passes, the store kept, disk not sampled) and, for
+    a run under a memory budget, how far its tensors are from the unbounded run's (relative to each tensor's
+    scale)."""
     columns = ["shape, layers, targets", "passes", "wall (phases, s)", "peak RSS by phase, GiB", "peak RSS, GiB",
                "plan: peak (capture / calibration / decomposition)", "plan error", "plan error by phase",
-               "peak disk (output), GiB"]  # fmt: skip
+               "peak disk (output), GiB", "largest difference from the unbounded output"]  # fmt: skip
     rows = []
     for run in map(json.loads, path.read_text().splitlines()):
         phases, peaks, plan = run["phase_s"], run["peak_rss_gib"], run["plan_gib"]
         passes = "one" if run.get("passes") == 1 else "two"
         passes += ", store kept" if run.get("keep_covariances", True) else ""
+        passes += f", **--memory-budget {run['memory_budget']}**" if run.get("memory_budget") else ""
+        difference = run.get("largest_difference")
         disk = f"{run['peak_disk_gib']:.2f} ({run['output_gib']:.2f})" if "peak_disk_gib" in run else "—"
         rows.append([
             f"{run['shape'].upper()}, {run['layers']}, {run['targets']}", passes,
@@ -98,6 +102,7 @@ def _big_layer_table(path: Path) -> str:
             f"{plan['peak RAM']:.2f} ({plan['capture']:.2f} / {plan['calibration']:.2f} / "
             f"{plan['decomposition']:.2f} + baseline)",
             f"{run['plan_error'] * 100:+.1f} %", _phase_errors(peaks, plan), disk,
+            "—" if difference is None else f"{difference:.1e}",
         ])  # fmt: skip
     return markdown_table(columns, rows)
 

@@ -29,11 +29,13 @@ def test_the_gpu_acceptance_script_runs_every_step_on_the_cpu(tmp_path):
 
 
 def test_big_layer_measures_each_phase_against_its_plan(tmp_path):
-    """`bench/big_layer.py` on a tiny Llama, both ways: each phase's peak (the kernel's high-water mark, reset as
-    the phase starts) beside the plan the command printed."""
-    results = tmp_path / "big_layer.jsonl"
+    """`bench/big_layer.py` on a tiny Llama, both ways and under a memory budget: each phase's peak (the kernel's
+    high-water mark, reset as the phase starts) beside the plan the command printed, and the budget's output
+    against the first."""
+    results, kept = tmp_path / "big_layer.jsonl", tmp_path / "unbounded"
     command = [sys.executable, "bench/big_layer.py", "--shape", "tiny", "--layers", "2", "--results", str(results)]
-    for extra in ([], ["--two-passes"]):
+    budget = ["--memory-budget", "64GiB", "--against", str(kept)]
+    for extra in (["--keep-output", str(kept)], ["--two-passes"], budget):
         done = subprocess.run(
             [*command, *extra],
             cwd=REPO,
@@ -42,7 +44,8 @@ def test_big_layer_measures_each_phase_against_its_plan(tmp_path):
             timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    one, two = map(json.loads, results.read_text().splitlines())
+    one, two, bounded = map(json.loads, results.read_text().splitlines())
+    assert bounded["memory_budget"] == "64GiB" and bounded["largest_difference"] <= 1e-6
     assert set(one["peak_rss_gib"]) == {"setup+capture", "calibration + decomposition", "writing"}
     assert {"calibrate: calibration", "decompose: decomposition + writing"} <= set(two["peak_rss_gib"])
     for run in (one, two):

@@ -58,44 +58,39 @@ class WeightShape:
     covariance: bool = True
 
 
-def covariance_bytes(width: int, packed: bool) -> int:
-    """A float64 covariance: the square, or its upper triangle (``panels.SymmetricPanels``, under a budget)."""
-    return panels_bytes(width) if packed else width * width * F64
-
-
-def _parts(shape: WeightShape, stored_size: int, workspace: int, packed: bool) -> dict[str, int]:
+def _parts(shape: WeightShape, stored_size: int, workspace: int) -> dict[str, int]:
     """Alive at the peak: the covariance (its Cholesky factor by then), W·C, the weight, and the larger of the
     product's two float64 row blocks (while W·C is formed) and the solver's ``workspace`` (while the pairs are
     found); the residual is formed after W·C and the factor are freed, from row blocks as well."""
     out_dim, in_dim = shape.out_dim, shape.in_dim
     row_blocks = 2 * min(ROW_BLOCK_ELEMENTS, out_dim * in_dim) * F64
     return {
-        "covariance": covariance_bytes(in_dim, packed) if shape.covariance else 0,
+        "covariance": panels_bytes(in_dim) if shape.covariance else 0,  # its upper triangle, damped, factorised
         "W·C": out_dim * in_dim * F64,
         "solver": max(workspace, row_blocks),
         "weight": out_dim * in_dim * stored_size,
-        "shared input (damped + factor)": 2 * covariance_bytes(shape.shared, packed) if shape.shared else 0,
+        "shared input (damped + factor)": 2 * panels_bytes(shape.shared) if shape.shared else 0,
     }
 
 
 Workspace = Callable[[int, int], int]
 
 
-def _largest(shapes: Sequence[WeightShape], stored_size: int, workspace: Workspace, packed: bool) -> dict[str, int]:
-    parts = (_parts(shape, stored_size, workspace(shape.out_dim, shape.in_dim), packed) for shape in shapes)
+def _largest(shapes: Sequence[WeightShape], stored_size: int, workspace: Workspace) -> dict[str, int]:
+    parts = (_parts(shape, stored_size, workspace(shape.out_dim, shape.in_dim)) for shape in shapes)
     return max(parts, key=lambda p: sum(p.values()))
 
 
 def decomposition_memory(
-    shapes: Sequence[WeightShape], stored_size: int, solver: Solver = Solver.SUBSPACE, packed: bool = False
+    shapes: Sequence[WeightShape], stored_size: int, solver: Solver = Solver.SUBSPACE
 ) -> dict[str, int]:
     """The decomposition's peak parts (bytes) on ``solver``'s own path for its most demanding target of
-    ``shapes``, stored ``stored_size`` bytes an element, its covariances ``packed`` or square."""
-    return _largest(shapes, stored_size, lambda o, i: solver_workspace(o, i, solver), packed)
+    ``shapes``, stored ``stored_size`` bytes an element."""
+    return _largest(shapes, stored_size, lambda o, i: solver_workspace(o, i, solver))
 
 
 def fallback_memory(
-    shapes: Sequence[WeightShape], stored_size: int, solver: Solver, packed: bool = False
+    shapes: Sequence[WeightShape], stored_size: int, solver: Solver
 ) -> tuple[dict[str, int], dict[str, int]] | None:
     """The peak parts where the most demanding weight falls back from the Gram route: with the SVD, and with the
     blocked SVD taken where the SVD does not fit (the SVD where that is smaller); None for the SVD solver (it has
@@ -110,4 +105,4 @@ def fallback_memory(
         smaller = min(svd_workspace(out_dim, in_dim), blocked_svd_workspace(out_dim, in_dim))
         return max(smaller, solver_workspace(out_dim, in_dim, solver))
 
-    return _largest(shapes, stored_size, with_svd, packed), _largest(shapes, stored_size, with_smaller, packed)
+    return _largest(shapes, stored_size, with_svd), _largest(shapes, stored_size, with_smaller)

@@ -169,10 +169,7 @@ class Initialiser:
         if layer.store is not None:
             store = self.stores[layer.store]
             entry = store.by_linear[target.name]
-            # under a memory budget the covariance is read, damped and factorised as its upper triangle
-            read = functools.partial(
-                store.triangle if self.compute.packed else store.covariance, target.name, layer.round
-            )
+            read = functools.partial(store.triangle, target.name, layer.round)  # damped and factorised as read
             covariance = self.shared.source(target, read, options, self.device)
             diagnosis = damping_diagnosis(store, entry, options, layer.rank, layer.round)
             if diagnosis is not None:

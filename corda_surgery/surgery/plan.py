@@ -199,16 +199,14 @@ def _plan_decomposition(
     options: SurgeryOptions,
     targets: Sequence[WeightShape],
     one_pass: bool,
-    packed: bool,
 ) -> None:
-    """The decomposition's phase on the solver's own path (covariances ``packed`` or square), and its fallbacks'
-    peaks beside it."""
+    """The decomposition's phase on the solver's own path, and its fallbacks' peaks beside it."""
     stored_size, solver = view.stored_dtype.itemsize, options.decomposition.solver
     held = {"fused experts": 3 * _largest_fused(view)}  # weight, residual, pieces
     if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
         held["hidden states"] = plan.phases["calibration"]["hidden states"]
-    plan.phases["decomposition"] = decomposition_memory(targets, stored_size, solver, packed) | held
-    fallbacks = fallback_memory(targets, stored_size, solver, packed)
+    plan.phases["decomposition"] = decomposition_memory(targets, stored_size, solver) | held
+    fallbacks = fallback_memory(targets, stored_size, solver)
     if fallbacks is not None:
         svd, blocked = (sum(parts.values()) + sum(held.values()) for parts in fallbacks)
         if svd > plan.peak("decomposition"):
@@ -237,7 +235,7 @@ def plan_run(
     if spec is not None:
         budget = compute.activation_budget() if activation_budget is None else activation_budget
         plan.phases["capture"] = capture_memory(view, spec, budget)
-        plan.phases["calibration"] = calibration_memory(view, spec, budget, compute.packed)
+        plan.phases["calibration"] = calibration_memory(view, spec, budget)
         disk = calibration_disk(view, spec, budget)
         if not keep_store:
             store = disk.pop("covariance store")
@@ -247,7 +245,7 @@ def plan_run(
         plan.disk.update(disk)
     if options is not None and targets:
         if options.method.uses_covariance or options.mode is not None:
-            _plan_decomposition(plan, view, options, targets, one_pass, compute.packed)
+            _plan_decomposition(plan, view, options, targets, one_pass)
         plan.disk["residual model"] = sum(
             math.prod(location.shape) * location.dtype.itemsize for location in view.reader.layout.values()
         )
