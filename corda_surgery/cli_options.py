@@ -114,9 +114,9 @@ device_option = click.option(
 )  # fmt: skip
 memory_budget_option = click.option(
     "--memory-budget", default=None,
-    help="Peak RAM the whole run may use (e.g. 8GiB). Under it every covariance is held as its upper triangle "
-         "(half the memory: the same sums, factorised in panels), and the plan refuses a budget the run cannot "
-         "keep, naming the smallest it can. Default: no budget, whatever RAM is free.",
+    help="Peak RAM the whole run may use (e.g. 8GiB): the plan refuses a budget the run cannot keep, before it "
+         "starts, naming the smallest it can; the hidden states get a quarter of it (unless --max-memory), and an "
+         "SVD fallback what it leaves. The output is the same bits as without. Default: whatever RAM is free.",
 )  # fmt: skip
 dry_run_option = click.option(
     "--dry-run", is_flag=True,

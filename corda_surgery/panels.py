@@ -30,7 +30,8 @@ class SymmetricPanels:
 
     def __init__(self, panels: list[torch.Tensor], width: int):
         self.panels, self.width = panels, width
-        self.starts = list(range(0, width, PANEL_ROWS))
+        self.height = panels[0].shape[0]  # rows per panel (the last may have fewer)
+        self.starts = list(range(0, width, self.height))
 
     @classmethod
     def zeros(cls, width: int, device: torch.device | str = "cpu") -> SymmetricPanels:
@@ -47,9 +48,6 @@ class SymmetricPanels:
     @property
     def device(self) -> torch.device:
         return self.panels[0].device
-
-    def nbytes(self) -> int:
-        return sum(panel.numel() * panel.element_size() for panel in self.panels)
 
     def _spans(self, rows: slice) -> Iterator[tuple[torch.Tensor, int, slice]]:
         """(panel, its first row, the part of ``rows`` it holds) for each panel that ``rows`` overlaps."""
@@ -69,11 +67,8 @@ class SymmetricPanels:
 
     def row(self, index: int) -> torch.Tensor:
         """Row ``index`` of the upper triangle from the diagonal on: ``C[index, index:]`` (a view)."""
-        panel, start = self.panels[index // PANEL_ROWS], index // PANEL_ROWS * PANEL_ROWS
+        panel, start = self.panels[index // self.height], index // self.height * self.height
         return panel[index - start, index - start :]
-
-    def set_row(self, index: int, values: torch.Tensor) -> None:
-        self.row(index).copy_(values)
 
     def diagonal(self) -> torch.Tensor:
         """A copy of the diagonal."""
