@@ -17,6 +17,7 @@ inputs of its own (up and down projection).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +25,6 @@ from corda_surgery.calib.data import CalibrationSpec
 from corda_surgery.calib.packing import packed_length
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.view import ModelView, is_linear
-from corda_surgery.decomposition.diagnostics import BELOW_DAMPING_MAX_WIDTH, COUNT_SQUARES
 from corda_surgery.numerics import symmetric_tiles
 from corda_surgery.panels import panels_bytes
 
@@ -97,10 +97,13 @@ def capture_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[
     }
 
 
-def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> dict[str, int]:
-    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget.
-    The block is loaded before its sums and forward temporaries exist: the loading's transients count where they
-    are more."""
+def calibration_memory(
+    view: ModelView, spec: CalibrationSpec, budget: int, counting: Callable[[int], int] | None = None
+) -> dict[str, int]:
+    """The calibration phase's peak parts (bytes) for its largest block, with ``budget`` the activation budget
+    and ``counting`` the bytes an eigenvalue count of an input of a width holds (None: none counted). The block
+    is loaded before its sums and forward temporaries exist: the loading's transients count where they are
+    more."""
     size = view.dtype.itemsize
     config = view.config.get_text_config()
     hidden = int(config.hidden_size)
@@ -118,8 +121,8 @@ def calibration_memory(view: ModelView, spec: CalibrationSpec, budget: int) -> d
         + batch * heads * spec.seq_len**2 * F32  # attention scores
         + product_tile * (F32 + F64)  # a tile's product, and its float64 copy where it is added on
     )
-    counted = max((w for w in widths if w <= BELOW_DAMPING_MAX_WIDTH), default=0)
-    forward = max(forward, COUNT_SQUARES * counted * counted * F64)  # between batches: an eigenvalue count
+    if counting is not None:  # between batches: an eigenvalue count
+        forward = max(forward, *(counting(w) for w in widths))
     return {
         "block weights": _bytes(block, size),
         "hidden states": min(_hidden_bytes(view, spec), budget + batch_tokens * hidden * size),

@@ -1,5 +1,5 @@
-"""Work over large matrices in pieces: finiteness checks without temporaries near the tensor's size, and
-symmetric products from the tiles of their upper triangle."""
+"""Work over large matrices in pieces: finiteness checks without temporaries near the tensor's size, symmetric
+products from the tiles of their upper triangle, and a square's Cholesky factorisation in place."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import itertools
 import torch
 
 CHECK_BLOCK_ELEMENTS = 1 << 23  # elements checked at a time: 64 MB of float64
+CHOLESKY_PANEL = 1024  # columns factorised at a time by ``cholesky_in_place``: two panels of temporaries
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -81,3 +82,28 @@ def cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``(L·Lᵀ)⁻¹·rhs`` for a lower Cholesky ``factor`` L, by two triangular solves (faster than
     ``torch.cholesky_solve``, LAPACK's potrs, on the CPU)."""
     return torch.linalg.solve_triangular(factor.T, torch.linalg.solve_triangular(factor, rhs, upper=False), upper=True)
+
+
+def cholesky_in_place(matrix: torch.Tensor) -> bool:
+    """Overwrite a symmetric ``matrix`` with its lower Cholesky factor (strict upper triangle zeroed); False,
+    with ``matrix`` spoiled, where it is not positive definite.
+
+    ``torch.linalg.cholesky`` copies its input whatever ``out`` says (one more n² matrix). This left-looking
+    blocked form reads only the lower triangle and needs one panel of CHOLESKY_PANEL columns at a time; its
+    work is the same n³/3, in matrix products.
+    """
+    width = matrix.shape[0]
+    for start in range(0, width, CHOLESKY_PANEL):
+        end = min(start + CHOLESKY_PANEL, width)
+        panel = matrix[start:, start:end]
+        if start:
+            panel.sub_(matrix[start:, :start] @ matrix[start:end, :start].T)
+        diagonal, info = torch.linalg.cholesky_ex(panel[: end - start])
+        if int(info):
+            return False
+        panel[: end - start] = diagonal
+        if end < width:
+            below = panel[end - start :]
+            below.copy_(torch.linalg.solve_triangular(diagonal.T, below, upper=True, left=False))
+            matrix[start:end, end:].zero_()
+    return True

@@ -22,10 +22,10 @@ from corda_surgery.decomposition.kinds import (
     Solver,
     damping_scale,
 )
-from corda_surgery.decomposition.memory import CHOLESKY_PANEL, ROW_BLOCK_ELEMENTS
+from corda_surgery.decomposition.memory import ROW_BLOCK_ELEMENTS
 from corda_surgery.decomposition.solvers import KeptPairs, MemoryShortfall, kept_pairs
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import all_finite, cholesky_solve
+from corda_surgery.numerics import all_finite, cholesky_in_place, cholesky_solve
 from corda_surgery.panels import Covariance, SymmetricPanels
 
 log = logging.getLogger(__name__)
@@ -141,31 +141,6 @@ def _factorise(matrix: Covariance) -> bool:
 def _solve(factor: Covariance, rhs: torch.Tensor) -> torch.Tensor:
     """``C⁻¹·rhs`` from the factor ``_factorise`` left."""
     return factor.cholesky_solve(rhs) if isinstance(factor, SymmetricPanels) else cholesky_solve(factor, rhs)
-
-
-def cholesky_in_place(matrix: torch.Tensor) -> bool:
-    """Overwrite a symmetric ``matrix`` with its lower Cholesky factor (strict upper triangle zeroed); False,
-    with ``matrix`` spoiled, where it is not positive definite.
-
-    ``torch.linalg.cholesky`` copies its input whatever ``out`` says (one more n² matrix). This left-looking
-    blocked form reads only the lower triangle and needs one panel of CHOLESKY_PANEL columns at a time; its
-    work is the same n³/3, in matrix products.
-    """
-    width = matrix.shape[0]
-    for start in range(0, width, CHOLESKY_PANEL):
-        end = min(start + CHOLESKY_PANEL, width)
-        panel = matrix[start:, start:end]
-        if start:
-            panel.sub_(matrix[start:, :start] @ matrix[start:end, :start].T)
-        diagonal, info = torch.linalg.cholesky_ex(panel[: end - start])
-        if int(info):
-            return False
-        panel[: end - start] = diagonal
-        if end < width:
-            below = panel[end - start :]
-            below.copy_(torch.linalg.solve_triangular(diagonal.T, below, upper=True, left=False))
-            matrix[start:end, end:].zero_()
-    return True
 
 
 def _checked_covariance(

@@ -16,6 +16,11 @@ BELOW_DAMPING_MAX_WIDTH = 8192
 COUNT_SQUARES = 3  # width² float64 matrices a count holds at its peak: the sum, its shifted copy, a factorisation
 
 
+def count_memory(width: int) -> int:
+    """Bytes an eigenvalue count of a ``width``-wide input holds at its peak (0: not counted, too wide)."""
+    return COUNT_SQUARES * width * width * 8 if width <= BELOW_DAMPING_MAX_WIDTH else 0
+
+
 class DampingLimit(str, Enum):
     """What limits the directions a KPM adapter takes where at least ``rank`` covariance eigenvalues lie below
     the damping level: the sample (more tokens lift them above it) or the spectrum (they stay below)."""

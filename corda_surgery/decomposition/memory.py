@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from corda_surgery.decomposition.kinds import Solver
+from corda_surgery.numerics import CHOLESKY_PANEL
 from corda_surgery.panels import panels_bytes
 
-CHOLESKY_PANEL = 1024  # columns factorised at a time by ``cholesky_in_place``: two panels of temporaries
 ROW_BLOCK_ELEMENTS = 1 << 24  # rows of W at a time in the product and the residual: 128 MB in float64
 F64 = 8  # bytes of a float64: the decomposition's arithmetic, whatever the weight's dtype
 

@@ -29,6 +29,7 @@ from corda_surgery.calib.memory import (
 )
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions, available_host_memory, available_memory, resident_bytes
+from corda_surgery.decomposition.diagnostics import count_memory
 from corda_surgery.decomposition.memory import WeightShape, decomposition_memory, fallback_memory
 from corda_surgery.distributed import local_world
 from corda_surgery.errors import CordaSurgeryError
@@ -235,7 +236,7 @@ def plan_run(
     if spec is not None:
         budget = compute.activation_budget() if activation_budget is None else activation_budget
         plan.phases["capture"] = capture_memory(view, spec, budget)
-        plan.phases["calibration"] = calibration_memory(view, spec, budget)
+        plan.phases["calibration"] = calibration_memory(view, spec, budget, count_memory)
         disk = calibration_disk(view, spec, budget)
         if not keep_store:
             store = disk.pop("covariance store")
