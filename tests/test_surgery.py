@@ -99,13 +99,13 @@ def test_an_input_several_linears_read_is_read_once(tiny_llama, stores, tmp_path
     from corda_surgery.calib.store import CovarianceStore
 
     reads: list[str] = []
-    original = CovarianceStore.covariance
+    original = CovarianceStore.triangle
 
     def counted(self, linear, round_index=None):
         reads.append(linear)
         return original(self, linear, round_index)
 
-    monkeypatch.setattr(CovarianceStore, "covariance", counted)
+    monkeypatch.setattr(CovarianceStore, "triangle", counted)
     out = decompose_checkpoint(tiny_llama, tmp_path / "out", SurgeryOptions.of(rank=8), stores=[stores["llama"]],
                                progress=False)  # fmt: skip
     assert len(reads) == 4 * 3  # per layer: q/k/v, o, gate/up, down

@@ -168,7 +168,7 @@ class MemoryPlan:
         raise MemoryPlanError(
             f"--memory-budget {self.budget / GIB:.2f} GiB is below this run's peak of about {self.host_peak / GIB:.2f} "
             f"GiB ({phase}: {parts}, besides {self.baseline / GIB:.2f} GiB in use now); the smallest budget it can "
-            f"keep is {self.smallest / GIB:.2f} GiB{spill}. {HINTS[phase].capitalize()} to lower it"
+            f"keep is {self.smallest / GIB:.2f} GiB{spill} (to need less: {HINTS[phase]})"
         )
 
 
