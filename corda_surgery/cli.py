@@ -24,11 +24,10 @@ from corda_surgery.cli_options import (
     calibration_options,
     damping_option,
     damping_rule_option,
+    decompose_compute_options,
     decomposition_options,
     device_option,
-    dry_run_option,
     forward_options,
-    memory_budget_option,
 )
 from corda_surgery.distributed import launched
 from corda_surgery.memory import release_large_frees_to_os
@@ -163,9 +162,7 @@ def _print_next_steps(out: Path, base_name: str | None) -> None:
 @click.option("--covariances", "stores", multiple=True, type=click.Path(path_type=Path),
               help="HDF5 store(s) from `calibrate` (not for pissa/milora/lora).")  # fmt: skip
 @decomposition_options
-@device_option
-@memory_budget_option
-@dry_run_option
+@decompose_compute_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--resume", is_flag=True, help=RESUME_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")

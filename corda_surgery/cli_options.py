@@ -123,6 +123,8 @@ dry_run_option = click.option(
     help="Print the memory plan (estimated peak RAM / GPU memory and the disk the outputs need), check it "
          "against what is free, and stop. Every run prints the plan first and refuses one that cannot fit.",
 )  # fmt: skip
+# what decompose takes of where it runs: no forward pass, so neither its dtype nor the hidden states' memory
+decompose_compute_options = grouped(device_option, memory_budget_option, dry_run_option)
 forward_options = grouped(
     device_option,
     click.option("--forward-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
