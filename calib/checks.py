@@ -12,8 +12,7 @@ import torch
 from corda_surgery import __version__
 from corda_surgery.calib.packing import packed_width
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import all_finite
-from corda_surgery.panels import Covariance, SymmetricPanels
+from corda_surgery.panels import Covariance, SymmetricPanels, finite
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)
@@ -99,7 +98,7 @@ def check_covariance(data: Covariance, what: str, *, symmetric: bool = False) ->
     triangle; always for ``SymmetricPanels``), non-negative diagonal. Reductions over the whole matrix and
     mirrored pairs of SYMMETRY_TILE-wide tiles (both fit in cache), so no temporary approaches the covariance's
     size."""
-    if not (data.all_finite() if isinstance(data, SymmetricPanels) else all_finite(data)):
+    if not finite(data):
         raise StoreError(f"{what} contains NaN or Inf")
     if bool((data.diagonal() < 0).any()):
         raise StoreError(f"{what} has negative entries on its diagonal")

@@ -41,9 +41,8 @@ from corda_surgery.distributed import (
 )
 from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError
-from corda_surgery.numerics import all_finite
 from corda_surgery.outputs import STAGING_MARK
-from corda_surgery.panels import Covariance, tensors, total_of
+from corda_surgery.panels import Covariance, finite, tensors, total_of
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +265,7 @@ def _entries(
     for leader, accumulator in groups.accumulators.items():
         name = f"{prefix}.{leader}"
         sums = accumulator.totals()
-        if not all(all_finite(part) for s in sums for part in tensors(s)):
+        if not all(finite(s) for s in sums):
             raise CalibrationError(f"{name}: input activations contain NaN or Inf")
         below = None
         if below_damping is not None and leader not in uncounted:

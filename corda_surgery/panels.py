@@ -78,9 +78,6 @@ class SymmetricPanels:
         for panel in self.panels:
             panel[:, : panel.shape[0]].diagonal().add_(value)
 
-    def all_finite(self) -> bool:
-        return all(all_finite(panel) for panel in self.panels)
-
     def copy_(self, other: SymmetricPanels) -> SymmetricPanels:
         for panel, source in zip(self.panels, other.panels, strict=True):
             panel.copy_(source)
@@ -188,6 +185,11 @@ def square(matrix: Covariance) -> torch.Tensor:
 def tensors(matrix: Covariance) -> list[torch.Tensor]:
     """The tensors that hold ``matrix``: what an elementwise operation over ranks (a sum) works on."""
     return matrix.panels if isinstance(matrix, SymmetricPanels) else [matrix]
+
+
+def finite(matrix: Covariance) -> bool:
+    """No NaN or Inf in either form (``numerics.all_finite`` on each tensor that holds it)."""
+    return all(all_finite(tensor) for tensor in tensors(matrix))
 
 
 def accumulate_tiles(panels: SymmetricPanels, rows: torch.Tensor, tiles: list[tuple[slice, slice]]) -> None:

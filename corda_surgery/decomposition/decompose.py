@@ -26,7 +26,7 @@ from corda_surgery.decomposition.memory import ROW_BLOCK_ELEMENTS
 from corda_surgery.decomposition.solvers import KeptPairs, MemoryShortfall, kept_pairs
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite, cholesky_in_place, cholesky_solve
-from corda_surgery.panels import Covariance, SymmetricPanels
+from corda_surgery.panels import Covariance, SymmetricPanels, finite
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _checked_covariance(
         raise DecompositionError(
             f"{name}: covariance has shape {tuple(covariance.shape)}, expected ({in_dim}, {in_dim}) for its inputs"
         )
-    if not (covariance.all_finite() if isinstance(covariance, SymmetricPanels) else all_finite(covariance)):
+    if not finite(covariance):
         raise DecompositionError(f"{name}: covariance contains NaN or Inf")
     mean_diag = float(covariance.diagonal().mean())
     if not mean_diag > 0:
