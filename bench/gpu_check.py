@@ -125,7 +125,7 @@ def check_big_layer(shape: str, device: str, work: Path) -> dict:
 def check_onnx(surgery: Path, dtype: str, work: Path) -> dict:
     """Step 4: the merged model exported with a KV cache, run on the preferred provider (CUDA where present)."""
     merged = merge_adapter(surgery, surgery / "adapter", work / "onnx-merged", progress=False)
-    onnx_dir = export_onnx(merged, work / "onnx", dtype=dtype, with_past=True)
+    onnx_dir = export_onnx(merged, work / "onnx", weights=dtype, with_past=True)
     report = verify_onnx(onnx_dir, merged, repeats=3)
     return {"dtype": dtype, **vars(report)}
 

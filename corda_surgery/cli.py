@@ -19,6 +19,7 @@ import click
 
 from corda_surgery import __version__
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.cli_deploy import export_onnx, verify_onnx
 from corda_surgery.cli_errors import fail_cleanly, terminated
 from corda_surgery.cli_options import (
     calibration_options,
@@ -101,6 +102,10 @@ def main(debug: bool, verbose: bool) -> None:
         signal.signal(signal.SIGTERM, terminated)
     if not ranks.writer:  # under torchrun rank 0 reports for all; the others print only warnings and errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+
+
+main.add_command(export_onnx)
+main.add_command(verify_onnx)
 
 
 @main.command()
@@ -275,68 +280,6 @@ def merge(surgery_dir, adapter_dir, out, max_shard_size, overwrite):
     checked_adapter(surgery_dir, adapter_dir)
     path = merge_adapter(surgery_dir, adapter_dir, out, overwrite=overwrite, max_shard_size=shard_size)
     click.echo(f"merged model written to {path}")
-
-
-@main.command("export-onnx")
-@click.argument("merged_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder for model.onnx.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 halves weights and compute (for GPUs; logits differ from fp32 by up to ~1e-2).")  # fmt: skip
-@click.option("--with-past", is_flag=True,
-              help="Add past_key_values.* inputs and present.* outputs for KV-cached generation.")  # fmt: skip
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
-              help="torch.onnx path; auto: TorchScript for Llama-family models (fast; checked at shapes other "
-                   "than the traced ones), dynamo otherwise.")  # fmt: skip
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@fail_cleanly
-def export_onnx(merged_dir, out, dtype, with_past, opset, exporter, overwrite):
-    """Export a merged (plain) causal LM to ONNX for onnxruntime.
-
-    Dynamic batch and sequence axes; inputs input_ids, attention_mask, position_ids; output
-    logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker;
-    the exporter's warnings are recorded in onnx_export.json (and logged with -v).
-    """
-    from corda_surgery.export.onnx_export import export_onnx as run_export
-
-    path = run_export(
-        merged_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter, overwrite=overwrite
-    )
-    click.echo(f"ONNX model written to {path}")
-
-
-@main.command("verify-onnx")
-@click.argument("onnx_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--reference", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
-              help="The merged checkpoint the ONNX model was exported from.")  # fmt: skip
-@click.option("--new-tokens", default=20, show_default=True, help="Greedy tokens compared per prompt.")
-@click.option("--repeats", default=5, show_default=True, help="Timed runs per latency figure (median).")
-@fail_cleanly
-def verify_onnx(onnx_dir, reference, new_tokens, repeats):
-    """Compare onnxruntime with PyTorch: logits, greedy tokens, prefill and per-token latency.
-
-    Runs on CUDAExecutionProvider when it loads, else on the CPU; prints the provider used.
-    Exits with status 1 if the greedy tokens differ.
-    """
-    from corda_surgery.export.verify import verify_onnx as run_verify
-
-    report = run_verify(onnx_dir, reference, new_tokens=new_tokens, repeats=repeats)
-    click.echo(f"provider:            {report.provider}")
-    click.echo(
-        f"logits:              max |Δ| {report.max_abs_error:.2e}, relative {report.max_rel_error:.2e}, "
-        f"argmax agreement {report.argmax_agreement:.2%}"
-    )
-    click.echo(f"greedy {report.greedy_tokens} tokens:    {'identical' if report.greedy_match else 'DIFFERENT'}")
-    click.echo(
-        f"prefill {report.prefill_tokens} tokens:  onnxruntime {report.prefill_ms_onnx:.1f} ms, "
-        f"PyTorch {report.prefill_ms_torch:.1f} ms"
-    )
-    click.echo(
-        f"decode (per token):  onnxruntime {report.decode_ms_per_token_onnx:.2f} ms, "
-        f"PyTorch {report.decode_ms_per_token_torch:.2f} ms"
-    )
-    if not report.greedy_match:
-        sys.exit(1)
 
 
 def _damping_columns(diagnosis: dict, rank: int) -> str:

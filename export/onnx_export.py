@@ -39,13 +39,21 @@ from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.writer import copy_model_files
 from corda_surgery.errors import CordaSurgeryError, OptionsError
+from corda_surgery.export.onnx_weights import (
+    DEFAULT_BLOCK_SIZE,
+    QUANTISED_BITS,
+    WEIGHTS,
+    find_tied_head,
+    quantise,
+    tie_float_head,
+)
 from corda_surgery.outputs import check_disjoint, staged_folder
 from corda_surgery.paths import resolved
 
 log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
 EXPORT_INFO = "onnx_export.json"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # what the graph computes in
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 TORCHSCRIPT_OPSET = 17
@@ -170,15 +178,23 @@ def export_onnx(
     model_dir: str | Path,
     out: str | Path,
     *,
-    dtype: str = "fp32",
+    weights: str = "fp32",
+    block_size: int = DEFAULT_BLOCK_SIZE,
     with_past: bool = False,
     opset: int | None = None,
     exporter: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    """Write ``out/model.onnx`` (+ external data), the tokenizer/config files and ``onnx_export.json``."""
-    if dtype not in DTYPES:
-        raise OptionsError(f"`dtype` {dtype!r}: must be one of {', '.join(DTYPES)}")
+    """Write ``out/model.onnx`` (+ external data), the tokenizer/config files and ``onnx_export.json``.
+
+    ``weights`` fp32/fp16 export a graph computing in that type; int8/int4 quantise an fp32 graph's MatMul
+    weights in blocks of ``block_size`` (onnx_weights). Every graph is run at other shapes before it counts.
+    """
+    if weights not in WEIGHTS:
+        raise OptionsError(f"`weights` {weights!r}: must be one of {', '.join(WEIGHTS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OptionsError(f"`block_size` {block_size}: must be a power of two ≥ 16 (onnxruntime's MatMulNBits)")
+    dtype = "fp16" if weights == "fp16" else "fp32"
     if exporter not in EXPORTERS:
         raise OptionsError(f"`exporter` {exporter!r}: must be one of {', '.join(EXPORTERS)}")
     model_dir = Path(model_dir)
@@ -205,9 +221,14 @@ def export_onnx(
         exporter_warnings = _run_exporter(exporter, module, args, path, layers, with_past, opset, model_dir)
         onnx.checker.check_model(str(path))
         _check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter)
+        stored = _store_weights(path, weights, block_size)
+        if weights in QUANTISED_BITS:  # the quantised graph must run too; its drift is verify-onnx --text's
+            _check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter, exact=False)
         copy_model_files(model_dir, staging)
         info = {
             "dtype": dtype,
+            "weights": weights,
+            **stored,
             "with_past": with_past,
             "num_layers": layers,
             "num_kv_heads": heads,
@@ -220,6 +241,26 @@ def export_onnx(
         }
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return resolved(out)
+
+
+def _store_weights(path: Path, weights: str, block_size: int) -> dict[str, Any]:
+    """Rewrite the graph's weights as ``weights`` asks, the tied embedding table once; what was done."""
+    graph = onnx.load(str(path))
+    if weights in QUANTISED_BITS:
+        tied = find_tied_head(graph) is not None
+        graph = quantise(graph, QUANTISED_BITS[weights], block_size)
+    else:
+        head = find_tied_head(graph)
+        tied = head is not None
+        if head is None:
+            return {"tied_embeddings": False}
+        tie_float_head(graph, head)
+    data = path.with_name(path.name + ".data")
+    data.unlink()
+    onnx.save_model(graph, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
+    onnx.checker.check_model(str(path))
+    quantised = {"block_size": block_size} if weights in QUANTISED_BITS else {}
+    return {"tied_embeddings": tied, **quantised}
 
 
 def _run_exporter(
@@ -285,9 +326,11 @@ def _check_other_shapes(
     input_names: list[str],
     model_dir: Path,
     exporter: str,
+    exact: bool = True,
 ) -> None:
     """A graph records the example's shapes wherever the model's Python decided on them: run it at other
-    batch, sequence and past lengths against PyTorch.
+    batch, sequence and past lengths against PyTorch. A quantised graph (not ``exact``) must run and give
+    finite logits of the right shape; how far it drifts is measured by verify-onnx --text.
 
     Tracer warnings cannot tell a broken trace from a good one (Llama's correct trace warns as GPT-2's
     broken one does); the dynamo exporter specialises an axis silently where a model loops in Python over
@@ -325,6 +368,10 @@ def _check_other_shapes(
             f"{str(exc).splitlines()[0][:300]}"
         ) from exc
     logits = logits[real] if logits.shape[:2] == real.shape else logits
+    if not exact:
+        if logits.shape != expected.shape or not np.isfinite(logits).all():
+            raise ExportError(f"{model_dir}: the quantised graph gives no finite logits at batch 3, sequence 5")
+        return
     error = float(np.abs(logits - expected).max()) if logits.shape == expected.shape else float("inf")
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
     if not error <= tolerance:

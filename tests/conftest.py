@@ -20,6 +20,12 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_smollm2(tmp_path_factory):
+    """SmolLM2's shape in small: Llama with the output head tied to the embedding table."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_smollm2"), "llama", tied=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2")
 

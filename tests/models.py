@@ -79,11 +79,20 @@ def _config(kind: str, vocab: int, layers: int, hidden: int):
 
 
 def save_tiny_model(
-    path: Path, kind: str = "llama", *, layers: int = 3, hidden: int = 64, seed: int = 0, dtype=torch.float32
+    path: Path,
+    kind: str = "llama",
+    *,
+    layers: int = 3,
+    hidden: int = 64,
+    seed: int = 0,
+    dtype=torch.float32,
+    tied: bool = False,
 ) -> Path:
-    """Save a random-initialised model of the given family and the test tokenizer into ``path``."""
+    """Save a random-initialised model of the given family and the test tokenizer into ``path``; ``tied``: the
+    output head shares the embedding table (SmolLM2's shape)."""
     tokenizer = make_tokenizer()
     config, build = _config(kind, len(tokenizer), layers, hidden)
+    config.tie_word_embeddings = tied or config.tie_word_embeddings
     torch.manual_seed(seed)
     model = build(config).to(dtype).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb so they matter

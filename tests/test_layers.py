@@ -33,6 +33,7 @@ LAYERS = [
     ("corda_surgery.cli", 5, "cli"),
     ("corda_surgery.cli_options", 5, "cli"),
     ("corda_surgery.cli_errors", 5, "cli"),
+    ("corda_surgery.cli_deploy", 5, "cli"),
     ("corda_surgery.launcher", 5, "cli"),
     ("corda_surgery.__main__", 5, "cli"),
     ("corda_surgery", 0, "ground"),  # the package's own __init__ (its version)

@@ -102,7 +102,7 @@ def test_kv_cache_steps_equal_full_forward(exported):
     reason="needs a CUDA GPU with onnxruntime's CUDA provider",
 )
 def test_cuda_fp16_export(tiny_llama, tmp_path):
-    onnx_dir = export_onnx(tiny_llama, tmp_path / "fp16", dtype="fp16", with_past=True)
+    onnx_dir = export_onnx(tiny_llama, tmp_path / "fp16", weights="fp16", with_past=True)
     session = OnnxCausalLM(onnx_dir)
     assert session.provider == "CUDAExecutionProvider"
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
