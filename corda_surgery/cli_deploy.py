@@ -23,8 +23,9 @@ from corda_surgery.cli_errors import fail_cleanly
 )
 @click.option("--block-size", default=32, show_default=True,
               help="Weights per quantisation block (int8/int4).")  # fmt: skip
-@click.option("--with-past", is_flag=True,
-              help="Add past_key_values.* inputs and present.* outputs for KV-cached generation.")  # fmt: skip
+@click.option("--with-past/--no-past", default=True, show_default=True,
+              help="past_key_values.* inputs and present.* outputs for KV-cached generation (what "
+                   "onnxruntime-genai runs); --no-past: one graph of logits alone.")  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="torch.onnx path; auto: TorchScript for Llama-family models (fast; checked at shapes other "
@@ -32,11 +33,14 @@ from corda_surgery.cli_errors import fail_cleanly
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @fail_cleanly
 def export_onnx(merged_dir, out, weights, block_size, with_past, opset, exporter, overwrite):
-    """Export a merged (plain) causal LM to ONNX for onnxruntime.
+    """Export a merged (plain) causal LM to an ONNX folder that onnxruntime and onnxruntime-genai load.
 
-    Dynamic batch and sequence axes; inputs input_ids, attention_mask, position_ids; output
-    logits; weights in external data (model.onnx.data). The graph is checked with onnx.checker;
-    the exporter's warnings are recorded in onnx_export.json (and logged with -v).
+    The folder: model.onnx (+ model.onnx.data), the tokenizer and config files, genai_config.json
+    (Llama, Mistral, Qwen2/3 with the KV cache) and onnx_export.json. Dynamic batch and sequence
+    axes; inputs input_ids, attention_mask, position_ids (+ past_key_values.*); outputs logits
+    (+ present.*), optimum's names. Before the folder is written, the graph runs in onnxruntime at
+    other shapes than the traced ones (fp32/fp16: against PyTorch) and onnxruntime-genai generates
+    from the folder (fp32: PyTorch's greedy tokens); an export that fails either is not written.
     """
     from corda_surgery.export.onnx_export import export_onnx as run_export
 

@@ -27,9 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.export import Dim
@@ -38,7 +36,15 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from corda_surgery.checkpoint.experts import find_fused_experts
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.writer import copy_model_files
-from corda_surgery.errors import CordaSurgeryError, OptionsError
+from corda_surgery.errors import OptionsError
+from corda_surgery.export.genai_config import write_genai_config
+from corda_surgery.export.onnx_checks import (
+    ExportError,
+    cache_geometry,
+    check_genai,
+    check_other_shapes,
+    example_inputs,
+)
 from corda_surgery.export.onnx_weights import (
     DEFAULT_BLOCK_SIZE,
     QUANTISED_BITS,
@@ -57,10 +63,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # what the graph comput
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 TORCHSCRIPT_OPSET = 17
-
-
-class ExportError(CordaSurgeryError):
-    """The model cannot be exported (unsupported architecture, exporter failure); names the model."""
 
 
 class _LogitsOnly(nn.Module):
@@ -94,14 +96,6 @@ class _WithPast(nn.Module):
         )
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
-
-
-def cache_geometry(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of the KV cache."""
-    layers = config.num_hidden_layers
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return layers, heads, head_dim
 
 
 def io_names(num_layers: int, with_past: bool) -> tuple[list[str], list[str]]:
@@ -214,18 +208,18 @@ def export_onnx(
         exporter = "torchscript" if model.config.model_type in TORCHSCRIPT_FAMILIES else "dynamo"
     layers, heads, head_dim = cache_geometry(model.config)
     module: nn.Module = _WithPast(model) if with_past else _LogitsOnly(model)
-    args = _example_inputs(model, batch=2, sequence=3, past_length=4 if with_past else None)  # ≥ 2 everywhere,
+    args = example_inputs(model, batch=2, sequence=3, past_length=4 if with_past else None)  # ≥ 2 everywhere,
     input_names, output_names = io_names(layers, with_past)  # or the exporter specialises that axis
     with staged_folder(out, overwrite=overwrite, inputs=[model_dir]) as staging:
         path = staging / ONNX_NAME
         exporter_warnings = _run_exporter(exporter, module, args, path, layers, with_past, opset, model_dir)
         onnx.checker.check_model(str(path))
-        _check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter)
+        check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter)
         stored = _store_weights(path, weights, block_size)
         if weights in QUANTISED_BITS:  # the quantised graph must run too; its drift is verify-onnx --text's
-            _check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter, exact=False)
+            check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter, exact=False)
         copy_model_files(model_dir, staging)
-        info = {
+        info: dict[str, Any] = {
             "dtype": dtype,
             "weights": weights,
             **stored,
@@ -239,6 +233,9 @@ def export_onnx(
             "exporter": exporter,
             "exporter_warnings": dict(exporter_warnings),
         }
+        info["genai_config"] = write_genai_config(staging, model.config, info)
+        if info["genai_config"]:
+            check_genai(staging, model, exact=weights in ("fp32",))
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return resolved(out)
 
@@ -300,87 +297,3 @@ def _run_exporter(
     for message, count in counted.items():
         log.info("exporter warning (%d×) %s", count, message)
     return counted
-
-
-def _example_inputs(model: PreTrainedModel, *, batch: int, sequence: int, past_length: int | None) -> tuple:
-    """(input_ids, attention_mask, position_ids[, past]) for ``batch`` rows of ``sequence`` new tokens."""
-    generator = torch.Generator().manual_seed(batch * 100 + sequence)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, sequence), generator=generator)
-    offset = past_length or 0
-    attention_mask = torch.ones(batch, offset + sequence, dtype=torch.long)
-    position_ids = torch.arange(offset, offset + sequence).expand(batch, sequence)
-    if past_length is None:
-        return input_ids, attention_mask, position_ids
-    layers, heads, head_dim = cache_geometry(model.config)
-    past = [
-        torch.randn(batch, heads, past_length, head_dim, generator=generator).to(model.dtype) for _ in range(2 * layers)
-    ]
-    return input_ids, attention_mask, position_ids, past
-
-
-def _check_other_shapes(
-    path: Path,
-    module: nn.Module,
-    model: PreTrainedModel,
-    with_past: bool,
-    input_names: list[str],
-    model_dir: Path,
-    exporter: str,
-    exact: bool = True,
-) -> None:
-    """A graph records the example's shapes wherever the model's Python decided on them: run it at other
-    batch, sequence and past lengths against PyTorch. A quantised graph (not ``exact``) must run and give
-    finite logits of the right shape; how far it drifts is measured by verify-onnx --text.
-
-    Tracer warnings cannot tell a broken trace from a good one (Llama's correct trace warns as GPT-2's
-    broken one does); the dynamo exporter specialises an axis silently where a model loops in Python over
-    it (MiniMax's lightning attention), and its graph optimiser folds constants below 1e-8 to zero (Helium's
-    RMSNorm epsilon: NaN on an all-zero row). All of these give wrong logits here.
-    """
-    args = _example_inputs(model, batch=3, sequence=5, past_length=2 if with_past else None)
-    input_ids, attention_mask = args[0], args[1]
-    pad = getattr(model.config.get_text_config(), "pad_token_id", None) or 0  # not every config declares one
-    input_ids[-1, -2:] = pad  # a right-padded row: padding must not spoil real tokens
-    attention_mask[-1, -2:] = 0
-    real = attention_mask[:, -input_ids.shape[1] :].bool().numpy()
-    with torch.no_grad():
-        expected = module(*args)
-    expected = (expected[0] if with_past else expected).float().numpy()[real]
-    flat = [*args[:3], *(args[3] if with_past else [])]
-    feeds = {name: tensor.numpy() for name, tensor in zip(input_names, flat)}
-    # float32 runs on the CPU everywhere; fp16 only where the CUDA provider is (the CPU lacks fp16 kernels)
-    if model.dtype != torch.float32 and "CUDAExecutionProvider" not in ort.get_available_providers():
-        log.warning(
-            "%s: a %s graph is not checked at other shapes without onnxruntime's CUDA provider; run "
-            "verify-onnx where it is",
-            model_dir,
-            model.dtype,
-        )
-        return
-    wanted = ["CPUExecutionProvider"] if model.dtype == torch.float32 else ["CUDAExecutionProvider"]
-    ort.set_default_logger_severity(4)
-    try:
-        session = ort.InferenceSession(str(path), providers=wanted)
-        logits = session.run(["logits"], feeds)[0].astype(np.float32)
-    except Exception as exc:  # onnxruntime raises its own types: a graph that fails at other shapes
-        raise ExportError(
-            f"{model_dir}: the {exporter} export fails at shapes other than the example's (batch 3, sequence 5): "
-            f"{str(exc).splitlines()[0][:300]}"
-        ) from exc
-    logits = logits[real] if logits.shape[:2] == real.shape else logits
-    if not exact:
-        if logits.shape != expected.shape or not np.isfinite(logits).all():
-            raise ExportError(f"{model_dir}: the quantised graph gives no finite logits at batch 3, sequence 5")
-        return
-    error = float(np.abs(logits - expected).max()) if logits.shape == expected.shape else float("inf")
-    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2
-    if not error <= tolerance:
-        hint = (
-            "it baked shapes into the graph; use `exporter` dynamo"
-            if exporter == "torchscript"
-            else ("the graph does not compute what the model does there")
-        )
-        raise ExportError(
-            f"{model_dir}: the {exporter} export gives wrong logits at shapes other than the example's (max |Δ| "
-            f"{error:.2g} at batch 3, sequence 5, one row padded): {hint}"
-        )

@@ -135,3 +135,34 @@ def as_format_2(store: Path, out: Path) -> Path:
             square.create_dataset(name, data=read_packed(source, packed_width(source.shape[0])).numpy())
             square[name].attrs.update(dict(source.attrs))
     return out
+
+
+def genai_batch_greedy(folder: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """onnxruntime-genai's own tokenizer and generator over a padded prompt batch, from the folder alone (CPU)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    model = og.Model(config)
+    batch = og.Tokenizer(model).encode_batch(prompts)
+    width = batch.as_numpy().shape[1]
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=width + new_tokens, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    generator.append_tokens(batch)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [[int(t) for t in generator.get_sequence(row)[width:]] for row in range(len(prompts))]
+
+
+def transformers_batch_greedy(model_dir: Path, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of a left-padded prompt batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(model_dir).generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    return out[:, batch["input_ids"].shape[1] :].tolist()

@@ -10,6 +10,7 @@ from corda_surgery.models import embedded_model_dir
 from corda_surgery.surgery.calibration import calibrate
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.run import decompose_checkpoint
+from tests.helpers import genai_batch_greedy, transformers_batch_greedy
 
 pytestmark = pytest.mark.slow
 peft = pytest.importorskip("peft", reason="peft is a test extra")
@@ -107,6 +108,8 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     )
     assert report.greedy_match
     assert report.max_rel_error < 1e-4
+    prompts = [*TEXT, "The tallest mountain in the world is"]  # genai pads the batch to its longest prompt
+    assert genai_batch_greedy(onnx_dir, prompts, 12) == transformers_batch_greedy(merged, prompts, 12)
 
 
 def test_corda_plus_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path):
