@@ -19,7 +19,7 @@ import click
 
 from corda_surgery import __version__
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
-from corda_surgery.cli_deploy import export_onnx, verify_onnx
+from corda_surgery.cli_deploy import export_adapter, export_onnx, verify_onnx
 from corda_surgery.cli_errors import fail_cleanly, terminated
 from corda_surgery.cli_options import (
     calibration_options,
@@ -104,6 +104,7 @@ def main(debug: bool, verbose: bool) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
 
 
+main.add_command(export_adapter)
 main.add_command(export_onnx)
 main.add_command(verify_onnx)
 

@@ -38,6 +38,7 @@ from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.writer import copy_model_files
 from corda_surgery.errors import OptionsError
 from corda_surgery.export.genai_config import write_genai_config
+from corda_surgery.export.onnx_adapters import ADAPTER_INPUTS, inject, lift_adapter_inputs
 from corda_surgery.export.onnx_checks import (
     ExportError,
     cache_geometry,
@@ -53,6 +54,7 @@ from corda_surgery.export.onnx_weights import (
     quantise,
     tie_float_head,
 )
+from corda_surgery.export.peft_adapter import LoraAdapter, read_adapter
 from corda_surgery.outputs import check_disjoint, staged_folder
 from corda_surgery.paths import resolved
 
@@ -175,6 +177,7 @@ def export_onnx(
     weights: str = "fp32",
     block_size: int = DEFAULT_BLOCK_SIZE,
     with_past: bool = False,
+    adapters_as_inputs: bool = False,
     opset: int | None = None,
     exporter: str = "auto",
     overwrite: bool = False,
@@ -182,28 +185,15 @@ def export_onnx(
     """Write ``out/model.onnx`` (+ external data), the tokenizer/config files and ``onnx_export.json``.
 
     ``weights`` fp32/fp16 export a graph computing in that type; int8/int4 quantise an fp32 graph's MatMul
-    weights in blocks of ``block_size`` (onnx_weights). Every graph is run at other shapes before it counts.
+    weights in blocks of ``block_size`` (onnx_weights). ``adapters_as_inputs``: ``model_dir`` is a surgery's
+    output, exported as its residual with each target's LoRA factors as graph inputs (onnx_adapters). Every
+    graph is run at other shapes, and through onnxruntime-genai where it has a config, before it counts.
     """
-    if weights not in WEIGHTS:
-        raise OptionsError(f"`weights` {weights!r}: must be one of {', '.join(WEIGHTS)}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise OptionsError(f"`block_size` {block_size}: must be a power of two ≥ 16 (onnxruntime's MatMulNBits)")
+    _check_options(weights, block_size, exporter)
     dtype = "fp16" if weights == "fp16" else "fp32"
-    if exporter not in EXPORTERS:
-        raise OptionsError(f"`exporter` {exporter!r}: must be one of {', '.join(EXPORTERS)}")
     model_dir = Path(model_dir)
     check_disjoint(Path(out), [model_dir])
-    CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], trust_remote_code=False, use_safetensors=True
-    ).eval()
-    if find_fused_experts(model):
-        model.set_experts_implementation("batched_mm")
-        log.warning(
-            "%s: fused experts exported with gathered per-token expert weights (batched_mm): prefill "
-            "memory grows with tokens × top-k × expert size",
-            model_dir,
-        )
+    model, adapter = _load(model_dir, DTYPES[dtype], adapters_as_inputs)
     if exporter == "auto":
         exporter = "torchscript" if model.config.model_type in TORCHSCRIPT_FAMILIES else "dynamo"
     layers, heads, head_dim = cache_geometry(model.config)
@@ -215,7 +205,7 @@ def export_onnx(
         exporter_warnings = _run_exporter(exporter, module, args, path, layers, with_past, opset, model_dir)
         onnx.checker.check_model(str(path))
         check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter)
-        stored = _store_weights(path, weights, block_size)
+        stored = _rewrite_graph(path, weights, block_size, adapter, staging)
         if weights in QUANTISED_BITS:  # the quantised graph must run too; its drift is verify-onnx --text's
             check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter, exact=False)
         copy_model_files(model_dir, staging)
@@ -235,29 +225,62 @@ def export_onnx(
         }
         info["genai_config"] = write_genai_config(staging, model.config, info)
         if info["genai_config"]:
-            check_genai(staging, model, exact=weights in ("fp32",))
+            check_genai(staging, model, exact=weights == "fp32")
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return resolved(out)
 
 
-def _store_weights(path: Path, weights: str, block_size: int) -> dict[str, Any]:
-    """Rewrite the graph's weights as ``weights`` asks, the tied embedding table once; what was done."""
+def _check_options(weights: str, block_size: int, exporter: str) -> None:
+    if weights not in WEIGHTS:
+        raise OptionsError(f"`weights` {weights!r}: must be one of {', '.join(WEIGHTS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OptionsError(f"`block_size` {block_size}: must be a power of two ≥ 16 (onnxruntime's MatMulNBits)")
+    if exporter not in EXPORTERS:
+        raise OptionsError(f"`exporter` {exporter!r}: must be one of {', '.join(EXPORTERS)}")
+
+
+def _load(model_dir: Path, dtype: torch.dtype, adapters_as_inputs: bool) -> tuple[PreTrainedModel, LoraAdapter | None]:
+    """The model to export, with its surgery adapter's LoRA branches where ``adapters_as_inputs``."""
+    CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
+    ).eval()
+    if find_fused_experts(model):
+        model.set_experts_implementation("batched_mm")
+        log.warning(
+            "%s: fused experts exported with gathered per-token expert weights (batched_mm): prefill "
+            "memory grows with tokens × top-k × expert size",
+            model_dir,
+        )
+    if not adapters_as_inputs:
+        return model, None
+    adapter = read_adapter(model_dir / "adapter")
+    inject(model, adapter, model_dir / "adapter")
+    return model, adapter
+
+
+def _rewrite_graph(
+    path: Path, weights: str, block_size: int, adapter: LoraAdapter | None, staging: Path
+) -> dict[str, Any]:
+    """The adapter's factors lifted to graph inputs, then the weights as ``weights`` asks with a tied embedding
+    table stored once (the factors stay float); what was done."""
     graph = onnx.load(str(path))
+    lifted = lift_adapter_inputs(graph, adapter) if adapter is not None else {}
+    if lifted:
+        (staging / ADAPTER_INPUTS).write_text(json.dumps(lifted, indent=2))
+    tied = find_tied_head(graph)
     if weights in QUANTISED_BITS:
-        tied = find_tied_head(graph) is not None
-        graph = quantise(graph, QUANTISED_BITS[weights], block_size)
-    else:
-        head = find_tied_head(graph)
-        tied = head is not None
-        if head is None:
-            return {"tied_embeddings": False}
-        tie_float_head(graph, head)
+        graph = quantise(graph, QUANTISED_BITS[weights], block_size, tied, keep_float=set(lifted))
+    elif tied is not None:
+        tie_float_head(graph, tied)
+    elif not lifted:
+        return {"tied_embeddings": False, "adapter_inputs": 0}
     data = path.with_name(path.name + ".data")
     data.unlink()
     onnx.save_model(graph, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
     onnx.checker.check_model(str(path))
     quantised = {"block_size": block_size} if weights in QUANTISED_BITS else {}
-    return {"tied_embeddings": tied, **quantised}
+    return {"tied_embeddings": tied is not None, "adapter_inputs": len(lifted), **quantised}
 
 
 def _run_exporter(

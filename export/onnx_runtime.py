@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from corda_surgery.export.onnx_export import EXPORT_INFO, ONNX_NAME, ExportError
+from corda_surgery.export.onnx_weights import WEIGHTS
 from corda_surgery.paths import resolved
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -41,6 +42,9 @@ def _read_info(onnx_dir: Path) -> dict:
     ]
     if bad or info["dtype"] not in _NUMPY_DTYPES:
         raise ExportError(f"{path}: malformed ({', '.join(bad) or 'dtype'}); not written by export-onnx")
+    info.setdefault("weights", info["dtype"])  # exports before --weights: their dtype
+    if info["weights"] not in WEIGHTS:
+        raise ExportError(f"{path}: malformed (weights); not written by export-onnx")
     return info
 
 

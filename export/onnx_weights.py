@@ -74,16 +74,19 @@ def tie_float_head(model: onnx.ModelProto, tied: TiedHead) -> None:
     tied.matmul.input[1] = transposed
 
 
-def quantise(model: onnx.ModelProto, bits: int, block_size: int) -> onnx.ModelProto:
-    """Every MatMul with a constant weight into onnxruntime's MatMulNBits; a tied table stored once (above)."""
+def quantise(
+    model: onnx.ModelProto, bits: int, block_size: int, tied: TiedHead | None, keep_float: set[str]
+) -> onnx.ModelProto:
+    """Every MatMul with a constant weight into onnxruntime's MatMulNBits, but those reading ``keep_float``
+    tensors (graph inputs with defaults: adapter factors); a ``tied`` table stored once (above)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    tied = find_tied_head(model)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    kept = [node.name for node in model.graph.node if keep_float.intersection(node.input)]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=kept, algo_config=config)
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level, quiet.level = quiet.level, logging.WARNING  # it logs every node at INFO
     try:
