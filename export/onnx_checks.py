@@ -66,9 +66,10 @@ def check_other_shapes(
     finite logits of the right shape; how far it drifts is measured by verify-onnx --text.
 
     Tracer warnings cannot tell a broken trace from a good one (Llama's correct trace warns as GPT-2's
-    broken one does); the dynamo exporter specialises an axis silently where a model loops in Python over
-    it (MiniMax's lightning attention), and its graph optimiser folds constants below 1e-8 to zero (Helium's
-    RMSNorm epsilon: NaN on an all-zero row). All of these give wrong logits here.
+    broken one does), and the dynamo exporter may fix an axis it cannot keep dynamic (Qwen3-Next's chunk loop
+    fixes the sequence at the example's): both give wrong logits or no run here. An axis the dynamo exporter
+    only bounds (MiniMax's block loop: any length up to one block) runs at these shapes; the export refuses
+    it from the exported program's ranges instead (onnx_export._narrowed_axes).
     """
     args = example_inputs(model, batch=3, sequence=5, past_length=2 if with_past else None)
     input_ids, attention_mask = args[0], args[1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -65,6 +66,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # what the graph comput
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 TORCHSCRIPT_OPSET = 17
+# model_type → why neither exporter gives a graph that runs at every shape (refused before loading the model)
+UNEXPORTABLE = {
+    "dbrx": "its experts loop in Python over the experts the router picked (nonzero/where per expert): torch.export "
+    "cannot trace the data-dependent loop and the TorchScript tracer bakes the example's routing into the graph",
+    "llama4_text": "its rotary embedding uses complex tensors (torch.polar, view_as_complex), which neither torch.onnx "
+    "exporter translates",
+    "minimax": "its lightning attention loops in Python over blocks of the sequence, so the graph only runs up to one "
+    "block (block_size tokens); its linear-attention cache is no key/value cache",
+    "qwen3_next": "its gated delta-net attention loops in Python over 64-token chunks of the sequence, so the exporter "
+    "fixes the sequence length; its linear-attention cache is no key/value cache",
+}
 
 
 class _LogitsOnly(nn.Module):
@@ -192,6 +204,9 @@ def export_onnx(
     _check_options(weights, block_size, exporter)
     dtype = "fp16" if weights == "fp16" else "fp32"
     model_dir = Path(model_dir)
+    model_type = _model_type(model_dir)
+    if model_type in UNEXPORTABLE:
+        raise ExportError(f"{model_dir}: {model_type} cannot be exported to ONNX: {UNEXPORTABLE[model_type]}")
     check_disjoint(Path(out), [model_dir])
     model, adapter = _load(model_dir, DTYPES[dtype], adapters_as_inputs)
     if exporter == "auto":
@@ -228,6 +243,13 @@ def export_onnx(
             check_genai(staging, model, exact=weights == "fp32")
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return resolved(out)
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the model names the problem
 
 
 def _check_options(weights: str, block_size: int, exporter: str) -> None:
@@ -295,11 +317,12 @@ def _run_exporter(
 ) -> Counter[str]:
     """Export ``module`` to ``path``; the exporter's warnings, counted (logged with -v)."""
     input_names, output_names = io_names(layers, with_past)
+    narrowed: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if exporter == "dynamo":
-                torch.onnx.export(
+                program = torch.onnx.export(
                     module,
                     args,
                     str(path),
@@ -309,14 +332,43 @@ def _run_exporter(
                     output_names=output_names,
                     external_data=True,
                     opset_version=opset,
+                    # onnxscript folds `x + c` with |c| ≤ 1e-8 to `x`: an RMSNorm epsilon that small (Helium's)
+                    # vanishes and an all-zero row (a padding token's embedding) gives NaN
+                    optimize=not _tiny_epsilon(module.model.config),
                 )
+                narrowed = _narrowed_axes(program.exported_program)
             else:
                 _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
     except OSError:
         raise  # the disk, not the model: one line naming the file
     except Exception as exc:  # the exporters raise many types; all mean "this model did not export"
         raise ExportError(f"{model_dir}: ONNX export failed: {_export_failure(exc)}") from exc
+    if exporter == "dynamo" and narrowed:  # torch.onnx applies torch.export's suggested fixes without a word
+        raise ExportError(
+            f"{model_dir}: the dynamo export only runs for {', '.join(narrowed)}: the model's Python decides on that "
+            "length (a loop over it)"
+        )
     counted = Counter(f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught)
     for message, count in counted.items():
         log.info("exporter warning (%d×) %s", count, message)
     return counted
+
+
+def _tiny_epsilon(config) -> bool:
+    """Whether the config sets an epsilon the ONNX graph optimiser would take for zero (0 < eps ≤ 1e-8)."""
+    values = config.get_text_config().to_dict()
+    return any("eps" in key and isinstance(value, float) and 0 < value <= 1e-8 for key, value in values.items())
+
+
+def _narrowed_axes(program: torch.export.ExportedProgram) -> list[str]:
+    """The inputs' dynamic axes that the exporter bounded above (``input_ids[1] ≤ 16``)."""
+    ranges = program.range_constraints
+    narrowed = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        for axis, size in enumerate(getattr(value, "shape", ())):
+            if isinstance(size, torch.SymInt) and size.node.expr in ranges:
+                upper = ranges[size.node.expr].upper
+                if upper < sys.maxsize:  # unbounded is torch's int_oo
+                    narrowed.append(f"{node.name}[{axis}] ≤ {upper}")
+    return narrowed

@@ -21,7 +21,8 @@ def run(*args):
 def test_help_and_version():
     result = run("--help")
     assert result.exit_code == 0 and "knowledge-preserved" in result.output
-    for command in ("calibrate", "decompose", "convert", "to-lora", "merge", "export-onnx", "verify-onnx", "inspect"):
+    commands = ("calibrate", "decompose", "convert", "to-lora", "merge", "export-onnx", "export-adapter", "verify-onnx")
+    for command in (*commands, "inspect"):
         assert run(command, "--help").exit_code == 0, command
     assert "corda-surgery, version" in run("--version").output
 

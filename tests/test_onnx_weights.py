@@ -5,10 +5,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
+from torch.export import Dim
 
 from corda_surgery.errors import OptionsError
-from corda_surgery.export.onnx_export import export_onnx
+from corda_surgery.export.onnx_export import UNEXPORTABLE, ExportError, _narrowed_axes, export_onnx
 from corda_surgery.export.verify import verify_onnx
 
 
@@ -56,9 +58,9 @@ def test_quantised_weights_are_matmulnbits_with_the_table_once(
     kinds = [node.op_type for node in graph.node]
     assert "MatMul" not in [k for k, n in zip(kinds, graph.node) if any(i in _initializers(out) for i in n.input)]
     matmuls = [node for node in graph.node if node.op_type == "MatMulNBits"]
-    assert len(matmuls) == 3 * 7 + 1 and all(
-        next(a.i for a in node.attribute if a.name == "bits") == bits for node in matmuls
-    )
+    widths = {node.name: next(a.i for a in node.attribute if a.name == "bits") for node in matmuls}
+    assert len(matmuls) == 3 * 7 + 1  # the head in 8 bits, the body in ``bits``
+    assert all(width == (8 if "lm_head" in name else bits) for name, width in widths.items())
     (lookup,) = [node for node in graph.node if node.op_type == "GatherBlockQuantized"]
     produced_by = {output: node for node in graph.node for output in node.output}
     head = next(node for node in matmuls if "lm_head" in node.name)
@@ -76,3 +78,26 @@ def test_a_block_size_matmulnbits_cannot_take_is_refused(tiny_smollm2, tmp_path,
     with pytest.raises(OptionsError, match="block_size"):
         export_onnx(tiny_smollm2, tmp_path / "out", weights="int4", block_size=block_size)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(UNEXPORTABLE))
+def test_a_family_no_exporter_can_run_is_refused_before_loading(tmp_path, model_type):
+    """The reason in one line, before any weight is read (the folder has a config and nothing else)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(ExportError, match=f"{model_type} cannot be exported to ONNX: its "):
+        export_onnx(tmp_path / "model", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_axis_the_exporter_only_bounds_is_found():
+    """An exported program whose sequence axis is bounded above (as torch.onnx leaves MiniMax's, having applied
+    torch.export's suggested fix without a word): the export reads the bound back, and would refuse."""
+
+    class Bounded(torch.nn.Module):
+        def forward(self, x):
+            torch._check(x.shape[1] <= 16)  # what a loop over one block of 16 makes torch.export assume
+            return x * 2
+
+    program = torch.onnx.export(Bounded(), (torch.ones(2, 5),), dynamo=True, dynamic_shapes=({1: Dim("sequence")},))
+    assert _narrowed_axes(program.exported_program) == ["x[1] ≤ 16"]
