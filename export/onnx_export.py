@@ -217,7 +217,7 @@ def export_onnx(
     input_names, output_names = io_names(layers, with_past)  # or the exporter specialises that axis
     with staged_folder(out, overwrite=overwrite, inputs=[model_dir]) as staging:
         path = staging / ONNX_NAME
-        exporter_warnings = _run_exporter(exporter, module, args, path, layers, with_past, opset, model_dir)
+        exporter_warnings = _run_exporter(exporter, module, args, path, model.config, with_past, opset, model_dir)
         onnx.checker.check_model(str(path))
         check_other_shapes(path, module, model, with_past, input_names, model_dir, exporter)
         stored = _rewrite_graph(path, weights, block_size, adapter, staging)
@@ -310,12 +310,13 @@ def _run_exporter(
     module: nn.Module,
     args: tuple,
     path: Path,
-    layers: int,
+    model_config: Any,
     with_past: bool,
     opset: int | None,
     model_dir: Path,
 ) -> Counter[str]:
     """Export ``module`` to ``path``; the exporter's warnings, counted (logged with -v)."""
+    layers = cache_geometry(model_config)[0]
     input_names, output_names = io_names(layers, with_past)
     narrowed: list[str] = []
     try:
@@ -334,9 +335,10 @@ def _run_exporter(
                     opset_version=opset,
                     # onnxscript folds `x + c` with |c| ≤ 1e-8 to `x`: an RMSNorm epsilon that small (Helium's)
                     # vanishes and an all-zero row (a padding token's embedding) gives NaN
-                    optimize=not _tiny_epsilon(module.model.config),
+                    optimize=not _tiny_epsilon(model_config),
                 )
-                narrowed = _narrowed_axes(program.exported_program)
+                if program is not None and program.exported_program is not None:
+                    narrowed = _narrowed_axes(program.exported_program)
             else:
                 _export_torchscript(module, args, path, input_names, output_names, opset or TORCHSCRIPT_OPSET)
     except OSError:
