@@ -20,7 +20,7 @@ from corda_surgery.checkpoint.rewrite import rewrite_checkpoint
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.diagnostics import DampingLimit
-from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, DampingRule, Mode
+from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, Mode
 from corda_surgery.export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.report import (
@@ -161,33 +161,25 @@ def _fused_residual(
     return fused, records
 
 
-# What a user can do about KPM targets whose adapter directions the damping chooses, by what limits them.
+# What a KPM target whose adapter directions the damping chooses means for the user, by what limits it.
 _DAMPING_ADVICE = {
-    DampingLimit.SAMPLE: "more tokens would lift enough of them above it (limited by the sample): calibrate on "
-    "more tokens (--samples, --seq-len)",
-    DampingLimit.SPECTRUM: "more tokens barely move the count (limited by the spectrum: whatever the tokens, "
-    "the level lies above that many eigenvalues, raised by a few massive input dimensions or over directions "
-    "the input hardly takes), so more calibration text will not help: {remedy}",
+    DampingLimit.SAMPLE: "more tokens would lift enough of them above it (limited by the sample): calibrate on more "
+    "tokens (raise --samples or --seq-len; where the data runs out first, a larger --data set)",
+    DampingLimit.SPECTRUM: "more tokens barely move the count (limited by the spectrum: a few massive input "
+    "dimensions raise the level above that many eigenvalues, whatever the tokens). This is PEFT's and the papers' "
+    "rule at work; the fidelity study found that a rule that follows the spectrum (--damping-rule median-diagonal) "
+    "made KPM forget more, not less (docs/fidelity.md), so there is nothing to change",
     None: "whether more tokens would help is unknown: the store has no count on part of its tokens (calibrated "
     "in one batch, or by an older corda-surgery), or counts samples (--covariance-norm peft)",
 }
 
 
-def _spectrum_remedy(options: SurgeryOptions) -> str:
-    """A rule that massive dimensions cannot raise, or a lower level under one."""
-    if options.decomposition.damping_rule is DampingRule.MEAN_DIAGONAL:
-        return (
-            "use --damping-rule median-diagonal (λ times the median input variance, which massive dimensions "
-            "cannot raise) or a lower --damping"
-        )
-    return "use a lower --damping"
-
-
 def _warn_damping_decided(
     layers: Mapping[str, LayerRecord | ExpertsRecord], options: SurgeryOptions, total: int
 ) -> None:
-    """KPM targets whose r smallest covariance directions all lie below the damping level: one warning for each
-    limit (``DampingLimit``), with the advice that fits it."""
+    """KPM targets whose r smallest covariance directions all lie below the damping level: one message for each
+    limit (``DampingLimit``) with what it means. A warning where the user can act (more tokens), a note (-v)
+    where the measurement says there is nothing to do (the spectrum); surgery.json and inspect keep all."""
     if options.mode is not Mode.KPM:
         return
     decided: dict[DampingLimit | None, list[tuple[str, LayerRecord]]] = {}
@@ -202,13 +194,14 @@ def _warn_damping_decided(
         example = f"{name}: {record.covariance_eigenvalues_below_damping} at rank {record.rank}" + (
             f"; {half} on its first {record.half_tokens:,} tokens" if half is not None else ""
         )
-        log.warning(
+        log.log(
+            logging.INFO if limit is DampingLimit.SPECTRUM else logging.WARNING,
             "%d of %d KPM targets have at least as many covariance eigenvalues below the damping level as their rank "
             "(e.g. %s): their adapter's directions are chosen by the damping, not the data; %s",
             len(found),
             total,
             example,
-            _DAMPING_ADVICE[limit].format(remedy=_spectrum_remedy(options)),
+            _DAMPING_ADVICE[limit],
         )
 
 
