@@ -101,3 +101,21 @@ def test_an_axis_the_exporter_only_bounds_is_found():
 
     program = torch.onnx.export(Bounded(), (torch.ones(2, 5),), dynamo=True, dynamic_shapes=({1: Dim("sequence")},))
     assert _narrowed_axes(program.exported_program) == ["x[1] ≤ 16"]
+
+
+def test_verify_onnx_judges_a_quantised_export_by_its_perplexity_drift(tiny_smollm2, tmp_path):
+    """--text: both perplexities on the text, the drift against --max-drift, said plainly, exit status 1 past it;
+    without --text a quantised export's drift is not judged, and it says so."""
+    from tests.helpers import run_cli
+    from tests.models import SAMPLE_TEXTS
+
+    out = export_onnx(tiny_smollm2, tmp_path / "int8", weights="int8", with_past=True)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(SAMPLE_TEXTS))
+    common = ["verify-onnx", out, "--reference", tiny_smollm2, "--repeats", "1", "--new-tokens", "4"]
+    unjudged = run_cli(*common)
+    assert unjudged.exit_code == 0 and "not judged" in unjudged.output
+    within = run_cli(*common, "--text", text, "--text-window", "64")
+    assert within.exit_code == 0 and "perplexity:" in within.output and "within --max-drift 10%" in within.output
+    past = run_cli(*common, "--text", text, "--text-window", "64", "--max-drift", "0")
+    assert past.exit_code == 1 and "TOO FAR" in past.output
