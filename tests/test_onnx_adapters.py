@@ -86,6 +86,24 @@ def test_two_adapters_switched_on_one_residual_session(surgery, tiny_smollm2, tm
     for seed, (served, merged) in [*results.items(), (1, results[1])]:  # and back to the first
         assert np.abs(served - merged).max() < tolerance, seed
     assert np.abs(results[1][1] - results[2][1]).max() > 2 * tolerance  # the two fine-tunes differ
+    for seed, (served, _) in results.items():  # onnxruntime-genai's own multi-LoRA API reads the same files
+        assert np.abs(_genai_logits(onnx_dir, tmp_path / f"trained{seed}.onnx_adapter") - served[0]).max() < 1e-4
+
+
+def _genai_logits(onnx_dir, adapter_file) -> np.ndarray:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(onnx_dir))
+    config.clear_providers()
+    model = og.Model(config)
+    adapters = og.Adapters(model)
+    adapters.load(str(adapter_file), "fine-tune")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=IDS.shape[1] + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.set_active_adapter(adapters, "fine-tune")
+    generator.append_tokens(IDS[:1].astype(np.int32))
+    return np.asarray(generator.get_output("logits"))[0]
 
 
 def test_an_adapter_of_another_rank_is_refused_naming_the_input(surgery, tmp_path):
