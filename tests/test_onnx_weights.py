@@ -103,19 +103,20 @@ def test_an_axis_the_exporter_only_bounds_is_found():
     assert _narrowed_axes(program.exported_program) == ["x[1] ≤ 16"]
 
 
-def test_verify_onnx_judges_a_quantised_export_by_its_perplexity_drift(tiny_smollm2, tmp_path):
+def test_verify_onnx_judges_a_quantised_export_by_its_perplexity_drift(tiny_smollm2, tmp_path, capsys):
     """--text: both perplexities on the text, the drift against --max-drift, said plainly, exit status 1 past it;
     without --text a quantised export's drift is not judged, and it says so."""
-    from tests.helpers import run_cli
+    import dataclasses
+
+    from corda_surgery.cli_deploy import _verdict
     from tests.models import SAMPLE_TEXTS
 
     out = export_onnx(tiny_smollm2, tmp_path / "int8", weights="int8", with_past=True)
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(SAMPLE_TEXTS))
-    common = ["verify-onnx", out, "--reference", tiny_smollm2, "--repeats", "1", "--new-tokens", "4"]
-    unjudged = run_cli(*common)
-    assert unjudged.exit_code == 0 and "not judged" in unjudged.output
-    within = run_cli(*common, "--text", text, "--text-window", "64")
-    assert within.exit_code == 0 and "perplexity:" in within.output and "within --max-drift 10%" in within.output
-    past = run_cli(*common, "--text", text, "--text-window", "64", "--max-drift", "0")
-    assert past.exit_code == 1 and "TOO FAR" in past.output
+    report = verify_onnx(out, tiny_smollm2, new_tokens=4, prefill_tokens=8, decode_steps=2, repeats=1,
+                         text="\n".join(SAMPLE_TEXTS), text_window=64)  # fmt: skip
+    assert report.weights == "int8" and report.text_tokens > 500
+    assert 0 < abs(report.perplexity_drift) < 0.10  # int8 moves the perplexity, a little
+    assert _verdict(report, max_drift=0.10) == 0 and "within --max-drift 10%" in capsys.readouterr().out
+    assert _verdict(report, max_drift=0.0) == 1 and "TOO FAR" in capsys.readouterr().out
+    unjudged = dataclasses.replace(report, text_tokens=0)
+    assert _verdict(unjudged, max_drift=0.0) == 0 and "not judged" in capsys.readouterr().out
