@@ -29,6 +29,7 @@ PERFORMANCE = [
     "readme_command.json",
     "smollm2_commands.json",
     "onnx_runtime.json",
+    "deploy.json",
     "vs_peft.json",
     "vs_peft_real.json",
     "subspace_solver.json",
