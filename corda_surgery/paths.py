@@ -7,8 +7,10 @@ one line naming the path. (Python before 3.13 reports a symlink loop from ``Path
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from corda_surgery.errors import CordaSurgeryError
 
@@ -34,3 +36,11 @@ def resolved(path: str | Path) -> Path:
         raise PathError(f"{path}: {os.strerror(errno.ELOOP)}") from exc
     except OSError as exc:
         raise PathError(f"{path}: {exc.strerror or exc}") from exc
+
+
+def read_json(path: Path, error: type[CordaSurgeryError]) -> Any:
+    """A JSON file that may come from a stranger: bytes that are no UTF-8 JSON raise ``error`` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc

@@ -11,7 +11,6 @@ factors as those inputs (``RunOptions.add_active_adapter``), so one session serv
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch.nn import functional
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.export.peft_adapter import LoraAdapter, read_adapter
 from corda_surgery.outputs import check_disjoint, refuse_existing
+from corda_surgery.paths import read_json
 
 ADAPTER_INPUTS = "adapter_inputs.json"
 
@@ -121,10 +121,7 @@ def _read_inputs(onnx_dir: Path) -> dict[str, dict]:
     path = onnx_dir / ADAPTER_INPUTS
     if not path.is_file():
         raise AdapterInputError(f"{onnx_dir}: no {ADAPTER_INPUTS}: export the surgery with --adapters-as-inputs")
-    try:
-        inputs = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterInputError(f"{path}: not valid JSON ({exc})") from exc
+    inputs = read_json(path, AdapterInputError)
     good = isinstance(inputs, dict) and all(
         isinstance(spec, dict) and isinstance(spec.get("module"), str) and isinstance(spec.get("transposed"), bool)
         and spec.get("factor") in ("lora_A", "lora_B") for spec in inputs.values()

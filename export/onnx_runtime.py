@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import onnxruntime as ort
 
 from corda_surgery.export.onnx_export import EXPORT_INFO, ONNX_NAME, ExportError
 from corda_surgery.export.onnx_weights import WEIGHTS
-from corda_surgery.paths import resolved
+from corda_surgery.paths import read_json, resolved
 
 _NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # What the session reads from onnx_export.json, and each field's type.
@@ -31,10 +30,7 @@ def _read_info(onnx_dir: Path) -> dict:
     path = onnx_dir / EXPORT_INFO
     if not path.is_file():
         raise FileNotFoundError(f"{onnx_dir}: no {EXPORT_INFO} (not an export-onnx output folder)")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from exc
+    info = read_json(path, ExportError)
     bad = [
         name
         for name, kind in _INFO_FIELDS.items()

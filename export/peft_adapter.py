@@ -25,6 +25,7 @@ from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
 from corda_surgery.checkpoint.reader import CheckpointError, read_safetensors_header
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.numerics import all_finite
+from corda_surgery.paths import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -272,10 +273,7 @@ def read_adapter(folder: str | Path, fused: Mapping[str, Sequence[str]] | None =
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise AdapterError(f"{folder}: not a PEFT adapter folder ({CONFIG_NAME} and {WEIGHTS_NAME} needed)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from exc
+    config = read_json(config_path, AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: not a JSON object")
     _check_config(config_path, config)
