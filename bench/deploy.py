@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.store_dtype import _machine as machine
+from corda_surgery.export.verify import greedy_agreement, median_ms, negative_log_likelihoods
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "deploy.json"
@@ -50,27 +50,6 @@ PROMPTS = (
 def wikitext(data_dir: Path, tokenizer, tokens: int) -> np.ndarray:
     text = (data_dir / "wikitext2_raw" / "wiki.test.raw").read_text(encoding="utf-8")
     return np.array(tokenizer(text[: 40 * tokens])["input_ids"][:tokens], dtype=np.int64)
-
-
-def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    top = logits.max(-1, keepdims=True)
-    return np.log(np.exp(logits - top).sum(-1)) + top[..., 0] - np.take_along_axis(logits, targets[:, None], -1)[:, 0]
-
-
-def agreement(ours: list[int], reference: list[int]) -> float:
-    same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))
-    return same / len(reference)
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class Eager:
@@ -129,16 +108,17 @@ class Genai:
 
 
 def measure(runner, reference: dict, settings, text: np.ndarray, prompts: list[list[int]]) -> dict:
-    losses = [nll(runner.logits(text[s : s + settings.window])[:-1], text[s + 1 : s + settings.window])
-              for s in range(0, len(text) - 1, settings.window) if len(text[s : s + settings.window]) > 1]  # fmt: skip
+    windows = [text[s : s + settings.window] for s in range(0, len(text) - 1, settings.window)]
+    losses = [negative_log_likelihoods(runner.logits(w)[:-1], w[1:]) for w in windows if len(w) > 1]
     greedy = [runner.greedy(ids, settings.new_tokens) for ids in prompts]
+    agreements = [greedy_agreement(ours, theirs) for ours, theirs in zip(greedy, reference.get("greedy", greedy))]
     prompt = text[: settings.prefill]
-    prefill = median_seconds(lambda: runner.prefill(prompt), settings.repeats)
-    generate = median_seconds(lambda: runner.greedy(prompt.tolist(), settings.new_tokens), settings.repeats)
+    prefill = median_ms(lambda: runner.prefill(prompt), settings.repeats) / 1e3
+    generate = median_ms(lambda: runner.greedy(prompt.tolist(), settings.new_tokens), settings.repeats) / 1e3
     return {
         "perplexity": float(np.exp(np.concatenate(losses).mean())),
         "greedy": greedy,
-        "greedy_agreement": float(np.mean([agreement(g, r) for g, r in zip(greedy, reference.get("greedy", greedy))])),
+        "greedy_agreement": float(np.mean(agreements)),
         "prefill_ms": prefill * 1e3,
         "decode_tokens_per_s": settings.new_tokens / max(generate - prefill, 1e-9),
     }

@@ -52,7 +52,7 @@ class VerifyReport:
         return self.perplexity_onnx / self.perplexity_torch - 1
 
 
-def _median_ms(run, repeats: int) -> float:
+def median_ms(run, repeats: int) -> float:
     run()  # warm-up
     times = []
     for _ in range(repeats):
@@ -87,7 +87,7 @@ def compare_logits(session: OnnxCausalLM, model, tokenizer, prompts) -> tuple[fl
     return float(diff.max()), float(diff.max() / np.abs(reference[real]).max()), agreement
 
 
-def _negative_log_likelihoods(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def negative_log_likelihoods(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """−log p(target) per position, in float64."""
     logits = logits.astype(np.float64)
     top = logits.max(-1, keepdims=True)
@@ -108,13 +108,13 @@ def text_perplexities(
         logits, _ = session(chunk, np.ones_like(chunk))
         with torch.no_grad():
             reference = model(torch.from_numpy(chunk)).logits.float().numpy()
-        onnx_nll.append(_negative_log_likelihoods(logits[0, :-1], chunk[0, 1:]))
-        torch_nll.append(_negative_log_likelihoods(reference[0, :-1], chunk[0, 1:]))
+        onnx_nll.append(negative_log_likelihoods(logits[0, :-1], chunk[0, 1:]))
+        torch_nll.append(negative_log_likelihoods(reference[0, :-1], chunk[0, 1:]))
     scored = np.concatenate(onnx_nll), np.concatenate(torch_nll)
     return float(np.exp(scored[0].mean())), float(np.exp(scored[1].mean())), int(scored[0].size)
 
 
-def _agreement(ours: list[int], theirs: list[int]) -> float:
+def greedy_agreement(ours: list[int], theirs: list[int]) -> float:
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(theirs))
     return same / len(theirs)
 
@@ -144,7 +144,7 @@ def verify_onnx(
     agreements = []
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
-        agreements.append(_agreement(session.greedy(ids, new_tokens), _torch_greedy(model, ids, new_tokens)))
+        agreements.append(greedy_agreement(session.greedy(ids, new_tokens), _torch_greedy(model, ids, new_tokens)))
     perplexities = (
         text_perplexities(session, model, tokenizer, text, window=text_window, max_tokens=text_tokens)
         if text is not None
@@ -155,8 +155,8 @@ def verify_onnx(
     prefill = generator.integers(0, len(tokenizer), size=(1, prefill_tokens))
     prefill_t = torch.from_numpy(prefill)
     with torch.no_grad():
-        prefill_ms_torch = _median_ms(lambda: model(prefill_t, use_cache=False), repeats)
-    prefill_ms_onnx = _median_ms(lambda: session(prefill, np.ones_like(prefill)), repeats)
+        prefill_ms_torch = median_ms(lambda: model(prefill_t, use_cache=False), repeats)
+    prefill_ms_onnx = median_ms(lambda: session(prefill, np.ones_like(prefill)), repeats)
 
     def decode_torch():
         with torch.no_grad():
@@ -169,8 +169,8 @@ def verify_onnx(
     def decode_onnx():
         session.greedy(prefill[0].tolist(), decode_steps)
 
-    decode_ms_torch = (_median_ms(decode_torch, repeats) - prefill_ms_torch) / decode_steps
-    decode_ms_onnx = (_median_ms(decode_onnx, repeats) - prefill_ms_onnx) / decode_steps
+    decode_ms_torch = (median_ms(decode_torch, repeats) - prefill_ms_torch) / decode_steps
+    decode_ms_onnx = (median_ms(decode_onnx, repeats) - prefill_ms_onnx) / decode_steps
     return VerifyReport(
         provider=session.provider,
         max_abs_error=max_abs,
