@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import click
 
+from corda_surgery.checkpoint.quantised import ResidualFormat
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.decomposition.gptq import DEFAULT_GPTQ_DAMPING, DEFAULT_GROUP_SIZE
 from corda_surgery.decomposition.kinds import DEFAULT_DAMPING, DEFAULT_DAMPING_RULE, DampingRule
+from corda_surgery.decomposition.refit import DEFAULT_REFIT_ROUNDS
 from corda_surgery.surgery.options import Method
 
 
@@ -104,6 +107,21 @@ decomposition_options = grouped(
                  help="corda++: total adapter parameters Σ(in+out)·r_l instead of --rank-budget."),
     click.option("--min-rank", default=1, show_default=True, help="corda++: smallest rank a layer gets."),
     click.option("--max-rank", type=int, default=None, help="corda++: largest rank a layer gets."),
+    click.option("--residual", type=click.Choice([f.value for f in ResidualFormat]), default="float",
+                 show_default=True,
+                 help="How the frozen residual is stored. float: as the input. nf4: bitsandbytes NF4 (QLoRA's "
+                      "4-bit base; from_pretrained loads it in 4-bit, PEFT/TRL train the adapter on it). int4: GPTQ "
+                      "with the calibration covariance as its Hessian, written as compressed-tensors pack-quantized "
+                      "(transformers and vLLM load it). The adapter's B is refit to the quantised residual "
+                      "(--refit-rounds); surgery.json records each layer's output error before and after."),
+    click.option("--refit-rounds", type=int, default=None,
+                 help="Quantised residual: rounds of refitting B against it in the calibration covariance's metric "
+                      "(A, the mode's directions, kept); 0 quantises the residual alone, as PEFT's route does "
+                      f"[default: {DEFAULT_REFIT_ROUNDS} where there is a covariance, else 0]."),
+    click.option("--group-size", default=DEFAULT_GROUP_SIZE, show_default=True,
+                 help="int4: input columns that share one scale."),
+    click.option("--gptq-damping", type=float, default=DEFAULT_GPTQ_DAMPING, show_default=True,
+                 help="int4: λ·mean(diag H) added to GPTQ's Hessian (its percdamp)."),
 )  # fmt: skip
 
 

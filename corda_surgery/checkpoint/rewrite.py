@@ -6,7 +6,7 @@ tensor (a fused experts parameter: the whole parameter, computed once and handed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from corda_surgery.checkpoint.view import ModelView, StoredPieces
 from corda_surgery.checkpoint.writer import copy_model_files, write_sharded_weights
 
-# A stored key's new tensor, or None to keep it as stored.
-Transform = Callable[[str], "torch.Tensor | None"]
+# A stored key's new tensor, or None to keep it as stored; for a key ``layout`` replaces, its new tensors by name.
+Transform = Callable[[str], "torch.Tensor | dict[str, torch.Tensor] | None"]
+Spec = tuple[tuple[int, ...], torch.dtype]
 
 
 def rewrite_checkpoint(
@@ -26,25 +27,41 @@ def rewrite_checkpoint(
     *,
     fused: Collection[str] = (),
     transform_fused: Callable[[str], torch.Tensor] | None = None,
+    layout: Mapping[str, dict[str, Spec]] | None = None,
     max_shard_size: int | str,
     desc: str,
     progress: bool,
 ) -> None:
     """Write ``view``'s checkpoint into ``staging``: every stored tensor through ``transform``, the ``fused``
-    parameters (module names) computed whole by ``transform_fused``, then the config and tokenizer files."""
-    reader = view.reader
+    parameters (module names) computed whole by ``transform_fused``, then the config and tokenizer files. A key
+    in ``layout`` is stored as the tensors it names (a quantised weight's codes and scales), which ``transform``
+    gives together the first time one of them is written."""
+    reader, layout = view.reader, layout or {}
     pieces = StoredPieces(view, fused, transform_fused) if transform_fused is not None else None
+    source = {name: key for key, names in layout.items() for name in names}
+    pending: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(reader.locations), desc=desc, unit="tensor", disable=not progress)
 
-    def produce(key: str) -> torch.Tensor:
+    def produce(name: str) -> torch.Tensor:
+        key = source.get(name, name)
+        if key in layout:
+            if not any(other in pending for other in layout[key]):
+                bar.update()
+                made = transform(key)
+                assert isinstance(made, dict), f"{key}: its layout names several tensors"
+                pending.update(made)
+            return pending.pop(name)
         bar.update()
         piece = pieces.take(key) if pieces is not None else None
         if piece is not None:
             return piece
         tensor = transform(key)
+        assert not isinstance(tensor, dict), f"{key}: no layout names several tensors for it"
         return tensor if tensor is not None else reader.copy(key)
 
     with bar:
-        specs = {key: reader.spec(key) for key in reader.locations}
+        specs: dict[str, Spec] = {}
+        for key in reader.locations:
+            specs.update(layout[key] if key in layout else {key: reader.spec(key)})
         write_sharded_weights(staging, specs, produce, max_shard_size=max_shard_size)
     copy_model_files(reader.model_dir, staging)

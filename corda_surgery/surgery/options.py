@@ -10,9 +10,12 @@ from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
+from corda_surgery.checkpoint.quantised import ResidualFormat
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
+from corda_surgery.decomposition.gptq import DEFAULT_GPTQ_DAMPING, DEFAULT_GROUP_SIZE
 from corda_surgery.decomposition.kinds import Mode
 from corda_surgery.decomposition.options import DecompositionOptions, member, require
+from corda_surgery.decomposition.refit import DEFAULT_REFIT_ROUNDS
 from corda_surgery.errors import OptionsError
 from corda_surgery.sizes import parse_size
 
@@ -104,6 +107,36 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class QuantisationOptions:
+    """How the frozen residual is stored: as the input had it, or in 4 bits with the adapter refit to it."""
+
+    residual: ResidualFormat = ResidualFormat.FLOAT
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: columns per scale
+    gptq_damping: float = DEFAULT_GPTQ_DAMPING  # int4: λ·mean(diag H) added to GPTQ's Hessian
+    refit_rounds: int | None = None  # None: DEFAULT_REFIT_ROUNDS where a covariance is, else 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "residual", member(ResidualFormat, self.residual, "residual"))
+        require(_is_int(self.group_size) and self.group_size >= 1, f"`group_size` {self.group_size!r}: must be ≥ 1")
+        require(_positive(self.gptq_damping), f"`gptq_damping` {self.gptq_damping!r}: must be a finite number > 0")
+        rounds = self.refit_rounds
+        require(rounds is None or (_is_int(rounds) and rounds >= 0), f"`refit_rounds` {rounds!r}: must be ≥ 0")
+
+    @property
+    def quantised(self) -> bool:
+        return self.residual is not ResidualFormat.FLOAT
+
+    def record(self) -> dict[str, Any]:
+        """What surgery.json adds for a quantised residual (nothing for a float one)."""
+        if not self.quantised:
+            return {}
+        record: dict[str, Any] = {"residual": self.residual.value, "refit_rounds": self.refit_rounds}
+        if self.residual is ResidualFormat.INT4:
+            record |= {"group_size": self.group_size, "gptq_damping": self.gptq_damping}
+        return record
+
+
+@dataclass(frozen=True)
 class SurgeryOptions:
     """How every target weight is split into a frozen residual and LoRA factors.
 
@@ -118,6 +151,7 @@ class SurgeryOptions:
     decomposition: DecompositionOptions = field(default_factory=DecompositionOptions)
     ranks: RankBudget = field(default_factory=RankBudget)
     output: OutputOptions = field(default_factory=OutputOptions)
+    quantisation: QuantisationOptions = field(default_factory=QuantisationOptions)
 
     @classmethod
     def of(cls, **flat: Any) -> SurgeryOptions:
@@ -128,7 +162,8 @@ class SurgeryOptions:
 
         decomposition = DecompositionOptions(**part(DecompositionOptions))
         ranks, output = RankBudget(**part(RankBudget)), OutputOptions(**part(OutputOptions))
-        return cls(**flat, decomposition=decomposition, ranks=ranks, output=output)
+        quantisation = QuantisationOptions(**part(QuantisationOptions))
+        return cls(**flat, decomposition=decomposition, ranks=ranks, output=output, quantisation=quantisation)
 
     def __post_init__(self) -> None:
         method = member(Method, self.method, "method")
@@ -150,11 +185,36 @@ class SurgeryOptions:
             not (decomposition.balance and method is Method.LORA),
             "`balance` needs a decomposition: LoRA's B starts at zero",
         )
+        self._check_quantisation()
         budgeted = self.ranks.budgeted
         require(budgeted is None or method is Method.CORDA_PLUS, f"`{budgeted}` needs `method` corda++")
         if method is not Method.CORDA_PLUS:
             for name, default in (("min_rank", 1), ("max_rank", None)):
                 require(getattr(self.ranks, name) == default, f"`{name}` needs `method` corda++")
+
+    def _check_quantisation(self) -> None:
+        """GPTQ and the refit weigh errors by the calibration covariance: only corda and corda++ have one."""
+        quantisation, calibrated = self.quantisation, self.method.uses_covariance
+        require(
+            quantisation.residual is not ResidualFormat.INT4 or calibrated,
+            f"`residual` int4 rounds with GPTQ on the calibration covariance, which `method` {self.method.value} "
+            "does not collect: use nf4, or corda / corda++",
+        )
+        require(
+            not quantisation.refit_rounds or calibrated,
+            f"`refit_rounds` refits the adapter in the calibration covariance's metric, which `method` "
+            f"{self.method.value} does not collect",
+        )
+        if quantisation.refit_rounds is None:
+            rounds = DEFAULT_REFIT_ROUNDS if calibrated and quantisation.quantised else 0
+            object.__setattr__(self, "quantisation", replace(quantisation, refit_rounds=rounds))
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether ``convert`` decomposes each block as soon as it is calibrated. CorDA++ plans over every layer
+        first, and a quantised residual needs each covariance again when the residual is written (GPTQ, the
+        refit): both decompose from the whole store (two passes)."""
+        return self.method is Method.CORDA and not self.quantisation.quantised
 
     # The fields every layer below reads, named once here.
     @property
@@ -187,4 +247,4 @@ class SurgeryOptions:
             "min_rank": ranks.min_rank,
             "max_rank": ranks.max_rank,
             "balance": decomposition.balance,
-        }
+        } | self.quantisation.record()

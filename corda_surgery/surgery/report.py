@@ -34,6 +34,8 @@ _OPTIONAL = (
     "covariance",
     "candidate_compactness",
     "compactness",
+    "quantisation_error",
+    "quantisation_error_refit",
 )
 
 
@@ -61,6 +63,8 @@ class LayerRecord:
     covariance: str | None = None  # why an expert went without one
     candidate_compactness: list[float] | None = None  # CorDA++: every candidate's, at the base rank
     compactness: float | None = None  # CorDA++: the chosen candidate's, at the planned rank
+    quantisation_error: float | None = None  # quantised residual: tr(E·C·Eᵀ) / tr(W·C·Wᵀ), E = W − Q − s·B·A …
+    quantisation_error_refit: float | None = None  # … and with B refit to Q (``refit_adapter``)
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"rank": self.rank}

@@ -139,7 +139,7 @@ def convert_checkpoint(
                 plan=False,
             )
         else:
-            passes = in_one_pass if options.method is Method.CORDA else in_two_passes
+            passes = in_one_pass if options.one_pass else in_two_passes
             passes(
                 model_dir,
                 out,
@@ -215,7 +215,7 @@ def estimate_run(
     if spec is not None:  # per rank under torch.distributed: its share of the samples
         check_source(spec)
         spec = dataclasses.replace(spec, samples=samples_share(spec.samples, spec.batch_size, current_ranks()))
-    one_pass = spec is not None and options is not None and options.method is Method.CORDA
+    one_pass = spec is not None and options is not None and options.one_pass
     return plan_run(
         view,
         compute,

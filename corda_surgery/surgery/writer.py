@@ -21,8 +21,10 @@ from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.diagnostics import DampingLimit
 from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, Mode
+from corda_surgery.errors import OptionsError
 from corda_surgery.export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.quantise import ResidualQuantiser
 from corda_surgery.surgery.report import (
     ADAPTER_DIR,
     STORE_NAME,
@@ -67,15 +69,19 @@ def write_surgery(
     adapter = _empty_adapter(view, options, slices, output.out)
     layers: dict[str, LayerRecord | ExpertsRecord] = {}
     linears = {t.key: t for t in targets if t.key is not None}
+    quantiser = _quantiser(view, options, work, targets, slices)
 
-    def residual(key: str) -> torch.Tensor | None:
+    def residual(key: str) -> torch.Tensor | dict[str, torch.Tensor] | None:
         target = linears.get(key)
         if target is None:
             return None
         result = work.take(target)
+        stored = None
+        if quantiser is not None:
+            stored, result = quantiser(target, result)
         layers[target.name] = result.record
         _add_factors(adapter, target.name, result.lora_a, result.lora_b, result.record.rank, options)
-        return result.residual
+        return stored if stored is not None else result.residual
 
     def fused_residual(parameter: str) -> torch.Tensor:
         fused, records = _fused_residual(view, parameter, slices[parameter], work, adapter, options)
@@ -88,10 +94,13 @@ def write_surgery(
         residual,
         fused=slices,
         transform_fused=fused_residual,
+        layout={key: quantiser.specs(target) for key, target in linears.items()} if quantiser else None,
         max_shard_size=options.output.max_shard_size,
         desc="tensors",
         progress=output.progress,
     )
+    if quantiser is not None:
+        quantiser.configure(output.staging / "config.json", view, {t.name for t in targets})
     _warn_damping_decided(layers, options, len(targets))
     report = _report(view, chosen, stores, options, adapter, layers, output)
     adapter.provenance = {
@@ -105,6 +114,23 @@ def write_surgery(
     report.write(output.staging)
     if output.bundle_store:
         _link_or_copy(stores[0].path, output.staging / STORE_NAME)
+
+
+def _quantiser(
+    view: ModelView, options: SurgeryOptions, work: WorkSource, targets: list[Target], slices: Mapping
+) -> ResidualQuantiser | None:
+    """The quantiser of a 4-bit residual (None: float), once every target is one it can store."""
+    if not options.quantisation.quantised:
+        return None
+    residual = options.quantisation.residual.value
+    if slices:
+        raise OptionsError(f"`residual` {residual}: fused experts ({next(iter(slices))}) cannot be stored in 4 bits")
+    if view.transposed:
+        raise OptionsError(f"`residual` {residual}: {view.model_type}'s Conv1D weights cannot be stored in 4 bits")
+    quantiser = ResidualQuantiser(work.initialise.stores, work.initialise.plan, options, view.reader)
+    for target in targets:
+        quantiser.specs(target)  # a width the groups do not divide is refused before anything is written
+    return quantiser
 
 
 def _empty_adapter(

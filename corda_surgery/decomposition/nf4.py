@@ -1,0 +1,56 @@
+"""NF4, QLoRA's 4-bit format, by bitsandbytes itself: blocks of 64 weights scaled by their largest magnitude and
+rounded to the 16 quantiles of a normal distribution. Nothing here is tuned to the data; the refit is what
+makes the adapter know the rounding (``refit``)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from corda_surgery.checkpoint.quantised import NF4_BLOCK
+
+
+@functools.cache
+def bitsandbytes_functional() -> ModuleType:
+    """``bitsandbytes.functional``, imported without its note that no hub kernel was fetched (its CPU backend
+    falls back to its own, and this tool never reaches the hub)."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        quiet.setLevel(level)
+    return functional
+
+
+@dataclass(frozen=True)
+class NF4Quantised:
+    packed: torch.Tensor  # uint8, two codes a byte
+    state: Any  # bitsandbytes' QuantState: absmax per block, the code, the shape
+
+    @property
+    def dequantised(self) -> torch.Tensor:
+        return bitsandbytes_functional().dequantize_4bit(self.packed, self.state)
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """The stored tensors, under the weight's ``key``, as bitsandbytes serialises them."""
+        stats = self.state.as_dict(packed=True)
+        return {key: self.packed, **{f"{key}.{name}": value for name, value in stats.items()}}
+
+
+def nf4_quantise(weight: torch.Tensor) -> NF4Quantised:
+    """``weight`` (float32) in NF4, no double quantisation (absmax stays float32: exact on reload)."""
+    packed, state = bitsandbytes_functional().quantize_4bit(
+        weight.float().contiguous(),
+        blocksize=NF4_BLOCK,
+        quant_type="nf4",
+        compress_statistics=False,
+        quant_storage=torch.uint8,
+    )
+    return NF4Quantised(packed, state)
