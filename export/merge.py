@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,7 +15,9 @@ from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE
 from corda_surgery.export.peft_adapter import AdapterError, LoraAdapter, expert_factors, read_adapter
 from corda_surgery.outputs import check_disjoint, staged_folder
-from corda_surgery.paths import resolved
+from corda_surgery.paths import read_json, resolved
+
+log = logging.getLogger(__name__)
 
 
 def merge_adapter(
@@ -25,10 +29,22 @@ def merge_adapter(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
 ) -> Path:
-    """Write ``out``: ``model_dir``'s checkpoint with every adapted weight replaced by W + s·B·A."""
+    """Write ``out``: ``model_dir``'s checkpoint with every adapted weight replaced by W + s·B·A. A 4-bit residual
+    (``--residual nf4/int4``) is merged into its dequantised weights, the only residual the surgery kept: the
+    merged model is the trained one exactly, in plain weights, and says so."""
     model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
     check_disjoint(Path(out), [model_dir, adapter_dir])
-    view = ModelView(model_dir)  # module names (the adapter's) → stored keys, whatever the checkpoint's layout
+    quantised = "quantization_config" in read_json(model_dir / "config.json", CheckpointError)
+    # module names (the adapter's) → stored keys, whatever the checkpoint's layout
+    view = ModelView(model_dir, dequantise=quantised)
+    if quantised:
+        form = view.reader.form.value  # type: ignore[attr-defined]  # a DequantisingReader
+        log.warning(
+            "%s stores its residual in %s (the float residual was not kept): merging into the dequantised weights, "
+            "which are what the adapter trained on; the output is a plain checkpoint",
+            model_dir,
+            form,
+        )
     adapter: LoraAdapter = read_adapter(adapter_dir, view.fused_parameters())
     key_of, fused = _adapted_keys(view, adapter, adapter_dir, model_dir)
     layouts = view.fused_weights()
@@ -65,7 +81,16 @@ def merge_adapter(
             desc="merging",
             progress=progress,
         )
+        if quantised:
+            _drop_quantization_config(staging / "config.json")
     return resolved(out)
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """The merged weights are plain: their config must not tell transformers to load them in 4 bits."""
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _adapted_keys(

@@ -12,13 +12,19 @@ Every linear that is not quantised is named in the config, so the loader keeps i
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 from enum import Enum
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
+
+from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader, TensorLocation
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 NF4_BLOCK = 64
@@ -30,6 +36,20 @@ class ResidualFormat(str, Enum):
     FLOAT = "float"  # the input's dtype, as today
     NF4 = "nf4"  # bitsandbytes NF4: what QLoRA trains on
     INT4 = "int4"  # GPTQ on the stored covariance, compressed-tensors pack-quantized
+
+
+@functools.cache
+def bitsandbytes_functional() -> ModuleType:
+    """``bitsandbytes.functional``, imported without its note that no hub kernel was fetched (its CPU backend
+    falls back to its own, and this tool never reaches the hub)."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        quiet.setLevel(level)
+    return functional
 
 
 def nf4_state(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -95,3 +115,97 @@ def quantization_config(
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "format": "pack-quantized"}},
         "ignore": kept,
     }
+
+
+class DequantisingReader(CheckpointReader):
+    """A residual this tool quantised, read as the float weights it stands for (what ``merge`` folds an adapter
+    into): each quantised weight is one logical tensor, its codes, scales and state read and checked on demand.
+    The fingerprint stays the stored bytes'."""
+
+    def __init__(self, model_dir: str | Path):
+        super().__init__(model_dir)
+        config = json.loads((self.model_dir / "config.json").read_text())
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        forms = {"bitsandbytes": ResidualFormat.NF4, "compressed-tensors": ResidualFormat.INT4}
+        if method not in forms:
+            raise CheckpointError(f"{self.model_dir}/config.json: no 4-bit residual of nf4 or int4 ({method!r})")
+        self.form, self.stored = forms[method], dict(self.layout)
+        self.pieces: dict[str, dict[str, str]] = {}
+        for key in list(self.stored):
+            pieces = self._pieces_of(key)
+            if pieces is not None:
+                self._add_logical(key if self.form is ResidualFormat.NF4 else key[: -len("_packed")], pieces)
+
+    def _pieces_of(self, key: str) -> dict[str, str] | None:
+        if self.form is ResidualFormat.NF4:
+            names = {"codes": key, "absmax": f"{key}.absmax", "quant_map": f"{key}.quant_map"}
+            names["state"] = f"{key}.{NF4_STATE}"
+            return names if names["state"] in self.stored else None
+        if not key.endswith(".weight_packed"):
+            return None
+        module = key.removesuffix(".weight_packed")
+        return {"codes": key, "scales": f"{module}.weight_scale", "shape": f"{module}.weight_shape"}
+
+    def _add_logical(self, logical: str, pieces: dict[str, str]) -> None:
+        missing = [name for name in pieces.values() if name not in self.stored]
+        if missing:
+            raise CheckpointError(f"{self.model_dir}: {pieces['codes']} is quantised but {missing[0]} is missing")
+        shape, dtype = self._logical_spec(pieces)
+        for name in pieces.values():
+            self.layout.pop(name)
+            self.locations.pop(name)
+        self.layout[logical] = TensorLocation(self.stored[pieces["codes"]].shard, 0, 0, dtype, shape)
+        self.locations[logical] = self.stored[pieces["codes"]].shard
+        self.pieces[logical] = pieces
+
+    def _logical_spec(self, pieces: dict[str, str]) -> tuple[tuple[int, int], torch.dtype]:
+        """The float weight's shape and dtype, each stored piece checked to fit them (a stranger's file)."""
+        weight_key, group = pieces["codes"].removesuffix("_packed"), 1
+        try:
+            if self.form is ResidualFormat.NF4:
+                state = json.loads(bytes(self._stored(pieces["state"]).tolist()))
+                shape, dtype = tuple(int(d) for d in state["shape"]), getattr(torch, state["dtype"])
+                fits = isinstance(dtype, torch.dtype) and (state["quant_type"], state["blocksize"]) == (
+                    "nf4",
+                    NF4_BLOCK,
+                )
+            else:
+                shape = tuple(int(d) for d in self._stored(pieces["shape"]).tolist())
+                dtype, scales = self.stored[pieces["scales"]].dtype, self.stored[pieces["scales"]].shape
+                fits = len(scales) == 2 and scales[1] > 0 and len(shape) == 2 and shape[1] % scales[1] == 0
+                group = shape[1] // scales[1] if fits else 1
+            fits = fits and len(shape) == 2
+            expected = quantised_specs(weight_key, shape, dtype, self.form, group) if fits else {}
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            expected = {}
+        found = {name: (self.stored[name].shape, self.stored[name].dtype) for name in pieces.values()}
+        if not expected or found != expected:
+            raise CheckpointError(f"{self.model_dir}: {pieces['codes']} is no {self.form.value} weight this tool wrote")
+        return (shape[0], shape[1]), dtype
+
+    def _stored(self, name: str) -> torch.Tensor:
+        """A stored piece by its own key (the logical layout no longer lists it)."""
+        return self._handle(self.stored[name].shard).get_tensor(name)
+
+    def get(self, key: str) -> torch.Tensor:
+        pieces = self.pieces.get(key)
+        if pieces is None:
+            return super().get(key)
+        stored = {role: self._stored(name) for role, name in pieces.items()}
+        if self.form is ResidualFormat.NF4:
+            functional = bitsandbytes_functional()
+            state = functional.QuantState.from_dict(
+                {"absmax": stored["absmax"], "quant_map": stored["quant_map"], NF4_STATE: stored["state"]}, "cpu"
+            )
+            return functional.dequantize_4bit(stored["codes"], state)
+        shape = self.layout[key].shape
+        codes = unpacked_int4(stored["codes"], (shape[0], shape[1]))
+        group = shape[1] // stored["scales"].shape[1]
+        return (codes.float() * stored["scales"].float().repeat_interleave(group, dim=1)).to(stored["scales"].dtype)
+
+    def fingerprint(self) -> str:
+        logical, self.layout = self.layout, self.stored
+        try:
+            return super().fingerprint()
+        finally:
+            self.layout = logical

@@ -35,6 +35,7 @@ from transformers.core_model_loading import (
 from transformers.pytorch_utils import Conv1D
 
 from corda_surgery.checkpoint.experts import FusedExperts, find_fused_experts
+from corda_surgery.checkpoint.quantised import DequantisingReader
 from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader
 from corda_surgery.errors import UnsupportedArchitecture
 
@@ -99,9 +100,17 @@ REMOTE_CODE_REFUSED = (
 class ModelView:
     """A meta skeleton of a checkpoint whose blocks are materialised one at a time."""
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        """``dtype`` and ``device``: what materialised blocks are cast to and placed on (the forward pass's)."""
-        self.reader = CheckpointReader(model_dir)
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        dequantise: bool = False,
+    ):
+        """``dtype`` and ``device``: what materialised blocks are cast to and placed on (the forward pass's).
+        ``dequantise``: a 4-bit residual this tool wrote, read as its float weights (``DequantisingReader``)."""
+        self.reader = DequantisingReader(model_dir) if dequantise else CheckpointReader(model_dir)
         config_path = self.reader.model_dir / "config.json"
         try:
             json.loads(config_path.read_text())["model_type"]  # invalid JSON, no model_type: our one-line error

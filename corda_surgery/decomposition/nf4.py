@@ -4,29 +4,12 @@ makes the adapter know the rounding (``refit``)."""
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from corda_surgery.checkpoint.quantised import NF4_BLOCK
-
-
-@functools.cache
-def bitsandbytes_functional() -> ModuleType:
-    """``bitsandbytes.functional``, imported without its note that no hub kernel was fetched (its CPU backend
-    falls back to its own, and this tool never reaches the hub)."""
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes.functional as functional
-    finally:
-        quiet.setLevel(level)
-    return functional
+from corda_surgery.checkpoint.quantised import NF4_BLOCK, bitsandbytes_functional
 
 
 @dataclass(frozen=True)
