@@ -1,0 +1,206 @@
+"""The 4-bit residual (--residual nf4 / int4): it loads from disk alone in 4 bits, PEFT's adapter on it gives
+what its dequantised weights give, TRL trains on it, merge folds the trained adapter into the dequantised
+weights (saying so), and the refit lowers each layer's output error."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corda_surgery.calib.data import CalibrationSpec
+from corda_surgery.checkpoint.reader import CheckpointError
+from corda_surgery.errors import OptionsError
+from corda_surgery.export.merge import merge_adapter
+from corda_surgery.surgery.calibration import calibrate
+from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.run import decompose_checkpoint
+from tests.helpers import PROMPTS, cli_error, logits
+from tests.models import save_tiny_model
+
+peft = pytest.importorskip("peft", reason="peft is a test extra")
+from peft import PeftModel  # noqa: E402
+
+SPEC = CalibrationSpec("nq_open", samples=16, seq_len=48, batch_size=4)
+GROUP = 32
+
+
+@pytest.fixture(scope="module")
+def model_and_store(tmp_path_factory):
+    """SmolLM2's shape (tied head), 128 wide so that NF4's blocks of 64 and int4's groups divide every weight."""
+    root = tmp_path_factory.mktemp("quantised")
+    model = save_tiny_model(root / "model", "llama", hidden=128, tied=True)
+    return model, calibrate(model, SPEC, root / "cov.h5", progress=False)
+
+
+def _surgery(model_and_store, out, **options):
+    model, store = model_and_store
+    settings = SurgeryOptions.of(**({"rank": 8, "group_size": GROUP} | options))
+    return decompose_checkpoint(model, out, settings, stores=[store], progress=False)
+
+
+def _exact_cpu_kernels(model):
+    """bitsandbytes' bfloat16 CPU kernel (AVX512-BF16) rounds the 4-bit matmul: off, the layer computes in float32."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _load(folder, residual):
+    """How a trainer loads the residual: NF4 as is; int4 dequantised (PEFT cannot wrap compressed-tensors' packed
+    linears, and the CPU has no kernel for them)."""
+    if residual == "nf4":
+        return _exact_cpu_kernels(AutoModelForCausalLM.from_pretrained(folder))
+    from transformers import CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=CompressedTensorsConfig(dequantize=True))
+
+
+def _with_adapter(folder, residual="nf4"):
+    """The residual from disk with its adapter, and the linears' types as loaded (before PEFT wraps them)."""
+    base = _load(folder, residual)
+    q_proj, head = base.model.layers[0].self_attn.q_proj, base.lm_head
+    return PeftModel.from_pretrained(base, folder / "adapter").eval(), (q_proj, head)
+
+
+@pytest.mark.parametrize("residual", ["nf4", "int4"])
+def test_the_residual_loads_in_4_bits_and_merges_to_what_it_computes(model_and_store, tmp_path, residual, caplog):
+    """From disk alone: the targets load quantised (NF4 as bitsandbytes' Linear4bit holding uint8 codes, no float
+    copy; int4 through compressed-tensors), every other linear as stored; residual + adapter gives the logits of
+    the merged checkpoint (dequantised residual + s·B·A) to float rounding."""
+    out = _surgery(model_and_store, tmp_path / "out", mode="ipm", residual=residual)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    kept = config["llm_int8_skip_modules" if residual == "nf4" else "ignore"]
+    assert kept == ["lm_head"]  # the tied head, the one linear no target covers
+    model, (q_proj, head) = _with_adapter(out, residual)
+    if residual == "nf4":
+        import bitsandbytes as bnb
+
+        assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.dtype == torch.uint8
+        assert not isinstance(head, bnb.nn.Linear4bit)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with caplog.at_level(logging.WARNING):
+        merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
+    assert f"stores its residual in {residual}" in caplog.text and "dequantised weights" in caplog.text
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.testing.assert_close(logits(model, tokenizer), logits(plain, tokenizer), atol=2e-5, rtol=0)
+
+
+def test_the_int4_residual_loads_compressed_as_vllm_and_transformers_serve_it(model_and_store, tmp_path):
+    """Loaded as stored (compressed-tensors keeps the packed codes), the residual computes what its dequantised
+    load computes."""
+    out = _surgery(model_and_store, tmp_path / "out", mode="ipm", residual="int4")
+    compressed = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert compressed.model.layers[0].self_attn.q_proj.weight_packed.dtype == torch.int32
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    torch.testing.assert_close(
+        logits(compressed, tokenizer), logits(_load(out, "int4").eval(), tokenizer), atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("residual", ["nf4", "int4"])
+def test_the_refit_lowers_every_layers_output_error(model_and_store, tmp_path, residual):
+    """Per layer, tr(E·C·Eᵀ)/tr(W·C·Wᵀ) with B refit is at most the plain quantised residual's (the refit keeps its
+    best round), and lower in all: clearly for NF4, which knows nothing of C; for GPTQ, whose rounding already
+    minimises the same metric, a little."""
+    out = _surgery(model_and_store, tmp_path / "out", mode="ipm", residual=residual)
+    layers = json.loads((out / "surgery.json").read_text())["layers"].values()
+    before = torch.tensor([layer["quantisation_error"] for layer in layers])
+    after = torch.tensor([layer["quantisation_error_refit"] for layer in layers])
+    assert (before > 0).all() and (after <= before).all()
+    assert after.sum() < {"nf4": 0.9, "int4": 0.99}[residual] * before.sum()  # GPTQ already weighs by C
+    plain = _surgery(model_and_store, tmp_path / "plain", mode="ipm", residual=residual, refit_rounds=0)
+    layers = json.loads((plain / "surgery.json").read_text())["layers"].values()
+    assert [layer["quantisation_error"] for layer in layers] == pytest.approx(before.tolist(), rel=1e-6)
+    assert all("quantisation_error_refit" not in layer for layer in layers)
+
+
+def test_trl_trains_the_adapter_on_the_nf4_residual(model_and_store, tmp_path):
+    """QLoRA with a CorDA start: SFTTrainer on the 4-bit base (bitsandbytes' CPU backend), the base untouched; the
+    saved adapter reloads onto the residual from disk, and merges to the same logits."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    out = _surgery(model_and_store, tmp_path / "out", mode="ipm", residual="nf4")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = _exact_cpu_kernels(AutoModelForCausalLM.from_pretrained(out))
+    model = PeftModel.from_pretrained(base, out / "adapter", is_trainable=True)
+    codes = base.model.layers[0].mlp.down_proj.weight.detach().clone()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    args = SFTConfig(
+        output_dir=str(tmp_path / "train"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_length=32, bf16=False,
+        logging_steps=1,
+    )  # fmt: skip
+    dataset = Dataset.from_list([{"text": text} for text in PROMPTS * 4])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(p, initial[n]) for n, p in model.named_parameters() if n in initial)
+    assert torch.equal(base.model.layers[0].mlp.down_proj.weight, codes)  # the 4-bit base does not train
+    model.save_pretrained(tmp_path / "trained")
+    start, _ = _with_adapter(out)
+    reloaded = logits(PeftModel.from_pretrained(_load(out, "nf4"), tmp_path / "trained").eval(), tokenizer)
+    assert (reloaded - logits(start, tokenizer)).abs().max() > 1e-3  # the trained adapter, not the initial one
+    merged = merge_adapter(out, tmp_path / "trained", tmp_path / "merged", progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.testing.assert_close(logits(plain, tokenizer), reloaded, atol=2e-5, rtol=0)
+
+
+def test_qloras_start_needs_no_calibration(model_and_store, tmp_path):
+    """--method lora --residual nf4 is QLoRA's own start: the weights in NF4, B zero, nothing refit."""
+    model, _ = model_and_store
+    options = SurgeryOptions.of(method="lora", residual="nf4")
+    out = decompose_checkpoint(model, tmp_path / "out", options, progress=False)
+    assert json.loads((out / "surgery.json").read_text())["refit_rounds"] == 0
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(not tensor.any() for name, tensor in adapter.items() if "lora_B" in name)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"method": "lora", "residual": "int4"}, "residual int4"),
+        ({"method": "pissa", "residual": "nf4", "refit_rounds": 2}, "refit_rounds"),
+        ({"residual": "int4", "refit_rounds": -1}, "refit_rounds"),
+        ({"residual": "int4", "group_size": 0}, "group_size"),
+        ({"residual": "int8"}, "residual"),
+    ],
+)
+def test_options_that_cannot_go_together_are_refused(options, named):
+    with pytest.raises(OptionsError, match=named):
+        SurgeryOptions.of(**options)
+
+
+def test_a_width_the_groups_do_not_divide_is_refused_before_writing(model_and_store, tmp_path):
+    with pytest.raises(Exception, match=r"model\.layers\.0\.\S+: 128 inputs do not split into groups of 48"):
+        _surgery(model_and_store, tmp_path / "out", residual="int4", group_size=48)
+    assert not (tmp_path / "out").exists()
+
+
+def test_conv1d_weights_are_refused_naming_the_family(tmp_path):
+    model = save_tiny_model(tmp_path / "gpt2", "gpt2")
+    message = cli_error("decompose", str(model), "--method", "pissa", "--residual", "nf4", "--out", str(tmp_path / "o"))
+    assert "gpt2" in message and "Conv1D" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_refuses_a_tampered_quantised_weight_naming_it(model_and_store, tmp_path):
+    """A stranger's folder: an absmax of the wrong length is named, nothing is dequantised from it."""
+    out = _surgery(model_and_store, tmp_path / "out", residual="nf4", refit_rounds=0)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    shard = next(tampered.glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = "model.layers.1.mlp.up_proj.weight.absmax"
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is no nf4 weight"):
+        merge_adapter(tampered, tampered / "adapter", tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
