@@ -15,6 +15,7 @@ decompositions happen there). The plan the command prints first is parsed and se
     python bench/big_layer.py --readme      # the README's main command itself: the plan against its peaks
     python bench/big_layer.py --shape 70b --keep-output /tmp/free            # unbounded, its output kept
     python bench/big_layer.py --shape 70b --memory-budget 8GiB --against /tmp/free   # within 8 GiB, compared
+    python bench/big_layer.py --shape 1b --layers 8 --residual int4        # a 4-bit residual: flat in depth?
 
 Each run appends one JSON line to bench/results/big_layer.jsonl.
 """
@@ -45,6 +46,7 @@ RESULTS = REPO / "bench" / "results" / "big_layer.jsonl"
 SHAPES = {
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},  # checks
 }
 # the progress bar that starts each phase, in order; in one pass `convert` decomposes each block as it is summed
@@ -254,6 +256,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="the README's main command itself (one pass)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON lines file to append to [{RESULTS}]")
     parser.add_argument("--memory-budget", default=None, help="the commands' --memory-budget (e.g. 8GiB)")
+    parser.add_argument("--residual", default=None, help="the commands' --residual (nf4, int4): a 4-bit residual")
     parser.add_argument("--keep-output", type=Path, default=None, help="move the output here for a later --against")
     parser.add_argument("--against", type=Path, default=None, help="an output to compare this run's tensors with")
     args = parser.parse_args()
@@ -272,6 +275,8 @@ def main() -> None:
             calibration = ["--data", str(text), "--samples", "16", "--seq-len", "512", "--batch-size", "4"]
             surgery = ["--rank", "16", "--mode", "kpm", "--targets", args.targets]
             command = [tool, "convert", str(model), *calibration, *surgery, "--out", str(work / "out")]
+        if args.residual:
+            command, surgery = command + ["--residual", args.residual], surgery + ["--residual", args.residual]
         if args.memory_budget:
             budget = ["--memory-budget", args.memory_budget]
             command, calibration, surgery = command + budget, calibration + budget, surgery + budget
@@ -284,7 +289,7 @@ def main() -> None:
             ]  # fmt: skip
         else:
             runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), ONE_PASS, work, names)]
-        result = record(args, runs, work) | {"memory_budget": args.memory_budget}
+        result = record(args, runs, work) | {"memory_budget": args.memory_budget, "residual": args.residual}
         if args.against is not None:
             result["largest_difference"] = largest_difference(work / "out", args.against)
         if args.keep_output is not None:

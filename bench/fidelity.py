@@ -30,6 +30,13 @@ their paired intervals against today's arm (PEFT's rule, λ = 0.01) and the angl
 adapters and today's (bench/damping_arms.py):
 
     python bench/fidelity.py --only damping             # the damping arms (two parts side by side: --threads 1)
+
+The 4-bit arms (issue 37: `qlora`, QLoRA's own start, and `corda-ipm-nf4`, `corda-kpm-nf4`, CorDA's adapters
+refit to an NF4 residual) train on bitsandbytes' 4-bit base as QLoRA does; each is evaluated merged into the
+dequantised residual (corda-surgery's merge: the model that trained), so "IPM learns faster than QLoRA" is
+measured at equal rate and seed:
+
+    python bench/fidelity.py --only nf4 --lrs 2e-5,2e-4 --threads 1
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class Method:
     balance: bool = False
     damping_rule: str = "mean-diagonal"  # --damping-rule
     damping: float = 0.01  # --damping
+    residual: str = "float"  # --residual: nf4 trains on bitsandbytes' 4-bit residual (QLoRA's base)
 
 
 METHODS = {
@@ -104,7 +112,12 @@ METHODS = {
     "corda-kpm-median": Method("corda", "kpm", "knowledge", damping_rule="median-diagonal"),
     "corda-kpm-median-0.1": Method("corda", "kpm", "knowledge", damping_rule="median-diagonal", damping=0.1),
     "corda-ipm-median": Method("corda", "ipm", "task", damping_rule="median-diagonal"),
+    # the 4-bit arms (issue 37): QLoRA's own start, and CorDA's adapters refit to an NF4 residual
+    "qlora": Method("lora", residual="nf4"),
+    "corda-ipm-nf4": Method("corda", "ipm", "task", residual="nf4"),
+    "corda-kpm-nf4": Method("corda", "kpm", "knowledge", residual="nf4"),
 }
+NF4_ARMS = [name for name, method in METHODS.items() if method.residual != "float"]
 # each damping arm → today's arm of its mode (PEFT's rule, λ = 0.01), compared at equal rate and seed
 DAMPING_ARMS = {
     name: REFERENCES[method.mode]
@@ -330,6 +343,7 @@ def convert(name: str, base: Path, calibration: dict[str, Path], settings, conve
             balance=method.balance,
             damping=method.damping,
             damping_rule=method.damping_rule,
+            residual=method.residual,
             **budget,
         )
         decompose_checkpoint(base, converted, options, stores=stores, compute=settings.compute, progress=False)
@@ -511,7 +525,10 @@ def adapter_product(model) -> dict[str, torch.Tensor]:
 
 def run_one(name: str, lr: float, seed: int, base: Path, calibration: dict[str, Path], items, settings) -> dict:
     from peft import PeftModel
+    from peft.utils.integrations import dequantize_module_weight
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corda_surgery.export.merge import merge_adapter
 
     converted = initialise(name, base, calibration, settings)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -528,10 +545,18 @@ def run_one(name: str, lr: float, seed: int, base: Path, calibration: dict[str, 
     modules = dict(model.named_modules())
     for module, product in adapter_product(model).items():
         moved += float(torch.linalg.matrix_norm(product - before[module])) ** 2
-        size += float(torch.linalg.matrix_norm(modules[module].base_layer.weight.double() + before[module])) ** 2
+        weight = dequantize_module_weight(modules[module].base_layer).double()  # a 4-bit base: its float weights
+        size += float(torch.linalg.matrix_norm(weight + before[module])) ** 2
     model.save_pretrained(work / "adapter")
     shutil.rmtree(work / "trainer", ignore_errors=True)
-    merged = model.merge_and_unload()  # evaluation at the merged model's speed
+    if METHODS[name].residual == "float":
+        merged = model.merge_and_unload()  # evaluation at the merged model's speed
+    else:  # PEFT would quantise the merged weights again: corda-surgery's merge folds into the dequantised ones
+        del model
+        merged = AutoModelForCausalLM.from_pretrained(
+            merge_adapter(converted, work / "adapter", work / "merged", overwrite=True, progress=False)
+        ).to(settings.device)
+        shutil.rmtree(work / "merged")
     started = time.time()
     measured = evaluate(merged, tokenizer, items, settings)
     return {
@@ -782,7 +807,8 @@ def plots(rows: list[dict], runs: list[dict], out: Path) -> None:
 def planned_runs(settings) -> list[tuple[str, float, int]]:
     """All methods at the first two learning rates, then the further seeds at the papers' rate, then the rest."""
     names = settings.only.split(",") if settings.only else list(METHODS)
-    names = [arm for name in names for arm in (DAMPING_ARMS if name == "damping" else [name])]
+    groups = {"damping": list(DAMPING_ARMS), "nf4": NF4_ARMS}
+    names = [arm for name in names for arm in groups.get(name, [name])]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         sys.exit(f"--only: unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -815,7 +841,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help=f"comma-separated methods, 'damping' for the damping arms [default: all: {', '.join(METHODS)}]",
+        help=f"comma-separated methods, 'damping' for the damping arms, 'nf4' for the 4-bit arms [default: all: "
+        f"{', '.join(METHODS)}]",
     )
     parser.add_argument("--lrs", default="2e-5,2e-4,6e-5", help="learning rates, run in this order")
     parser.add_argument("--seeds", default="0,1", help="the first for every lr; the others at the papers' 2e-5")

@@ -95,8 +95,9 @@ def _big_layer_table(path: Path) -> str:
         passes += f", **--memory-budget {run['memory_budget']}**" if run.get("memory_budget") else ""
         difference = run.get("largest_difference")
         disk = f"{run['peak_disk_gib']:.2f} ({run['output_gib']:.2f})" if "peak_disk_gib" in run else "—"
+        residual = f", --residual {run['residual']}" if run.get("residual") else ""
         rows.append([
-            f"{run['shape'].upper()}, {run['layers']}, {run['targets']}", passes,
+            f"{run['shape'].upper()}, {run['layers']}, {run['targets']}{residual}", passes,
             f"{run['wall_s'] / 60:.1f} min ({' / '.join(f'{k} {s:.0f}' for k, s in phases.items())})",
             " / ".join(f"{g:.2f}" for g in peaks.values()),
             f"**{run['peak_gib']:.2f}**",

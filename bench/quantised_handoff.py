@@ -1,0 +1,117 @@
+"""The handoff on a 4-bit residual, measured: how far the model is from the original before any training.
+
+On SmolLM2-135M (the embedded model), for KPM (calibrated on NQ-open) and IPM (calibrated on GSM8K, the task's
+own questions), rank 16, every linear: each arm's residual + adapter is merged (``merge`` folds the adapter into
+the dequantised residual: the logits a trainer starts from, as tests/test_quantised_residual.py proves) and
+compared with the original model on held-out WikiText-2 test text: perplexity, the gap to the original's, and
+the largest |Δlogit|. Arms:
+
+- ``qlora``: QLoRA's own start (``--method lora --residual nf4``: the weights in NF4, B zero);
+- ``peft-route``: decompose in float, NF4 the residual (``--residual nf4 --refit-rounds 0``), as PEFT's
+  PiSSA/CorDA documentation suggests;
+- ``nf4-refit``: the same with B refit to the quantised residual (the default: 3 rounds);
+- ``int4-gptq``: GPTQ on the stored covariance (``--residual int4 --refit-rounds 0``), groups of 128;
+- ``int4-refit``: GPTQ with B refit.
+
+    python bench/quantised_handoff.py            # writes bench/results/quantised_handoff.json as arms finish
+
+No timings: it may share the machine with other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corda_surgery.export.merge import merge_adapter
+from corda_surgery.models import embedded_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "wikitext2_raw" / "wiki.test.raw"
+RESULTS = REPO / "bench" / "results" / "quantised_handoff.json"
+MODES = {"kpm": "nq_open", "ipm": "gsm8k"}
+ARMS = {
+    "qlora": ["--method", "lora", "--residual", "nf4"],
+    "peft-route": ["--residual", "nf4", "--refit-rounds", "0"],
+    "nf4-refit": ["--residual", "nf4"],
+    "int4-gptq": ["--residual", "int4", "--refit-rounds", "0"],
+    "int4-refit": ["--residual", "int4"],
+}
+WINDOW = 512
+
+
+def wikitext_windows(tokenizer, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of WikiText-2's test split, as rows of WINDOW."""
+    ids = tokenizer(DATA.read_text(encoding="utf-8"))["input_ids"][: tokens - tokens % WINDOW]
+    return torch.tensor(ids).reshape(-1, WINDOW)
+
+
+@torch.no_grad()
+def measure(model_dir: Path, windows: torch.Tensor, reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """Perplexity over ``windows``, and the largest |Δlogit| against ``reference``'s logits (the first window)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count, first = 0.0, 0, None
+    for row in windows:
+        out = model(row[None], labels=row[None])
+        total, count = total + float(out.loss) * (WINDOW - 1), count + WINDOW - 1
+        first = out.logits[0] if first is None else first
+    assert first is not None
+    figures = {"perplexity": math.exp(total / count)}
+    if reference is not None:
+        figures["max_abs_logit"] = float((first - reference).abs().max())
+    return figures, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens to score")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    tool = str(Path(sys.executable).with_name("corda-surgery"))
+    model_dir = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = wikitext_windows(tokenizer, args.tokens)
+    original, reference = measure(model_dir, windows, None)
+    result = {"model": "SmolLM2-135M-Instruct", "rank": args.rank, "tokens": windows.numel(), "original": original}
+    result["torch_threads"], result["arms"] = torch.get_num_threads(), {}
+    work = Path(tempfile.mkdtemp(prefix="quantised_handoff-"))
+    try:
+        for mode, data in MODES.items():
+            store = work / f"{mode}.h5"
+            subprocess.run([tool, "calibrate", str(model_dir), "--data", data, "--out", str(store)], check=True)
+            for arm, options in ARMS.items():
+                if arm == "qlora" and mode == "ipm":
+                    continue  # QLoRA's start has no mode: measured once
+                out, merged = work / f"{mode}-{arm}", work / f"{mode}-{arm}-merged"
+                stores = [] if arm == "qlora" else ["--covariances", str(store), "--mode", mode]
+                subprocess.run([tool, "decompose", str(model_dir), *stores, *options, "--rank", str(args.rank),
+                                "--out", str(out)], check=True)  # fmt: skip
+                merge_adapter(out, out / "adapter", merged, progress=False)
+                figures, _ = measure(merged, windows, reference)
+                figures["perplexity_gap"] = figures["perplexity"] / original["perplexity"] - 1
+                layers = json.loads((out / "surgery.json").read_text())["layers"].values()
+                for field in ("quantisation_error", "quantisation_error_refit"):
+                    values = [layer[field] for layer in layers if field in layer]
+                    if values:
+                        figures[f"mean_{field}"] = sum(values) / len(values)
+                result["arms"][arm if arm == "qlora" else f"{mode}/{arm}"] = figures
+                args.results.write_text(json.dumps(result, indent=2) + "\n")
+                print(arm, mode, figures, flush=True)
+                shutil.rmtree(out)
+                shutil.rmtree(merged)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
