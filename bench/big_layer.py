@@ -276,7 +276,8 @@ def main() -> None:
             surgery = ["--rank", "16", "--mode", "kpm", "--targets", args.targets]
             command = [tool, "convert", str(model), *calibration, *surgery, "--out", str(work / "out")]
         if args.residual:
-            command, surgery = command + ["--residual", args.residual], surgery + ["--residual", args.residual]
+            residual = ["--residual", args.residual]
+            command, surgery = [*command, *residual], [*surgery, *residual]
         if args.memory_budget:
             budget = ["--memory-budget", args.memory_budget]
             command, calibration, surgery = command + budget, calibration + budget, surgery + budget

@@ -52,7 +52,7 @@ def bitsandbytes_functional() -> ModuleType:
     return functional
 
 
-def nf4_state(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def nf4_state(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """The JSON quant state bitsandbytes writes beside a packed weight (``QuantState.as_dict(packed=True)``)."""
     state = {"quant_type": "nf4", "blocksize": NF4_BLOCK, "dtype": str(dtype).removeprefix("torch."), "shape": shape}
     return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)

@@ -42,9 +42,10 @@ class Refit(Generic[Q]):
 
 
 def weighted_error(error: torch.Tensor, covariance: torch.Tensor) -> float:
-    """``tr(E·C·Eᵀ)``: the squared output error of ``error`` (out, in) on inputs whose covariance is C."""
-    error = error.double()
-    return float(((error @ covariance) * error).sum())
+    """``tr(E·C·Eᵀ)``: the squared output error of ``error`` (out, in) on inputs whose covariance is C, in C's
+    dtype (a figure to compare rounds and layers by: float32 is plenty, at half float64's time)."""
+    error = error.to(covariance.dtype)
+    return float(((error @ covariance) * error).sum(dtype=torch.float64))
 
 
 def refit_adapter(
@@ -61,8 +62,8 @@ def refit_adapter(
     """Quantise ``W − s·B·A`` with ``quantise`` and, over ``rounds`` rounds, refit B against the quantised
     residual in the metric of ``covariance`` (float64, (in, in)); ``rounds`` 0 only quantises. Errors are
     relative to ``tr(W·C·Wᵀ)``, so layers compare."""
-    w, a = weight.double(), lora_a.double()
-    reference = weighted_error(w, covariance)
+    w, a, metric = weight.double(), lora_a.double(), covariance.float()
+    reference = weighted_error(w, metric)
     if not reference > 0:
         raise DecompositionError(f"{name}: the weight has no output on the calibration inputs (tr(W·C·Wᵀ) = 0)")
 
@@ -70,7 +71,7 @@ def refit_adapter(
         residual = (w - scaling * (b @ a)).float()
         quantised = quantise(residual)
         error = w - quantised.dequantised.double() - scaling * (b @ a)
-        return quantised, weighted_error(error, covariance) / reference
+        return quantised, weighted_error(error, metric) / reference
 
     b = lora_b.double()
     quantised, before = attempt(b)

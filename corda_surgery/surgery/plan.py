@@ -35,6 +35,7 @@ from corda_surgery.distributed import local_world
 from corda_surgery.errors import CordaSurgeryError
 from corda_surgery.paths import resolved
 from corda_surgery.surgery.options import SurgeryOptions
+from corda_surgery.surgery.quantise import quantisation_memory
 
 GIB = 1 << 30
 
@@ -204,6 +205,8 @@ def _plan_decomposition(
     """The decomposition's phase on the solver's own path, and its fallbacks' peaks beside it."""
     stored_size, solver = view.stored_dtype.itemsize, options.decomposition.solver
     held = {"fused experts": 3 * _largest_fused(view)}  # weight, residual, pieces
+    if options.quantisation.quantised:
+        held["4-bit residual"] = quantisation_memory([(t.out_dim, t.in_dim) for t in targets])
     if one_pass and "calibration" in plan.phases:  # held by the calibration meanwhile (its sums are spilled)
         held["hidden states"] = plan.phases["calibration"]["hidden states"]
     plan.phases["decomposition"] = decomposition_memory(targets, stored_size, solver) | held

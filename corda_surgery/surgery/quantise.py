@@ -31,6 +31,17 @@ from corda_surgery.surgery.targets import LayerPlan, Target
 KEPT_COVARIANCES = 2  # q/k/v and gate/up read one input but are not written side by side: keep the last two
 
 
+def quantisation_memory(targets: Sequence[tuple[int, int]]) -> int:
+    """Bytes the quantiser holds beside the decomposition at its largest target (out, in): the covariances it
+    keeps (float64) and the metric's float32 copy, GPTQ's float32 Hessian, its factor and inverse, and the refit's
+    float64 weight, residual and error with the float32 residual and its rounding."""
+    if not targets:
+        return 0
+    widest = max(in_dim for _, in_dim in targets)
+    largest = max(out_dim * in_dim for out_dim, in_dim in targets)
+    return (8 * KEPT_COVARIANCES + 4 + 3 * 4) * widest**2 + (3 * 8 + 2 * 4) * largest
+
+
 class ResidualQuantiser:
     """Callable on (target, result): the residual's stored tensors and the result with its refit B."""
 
