@@ -145,16 +145,28 @@ def calibrate(model_dir, out, resume, overwrite, dry_run, damping, damping_rule,
     click.echo(f"covariances written to {path}")
 
 
-def _print_next_steps(out: Path, base_name: str | None) -> None:
+# How a trainer loads each 4-bit residual: NF4 as it is (bitsandbytes' Linear4bit); int4 dequantised, since PEFT
+# cannot wrap compressed-tensors' packed linears
+_LOAD = {
+    "nf4": ("", "  # NF4: bitsandbytes' 4-bit linears, as QLoRA trains"),
+    "int4": (
+        ", quantization_config=CompressedTensorsConfig(dequantize=True)",
+        "  # int4: PEFT trains on it dequantised (from transformers import CompressedTensorsConfig)",
+    ),
+}
+
+
+def _print_next_steps(out: Path, base_name: str | None, residual: str = "float") -> None:
     from corda_surgery.surgery.report import read_report
 
     click.echo(f"residual model: {out}\nadapter:        {out / 'adapter'}\nreport:         {out / 'surgery.json'}")
     if launched().writer:  # other ranks print nothing, and may not see rank 0's folder (another node)
         click.echo(read_report(out).summary())
+    load, note = _LOAD.get(residual, ("", ""))
     click.echo(
         "\nTrain it like any PEFT adapter:\n"
         "  from transformers import AutoModelForCausalLM\n  from peft import PeftModel\n"
-        f"  model = AutoModelForCausalLM.from_pretrained('{out}')\n"
+        f"  model = AutoModelForCausalLM.from_pretrained('{out}'{load}){note}\n"
         f"  model = PeftModel.from_pretrained(model, '{out / 'adapter'}', is_trainable=True)\n"
         f"The adapter names its base model as '{base_name or out}' (adapter_config.json, base_model_name_or_path),\n"
         "which AutoPeftModelForCausalLM follows: if the residual will live elsewhere (moved, copied, uploaded),\n"
@@ -190,7 +202,7 @@ def decompose(model_dir, stores, out, resume, overwrite, dry_run, **surgery):
     out = decompose_checkpoint(
         model, out, options, stores=list(stores), compute=compute, overwrite=overwrite, resume=resume
     )
-    _print_next_steps(out, options.output.base_name)
+    _print_next_steps(out, options.output.base_name, options.quantisation.residual.value)
 
 
 @main.command()
@@ -235,7 +247,7 @@ def convert(model_dir, out, keep_covariances, resume, overwrite, dry_run, **sett
         resume=resume,
         keep_covariances=keep_covariances,
     )
-    _print_next_steps(out, options.output.base_name)
+    _print_next_steps(out, options.output.base_name, options.quantisation.residual.value)
 
 
 @main.command("to-lora")
