@@ -88,6 +88,8 @@ writer.write_adapter = lambda *args: die()
 """,
 }
 OPTIONS = "SurgeryOptions.of(rank=4, base_name='me/residual', max_shard_size=200_000)"
+# a 4-bit residual: quantised and refit as the writer takes each result, from factors saved before the refit
+NF4_OPTIONS = OPTIONS.replace("rank=4,", "rank=4, residual='nf4',")
 
 
 def _same_output(one: Path, other: Path) -> None:
@@ -108,23 +110,25 @@ def _same_output(one: Path, other: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "point"),
+    ("command", "point", "options"),
     [
-        (command, point)
+        (command, point, OPTIONS)
         for command in ("decompose", "convert")
         for point in KILLED
         if (command, point) not in {("decompose", "mid-calibration"), ("convert", "mid-shards")}
-    ],
+    ]
+    + [("convert", "mid-decomposition", NF4_OPTIONS)],
+    ids=lambda value: "nf4" if value == NF4_OPTIONS else None if value == OPTIONS else value,
 )
-def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny_llama, tmp_path, command, point):
+def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny_llama, tmp_path, command, point, options):
     """Three kill points a command (decompose calibrates nothing; convert writes its shards the same way)."""
     store = tmp_path / "cov.h5"
     spec = "CalibrationSpec('gsm8k', samples=8, seq_len=32, batch_size=4)"
     if command == "decompose":
         run_cli("calibrate", tiny_llama, *CALIBRATION, "--out", store)
-        call = f"decompose_checkpoint({str(tiny_llama)!r}, OUT, {OPTIONS}, stores=[{str(store)!r}], progress=False"
+        call = f"decompose_checkpoint({str(tiny_llama)!r}, OUT, {options}, stores=[{str(store)!r}], progress=False"
     else:
-        call = f"convert_checkpoint({str(tiny_llama)!r}, OUT, {spec}, {OPTIONS}, progress=False"
+        call = f"convert_checkpoint({str(tiny_llama)!r}, OUT, {spec}, {options}, progress=False"
     body = (
         "from corda_surgery.calib.data import CalibrationSpec\n"
         "from corda_surgery.surgery import SurgeryOptions, convert_checkpoint, decompose_checkpoint\n"
