@@ -257,6 +257,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON lines file to append to [{RESULTS}]")
     parser.add_argument("--memory-budget", default=None, help="the commands' --memory-budget (e.g. 8GiB)")
     parser.add_argument("--residual", default=None, help="the commands' --residual (nf4, int4): a 4-bit residual")
+    parser.add_argument("--shared", default=None,
+                        help="what else ran on the machine meanwhile: recorded, and the wall times marked as not "
+                             "comparable (the peaks are the process's own)")  # fmt: skip
     parser.add_argument("--keep-output", type=Path, default=None, help="move the output here for a later --against")
     parser.add_argument("--against", type=Path, default=None, help="an output to compare this run's tensors with")
     args = parser.parse_args()
@@ -291,6 +294,7 @@ def main() -> None:
         else:
             runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), ONE_PASS, work, names)]
         result = record(args, runs, work) | {"memory_budget": args.memory_budget, "residual": args.residual}
+        result |= {"shared_with": args.shared} if args.shared else {}
         if args.against is not None:
             result["largest_difference"] = largest_difference(work / "out", args.against)
         if args.keep_output is not None:

@@ -98,7 +98,8 @@ def _big_layer_table(path: Path) -> str:
         residual = f", --residual {run['residual']}" if run.get("residual") else ""
         rows.append([
             f"{run['shape'].upper()}, {run['layers']}, {run['targets']}{residual}", passes,
-            f"{run['wall_s'] / 60:.1f} min ({' / '.join(f'{k} {s:.0f}' for k, s in phases.items())})",
+            f"{run['wall_s'] / 60:.1f} min ({' / '.join(f'{k} {s:.0f}' for k, s in phases.items())})"
+            + (f", machine shared with {run['shared_with']}: not comparable" if run.get("shared_with") else ""),
             " / ".join(f"{g:.2f}" for g in peaks.values()),
             f"**{run['peak_gib']:.2f}**",
             f"{plan['peak RAM']:.2f} ({plan['capture']:.2f} / {plan['calibration']:.2f} / "

@@ -22,7 +22,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 
 from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader, TensorLocation
 
@@ -79,10 +78,14 @@ def quantised_specs(key: str, shape: tuple[int, ...], dtype: torch.dtype, form: 
 
 def unpacked_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The signed 4-bit codes (int8, ``shape``) of a ``weight_packed`` tensor."""
+    from compressed_tensors.compressors import unpack_from_int32  # seconds to import: only where int4 is read
+
     return unpack_from_int32(packed, 4, torch.Size(shape))
 
 
 def int4_tensors(key: str, codes: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors import pack_to_int32  # seconds to import: only where int4 is written
+
     module = key.removesuffix(".weight")
     return {
         f"{module}.weight_packed": pack_to_int32(codes, 4),
