@@ -204,3 +204,38 @@ def test_merge_refuses_a_tampered_quantised_weight_naming_it(model_and_store, tm
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is no nf4 weight"):
         merge_adapter(tampered, tampered / "adapter", tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
+
+
+def test_the_refit_is_the_least_squares_b_in_the_covariance_metric():
+    """One round: B solves min ‖(W − Q − s·B·A)·C^{1/2}‖ for the first rounding Q, A kept (the normal equations
+    hold), and it lowers the error on a coarse grid; the error is tr(E·C·Eᵀ) relative to tr(W·C·Wᵀ)."""
+    from dataclasses import dataclass
+
+    from corda_surgery.decomposition.refit import refit_adapter, weighted_error
+
+    @dataclass
+    class Rounded:
+        dequantised: torch.Tensor
+
+    generator = torch.Generator().manual_seed(0)
+    weight, lora_a, lora_b = (torch.randn(*shape, generator=generator) for shape in [(12, 10), (3, 10), (12, 3)])
+    inputs = torch.randn(200, 10, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 3, 10)
+    covariance, scaling = inputs.T @ inputs / 200, 2.0
+
+    def quantise(residual):
+        return Rounded((residual / 0.5).round() * 0.5)
+
+    refit = refit_adapter(weight, lora_a, lora_b, scaling, covariance, quantise, rounds=1)
+    first = quantise((weight.double() - scaling * lora_b.double() @ lora_a.double()).float()).dequantised.double()
+    a, error = lora_a.double(), weight.double() - first - scaling * lora_b.double() @ lora_a.double()
+    reference = weighted_error(weight.double(), covariance)
+    assert refit.error_before == pytest.approx(weighted_error(error, covariance) / reference, rel=1e-6)
+    assert refit.error_after < refit.error_before
+    b = refit.lora_b.double()
+    torch.testing.assert_close(
+        (weight.double() - first - scaling * b @ a) @ covariance @ a.T,
+        torch.zeros(12, 3),
+        atol=1e-4,
+        rtol=0,
+        check_dtype=False,
+    )  # fmt: skip  (B is returned in float32)
