@@ -14,6 +14,7 @@ the largest |Δlogit|. Arms:
 - ``int4-refit``: GPTQ with B refit.
 
     python bench/quantised_handoff.py            # writes bench/results/quantised_handoff.json as arms finish
+    python bench/quantised_handoff.py --report   # its table again from the figures there (docs/performance.md)
 
 No timings: it may share the machine with other work.
 """
@@ -47,6 +48,50 @@ ARMS = {
     "int4-refit": ["--residual", "int4"],
 }
 WINDOW = 512
+LABELS = {
+    "qlora": "QLoRA's start (NF4 of W, B = 0)",
+    "peft-route": "PEFT's route (float decomposition, NF4 residual)",
+    "nf4-refit": "ours: NF4 residual, B refit",
+    "int4-gptq": "ours: GPTQ int4 residual (groups of 128)",
+    "int4-refit": "ours: GPTQ int4 residual, B refit",
+}
+
+
+def with_table(result: dict) -> dict:
+    """``result`` with what docs/make.py renders: title, provenance, columns and rows, one row per arm."""
+    commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cs"], capture_output=True, text=True)
+    short, date = commit.stdout.split()
+    rows = [["original model", "—", f"{result['original']['perplexity']:.3f}", "—", "—", "—"]]
+    for key, figures in result["arms"].items():
+        mode, _, arm = key.rpartition("/")
+        refit = figures.get("mean_quantisation_error_refit")
+        error = figures.get("mean_quantisation_error")
+        rows.append([
+            LABELS[arm], mode.upper() or "—", f"{figures['perplexity']:.3f}",
+            f"{figures['perplexity_gap'] * 100:+.1f} %", f"{figures['max_abs_logit']:.2f}",
+            "—" if error is None else f"{error:.2e}" + ("" if refit is None else f" → {refit:.2e}"),
+        ])  # fmt: skip
+    return {
+        "title": "The handoff on a 4-bit residual (SmolLM2-135M)",
+        "what": f"Residual + adapter merged (the model a trainer starts from) against the original, on "
+        f"{result['tokens']:,} WikiText-2 test tokens in windows of {WINDOW}; rank {result['rank']}, every "
+        "linear; KPM calibrated on NQ-open, IPM on GSM8K (128 × 512 tokens each). Layer error: the mean over "
+        "layers of tr(E·C·Eᵀ)/tr(W·C·Wᵀ) as surgery.json records it, without → with the refit.",
+        "command": "python bench/quantised_handoff.py",
+        "date": date,
+        "commit": short,
+        "machine": "2 cores, 24 GiB, no GPU; torch 2.13 CPU",
+        "source": "written by bench/quantised_handoff.py (the machine shared with other work: no timings)",
+        "columns": [
+            "arm",
+            "mode",
+            "perplexity",
+            "gap to the original",
+            "max abs Δlogit (first window)",
+            "layer error (mean), refit",
+        ],
+        "rows": rows,
+    } | result
 
 
 def wikitext_windows(tokenizer, tokens: int) -> torch.Tensor:
@@ -76,7 +121,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens to score")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only render the table from --results' figures")
     args = parser.parse_args()
+    if args.report:
+        figures = json.loads(args.results.read_text())
+        figures = {key: figures[key] for key in ("model", "rank", "tokens", "original", "torch_threads", "arms")}
+        args.results.write_text(json.dumps(with_table(figures), indent=2) + "\n")
+        return
     tool = str(Path(sys.executable).with_name("corda-surgery"))
     model_dir = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -105,7 +156,7 @@ def main() -> None:
                     if values:
                         figures[f"mean_{field}"] = sum(values) / len(values)
                 result["arms"][arm if arm == "qlora" else f"{mode}/{arm}"] = figures
-                args.results.write_text(json.dumps(result, indent=2) + "\n")
+                args.results.write_text(json.dumps(with_table(result), indent=2) + "\n")
                 print(arm, mode, figures, flush=True)
                 shutil.rmtree(out)
                 shutil.rmtree(merged)
