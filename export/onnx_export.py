@@ -35,7 +35,8 @@ from torch.export import Dim
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from corda_surgery.checkpoint.experts import find_fused_experts
-from corda_surgery.checkpoint.reader import CheckpointReader
+from corda_surgery.checkpoint.quantised import refuse_quantised
+from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader
 from corda_surgery.checkpoint.writer import copy_model_files
 from corda_surgery.errors import OptionsError
 from corda_surgery.export.genai_config import write_genai_config
@@ -57,7 +58,7 @@ from corda_surgery.export.onnx_weights import (
 )
 from corda_surgery.export.peft_adapter import LoraAdapter, read_adapter
 from corda_surgery.outputs import check_disjoint, staged_folder
-from corda_surgery.paths import resolved
+from corda_surgery.paths import read_json, resolved
 
 log = logging.getLogger(__name__)
 ONNX_NAME = "model.onnx"
@@ -264,6 +265,7 @@ def _check_options(weights: str, block_size: int, exporter: str) -> None:
 def _load(model_dir: Path, dtype: torch.dtype, adapters_as_inputs: bool) -> tuple[PreTrainedModel, LoraAdapter | None]:
     """The model to export, with its surgery adapter's LoRA branches where ``adapters_as_inputs``."""
     CheckpointReader(model_dir)  # a folder that is no safetensors checkpoint: one line naming the file
+    refuse_quantised(model_dir, read_json(model_dir / "config.json", CheckpointError))
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
     ).eval()

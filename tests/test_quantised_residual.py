@@ -239,3 +239,13 @@ def test_the_refit_is_the_least_squares_b_in_the_covariance_metric():
         rtol=0,
         check_dtype=False,
     )  # fmt: skip  (B is returned in float32)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export-onnx"])
+def test_a_4_bit_residual_is_no_input_but_to_merge(model_and_store, tmp_path, command):
+    """calibrate, decompose, convert and export-onnx read float weights: a quantised folder is refused in one line
+    that says to merge it first."""
+    out = _surgery(model_and_store, tmp_path / "out", residual="nf4", refit_rounds=0)
+    message = cli_error(command, str(out), "--out", str(tmp_path / "next"))
+    assert "a quantised checkpoint ('bitsandbytes')" in message and "merge" in message
+    assert not (tmp_path / "next").exists()

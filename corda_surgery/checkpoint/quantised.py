@@ -120,6 +120,18 @@ def quantization_config(
     }
 
 
+def refuse_quantised(model_dir: Path, config: dict[str, Any]) -> None:
+    """A checkpoint quantised for loading (its config.json has a ``quantization_config``) holds no float weights to
+    calibrate, decompose or export: refused in one line that says what to do with one of this tool's residuals."""
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise CheckpointError(
+            f"{model_dir}/config.json: a quantised checkpoint ({method!r}); corda-surgery reads float weights. A 4-bit "
+            "residual of corda-surgery's: `corda-surgery merge` it with its adapter first"
+        )
+
+
 class DequantisingReader(CheckpointReader):
     """A residual this tool quantised, read as the float weights it stands for (what ``merge`` folds an adapter
     into): each quantised weight is one logical tensor, its codes, scales and state read and checked on demand.

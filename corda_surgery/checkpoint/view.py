@@ -35,7 +35,7 @@ from transformers.core_model_loading import (
 from transformers.pytorch_utils import Conv1D
 
 from corda_surgery.checkpoint.experts import FusedExperts, find_fused_experts
-from corda_surgery.checkpoint.quantised import DequantisingReader
+from corda_surgery.checkpoint.quantised import DequantisingReader, refuse_quantised
 from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader
 from corda_surgery.errors import UnsupportedArchitecture
 
@@ -113,12 +113,15 @@ class ModelView:
         self.reader = DequantisingReader(model_dir) if dequantise else CheckpointReader(model_dir)
         config_path = self.reader.model_dir / "config.json"
         try:
-            json.loads(config_path.read_text())["model_type"]  # invalid JSON, no model_type: our one-line error
+            raw = json.loads(config_path.read_text())
+            raw["model_type"]  # invalid JSON, no model_type: our one-line error
             self.config = AutoConfig.from_pretrained(self.reader.model_dir, trust_remote_code=False)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
             if "trust_remote_code" in str(exc):
                 raise CheckpointError(f"{config_path}: {REMOTE_CODE_REFUSED}") from exc
             raise CheckpointError(f"{config_path}: not a usable transformers config ({exc})") from exc
+        if not dequantise:
+            refuse_quantised(self.reader.model_dir, raw)
         self.dtype, self.device = dtype, torch.device(device)
         with init_empty_weights(include_buffers=False):  # parameters on meta, runtime buffers (rotary) real
             self.model: PreTrainedModel = _build_model(self.config)
