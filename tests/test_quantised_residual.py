@@ -4,6 +4,7 @@ weights (saying so), and the refit lowers each layer's output error."""
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -106,8 +107,8 @@ def test_the_int4_residual_loads_compressed_as_vllm_and_transformers_serve_it(mo
 @pytest.mark.parametrize("residual", ["nf4", "int4"])
 def test_the_refit_lowers_every_layers_output_error(model_and_store, tmp_path, residual):
     """Per layer, tr(E·C·Eᵀ)/tr(W·C·Wᵀ) with B refit is at most the plain quantised residual's (the refit keeps its
-    best round), and lower in all: clearly for NF4, which knows nothing of C; for GPTQ, whose rounding already
-    minimises the same metric, a little."""
+    best round), and lower summed over the layers: clearly for NF4, which knows nothing of C; for GPTQ, whose
+    rounding already minimises the same metric, a little."""
     out = _surgery(model_and_store, tmp_path / "out", mode="ipm", residual=residual)
     layers = json.loads((out / "surgery.json").read_text())["layers"].values()
     before = torch.tensor([layer["quantisation_error"] for layer in layers])
@@ -171,6 +172,7 @@ def test_qloras_start_needs_no_calibration(model_and_store, tmp_path):
         ({"residual": "int4", "refit_rounds": -1}, "refit_rounds"),
         ({"residual": "int4", "group_size": 0}, "group_size"),
         ({"residual": "int8"}, "residual"),
+        ({"refit_rounds": 2}, "refit_rounds"),  # no quantised residual to refit to
     ],
 )
 def test_options_that_cannot_go_together_are_refused(options, named):
@@ -178,10 +180,12 @@ def test_options_that_cannot_go_together_are_refused(options, named):
         SurgeryOptions.of(**options)
 
 
-def test_a_width_the_groups_do_not_divide_is_refused_before_writing(model_and_store, tmp_path):
-    with pytest.raises(Exception, match=r"model\.layers\.0\.\S+: 128 inputs do not split into groups of 48"):
-        _surgery(model_and_store, tmp_path / "out", residual="int4", group_size=48)
-    assert not (tmp_path / "out").exists()
+def test_a_width_the_groups_do_not_divide_is_refused_before_calibrating(model_and_store, tmp_path):
+    """convert refuses it before the calibration starts: no store is written, beside the output or anywhere."""
+    model, _ = model_and_store
+    message = cli_error("convert", str(model), "--residual", "int4", "--group-size", "48", "--out", str(tmp_path / "o"))
+    assert re.search(r"model\.layers\.0\.\S+: 128 inputs do not split into groups of 48 \(--group-size\)", message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_conv1d_weights_are_refused_naming_the_family(tmp_path):
@@ -191,19 +195,62 @@ def test_conv1d_weights_are_refused_naming_the_family(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_merge_refuses_a_tampered_quantised_weight_naming_it(model_and_store, tmp_path):
-    """A stranger's folder: an absmax of the wrong length is named, nothing is dequantised from it."""
-    out = _surgery(model_and_store, tmp_path / "out", residual="nf4", refit_rounds=0)
+def _tamper(tensors, key, form):
+    """One stranger's change to a quantised folder's tensors (``key``: a quantised linear's module path)."""
+    if form == "absmax":
+        tensors[f"{key}.weight.absmax"] = tensors[f"{key}.weight.absmax"][:-1].clone()
+    elif form == "state":  # a shape in the JSON state that the codes do not hold
+        state = bytes(tensors[f"{key}.weight.quant_state.bitsandbytes__nf4"].tolist()).replace(b"128", b"1e309")
+        tensors[f"{key}.weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(state), dtype=torch.uint8)
+    elif form == "shape":  # zero columns: no group size
+        tensors[f"{key}.weight_shape"] = torch.tensor([128, 0])
+    else:  # an asymmetric scheme's zero points, which this tool never writes
+        tensors[f"{key}.weight_zero_point"] = torch.zeros(16, 4, dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("residual", "form", "named"),
+    [
+        ("nf4", "absmax", "model.layers.1.mlp.up_proj.weight is no nf4 weight"),
+        ("nf4", "state", "model.layers.1.mlp.up_proj.weight is no nf4 weight"),
+        ("int4", "shape", "model.layers.1.mlp.up_proj.weight_packed is no int4 weight"),
+        ("int4", "zero point", "model.layers.1.mlp.up_proj.weight_zero_point is quantised in a layout"),
+    ],
+)
+def test_merge_refuses_a_tampered_quantised_weight_naming_it(model_and_store, tmp_path, residual, form, named):
+    """A stranger's folder: whatever does not fit the layout this tool writes is named, nothing is dequantised."""
+    out = _surgery(model_and_store, tmp_path / "out", residual=residual, refit_rounds=0)
     tampered = tmp_path / "tampered"
     shutil.copytree(out, tampered)
     shard = next(tampered.glob("*.safetensors"))
     tensors = load_file(shard)
-    key = "model.layers.1.mlp.up_proj.weight.absmax"
-    tensors[key] = tensors[key][:-1].clone()
+    _tamper(tensors, "model.layers.1.mlp.up_proj", form)
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is no nf4 weight"):
+    with pytest.raises(CheckpointError, match=re.escape(named)):
         merge_adapter(tampered, tampered / "adapter", tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_a_quantization_config_it_did_not_write(model_and_store, tmp_path):
+    """An 8-bit bitsandbytes config over the same files: not read as NF4."""
+    out = _surgery(model_and_store, tmp_path / "out", residual="nf4", refit_rounds=0)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] |= {"load_in_4bit": False, "load_in_8bit": True}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no nf4 or int4 residual of corda-surgery's"):
+        merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
+
+
+@pytest.mark.parametrize("residual", ["nf4", "int4"])
+def test_a_bfloat16_checkpoint_merges_back_to_bfloat16(tmp_path, residual):
+    """The residual is quantised from the checkpoint's own dtype (NF4's state records it, int4's scales carry it),
+    so the merged weights come back in it: no float32 tensors in a bfloat16 checkpoint."""
+    model = save_tiny_model(tmp_path / "model", "llama", hidden=128, tied=True, dtype=torch.bfloat16)
+    store = calibrate(model, SPEC, tmp_path / "cov.h5", progress=False)
+    out = _surgery((model, store), tmp_path / "out", mode="ipm", residual=residual)
+    merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
+    stored = load_file(next(merged.glob("*.safetensors")))
+    assert {tensor.dtype for tensor in stored.values()} == {torch.bfloat16}
 
 
 def test_the_refit_is_the_least_squares_b_in_the_covariance_metric():
@@ -243,8 +290,8 @@ def test_the_refit_is_the_least_squares_b_in_the_covariance_metric():
 
 @pytest.mark.parametrize("command", ["calibrate", "export-onnx"])
 def test_a_4_bit_residual_is_no_input_but_to_merge(model_and_store, tmp_path, command):
-    """calibrate, decompose, convert and export-onnx read float weights: a quantised folder is refused in one line
-    that says to merge it first."""
+    """The commands that read float weights (calibrate, and export-onnx, whose loader is not the view's) refuse a
+    quantised folder in one line that says to merge it first."""
     out = _surgery(model_and_store, tmp_path / "out", residual="nf4", refit_rounds=0)
     message = cli_error(command, str(out), "--out", str(tmp_path / "next"))
     assert "a quantised checkpoint ('bitsandbytes')" in message and "merge" in message

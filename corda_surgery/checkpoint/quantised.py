@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from corda_surgery.checkpoint.reader import CheckpointError, CheckpointReader, TensorLocation
+from corda_surgery.paths import read_json
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 NF4_BLOCK = 64
@@ -57,20 +57,22 @@ def nf4_state(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
 
 
-def quantised_specs(key: str, shape: tuple[int, ...], dtype: torch.dtype, form: ResidualFormat, group: int) -> dict:
+def quantised_specs(
+    key: str, shape: tuple[int, ...], dtype: torch.dtype, form: ResidualFormat, group: int
+) -> dict[str, Spec]:
     """The stored tensors (name → shape, dtype) that replace the weight ``key`` of ``shape`` and ``dtype``."""
     out_dim, in_dim = shape
     if form is ResidualFormat.NF4:
         count = out_dim * in_dim
         return {
-            key: ((math.ceil(count / 2), 1), torch.uint8),
-            f"{key}.absmax": ((math.ceil(count / NF4_BLOCK),), torch.float32),
+            key: ((-(-count // 2), 1), torch.uint8),
+            f"{key}.absmax": ((-(-count // NF4_BLOCK),), torch.float32),
             f"{key}.quant_map": ((16,), torch.float32),
-            f"{key}.{NF4_STATE}": (tuple(nf4_state(list(shape), torch.float32).shape), torch.uint8),
+            f"{key}.{NF4_STATE}": (tuple(nf4_state(list(shape), dtype).shape), torch.uint8),
         }
     module = key.removesuffix(".weight")
     return {
-        f"{module}.weight_packed": ((out_dim, math.ceil(in_dim / PACKED_PER_INT32)), torch.int32),
+        f"{module}.weight_packed": ((out_dim, -(-in_dim // PACKED_PER_INT32)), torch.int32),
         f"{module}.weight_scale": ((out_dim, in_dim // group), dtype),
         f"{module}.weight_shape": ((2,), torch.int64),
     }
@@ -132,24 +134,56 @@ def refuse_quantised(model_dir: Path, config: dict[str, Any]) -> None:
         )
 
 
+def _ours(form: ResidualFormat, config: dict[str, Any]) -> bool:
+    """Whether ``config`` is the ``quantization_config`` this tool writes for ``form`` (whatever it keeps and, for
+    int4, whatever the group size): the only layouts ``DequantisingReader`` knows how to read."""
+    if form is ResidualFormat.NF4:
+        expected = quantization_config(form, config.get("llm_int8_skip_modules"), 1, torch.float32)  # type: ignore[arg-type]
+        return {k: v for k, v in config.items() if k != "bnb_4bit_compute_dtype"} == {
+            k: v for k, v in expected.items() if k != "bnb_4bit_compute_dtype"
+        }
+    groups = config.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        return False
+    group = next(iter(groups.values()))
+    weights = group.get("weights") if isinstance(group, dict) else None
+    if not isinstance(weights, dict):
+        return False
+    expected = quantization_config(form, config.get("ignore"), weights.get("group_size"), torch.float32)  # type: ignore[arg-type]
+    return config.get("format") == expected["format"] and group == expected["config_groups"]["group_0"]
+
+
+def int4_dequantised(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes (int8, (out, in)) times their row's and group's scale, in float32: what the loader computes."""
+    group = codes.shape[1] // scales.shape[1]
+    return codes.float() * scales.float().repeat_interleave(group, dim=1)
+
+
 class DequantisingReader(CheckpointReader):
     """A residual this tool quantised, read as the float weights it stands for (what ``merge`` folds an adapter
-    into): each quantised weight is one logical tensor, its codes, scales and state read and checked on demand.
-    The fingerprint stays the stored bytes'."""
+    into): each quantised weight is one logical tensor, its codes, scales and state checked against the layout this
+    tool writes, read on demand. Anything else quantised (other schemes, integer weights, zero points, act-order
+    indices) is refused naming it."""
 
     def __init__(self, model_dir: str | Path):
         super().__init__(model_dir)
-        config = json.loads((self.model_dir / "config.json").read_text())
-        method = (config.get("quantization_config") or {}).get("quant_method")
+        config = read_json(self.model_dir / "config.json", CheckpointError)
+        quantization = config.get("quantization_config") if isinstance(config, dict) else None
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
         forms = {"bitsandbytes": ResidualFormat.NF4, "compressed-tensors": ResidualFormat.INT4}
-        if method not in forms:
-            raise CheckpointError(f"{self.model_dir}/config.json: no 4-bit residual of nf4 or int4 ({method!r})")
+        if method not in forms or not _ours(forms[method], quantization):  # type: ignore[arg-type]
+            raise CheckpointError(
+                f"{self.model_dir}/config.json: its quantization_config is no nf4 or int4 residual of corda-surgery's"
+            )
         self.form, self.stored = forms[method], dict(self.layout)
         self.pieces: dict[str, dict[str, str]] = {}
         for key in list(self.stored):
             pieces = self._pieces_of(key)
             if pieces is not None:
                 self._add_logical(key if self.form is ResidualFormat.NF4 else key[: -len("_packed")], pieces)
+        for key, location in self.layout.items():
+            if key.endswith((".weight_zero_point", ".weight_g_idx")) or not location.dtype.is_floating_point:
+                raise CheckpointError(f"{self.model_dir}: {key} is quantised in a layout corda-surgery does not write")
 
     def _pieces_of(self, key: str) -> dict[str, str] | None:
         if self.form is ResidualFormat.NF4:
@@ -174,29 +208,32 @@ class DequantisingReader(CheckpointReader):
         self.pieces[logical] = pieces
 
     def _logical_spec(self, pieces: dict[str, str]) -> tuple[tuple[int, int], torch.dtype]:
-        """The float weight's shape and dtype, each stored piece checked to fit them (a stranger's file)."""
-        weight_key, group = pieces["codes"].removesuffix("_packed"), 1
-        try:
-            if self.form is ResidualFormat.NF4:
-                state = json.loads(bytes(self._stored(pieces["state"]).tolist()))
-                shape, dtype = tuple(int(d) for d in state["shape"]), getattr(torch, state["dtype"])
-                fits = isinstance(dtype, torch.dtype) and (state["quant_type"], state["blocksize"]) == (
-                    "nf4",
-                    NF4_BLOCK,
-                )
-            else:
-                shape = tuple(int(d) for d in self._stored(pieces["shape"]).tolist())
-                dtype, scales = self.stored[pieces["scales"]].dtype, self.stored[pieces["scales"]].shape
-                fits = len(scales) == 2 and scales[1] > 0 and len(shape) == 2 and shape[1] % scales[1] == 0
-                group = shape[1] // scales[1] if fits else 1
-            fits = fits and len(shape) == 2
-            expected = quantised_specs(weight_key, shape, dtype, self.form, group) if fits else {}
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            expected = {}
+        """The float weight's shape and dtype, each stored piece checked to fit them (a stranger's file): the small
+        state is checked before it is read, every size is a positive whole number, every piece has the shape and
+        dtype this tool writes for them."""
+        weight_key, small = pieces["codes"].removesuffix("_packed"), pieces.get("state", pieces.get("shape"))
+        location, group, expected = self.stored[small or ""], 1, {}
+        if location.dtype in (torch.uint8, torch.int64) and len(location.shape) == 1 and location.shape[0] <= 4096:
+            try:
+                if self.form is ResidualFormat.NF4:
+                    state = json.loads(bytes(self._stored(pieces["state"]).tolist()))
+                    shape, dtype = tuple(state["shape"]), getattr(torch, str(state["dtype"]), None)
+                    known = (state["quant_type"], state["blocksize"]) == ("nf4", NF4_BLOCK)
+                else:
+                    shape, dtype = tuple(self._stored(pieces["shape"]).tolist()), self.stored[pieces["scales"]].dtype
+                    scales = self.stored[pieces["scales"]].shape
+                    known = len(scales) == 2 and len(shape) == 2 and scales[1] > 0 and shape[1] % scales[1] == 0
+                    group = shape[1] // scales[1] if known else 1
+                sizes = len(shape) == 2 and all(isinstance(d, int) and 0 < d < 1 << 40 for d in shape)
+                if known and sizes and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                    expected = quantised_specs(weight_key, shape, dtype, self.form, group)
+            except (ValueError, KeyError, TypeError, ArithmeticError, UnicodeDecodeError):
+                expected = {}
         found = {name: (self.stored[name].shape, self.stored[name].dtype) for name in pieces.values()}
         if not expected or found != expected:
             raise CheckpointError(f"{self.model_dir}: {pieces['codes']} is no {self.form.value} weight this tool wrote")
-        return (shape[0], shape[1]), dtype
+        assert isinstance(dtype, torch.dtype)  # expected is empty otherwise
+        return (int(shape[0]), int(shape[1])), dtype
 
     def _stored(self, name: str) -> torch.Tensor:
         """A stored piece by its own key (the logical layout no longer lists it)."""
@@ -215,10 +252,10 @@ class DequantisingReader(CheckpointReader):
             return functional.dequantize_4bit(stored["codes"], state)
         shape = self.layout[key].shape
         codes = unpacked_int4(stored["codes"], (shape[0], shape[1]))
-        group = shape[1] // stored["scales"].shape[1]
-        return (codes.float() * stored["scales"].float().repeat_interleave(group, dim=1)).to(stored["scales"].dtype)
+        return int4_dequantised(codes, stored["scales"]).to(stored["scales"].dtype)
 
     def fingerprint(self) -> str:
+        """The stored bytes' fingerprint (the surgery's), not the logical tensors'."""
         logical, self.layout = self.layout, self.stored
         try:
             return super().fingerprint()

@@ -48,7 +48,10 @@ def rewrite_checkpoint(
             if not any(other in pending for other in layout[key]):
                 bar.update()
                 made = transform(key)
-                assert isinstance(made, dict), f"{key}: its layout names several tensors"
+                names = sorted(made) if isinstance(made, dict) else None
+                if names != sorted(layout[key]):
+                    raise ValueError(f"{key}: made the tensors {names}, planned {sorted(layout[key])}")
+                assert isinstance(made, dict)
                 pending.update(made)
             return pending.pop(name)
         bar.update()
@@ -60,6 +63,9 @@ def rewrite_checkpoint(
         return tensor if tensor is not None else reader.copy(key)
 
     with bar:
+        taken = [name for name in source if name in reader.locations and source[name] != name]
+        if taken:
+            raise ValueError(f"{taken[0]}: planned for {source[taken[0]]}, but the checkpoint stores it already")
         specs: dict[str, Spec] = {}
         for key in reader.locations:
             specs.update(layout[key] if key in layout else {key: reader.spec(key)})

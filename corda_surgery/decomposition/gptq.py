@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corda_surgery.checkpoint.quantised import int4_tensors
+from corda_surgery.checkpoint.quantised import int4_dequantised, int4_tensors
 from corda_surgery.decomposition.decompose import DecompositionError
 
 BITS = 4
@@ -34,8 +34,7 @@ class GroupQuantised:
     @property
     def dequantised(self) -> torch.Tensor:
         """The float32 weight the codes stand for: what the checkpoint's loader computes."""
-        scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
-        return self.codes.float() * scales
+        return int4_dequantised(self.codes, self.scales)
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         """The stored tensors that replace the weight ``key``: compressed-tensors' pack-quantized."""
@@ -52,7 +51,7 @@ def group_scales(weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> t
 
 def check_group_size(in_dim: int, group_size: int, name: str) -> None:
     if group_size < 1 or in_dim % group_size:
-        raise DecompositionError(f"{name}: {in_dim} inputs do not split into groups of {group_size}")
+        raise DecompositionError(f"{name}: {in_dim} inputs do not split into groups of {group_size} (`group_size`)")
 
 
 def gptq_quantise(

@@ -27,10 +27,11 @@ class NF4Quantised:
         return {key: self.packed, **{f"{key}.{name}": value for name, value in stats.items()}}
 
 
-def nf4_quantise(weight: torch.Tensor) -> NF4Quantised:
-    """``weight`` (float32) in NF4, no double quantisation (absmax stays float32: exact on reload)."""
+def nf4_quantise(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> NF4Quantised:
+    """``weight`` in NF4 from ``dtype`` (the checkpoint's: the state records it, so dequantising and merging give
+    that dtype back), no double quantisation (absmax stays float32: exact on reload)."""
     packed, state = bitsandbytes_functional().quantize_4bit(
-        weight.float().contiguous(),
+        weight.to(dtype).contiguous(),
         blocksize=NF4_BLOCK,
         quant_type="nf4",
         compress_statistics=False,

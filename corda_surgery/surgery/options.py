@@ -201,6 +201,10 @@ class SurgeryOptions:
             "does not collect: use nf4, or corda / corda++",
         )
         require(
+            quantisation.quantised or not quantisation.refit_rounds,
+            "`refit_rounds` refits the adapter to a quantised residual: give `residual` nf4 or int4",
+        )
+        require(
             not quantisation.refit_rounds or calibrated,
             f"`refit_rounds` refits the adapter in the calibration covariance's metric, which `method` "
             f"{self.method.value} does not collect",

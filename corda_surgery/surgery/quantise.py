@@ -24,22 +24,23 @@ from corda_surgery.checkpoint.view import ModelView, is_linear
 from corda_surgery.decomposition.gptq import GroupQuantised, check_group_size, gptq_quantise
 from corda_surgery.decomposition.nf4 import NF4Quantised, nf4_quantise
 from corda_surgery.decomposition.refit import refit_adapter
-from corda_surgery.surgery.initialise import Initialised
+from corda_surgery.surgery.initialise import Initialised, SharedInputs
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.targets import LayerPlan, Target
 
-KEPT_COVARIANCES = 2  # q/k/v and gate/up read one input but are not written side by side: keep the last two
+KEPT_COVARIANCES = 2  # the readers of one input (q/k/v, gate/up) need not be written one after another
 
 
 def quantisation_memory(targets: Sequence[tuple[int, int]]) -> int:
     """Bytes the quantiser holds beside the decomposition at its largest target (out, in): the covariances it
-    keeps (float64) and the metric's float32 copy, GPTQ's float32 Hessian, its factor and inverse, and the refit's
-    float64 weight, residual and error with the float32 residual and its rounding."""
+    keeps (float64) and the metric's float32 copy, GPTQ's float32 Hessian, its factor, the inverse and the
+    inverse's factor, and the refit's float64 weight, residual and error with the float32 residual and its
+    rounding."""
     if not targets:
         return 0
     widest = max(in_dim for _, in_dim in targets)
     largest = max(out_dim * in_dim for out_dim, in_dim in targets)
-    return (8 * KEPT_COVARIANCES + 4 + 3 * 4) * widest**2 + (3 * 8 + 2 * 4) * largest
+    return (8 * KEPT_COVARIANCES + 4 + 4 * 4) * widest**2 + (3 * 8 + 2 * 4) * largest
 
 
 class ResidualQuantiser:
@@ -51,8 +52,9 @@ class ResidualQuantiser:
         plan: Mapping[str, LayerPlan],
         options: SurgeryOptions,
         reader: CheckpointReader,
+        shared: SharedInputs,
     ):
-        self.stores, self.plan, self.options, self.reader = stores, plan, options, reader
+        self.stores, self.plan, self.options, self.reader, self.shared = stores, plan, options, reader, shared
         self.settings = options.quantisation
         self.covariances: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -80,7 +82,7 @@ class ResidualQuantiser:
         covariance = self._covariance(target)
         quantise = self._quantiser(target, covariance)
         if covariance is None:  # LoRA, PiSSA, MiLoRA: nothing to weigh the error by
-            return quantise(result.residual.float()).tensors(target.key), result
+            return quantise(result.residual).tensors(target.key), result
         weight = self.reader.copy(target.key)
         refit = refit_adapter(
             weight,
@@ -100,10 +102,10 @@ class ResidualQuantiser:
     def _quantiser(
         self, target: Target, covariance: torch.Tensor | None
     ) -> Callable[[torch.Tensor], NF4Quantised | GroupQuantised]:
-        if self.settings.residual is ResidualFormat.NF4:
-            return nf4_quantise
-        assert covariance is not None  # the options refuse int4 without a covariance
         assert target.key is not None
+        if self.settings.residual is ResidualFormat.NF4:  # in the checkpoint's dtype: the state says what it was
+            return functools.partial(nf4_quantise, dtype=self.reader.spec(target.key)[1])
+        assert covariance is not None  # the options refuse int4 without a covariance
         return functools.partial(
             gptq_quantise,
             hessian=covariance,
@@ -118,10 +120,9 @@ class ResidualQuantiser:
         layer = self.plan[target.name]
         if layer.store is None:
             return None
-        store = self.stores[layer.store]
-        key = (layer.store, store.by_linear[target.name].name, layer.round)
+        key = self.shared.key(target.name)
         if key not in self.covariances:
-            self.covariances[key] = store.covariance(target.name, layer.round)
-            while len(self.covariances) > KEPT_COVARIANCES:
+            while len(self.covariances) >= KEPT_COVARIANCES:  # evicted before the next is read
                 self.covariances.popitem(last=False)
+            self.covariances[key] = self.stores[layer.store].covariance(target.name, layer.round)
         return self.covariances[key]

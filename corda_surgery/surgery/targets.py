@@ -10,8 +10,11 @@ from dataclasses import dataclass
 
 from corda_surgery.calib.store import Covariances, StoreError
 from corda_surgery.checkpoint.experts import slice_name
+from corda_surgery.checkpoint.quantised import ResidualFormat
 from corda_surgery.checkpoint.view import ModelView
+from corda_surgery.decomposition.gptq import check_group_size
 from corda_surgery.decomposition.memory import WeightShape
+from corda_surgery.distributed import current as current_ranks
 from corda_surgery.errors import CordaSurgeryError, OptionsError
 from corda_surgery.export.peft_adapter import peft_retargeted
 from corda_surgery.surgery.options import ALL_LINEAR, Method, SurgeryOptions
@@ -115,7 +118,29 @@ def plan_targets(view: ModelView, options: SurgeryOptions) -> TargetPlan:
         for found in (_linear_targets(view, index, chosen), _expert_targets(view, index, chosen))
         for target in found
     ]
-    return _without_narrow(_without_retargeted(TargetPlan(targets, {}), view, options), options)
+    plan = _without_narrow(_without_retargeted(TargetPlan(targets, {}), view, options), options)
+    _check_quantisable(view, plan.targets, options)
+    return plan
+
+
+def _check_quantisable(view: ModelView, targets: Sequence[Target], options: SurgeryOptions) -> None:
+    """What a 4-bit residual cannot be, refused before any calibration: written by one process, of linears stored
+    (out, in) whose width int4's groups divide."""
+    settings = options.quantisation
+    if not settings.quantised:
+        return
+    residual = settings.residual.value
+    if current_ranks().world > 1:
+        raise OptionsError(
+            f"`residual` {residual}: quantised residuals are written by one process; run without torchrun"
+        )
+    for target in targets:
+        if target.is_expert:
+            raise OptionsError(f"`residual` {residual}: fused experts ({target.parameter}) cannot be stored in 4 bits")
+        if target.transposed:
+            raise OptionsError(f"`residual` {residual}: {view.model_type}'s Conv1D weights cannot be stored in 4 bits")
+        if settings.residual is ResidualFormat.INT4:
+            check_group_size(target.in_dim, settings.group_size, target.name)
 
 
 def _without_retargeted(plan: TargetPlan, view: ModelView, options: SurgeryOptions) -> TargetPlan:

@@ -21,7 +21,6 @@ from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.decomposition.diagnostics import DampingLimit
 from corda_surgery.decomposition.kinds import DEFAULT_DAMPING_RULE, Mode
-from corda_surgery.errors import OptionsError
 from corda_surgery.export.peft_adapter import LoraAdapter, fused_factors, parameter_paths, write_adapter
 from corda_surgery.surgery.options import SurgeryOptions
 from corda_surgery.surgery.quantise import ResidualQuantiser
@@ -69,7 +68,7 @@ def write_surgery(
     adapter = _empty_adapter(view, options, slices, output.out)
     layers: dict[str, LayerRecord | ExpertsRecord] = {}
     linears = {t.key: t for t in targets if t.key is not None}
-    quantiser = _quantiser(view, options, work, targets, slices)
+    quantiser = _quantiser(options, work, view)
 
     def residual(key: str) -> torch.Tensor | dict[str, torch.Tensor] | None:
         target = linears.get(key)
@@ -116,21 +115,11 @@ def write_surgery(
         _link_or_copy(stores[0].path, output.staging / STORE_NAME)
 
 
-def _quantiser(
-    view: ModelView, options: SurgeryOptions, work: WorkSource, targets: list[Target], slices: Mapping
-) -> ResidualQuantiser | None:
-    """The quantiser of a 4-bit residual (None: float), once every target is one it can store."""
+def _quantiser(options: SurgeryOptions, work: WorkSource, view: ModelView) -> ResidualQuantiser | None:
+    """The quantiser of a 4-bit residual (None: float); ``plan_targets`` refused what it cannot store."""
     if not options.quantisation.quantised:
         return None
-    residual = options.quantisation.residual.value
-    if slices:
-        raise OptionsError(f"`residual` {residual}: fused experts ({next(iter(slices))}) cannot be stored in 4 bits")
-    if view.transposed:
-        raise OptionsError(f"`residual` {residual}: {view.model_type}'s Conv1D weights cannot be stored in 4 bits")
-    quantiser = ResidualQuantiser(work.initialise.stores, work.initialise.plan, options, view.reader)
-    for target in targets:
-        quantiser.specs(target)  # a width the groups do not divide is refused before anything is written
-    return quantiser
+    return ResidualQuantiser(work.initialise.stores, work.initialise.plan, options, view.reader, work.initialise.shared)
 
 
 def _empty_adapter(

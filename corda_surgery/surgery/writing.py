@@ -11,7 +11,6 @@ from corda_surgery.calib.store import Covariances
 from corda_surgery.checkpoint.view import ModelView
 from corda_surgery.compute import ComputeOptions
 from corda_surgery.distributed import Ranks, barrier, broadcast_object
-from corda_surgery.errors import OptionsError
 from corda_surgery.outputs import staged_folder
 from corda_surgery.surgery.initialise import Initialiser
 from corda_surgery.surgery.options import SurgeryOptions
@@ -45,11 +44,6 @@ def write_output(
     ``adapter/`` and surgery.json. ``inputs``: what ``out`` must not overlap or replace. ``bundle_store``: link
     the one store into ``out``; ``stores_kept`` False: the stores go when the run ends, so the report names none.
     ``finished_work``: what the run decomposed so far (``convert``'s one pass), else found beside ``out``."""
-    if options.quantisation.quantised and ranks.world > 1:
-        raise OptionsError(
-            f"`residual` {options.quantisation.residual.value}: quantised residuals are written by one process; run "
-            "without torchrun (the decomposition is the cheap part beside the calibration)"
-        )
     chosen = chosen_targets(view, options, stores, fingerprint)
     run = run_record(options, fingerprint, stores, compute)
     if _finished_before(out, run, resume and not overwrite, ranks):
