@@ -32,6 +32,7 @@ PERFORMANCE = [
     "deploy.json",
     "vs_peft.json",
     "vs_peft_real.json",
+    "quantised_handoff.json",
     "subspace_solver.json",
     "big_layer.jsonl",
     "forward_dtype.json",
