@@ -226,7 +226,8 @@ def record(args: argparse.Namespace, runs: list[dict], work: Path) -> dict:
         "peak_rss_gib": {k: round(v / GIB, 2) for k, v in peaks.items()},
         "peak_gib": round(peak / GIB, 2), "plan_gib": plan,
         "plan_error": round(plan["peak RAM"] / (peak / GIB) - 1, 3) if "peak RAM" in plan else None,
-        "passes": len(runs) if args.two_passes else 1, "keep_covariances": args.keep_covariances or args.two_passes,
+        "passes": 2 if args.two_passes or args.residual else 1,
+        "keep_covariances": args.keep_covariances or args.two_passes,
         "peak_disk_gib": round(max(run["disk"] for run in runs) / GIB, 2),
         "output_gib": round(disk_use(work, ("out",)) / GIB, 2),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -292,7 +293,9 @@ def main() -> None:
                          str(work / "out")], DECOMPOSE, work, names, "decompose: "),
             ]  # fmt: skip
         else:
-            runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), ONE_PASS, work, names)]
+            # a 4-bit residual takes convert's two passes: the `tensors` bar is where it decomposes
+            marks = (CALIBRATE + DECOMPOSE) if args.residual else ONE_PASS
+            runs = [sampled(command + (["--keep-covariances"] if args.keep_covariances else []), marks, work, names)]
         result = record(args, runs, work) | {"memory_budget": args.memory_budget, "residual": args.residual}
         result |= {"shared_with": args.shared} if args.shared else {}
         if args.against is not None:
