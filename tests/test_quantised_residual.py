@@ -296,3 +296,21 @@ def test_a_4_bit_residual_is_no_input_but_to_merge(model_and_store, tmp_path, co
     message = cli_error(command, str(out), "--out", str(tmp_path / "next"))
     assert "a quantised checkpoint ('bitsandbytes')" in message and "merge" in message
     assert not (tmp_path / "next").exists()
+
+
+@pytest.mark.parametrize("residual", ["nf4", "int4"])
+@pytest.mark.parametrize(("shape", "dtype"), [((48, 100), torch.float32), ((40, 96), torch.bfloat16)])
+def test_the_planned_layout_is_what_the_quantisers_write(residual, shape, dtype):
+    """The streaming writer plans every tensor before it is made: the plan (names, shapes, dtypes, NF4's JSON state
+    included) equals what bitsandbytes and the packer produce, for element counts that are no multiple of 64 too."""
+    from corda_surgery.checkpoint.quantised import ResidualFormat, quantised_specs
+    from corda_surgery.decomposition.gptq import gptq_quantise
+    from corda_surgery.decomposition.nf4 import nf4_quantise
+
+    weight, group = torch.randn(*shape, generator=torch.Generator().manual_seed(0)), 4
+    if residual == "nf4":
+        made = nf4_quantise(weight, dtype).tensors("m.weight")
+    else:
+        made = gptq_quantise(weight, torch.eye(shape[1]), group_size=group, scale_dtype=dtype).tensors("m.weight")
+    planned = quantised_specs("m.weight", shape, dtype, ResidualFormat(residual), group)
+    assert {name: (tuple(t.shape), t.dtype) for name, t in made.items()} == planned
