@@ -54,9 +54,31 @@ def check_group_size(in_dim: int, group_size: int, name: str) -> None:
         raise DecompositionError(f"{name}: {in_dim} inputs do not split into groups of {group_size} (`group_size`)")
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """The upper Cholesky factor of the damped H⁻¹ and H's dead inputs: what GPTQ needs of a Hessian, computed once
+    for every weight (and every refit round) that reads the same input."""
+
+    h_inv: torch.Tensor  # float32 (in, in)
+    dead: torch.Tensor  # bool (in,): inputs that never varied
+
+
+def hessian_factor(hessian: torch.Tensor, damping: float = DEFAULT_GPTQ_DAMPING, name: str = "weight") -> HessianFactor:
+    """H (zero diagonal entries set to 1) damped by ``damping``·mean(diag H), inverted, factorised; float32, as the
+    reference's."""
+    h = hessian.to(torch.float32, copy=True)
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1
+    h.diagonal().add_(damping * h.diagonal().mean())
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise DecompositionError(f"{name}: the Hessian is not positive definite at GPTQ damping {damping:g}")
+    return HessianFactor(torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead)
+
+
 def gptq_quantise(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     *,
     group_size: int = DEFAULT_GROUP_SIZE,
     damping: float = DEFAULT_GPTQ_DAMPING,
@@ -64,24 +86,19 @@ def gptq_quantise(
     name: str = "weight",
 ) -> GroupQuantised:
     """``weight`` (out, in) rounded to 4-bit codes column by column, each rounding error spread over the columns
-    after it through the Cholesky factor of H⁻¹ (H = ``hessian``, (in, in), damped by ``damping``·mean(diag H));
-    inputs that never varied (zero diagonal) get zero weight. float32 arithmetic, as the reference's."""
+    after it through the Cholesky factor of H⁻¹ (``hessian``: H, (in, in), damped by ``damping``·mean(diag H), or
+    its ``hessian_factor``); inputs that never varied (zero diagonal) get zero weight. float32 arithmetic, as the
+    reference's."""
     out_dim, in_dim = weight.shape
     check_group_size(in_dim, group_size, name)
-    if tuple(hessian.shape) != (in_dim, in_dim):
-        raise DecompositionError(f"{name}: Hessian is {tuple(hessian.shape)}, the weight reads {in_dim} inputs")
+    if tuple(hessian.h_inv.shape if isinstance(hessian, HessianFactor) else hessian.shape) != (in_dim, in_dim):
+        raise DecompositionError(f"{name}: the Hessian does not match the weight's {in_dim} inputs")
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damping, name)
+    h_inv = factor.h_inv
     w = weight.to(torch.float32, copy=True)
     scales = group_scales(w, group_size, scale_dtype)
     column_scales = scales.float().repeat_interleave(group_size, dim=1)
-    h = hessian.to(torch.float32, copy=True)
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1
-    w[:, dead] = 0
-    h.diagonal().add_(damping * h.diagonal().mean())
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info):
-        raise DecompositionError(f"{name}: the Hessian is not positive definite at GPTQ damping {damping:g}")
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    w[:, factor.dead] = 0
     codes = torch.empty(out_dim, in_dim, dtype=torch.int8)
     for start in range(0, in_dim, BLOCK_COLUMNS):
         end = min(start + BLOCK_COLUMNS, in_dim)

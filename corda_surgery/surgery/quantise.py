@@ -21,7 +21,13 @@ from corda_surgery.calib.store import Covariances
 from corda_surgery.checkpoint.quantised import ResidualFormat, quantised_specs, quantization_config
 from corda_surgery.checkpoint.reader import CheckpointReader
 from corda_surgery.checkpoint.view import ModelView, is_linear
-from corda_surgery.decomposition.gptq import GroupQuantised, check_group_size, gptq_quantise
+from corda_surgery.decomposition.gptq import (
+    GroupQuantised,
+    HessianFactor,
+    check_group_size,
+    gptq_quantise,
+    hessian_factor,
+)
 from corda_surgery.decomposition.nf4 import NF4Quantised, nf4_quantise
 from corda_surgery.decomposition.refit import refit_adapter
 from corda_surgery.surgery.initialise import Initialised, SharedInputs
@@ -57,6 +63,7 @@ class ResidualQuantiser:
         self.stores, self.plan, self.options, self.reader, self.shared = stores, plan, options, reader, shared
         self.settings = options.quantisation
         self.covariances: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.factors: dict[tuple, HessianFactor] = {}  # the last input's GPTQ factor
 
     def specs(self, target: Target) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The stored tensors (name → shape, dtype) that replace ``target``'s weight."""
@@ -106,9 +113,12 @@ class ResidualQuantiser:
         if self.settings.residual is ResidualFormat.NF4:  # in the checkpoint's dtype: the state says what it was
             return functools.partial(nf4_quantise, dtype=self.reader.spec(target.key)[1])
         assert covariance is not None  # the options refuse int4 without a covariance
+        key = self.shared.key(target.name)
+        if key not in self.factors:  # one factorisation for every reader of the input and every refit round
+            self.factors = {key: hessian_factor(covariance, self.settings.gptq_damping, target.name)}
         return functools.partial(
             gptq_quantise,
-            hessian=covariance,
+            hessian=self.factors[key],
             group_size=self.settings.group_size,
             damping=self.settings.gptq_damping,
             scale_dtype=self.reader.spec(target.key)[1],
