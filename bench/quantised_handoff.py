@@ -12,7 +12,9 @@ the largest |Δlogit|. Arms:
 - ``nf4-refit``: the same with B refit to the quantised residual (the default: 3 rounds);
 - ``int4-gptq``: GPTQ on the stored covariance (``--residual int4 --refit-rounds 0``), groups of 64 (SmolLM2's
   576-wide inputs do not split into the default 128);
-- ``int4-refit``: GPTQ with B refit.
+- ``int4-refit``: GPTQ with B refit;
+- ``int4-rtn``: a control for GPTQ, the same format and groups rounded to nearest (GPTQ damped by 10⁶ times
+  the mean of diag C, so its Hessian is ≈ I and no error is passed on to the next columns).
 
     python bench/quantised_handoff.py            # writes bench/results/quantised_handoff.json as arms finish
                                                  # (a stopped run goes on from the arms recorded there)
@@ -48,6 +50,7 @@ ARMS = {
     "nf4-refit": ["--residual", "nf4"],
     "int4-gptq": ["--residual", "int4", "--refit-rounds", "0", "--group-size", "64"],
     "int4-refit": ["--residual", "int4", "--group-size", "64"],
+    "int4-rtn": ["--residual", "int4", "--refit-rounds", "0", "--group-size", "64", "--gptq-damping", "1e6"],
 }  # SmolLM2's 576-wide inputs do not split into the default groups of 128
 WINDOW = 512
 LABELS = {
@@ -56,6 +59,7 @@ LABELS = {
     "nf4-refit": "ours: NF4 residual, B refit",
     "int4-gptq": "ours: GPTQ int4 residual (groups of 64)",
     "int4-refit": "ours: GPTQ int4 residual, B refit",
+    "int4-rtn": "control: int4 residual rounded to nearest (groups of 64)",
 }
 
 
@@ -64,7 +68,8 @@ def with_table(result: dict) -> dict:
     commit = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cs"], capture_output=True, text=True)
     short, date = commit.stdout.split()
     rows = [["original model", "—", f"{result['original']['perplexity']:.3f}", "—", "—", "—"]]
-    for key, figures in result["arms"].items():
+    order = [arm if arm == "qlora" else f"{mode}/{arm}" for mode in MODES for arm in ARMS]
+    for key, figures in sorted(result["arms"].items(), key=lambda item: order.index(item[0])):
         mode, _, arm = key.rpartition("/")
         refit = figures.get("mean_quantisation_error_refit")
         error = figures.get("mean_quantisation_error")
