@@ -7,6 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner, Result
 from safetensors import safe_open
@@ -24,6 +25,18 @@ PROMPTS = [
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def figures_close(report, rel: float = 1e-6):
+    """``report`` (parsed JSON) with every float as ``pytest.approx``: ``other == figures_close(report)`` holds where
+    the structure, strings and integers are equal and the floats agree to ``rel``. The figures a surgery records
+    are reductions, whose last bits BLAS may round otherwise from one process to the next (thread count, memory
+    alignment) even where the tensors written come out bit for bit."""
+    if isinstance(report, dict):
+        return {key: figures_close(value, rel) for key, value in report.items()}
+    if isinstance(report, list):
+        return [figures_close(value, rel) for value in report]
+    return pytest.approx(report, rel=rel, abs=0) if isinstance(report, float) else report
 
 
 def datasets(path: Path) -> dict[str, tuple[np.ndarray, dict]]:

@@ -66,14 +66,27 @@ def handoff_error(out, batch, reference_logits, dtype) -> float:
     return float((logits - reference_logits[dtype])[mask].abs().max())
 
 
+@pytest.fixture(scope="session")
+def surgeries(smollm2, smollm2_store, tmp_path_factory):
+    """Each mode's rank-16 surgery of SmolLM2, made once for the tests that read it."""
+    made = {}
+
+    def surgery(mode: str):
+        if mode not in made:
+            out = tmp_path_factory.mktemp("surgery") / mode
+            options = SurgeryOptions.of(mode=mode, rank=16)
+            made[mode] = decompose_checkpoint(smollm2, out, options, stores=[smollm2_store], progress=False)
+        return made[mode]
+
+    return surgery
+
+
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
-def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
+def test_handoff_on_smollm2(surgeries, reference, mode):
     """The stored float32 weights carry the surgery: run in float64 the logits agree to 1e-4; run in
     float32 they agree to within twice the float32 model's own rounding error (~1e-4 for 36-unit logits)."""
     batch, logits, floor = reference
-    out = decompose_checkpoint(
-        smollm2, tmp_path / mode, SurgeryOptions.of(mode=mode, rank=16), stores=[smollm2_store], progress=False
-    )
+    out = surgeries(mode)
     error64 = handoff_error(out, batch, logits, torch.float64)
     error32 = handoff_error(out, batch, logits, torch.float32)
     print(
@@ -84,7 +97,7 @@ def test_handoff_on_smollm2(smollm2, smollm2_store, reference, tmp_path, mode):
     assert error32 <= max(1e-4, 2 * floor)
 
 
-def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
+def test_merge_and_onnx_greedy_on_smollm2(smollm2, surgeries, tmp_path):
     """convert → merge (untouched adapter gives the original weights) → ONNX with KV cache → 20 greedy tokens."""
     from safetensors.torch import load_file
 
@@ -92,9 +105,7 @@ def test_merge_and_onnx_greedy_on_smollm2(smollm2, smollm2_store, tmp_path):
     from corda_surgery.export.onnx_export import export_onnx
     from corda_surgery.export.verify import verify_onnx
 
-    out = decompose_checkpoint(
-        smollm2, tmp_path / "kpm", SurgeryOptions.of(mode="kpm", rank=16), stores=[smollm2_store], progress=False
-    )
+    out = surgeries("kpm")
     merged = merge_adapter(out, out / "adapter", tmp_path / "merged", progress=False)
     original, rebuilt = load_file(smollm2 / "model.safetensors"), load_file(merged / "model.safetensors")
     assert original.keys() == rebuilt.keys()
