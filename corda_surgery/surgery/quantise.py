@@ -63,7 +63,7 @@ class ResidualQuantiser:
         self.stores, self.plan, self.options, self.reader, self.shared = stores, plan, options, reader, shared
         self.settings = options.quantisation
         self.covariances: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.factors: dict[tuple, HessianFactor] = {}  # the last input's GPTQ factor
+        self.factor: tuple[tuple, HessianFactor] | None = None  # the last input's key and its GPTQ factor
 
     def specs(self, target: Target) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The stored tensors (name → shape, dtype) that replace ``target``'s weight."""
@@ -114,11 +114,11 @@ class ResidualQuantiser:
             return functools.partial(nf4_quantise, dtype=self.reader.spec(target.key)[1])
         assert covariance is not None  # the options refuse int4 without a covariance
         key = self.shared.key(target.name)
-        if key not in self.factors:  # one factorisation for every reader of the input and every refit round
-            self.factors = {key: hessian_factor(covariance, self.settings.gptq_damping, target.name)}
+        if self.factor is None or self.factor[0] != key:  # one factorisation for every reader and refit round
+            self.factor = key, hessian_factor(covariance, self.settings.gptq_damping, target.name)
         return functools.partial(
             gptq_quantise,
-            hessian=self.factors[key],
+            hessian=self.factor[1],
             group_size=self.settings.group_size,
             damping=self.settings.gptq_damping,
             scale_dtype=self.reader.spec(target.key)[1],
